@@ -1,0 +1,96 @@
+"""The application context every service receives, and the service registry.
+
+No global state: one ``App`` per daemon (tests run several in one process).
+Services never read files or the inventory themselves; they use ``app.planner``
+for decisions, ``app.render`` for per-node text, ``app.events`` and
+``app.metrics`` for what they saw.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from .events import EventLog
+from .inventory import Inventory
+from .metrics import Metrics
+from .neighbours import ClientAddresses
+from .planner import Planner
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .render import Renderer
+
+log = logging.getLogger("netbootd.app")
+
+
+class Service(Protocol):
+    """A long-running part of the daemon (DHCP, TFTP, HTTP, store, NFS, DNS)."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Bind sockets / start tasks. Raise to report that the service cannot run."""
+
+    async def stop(self) -> None:
+        """Stop quickly (the daemon must stop within 2 s of SIGTERM)."""
+
+    def health(self) -> dict[str, Any]:
+        """A small dict for /readyz and the status page, e.g. {"ok": True, "bound": [...]}."""
+
+
+@dataclass
+class App:
+    """Everything shared by the services of one daemon."""
+
+    settings: Settings
+    inventory: Inventory
+    planner: Planner
+    render: "Renderer"
+    events: EventLog
+    metrics: Metrics
+    clients: ClientAddresses
+    store: Any = None  #: netbootd.store.store.ImageStore once the store service is up
+    services: dict[str, Service] = field(default_factory=dict)
+    config_error: str | None = None  #: last rejected reload, shown on the status page
+    on_reload: list[Callable[[], None]] = field(default_factory=list)
+
+
+#: Service name -> "module:factory". A factory takes the App and returns a Service.
+#: A module that is missing (a service not built yet) is skipped with a warning, so
+#: the core runs on its own and each service plugs in by adding its line here.
+SERVICE_FACTORIES: dict[str, str] = {
+    "store": "netbootd.store.service:create",
+    "nfs": "netbootd.nfs.service:create",
+    "dhcp": "netbootd.dhcp.proxy:create",
+    "tftp": "netbootd.tftp.server:create",
+    "http": "netbootd.http.app:create",
+    "dns": "netbootd.dns.server:create",
+}
+
+
+def enabled_services(settings: Settings) -> list[str]:
+    on = {
+        "store": True,
+        "nfs": True,  # with backend "none" it still computes and shows the export set
+        "dhcp": settings.dhcp.enabled,
+        "tftp": settings.tftp.enabled,
+        "http": settings.http.enabled,
+        "dns": settings.dns.enabled,
+    }
+    return [name for name in SERVICE_FACTORIES if on.get(name)]
+
+
+def load_factory(name: str) -> Callable[[App], Service] | None:
+    target = SERVICE_FACTORIES[name]
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            log.warning("service %s not available (%s); skipping", name, module_name)
+            return None
+        raise
+    return getattr(module, attr)

@@ -1,0 +1,195 @@
+"""The event log and the node state table it feeds.
+
+Every service records what it saw (DHCP answered, file served, kernel handed
+over, booted, failed, ...). Events are appended as JSON lines to
+``<state>/events.jsonl`` (rotated at a size limit, a bounded number of old
+files kept), kept in memory per node (bounded), and folded into a node state
+table (last seen, IP, phase, image version) that is rebuilt from the files at
+start, so a restart does not forget the fleet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("netbootd.events")
+
+#: Phases that move a node's state forward; other event kinds only update last_seen.
+PHASES = (
+    "dhcp", "tftp", "http", "kernel", "booted", "provisioned", "installed", "joined", "failed",
+)
+
+#: Field names that must never be written to the log (secrets rendered for a node).
+_REDACT = frozenset({"token", "secret", "password", "user_data"})
+
+
+@dataclass(slots=True)
+class Event:
+    """One thing that happened to one node (or to the daemon, ``mac=None``)."""
+
+    ts: float
+    kind: str
+    mac: str | None = None
+    message: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), default=str)
+
+
+@dataclass(slots=True)
+class NodeState:
+    """What the status page shows per node."""
+
+    mac: str
+    last_seen: float = 0.0
+    ip: str | None = None
+    phase: str = "unknown"
+    image: str | None = None
+    version: str | None = None
+    hostname: str | None = None
+    message: str = ""
+
+    def apply(self, ev: Event) -> None:
+        self.last_seen = max(self.last_seen, ev.ts)
+        f = ev.fields
+        if f.get("ip"):
+            self.ip = str(f["ip"])
+        if f.get("image"):
+            self.image = str(f["image"])
+        if f.get("version"):
+            self.version = str(f["version"])
+        if f.get("hostname"):
+            self.hostname = str(f["hostname"])
+        if ev.kind in PHASES and f.get("outcome", "ok") not in ("aborted", "ignored"):
+            self.phase = ev.kind
+            self.message = ev.message
+
+
+class EventLog:
+    """Append-only, bounded, rotated event log with a node state table.
+
+    Thread-safe: the TFTP/HTTP paths may record from executor threads.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path | None,
+        *,
+        max_bytes: int = 8 * 1024 * 1024,
+        keep_files: int = 3,
+        per_node: int = 200,
+    ) -> None:
+        self._dir = state_dir
+        self._max_bytes = max_bytes
+        self._keep = keep_files
+        self._per_node = per_node
+        self._lock = threading.Lock()
+        self._recent: deque[Event] = deque(maxlen=2000)
+        self._by_node: dict[str, deque[Event]] = {}
+        self.nodes: dict[str, NodeState] = {}
+        self._listeners: list[Callable[[Event], None]] = []
+        self._fh = None
+        if state_dir is not None:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            self._replay()
+            self._fh = open(self.path, "a", encoding="utf-8")
+
+    @property
+    def path(self) -> Path:
+        assert self._dir is not None
+        return self._dir / "events.jsonl"
+
+    def subscribe(self, fn: Callable[[Event], None]) -> None:
+        """Call ``fn`` for every new event (metrics, status page)."""
+        self._listeners.append(fn)
+
+    def record(self, kind: str, mac: str | None = None, message: str = "", **fields: Any) -> Event:
+        """Record one event. Never raises: a full disk must not stop a boot."""
+        clean = {k: v for k, v in fields.items() if k not in _REDACT and v is not None}
+        ev = Event(ts=time.time(), kind=kind, mac=mac, message=message, fields=clean)
+        with self._lock:
+            self._remember(ev)
+            try:
+                self._write(ev)
+            except OSError as exc:  # pragma: no cover - disk full etc.
+                log.warning("event log write failed: %s", exc)
+        for fn in self._listeners:
+            try:
+                fn(ev)
+            except Exception:  # noqa: BLE001 - a listener bug must not break recording
+                log.exception("event listener failed")
+        return ev
+
+    def timeline(self, mac: str) -> list[Event]:
+        with self._lock:
+            return list(self._by_node.get(mac, ()))
+
+    def recent(self, limit: int = 100) -> list[Event]:
+        with self._lock:
+            return list(self._recent)[-limit:]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh:
+                self._fh.close()
+                self._fh = None
+
+    # -- internals -------------------------------------------------------------------------
+    def _remember(self, ev: Event) -> None:
+        self._recent.append(ev)
+        if ev.mac:
+            self._by_node.setdefault(ev.mac, deque(maxlen=self._per_node)).append(ev)
+            self.nodes.setdefault(ev.mac, NodeState(mac=ev.mac)).apply(ev)
+
+    def _write(self, ev: Event) -> None:
+        if self._fh is None:
+            return
+        self._fh.write(ev.to_json() + "\n")
+        self._fh.flush()
+        if self._fh.tell() >= self._max_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        assert self._fh is not None and self._dir is not None
+        self._fh.close()
+        for i in range(self._keep - 1, 0, -1):
+            src = self._dir / f"events.jsonl.{i}"
+            if src.exists():
+                os.replace(src, self._dir / f"events.jsonl.{i + 1}")
+        os.replace(self.path, self._dir / "events.jsonl.1")
+        extra = self._dir / f"events.jsonl.{self._keep + 1}"
+        if extra.exists():
+            extra.unlink()
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def _replay(self) -> None:
+        """Rebuild the node table from the rotated files, oldest first."""
+        assert self._dir is not None
+        files = [self._dir / f"events.jsonl.{i}" for i in range(self._keep, 0, -1)]
+        files.append(self.path)
+        bad = 0
+        for f in files:
+            if not f.exists():
+                continue
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    try:
+                        d = json.loads(line)
+                        ev = Event(ts=float(d["ts"]), kind=str(d["kind"]), mac=d.get("mac"),
+                                   message=str(d.get("message", "")),
+                                   fields=dict(d.get("fields") or {}))
+                    except (ValueError, KeyError, TypeError):
+                        bad += 1  # a torn last line after a crash is expected
+                        continue
+                    self._remember(ev)
+        if bad:
+            log.info("event log replay skipped %d unreadable lines", bad)

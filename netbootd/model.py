@@ -1,0 +1,164 @@
+"""Values every part of netbootd passes around.
+
+Pure data, no I/O. The protocol servers turn a packet or request into a
+:class:`ClientFacts` once (the smee ``NewInfo`` idea), hand it to the planner,
+and get a :class:`BootPlan` back. Nothing downstream re-parses packets.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class ClientKind(StrEnum):
+    """What kind of boot firmware is asking; decided once per packet."""
+
+    RPI = "rpi"
+    IPXE = "ipxe"
+    PXE_BIOS = "pxe-bios"
+    PXE_UEFI_X64 = "pxe-uefi-x64"
+    PXE_UEFI_ARM64 = "pxe-uefi-arm64"
+    HTTP_BOOT = "http-boot"
+    OTHER = "other"
+
+
+class Action(StrEnum):
+    """What a machine gets (design.md)."""
+
+    NETBOOT = "netboot"
+    INSTALL = "install"
+    LOCAL = "local"
+    IGNORE = "ignore"
+
+
+_MAC_HEX = re.compile(r"[0-9a-fA-F]")
+
+
+def normalise_mac(text: str) -> str:
+    """Return ``aa:bb:cc:dd:ee:ff`` for any common notation.
+
+    Accepts ``AA:BB:..``, ``aa-bb-..``, ``aabb.ccdd.eeff`` (Cisco), ``aabbccddeeff``
+    and the iPXE ``${mac:hexhyp}`` form. Raises ``ValueError`` with the input
+    quoted, so config errors can say what was wrong.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"MAC address must be a string, got {type(text).__name__}")
+    digits = re.sub(r"[:\-.\s]", "", text.strip())
+    if len(digits) != 12 or not all(_MAC_HEX.fullmatch(c) for c in digits):
+        raise ValueError(f"not a MAC address: {text!r}")
+    digits = digits.lower()
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def mac_dashes(mac: str) -> str:
+    """``aa:bb:..`` -> ``aa-bb-..`` (Pi TFTP_PREFIX=2, cloud-init URLs)."""
+    return normalise_mac(mac).replace(":", "-")
+
+
+_SERIAL = re.compile(r"[0-9a-f]{8}")
+
+
+def normalise_serial(text: str | int) -> str:
+    """Pi serial as the bootloader's TFTP prefix: low 32 bits, 8 lower-case hex digits.
+
+    ``/proc/cpuinfo`` shows 16 hex digits (``10000000abcdef01``); the bootloader
+    uses only the low 32 bits, so both spellings map to the same node.
+    """
+    if isinstance(text, int):
+        return f"{text & 0xFFFFFFFF:08x}"
+    t = str(text).strip().lower()
+    if t.startswith("0x"):
+        t = t[2:]
+    if not t or len(t) > 16 or not all(c in "0123456789abcdef" for c in t):
+        raise ValueError(f"not a Pi serial (hex): {text!r}")
+    return t[-8:].rjust(8, "0")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientFacts:
+    """Everything a service learnt about one client, computed once per request."""
+
+    mac: str
+    kind: ClientKind = ClientKind.OTHER
+    arch: int | None = None
+    serial: str | None = None
+    ip: str | None = None
+    uuid: str | None = None
+    vendor_class: str | None = None
+    user_class: str | None = None
+
+    def selector_values(self) -> dict[str, str]:
+        """The values profile selectors can match (matchbox-style)."""
+        out = {"mac": self.mac, "kind": str(self.kind)}
+        if self.serial:
+            out["serial"] = self.serial
+        if self.arch is not None:
+            out["arch"] = str(self.arch)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """One immutable image version in the store, resolved once per boot session."""
+
+    name: str
+    version: str
+    root: Path
+    kind: str = "kernel+initrd"
+    channel: str | None = None
+    pinned: bool = False
+    artefacts: tuple[str, ...] = ()
+    #: The manifest's ``boot`` section: kernel, initrd, cmdline, rootfs, boot_tree, disk.
+    boot: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+    def path(self, relative: str) -> Path:
+        """Path of an artefact inside this version (caller has validated ``relative``)."""
+        return self.root / relative
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """The inventory's answer about one machine (or the default profile)."""
+
+    mac: str
+    hostname: str
+    known: bool
+    profile: str
+    role: str = "worker"
+    serial: str | None = None
+    channel: str = "prod"
+    image: str | None = None
+    pin: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    vars: dict[str, Any] = field(default_factory=dict)
+    templates: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BootPlan:
+    """What one machine gets for one boot session.
+
+    Built by the planner, cached per MAC for ``boot.session_ttl`` seconds, so a
+    boot that started on version N finishes on N even if N+1 is activated.
+    """
+
+    action: Action
+    node: NodeView
+    image: ImageRef | None
+    reason: str
+    session: str
+    created: float
+    facts: ClientFacts | None = None
+
+    @property
+    def mac(self) -> str:
+        return self.node.mac
+
+    @property
+    def answers(self) -> bool:
+        """True when netbootd should say anything at all to this machine."""
+        return self.action in (Action.NETBOOT, Action.INSTALL)

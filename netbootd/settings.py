@@ -1,0 +1,275 @@
+"""Daemon configuration: ``config/netbootd.yaml`` + ``NETBOOTD_*`` env + CLI flags.
+
+Precedence: CLI > environment > file > defaults. Environment keys are
+``NETBOOTD_<SECTION>__<KEY>`` (e.g. ``NETBOOTD_HTTP__PORT=9000``). Relative
+paths in the file are relative to the file's directory, so the repo's
+``config/`` runs as it is from anywhere. Every field carries a description:
+``netbootd config`` prints the effective values, docs are generated from them.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .yamlfile import ConfigError, LineDict, load_yaml
+
+ENV_PREFIX = "NETBOOTD_"
+
+#: The parsed YAML of the file being loaded; a context variable, not a global, so two
+#: daemons in one process (tests) cannot see each other's file.
+_FILE_DATA: ContextVar[dict] = ContextVar("netbootd_settings_file", default={})
+
+
+class _YamlDataSource(PydanticBaseSettingsSource):
+    """The config file as a settings source, below the environment in precedence."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _FILE_DATA.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in _FILE_DATA.get().items()}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NetworkSettings(_Section):
+    interfaces: list[str] = Field(
+        default_factory=list,
+        description="Interfaces to serve on; empty = every interface with an IPv4 address.")
+    advertise: IPv4Address | None = Field(
+        None, description="Server IPv4 put in replies (option 54, siaddr, URLs). "
+        "Default: the address of the interface the request arrived on.")
+
+
+class DhcpSettings(_Section):
+    enabled: bool = Field(True, description="Run the proxy-DHCP service.")
+    port: int = Field(67, ge=1, le=65535, description="Proxy-DHCP broadcast port.")
+    pxe_port: int = Field(4011, ge=1, le=65535, description="PXE boot-server port.")
+    client_port: int = Field(68, ge=1, le=65535,
+                             description="Port replies are sent to (68; tests use others).")
+    bind: str = Field("", description="Address to bind (empty = all; tests use a namespace).")
+    bios_bootfile: str = Field("undionly.kpxe", description="Boot file for BIOS PXE.")
+    uefi_x64_bootfile: str = Field("ipxe.efi", description="Boot file for x86-64 UEFI PXE "
+                                   "(snponly.efi is the alternative for picky NICs).")
+    uefi_arm64_bootfile: str = Field("snp.efi", description="Boot file for arm64 UEFI PXE.")
+    rate_limit_per_mac: float = Field(
+        10.0, gt=0, description="Replies per second per MAC at most; a looping client "
+        "beyond it is dropped (and counted) so it cannot flood the daemon or the log.")
+
+
+class TftpSettings(_Section):
+    enabled: bool = Field(True, description="Run the TFTP service.")
+    port: int = Field(69, ge=1, le=65535, description="TFTP listen port.")
+    bind: str = Field("", description="Address to bind (empty = all).")
+    blksize_max: int = Field(1468, ge=8, le=65464,
+                             description="Largest blksize granted (RFC 2348); 1468 fits a "
+                             "1500-byte MTU, which is what a Pi asks for.")
+    windowsize_max: int = Field(64, ge=1, le=65535, description="Largest windowsize granted "
+                                "(RFC 7440).")
+    retransmit_timeout: float = Field(1.0, gt=0, description="Seconds before a block is resent "
+                                      "when the client does not ask for a timeout.")
+    retries: int = Field(6, ge=1, description="Resends of one block before giving up.")
+    max_transfers: int = Field(2000, ge=1, description="Concurrent transfers, all clients.")
+    max_per_client: int = Field(64, ge=1, description="Concurrent transfers per client IP.")
+    ipxe_dir: Path = Field(Path("/usr/lib/ipxe"), description="Where the iPXE binaries "
+                           "(undionly.kpxe, ipxe.efi, snponly.efi) live: Debian's ipxe package.")
+    extra_ipxe_dirs: list[Path] = Field(
+        default_factory=lambda: [Path("/usr/lib/ipxe/qemu")],
+        description="More directories searched for iPXE binaries.")
+
+
+class HttpSettings(_Section):
+    enabled: bool = Field(True, description="Run the HTTP service.")
+    port: int = Field(8080, ge=1, le=65535, description="HTTP listen port.")
+    bind: str = Field("", description="Address to bind (empty = all).")
+    public_url: str | None = Field(None, description="Base URL nodes use to reach this server "
+                                   "(default http://<advertised address>:<port>).")
+    api_token_file: Path | None = Field(
+        None, description="File holding the bearer token for mutating API calls. "
+        "Unset = mutating calls are refused.")
+    read_open: bool = Field(True, description="Read-only API and status page need no token.")
+    strict_user_data: bool = Field(
+        True, description="Serve user-data that carries secrets only to the IP tied to that "
+        "MAC by DHCP or the neighbour table; others get 403.")
+
+
+class DnsSettings(_Section):
+    enabled: bool = Field(False, description="Answer A queries for inventory hostnames.")
+    port: int = Field(53, ge=1, le=65535, description="DNS listen port.")
+    domain: str = Field("lan", description="Domain appended to inventory hostnames.")
+
+
+class PathSettings(_Section):
+    images: Path = Field(Path("images"), description="Image store root (incoming/, store/, "
+                         "channels/, rejected/, staging/).")
+    state: Path = Field(Path("state"), description="Writable state: events, pins, history.")
+    inventory: Path = Field(Path("nodes.yaml"), description="The fleet inventory.")
+    templates: Path = Field(Path("templates"), description="Template directory.")
+    node_state: Path | None = Field(
+        None, description="Per-node writable NFS state directories (default <state>/nodes).")
+
+
+class PolicySettings(_Section):
+    unknown: Literal["ignore", "default"] = Field(
+        "ignore", description="Machines not in the inventory: 'ignore' (say nothing) or boot "
+        "them with the 'default' profile.")
+
+
+class BootSettings(_Section):
+    session_ttl: float = Field(300.0, gt=0, description="Seconds a boot plan stays fixed for a "
+                               "machine: a boot that started on version N finishes on N.")
+    default_image: str = Field("demo", description="Image used when a node/profile names none.")
+    default_channel: str = Field("prod", description="Channel used when none is named.")
+
+
+class RpiSettings(_Section):
+    boot_string: str = Field("Raspberry Pi Boot", description="PXE menu text the Pi bootloader "
+                             "looks for in option 43 (EEPROM PXE_OPTION43 can change it).")
+    ouis: list[str] = Field(
+        default_factory=lambda: ["d8:3a:dd", "2c:cf:67", "88:a2:9e", "b8:27:eb", "dc:a6:32",
+                                 "e4:5f:01", "28:cd:c1"],
+        description="MAC prefixes of Raspberry Pi boards (used with the vendor class).")
+    prefix_string: str | None = Field(None, description="EEPROM TFTP_PREFIX_STR, if the fleet "
+                                      "uses TFTP_PREFIX=1.")
+
+
+class StoreSettings(_Section):
+    auto_activate: dict[str, str] = Field(
+        default_factory=lambda: {"*": "dev"},
+        description="Image name (or '*') -> channel a validated build is activated on. "
+        "prod is never auto-activated unless named here.")
+    keep: int = Field(3, ge=1, description="Versions kept per image by GC.")
+    keep_booted_hours: float = Field(24.0, ge=0, description="Also keep versions booted within.")
+    require_signature: bool = Field(False, description="Reject builds without a valid "
+                                    "ed25519 signature by a trusted key.")
+    trusted_keys: list[Path] = Field(default_factory=list, description="ed25519 public keys.")
+    allow_devices: bool = Field(False, description="Allow device nodes in rootfs tarballs.")
+
+
+class NfsSettings(_Section):
+    backend: Literal["none", "exportfs", "ganesha"] = Field(
+        "none", description="How exports are applied.")
+    clients: IPv4Network = Field(IPv4Network("0.0.0.0/0"), description="Network allowed to "
+                                 "mount read-only rootfs exports.")
+    server: IPv4Address | None = Field(None, description="NFS server address in cmdlines "
+                                       "(default: the advertised address).")
+    vers: str = Field("3", description="NFS version in cmdlines ('3' or '4.1').")
+    exports_file: Path = Field(Path("/etc/exports.d/netbootd.exports"),
+                               description="exportfs backend: file written atomically.")
+    ganesha_config: Path | None = Field(None, description="ganesha backend: EXPORT file.")
+    ganesha_reload: list[str] = Field(default_factory=list,
+                                      description="ganesha backend: reload command.")
+
+
+class Settings(BaseSettings):
+    """The whole effective configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
+        case_sensitive=False)
+
+    network: NetworkSettings = Field(default_factory=NetworkSettings)
+    dhcp: DhcpSettings = Field(default_factory=DhcpSettings)
+    tftp: TftpSettings = Field(default_factory=TftpSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    dns: DnsSettings = Field(default_factory=DnsSettings)
+    paths: PathSettings = Field(default_factory=PathSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    boot: BootSettings = Field(default_factory=BootSettings)
+    rpi: RpiSettings = Field(default_factory=RpiSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    nfs: NfsSettings = Field(default_factory=NfsSettings)
+    secrets: dict[str, Path] = Field(
+        default_factory=dict, description="Secret name -> file. Read at render time, only into "
+        "the user-data of the node being served; never logged.")
+    config_file: Path | None = Field(None, exclude=True,
+                                     description="Where this configuration came from.")
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, v: dict[str, Path]) -> dict[str, Path]:
+        for k in v:
+            if not k.isidentifier():
+                raise ValueError(f"secret name {k!r} must be an identifier (used in templates)")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: CLI flags (init) > NETBOOTD_* env > the YAML file > field defaults.
+        return (init_settings, env_settings, _YamlDataSource(settings_cls))
+
+    @property
+    def node_state_dir(self) -> Path:
+        return self.paths.node_state or (self.paths.state / "nodes")
+
+
+def default_config_path() -> Path:
+    """``NETBOOTD_CONFIG``, else ``./config/netbootd.yaml``, else ``/etc/netbootd/netbootd.yaml``."""
+    env = os.environ.get(ENV_PREFIX + "CONFIG")
+    if env:
+        return Path(env)
+    local = Path("config/netbootd.yaml")
+    if local.exists():
+        return local
+    return Path("/etc/netbootd/netbootd.yaml")
+
+
+def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None,
+                  *, use_default_path: bool = True) -> Settings:
+    """Load and validate; raise ``ConfigError`` (file:line: field: message) when invalid.
+
+    ``overrides`` are CLI flags as nested dicts (``{"http": {"port": 9000}}``).
+    """
+    if path is None and use_default_path:
+        path = default_config_path()
+    data: dict = LineDict()
+    if path is not None and path.exists():
+        data = load_yaml(path)
+        if not isinstance(data, dict):
+            raise ConfigError.single(path, 1, "", "top level must be a mapping")
+    token = _FILE_DATA.set(data)
+    try:
+        settings = Settings(**(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError.from_validation(path or "<defaults>", data, exc) from exc
+    finally:
+        _FILE_DATA.reset(token)
+    base = path.parent.resolve() if path is not None else Path.cwd()
+    return _resolve_paths(settings, base, path)
+
+
+def _resolve_paths(s: Settings, base: Path, path: Path | None) -> Settings:
+    def rel(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p).resolve()
+
+    paths = s.paths.model_copy(update={
+        "images": rel(s.paths.images), "state": rel(s.paths.state),
+        "inventory": rel(s.paths.inventory), "templates": rel(s.paths.templates),
+        "node_state": rel(s.paths.node_state) if s.paths.node_state else None,
+    })
+    http = s.http.model_copy(update={
+        "api_token_file": rel(s.http.api_token_file) if s.http.api_token_file else None})
+    secrets = {k: rel(v) for k, v in s.secrets.items()}
+    store = s.store.model_copy(update={"trusted_keys": [rel(p) for p in s.store.trusted_keys]})
+    return s.model_copy(update={
+        "paths": paths, "http": http, "secrets": secrets, "store": store,
+        "config_file": path.resolve() if path else None})
+
+
+def redacted(s: Settings) -> dict[str, Any]:
+    """The effective configuration for printing: secret *paths* are shown, contents never."""
+    d = s.model_dump(mode="json")
+    return d
