@@ -55,7 +55,10 @@ class App:
     store: Any = None  #: netbootd.store.store.ImageStore once the store service is up
     services: dict[str, Service] = field(default_factory=dict)
     config_error: str | None = None  #: last rejected reload, shown on the status page
+    #: Called after a successful reload (services that cache config-derived state).
     on_reload: list[Callable[[], None]] = field(default_factory=list)
+    #: Reload config now (API, SIGHUP); returns None or the error text (old config kept).
+    reload: Callable[[], str | None] = lambda: None
 
 
 #: Service name -> "module:factory". A factory takes the App and returns a Service.

@@ -1,0 +1,247 @@
+"""``netbootd`` command line: serve | check | plan | nodes | config | images | lab | version.
+
+Flags given here beat ``NETBOOTD_*`` env, which beats the config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .model import ClientFacts, ClientKind, normalise_mac, normalise_serial
+from .settings import Settings, default_config_path, load_settings, redacted
+from .yamlfile import ConfigError, Problem
+
+log = logging.getLogger("netbootd")
+
+
+def _optional(module: str) -> Any | None:
+    """A module of a service that may not be installed/built yet (skip its commands)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            return None
+        raise
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """CLI flags as nested settings (only those given)."""
+    o: dict[str, dict[str, Any]] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            o.setdefault(section, {})[key] = value
+
+    for svc in ("dhcp", "tftp", "http", "dns"):
+        put(svc, "port", getattr(args, f"{svc}_port", None))
+        if getattr(args, f"no_{svc}", False):
+            put(svc, "enabled", False)
+    put("dhcp", "pxe_port", getattr(args, "pxe_port", None))
+    bind = getattr(args, "bind", None)
+    for svc in ("dhcp", "tftp", "http"):
+        put(svc, "bind", bind)
+    if getattr(args, "interface", None):
+        put("network", "interfaces", args.interface)
+    put("network", "advertise", getattr(args, "advertise", None))
+    put("paths", "images", getattr(args, "images", None))
+    put("paths", "state", getattr(args, "state", None))
+    put("paths", "inventory", getattr(args, "inventory", None))
+    put("policy", "unknown", getattr(args, "unknown", None))
+    return o
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = Path(args.config) if args.config else default_config_path()
+    return load_settings(path, _overrides(args))
+
+
+def _resolver(settings: Settings) -> Any:
+    """The image store (read-only use) if it is available, else an empty one."""
+    mod = _optional("netbootd.store.store")
+    if mod is None or not settings.paths.images.exists():
+        from .planner import NoImages
+
+        return NoImages()
+    return mod.ImageStore(settings.paths.images, settings.paths.state, settings.store)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import build_app, serve
+
+    settings = _settings(args)
+    app = build_app(settings)
+    return asyncio.run(serve(app))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate settings, inventory and every template for every node."""
+    from .inventory import load_inventory
+    from .render import Renderer
+
+    settings = _settings(args)
+    inventory = load_inventory(settings.paths.inventory)
+    problems = Renderer(settings).check(inventory, _resolver(settings))
+    problems += [Problem(str(settings.config_file or "-"), 0, f"secrets.{k}",
+                         f"file not found: {p}")
+                 for k, p in settings.secrets.items() if not p.exists()]
+    if problems:
+        raise ConfigError(problems)
+    print(f"ok: {settings.config_file or 'defaults'}; {len(inventory.nodes)} nodes, "
+          f"{len(inventory.profiles)} profiles, templates in {settings.paths.templates}")
+    return 0
+
+
+def _facts(args: argparse.Namespace) -> ClientFacts:
+    serial = normalise_serial(args.serial) if args.serial else None
+    kind = ClientKind(args.kind) if args.kind else (ClientKind.RPI if serial else ClientKind.IPXE)
+    return ClientFacts(mac=normalise_mac(args.mac), serial=serial, arch=args.arch, kind=kind)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What would this machine get if it booted now?"""
+    from .inventory import load_inventory
+    from .planner import decide
+    from .render import Renderer, ServerInfo
+
+    settings = _settings(args)
+    inventory = load_inventory(settings.paths.inventory)
+    plan = decide(_facts(args), inventory, settings, _resolver(settings))
+    out: dict[str, Any] = {
+        "mac": plan.mac, "hostname": plan.node.hostname, "known": plan.node.known,
+        "action": plan.action.value, "profile": plan.node.profile,
+        "image": plan.image.name if plan.image else None,
+        "version": plan.image.version if plan.image else None, "reason": plan.reason,
+    }
+    if plan.answers and plan.image is not None:
+        r = Renderer(settings)
+        server = ServerInfo(ip=args.server, http_port=settings.http.port,
+                            public_url=settings.http.public_url)
+        out["ipxe"] = r.render("ipxe", plan, server)
+        out["cmdline"] = r.render("cmdline.txt", plan, server).strip()
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for key in ("mac", "hostname", "known", "action", "profile", "image", "version", "reason"):
+        print(f"{key + ':':10} {out[key]}")
+    if "cmdline" in out:
+        print(f"\ncmdline.txt:\n  {out['cmdline']}\n\niPXE script:")
+        print("".join(f"  {line}\n" for line in out["ipxe"].splitlines()), end="")
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    """The inventory with what each node would get and its last known state."""
+    from .events import EventLog
+    from .inventory import load_inventory
+    from .planner import decide
+
+    settings = _settings(args)
+    inventory = load_inventory(settings.paths.inventory)
+    resolver = _resolver(settings)
+    state = EventLog(None)
+    events_file = settings.paths.state / "events.jsonl"
+    if events_file.exists():
+        state = EventLog(settings.paths.state)
+        state.close()
+    rows = []
+    for mac, node in inventory.nodes.items():
+        plan = decide(ClientFacts(mac=mac, serial=node.serial), inventory, settings, resolver)
+        st = state.nodes.get(mac)
+        rows.append((plan.node.hostname, mac, plan.node.profile, plan.action.value,
+                     plan.image.version if plan.image else "-",
+                     st.phase if st else "-", (st.ip or "-") if st else "-"))
+    header = ("HOSTNAME", "MAC", "PROFILE", "ACTION", "VERSION", "PHASE", "IP")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(json.dumps(redacted(_settings(args)), indent=2))
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"netbootd {__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="netbootd", description=__doc__)
+    p.add_argument("--config", "-c", help="config file (default: $NETBOOTD_CONFIG, "
+                   "./config/netbootd.yaml, /etc/netbootd/netbootd.yaml)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon")
+    for svc in ("dhcp", "tftp", "http", "dns"):
+        s.add_argument(f"--{svc}-port", type=int)
+        s.add_argument(f"--no-{svc}", action="store_true", help=f"disable {svc}")
+    s.add_argument("--pxe-port", type=int)
+    s.add_argument("--bind", help="bind DHCP/TFTP/HTTP to this address only")
+    s.add_argument("--interface", action="append", help="serve on this interface (repeat)")
+    s.add_argument("--advertise", help="server IPv4 put in replies")
+    s.add_argument("--images", help="image store directory")
+    s.add_argument("--state", help="state directory")
+    s.add_argument("--inventory", help="nodes.yaml")
+    s.add_argument("--unknown", choices=["ignore", "default"], help="policy for unknown MACs")
+    s.set_defaults(func=cmd_serve)
+
+    sub.add_parser("check", help="validate config, inventory and templates").set_defaults(
+        func=cmd_check)
+
+    pl = sub.add_parser("plan", help="what would this machine get?")
+    pl.add_argument("mac")
+    pl.add_argument("--serial", help="Raspberry Pi serial (hex)")
+    pl.add_argument("--arch", type=int, help="DHCP option 93 client arch (0 BIOS, 7 UEFI x64)")
+    pl.add_argument("--kind", choices=[k.value for k in ClientKind])
+    pl.add_argument("--server", default="192.0.2.1", help="server address for rendered URLs")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
+
+    sub.add_parser("nodes", help="list the inventory and node state").set_defaults(
+        func=cmd_nodes)
+    sub.add_parser("config", help="print the effective configuration").set_defaults(
+        func=cmd_config)
+    sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
+
+    store_cli = _optional("netbootd.store.cli")
+    if store_cli is not None:
+        store_cli.add_parsers(sub)
+        images = sub.choices.get("images")
+        if images is not None and images.get_default("func") is None:
+            images.set_defaults(func=lambda a: store_cli.run(a, _settings(a)))
+    lab = _optional("netbootd.lab.demo")
+    if lab is not None and hasattr(lab, "add_parser"):
+        lab.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"netbootd: configuration rejected ({len(exc.problems)} problem"
+              f"{'s' if len(exc.problems) != 1 else ''}):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # bad CLI argument such as a malformed MAC
+        print(f"netbootd: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
