@@ -15,13 +15,13 @@ from typing import Any
 
 from .app import App, enabled_services, load_factory
 from .events import EventLog
+from .inventory import Inventory
 from .metrics import Metrics
 from .neighbours import ClientAddresses
 from .planner import NoImages, Planner
 from .reload import reload_now, validate_config, watch_config
 from .render import Renderer
 from .settings import Settings
-from .inventory import Inventory
 
 log = logging.getLogger("netbootd.daemon")
 
@@ -51,9 +51,9 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
 
 def _count_phase(app: App):
     def on_event(ev: Any) -> None:
-        if ev.kind in ("dhcp", "kernel", "booted", "provisioned", "installed", "joined", "failed"):
-            if ev.fields.get("outcome", "ok") == "ok":
-                app.metrics.boots.labels(ev.kind).inc()
+        phases = ("dhcp", "kernel", "booted", "provisioned", "installed", "joined", "failed")
+        if ev.kind in phases and ev.fields.get("outcome", "ok") == "ok":
+            app.metrics.boots.labels(ev.kind).inc()
     return on_event
 
 
@@ -68,10 +68,10 @@ class Daemon:
 
     async def start(self) -> None:
         for name in enabled_services(self.app.settings):
-            factory = load_factory(name)
-            if factory is None:
-                continue
             try:
+                factory = load_factory(name)
+                if factory is None:
+                    continue
                 service = factory(self.app)
                 await service.start()
             except Exception as exc:  # noqa: BLE001 - report and keep the others running
@@ -101,11 +101,11 @@ class Daemon:
         async def stop_one(name: str, svc: Any) -> None:
             try:
                 await svc.stop()
-            except Exception:  # noqa: BLE001 - keep stopping the rest
+            except Exception:
                 log.exception("service %s failed to stop cleanly", name)
 
         if services:
-            done, pending = await asyncio.wait(
+            _done, pending = await asyncio.wait(
                 [asyncio.create_task(stop_one(n, s)) for n, s in services], timeout=STOP_BUDGET)
             for t in pending:
                 t.cancel()
@@ -124,8 +124,8 @@ async def serve(app: App) -> int:
     loop.add_signal_handler(signal.SIGINT, daemon.request_stop)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     await daemon.start()
-    if not app.services:
-        log.error("no service could start: %s", daemon.failed or "none enabled")
+    if daemon.failed and not app.services:
+        log.error("no service could start: %s", daemon.failed)
         await daemon.stop()
         return 1
     log.info("netbootd serving: %s", ", ".join(app.services))

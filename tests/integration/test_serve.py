@@ -1,0 +1,141 @@
+"""`netbootd serve` as a user runs it: subprocess, high ports, hot reload, clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "netbootd", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=60)
+
+
+def wait_for(pred, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def config_events(state: Path) -> list[dict]:
+    f = state / "events.jsonl"
+    if not f.exists():
+        return []
+    out = []
+    for line in f.read_text().splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if ev["kind"] == "config":
+            out.append(ev)
+    return out
+
+
+@pytest.fixture
+def daemon(config_dir: Path, tmp_path: Path):
+    http_port = free_port()
+    cmd = [sys.executable, "-m", "netbootd", "--config", str(config_dir / "netbootd.yaml"),
+           "serve", "--no-dhcp", "--no-tftp", "--bind", "127.0.0.1",
+           "--http-port", str(http_port)]
+    log = open(tmp_path / "daemon.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: (tmp_path / "daemon.log").read_text().count("netbootd serving") > 0
+                 or proc.poll() is not None, 30, "daemon start")
+        assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
+        yield proc, config_dir, tmp_path / "state", http_port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_sigterm_stops_within_two_seconds(daemon):
+    proc = daemon[0]
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=5)
+    assert time.monotonic() - t0 < 2.0
+    assert proc.returncode == 0
+
+
+def test_inventory_replaced_by_rename_takes_effect_and_bad_edit_is_kept_out(daemon):
+    proc, config_dir, state, _ = daemon
+    nodes = config_dir / "nodes.yaml"
+    good = nodes.read_text() + "\n  02:00:00:00:00:42:\n    hostname: newcomer\n"
+    tmp = config_dir / ".nodes.yaml.tmp"
+    tmp.write_text(good)
+    t0 = time.monotonic()
+    os.replace(tmp, nodes)
+    wait_for(lambda: any(e["fields"].get("outcome") == "ok" for e in config_events(state)),
+             2.0, "reload of a valid inventory")
+    assert time.monotonic() - t0 < 2.0
+
+    tmp.write_text(good + "\n  not-a-mac: {}\n")
+    os.replace(tmp, nodes)
+    wait_for(lambda: any(e["fields"].get("outcome") == "error" for e in config_events(state)),
+             2.0, "rejection of an invalid inventory")
+    err = [e for e in config_events(state) if e["fields"].get("outcome") == "error"][-1]
+    assert "nodes.yaml:" in err["fields"]["error"] and "not-a-mac" in err["fields"]["error"]
+    assert proc.poll() is None, "a bad edit must not stop the daemon"
+
+
+def test_check_on_shipped_config_exits_0():
+    r = run_cli("check")
+    assert r.returncode == 0, r.stderr
+    assert "ok:" in r.stdout
+
+
+BROKEN = {
+    "duplicate MAC": ("nodes:\n  aa:bb:cc:dd:ee:01: {}\n  AA-BB-CC-DD-EE-01: {}\n",
+                      "nodes.yaml:3: nodes.AA-BB-CC-DD-EE-01"),
+    "malformed MAC": ("nodes:\n  aa:bb:cc:dd:ee:zz: {}\n", "nodes.yaml:2: nodes.aa:bb:cc:dd:ee:zz"),
+    "unknown profile": ("nodes:\n  aa:bb:cc:dd:ee:01:\n    profile: gone\n",
+                        "nodes.yaml:3: nodes.aa:bb:cc:dd:ee:01.profile"),
+    "YAML syntax": ("nodes:\n  aa:bb:cc:dd:ee:01: [\n", "nodes.yaml:"),
+    "ambiguous tie": ("profiles:\n  a: {selectors: {kind: rpi}}\n  b: {selectors: {kind: rpi}}\n",
+                      "nodes.yaml:3: profiles.b.selectors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_check_on_broken_inventory_names_file_line_field(case, config_dir):
+    text, expected = BROKEN[case]
+    (config_dir / "nodes.yaml").write_text(text)
+    r = run_cli("--config", str(config_dir / "netbootd.yaml"), "check")
+    assert r.returncode == 1, r.stdout
+    assert expected in r.stderr, r.stderr
+
+
+def test_check_finds_undefined_template_variable(config_dir):
+    (config_dir / "templates" / "ipxe" / "node.ipxe.j2").write_text("#!ipxe\necho {{ oops }}\n")
+    r = run_cli("--config", str(config_dir / "netbootd.yaml"), "check")
+    assert r.returncode == 1
+    assert "node.ipxe.j2:2:" in r.stderr and "oops" in r.stderr
+
+
+@pytest.mark.parametrize("mac,action,profile", [
+    ("d8:3a:dd:12:34:56", "netboot", "pi5-workers"),
+    ("52:54:00:a0:00:01", "netboot", "x86-uefi"),
+    ("52:54:00:a0:00:02", "local", "default"),
+    ("02:00:00:00:00:99", "ignore", "default"),
+])
+def test_plan_for_example_nodes(mac, action, profile, config_dir):
+    r = run_cli("--config", str(config_dir / "netbootd.yaml"), "plan", mac, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["action"], out["profile"]) == (action, profile)

@@ -1,0 +1,104 @@
+"""Inventory validation (file:line: field) and matchbox-style selector matching."""
+
+from pathlib import Path
+
+import pytest
+
+from netbootd.inventory import load_inventory
+from netbootd.model import Action, ClientFacts, ClientKind, normalise_mac, normalise_serial
+from netbootd.yamlfile import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def inv(tmp_path: Path, text: str):
+    p = tmp_path / "nodes.yaml"
+    p.write_text(text)
+    return load_inventory(p)
+
+
+def problems(tmp_path: Path, text: str):
+    with pytest.raises(ConfigError) as err:
+        inv(tmp_path, text)
+    return err.value.problems
+
+
+@pytest.mark.parametrize("text", ["DC:A6:32:01:36:C2", "dc-a6-32-01-36-c2", "dca6.3201.36c2",
+                                  "dca6320136c2", " dc:a6:32:01:36:c2 "])
+def test_mac_notations_normalise(text):
+    assert normalise_mac(text) == "dc:a6:32:01:36:c2"
+
+
+def test_serial_low_32_bits():
+    assert normalise_serial("10000000A1B2C3D4") == "a1b2c3d4"
+    assert normalise_serial("a1b2c3d4") == "a1b2c3d4"
+    assert normalise_serial(0x1A1B2C3D4) == "a1b2c3d4"
+
+
+def test_shipped_inventory_is_valid():
+    i = load_inventory(REPO / "config" / "nodes.yaml")
+    assert "d8:3a:dd:12:34:56" in i.nodes
+    assert i.mac_for_serial("a1b2c3d4") == "d8:3a:dd:12:34:56"
+
+
+def test_duplicate_mac_in_two_notations(tmp_path):
+    (p,) = problems(tmp_path, "nodes:\n  aa:bb:cc:dd:ee:01: {}\n  AA-BB-CC-DD-EE-01: {}\n")
+    assert p.line == 3 and "duplicate MAC" in p.message and p.field.startswith("nodes.")
+
+
+def test_malformed_mac(tmp_path):
+    (p,) = problems(tmp_path, "nodes:\n  aa:bb:cc:dd:ee:01: {}\n  not-a-mac: {}\n")
+    assert p.line == 3 and p.field == "nodes.not-a-mac" and "not a MAC" in p.message
+
+
+def test_unknown_profile(tmp_path):
+    (p,) = problems(tmp_path, "nodes:\n  aa:bb:cc:dd:ee:01:\n    hostname: a\n"
+                               "    profile: nope\n")
+    assert p.line == 4 and p.field.endswith(".profile") and "unknown profile" in p.message
+
+
+def test_bad_field_value_line(tmp_path):
+    (p,) = problems(tmp_path, "nodes:\n  aa:bb:cc:dd:ee:01:\n    action: reboot\n")
+    assert p.line == 3 and p.field == "nodes.aa:bb:cc:dd:ee:01.action"
+
+
+def test_yaml_syntax_error(tmp_path):
+    (p,) = problems(tmp_path, "nodes:\n  aa:bb:cc:dd:ee:01: {hostname: a\n")
+    assert p.line >= 2 and "YAML" in p.message
+
+
+def test_ambiguous_selector_tie(tmp_path):
+    ps = problems(tmp_path, "profiles:\n  a:\n    selectors: {kind: rpi}\n"
+                            "  b:\n    selectors: {kind: rpi}\n")
+    assert ps[0].field == "profiles.b.selectors" and "ambiguous" in ps[0].message
+    assert ps[0].line == 5
+
+
+def test_disjoint_selectors_are_not_a_tie(tmp_path):
+    inv(tmp_path, "profiles:\n  a:\n    selectors: {kind: rpi}\n"
+                  "  b:\n    selectors: {kind: ipxe}\n")
+
+
+def test_most_selectors_win(tmp_path):
+    i = inv(tmp_path, """
+profiles:
+  pis: {selectors: {kind: rpi}, role: generic}
+  pi-workers: {selectors: {kind: rpi, labels: {role: worker}}, role: worker}
+  uefi: {selectors: {kind: pxe-uefi-x64}, action: local}
+nodes:
+  aa:bb:cc:dd:ee:01: {labels: {role: worker}}
+  aa:bb:cc:dd:ee:02: {}
+""")
+    w = i.view(ClientFacts(mac="aa:bb:cc:dd:ee:01", kind=ClientKind.RPI))
+    assert (w.profile, w.role) == ("pi-workers", "worker")
+    g = i.view(ClientFacts(mac="aa:bb:cc:dd:ee:02", kind=ClientKind.RPI))
+    assert g.profile == "pis"
+    u = ClientFacts(mac="aa:bb:cc:dd:ee:03", kind=ClientKind.PXE_UEFI_X64, arch=7)
+    assert i.view(u).profile == "uefi" and i.action_for(u) == Action.LOCAL
+    assert i.view(ClientFacts(mac="aa:bb:cc:dd:ee:04")).profile == "default"
+
+
+def test_node_found_by_serial(tmp_path):
+    i = inv(tmp_path, "nodes:\n  aa:bb:cc:dd:ee:01: {serial: 10000000deadbeef, hostname: p1}\n")
+    v = i.view(ClientFacts(mac="ff:ff:ff:00:00:01", serial="deadbeef", kind=ClientKind.RPI))
+    assert v.known and v.hostname == "p1" and v.mac == "aa:bb:cc:dd:ee:01"

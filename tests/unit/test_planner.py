@@ -1,0 +1,111 @@
+"""Planner decisions and the boot-session cache (a boot on N finishes on N)."""
+
+from pathlib import Path
+
+from netbootd.inventory import load_inventory
+from netbootd.model import Action, ClientFacts, ClientKind, ImageRef
+from netbootd.planner import Planner, decide
+from netbootd.settings import load_settings
+
+
+class SwitchableStore:
+    """An image store whose active version a test can change (policy fake, not a peer)."""
+
+    def __init__(self) -> None:
+        self.active = "1"
+        self.pins: dict[str, str] = {}
+
+    def resolve(self, image, channel, pin, *, mac=None):
+        version = pin or self.pins.get(mac or "") or self.active
+        return ImageRef(name=image, version=version, root=Path("/store") / image / version,
+                        channel=channel, pinned=bool(pin or mac in self.pins))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def setup(tmp_path, unknown="ignore"):
+    (tmp_path / "nodes.yaml").write_text("""
+profiles:
+  rpis: {selectors: {kind: rpi}, image: pi-os, channel: dev}
+nodes:
+  aa:bb:cc:dd:ee:01: {hostname: n1}
+  aa:bb:cc:dd:ee:02: {hostname: n2, action: local}
+  aa:bb:cc:dd:ee:03: {hostname: n3, pin: "0.9"}
+  aa:bb:cc:dd:ee:04: {hostname: n4, action: ignore}
+""")
+    settings = load_settings(None, {"paths": {"inventory": str(tmp_path / "nodes.yaml")},
+                                    "policy": {"unknown": unknown},
+                                    "boot": {"session_ttl": 60}}, use_default_path=False)
+    inventory = load_inventory(settings.paths.inventory)
+    return settings, inventory
+
+
+def test_actions(tmp_path):
+    settings, inv = setup(tmp_path)
+    store = SwitchableStore()
+    p = decide(ClientFacts(mac="aa:bb:cc:dd:ee:01"), inv, settings, store)
+    assert p.action == Action.NETBOOT and p.image.version == "1" and p.image.name == "demo"
+    assert decide(ClientFacts(mac="aa:bb:cc:dd:ee:02"), inv, settings, store).action == Action.LOCAL
+    assert decide(ClientFacts(mac="aa:bb:cc:dd:ee:04"), inv, settings, store).action == Action.IGNORE
+    pinned = decide(ClientFacts(mac="aa:bb:cc:dd:ee:03"), inv, settings, store)
+    assert pinned.image.version == "0.9" and "pinned" in pinned.reason
+
+
+def test_unknown_machine_policy(tmp_path):
+    settings, inv = setup(tmp_path, unknown="ignore")
+    stranger = ClientFacts(mac="02:00:00:00:00:99", kind=ClientKind.RPI)
+    p = decide(stranger, inv, settings, SwitchableStore())
+    assert p.action == Action.IGNORE and not p.answers
+    settings, inv = setup(tmp_path, unknown="default")
+    p = decide(stranger, inv, settings, SwitchableStore())
+    assert p.action == Action.NETBOOT and p.node.profile == "rpis" and p.image.name == "pi-os"
+    assert p.image.channel == "dev"
+
+
+def test_no_image_is_explained(tmp_path):
+    settings, inv = setup(tmp_path)
+
+    class Empty:
+        def resolve(self, *a, **k):
+            return None
+
+    p = decide(ClientFacts(mac="aa:bb:cc:dd:ee:01"), inv, settings, Empty())
+    assert p.image is None and "no version of image 'demo'" in p.reason
+
+
+def test_boot_session_keeps_version_across_hot_swap(tmp_path):
+    settings, inv = setup(tmp_path)
+    store, clock = SwitchableStore(), Clock()
+    planner = Planner(lambda: settings, lambda: inv, store, clock=clock)
+    a = ClientFacts(mac="aa:bb:cc:dd:ee:01")
+    first = planner.plan(a)
+    store.active = "2"  # hot swap while A is booting
+    clock.now += 30
+    assert planner.plan(a).image.version == "1", "a boot in flight must stay on N"
+    assert planner.plan(a).session == first.session
+    b = ClientFacts(mac="aa:bb:cc:dd:ee:03")
+    assert planner.plan(b).image.version == "0.9"
+    assert planner.versions_in_use() == {("demo", "1"), ("demo", "0.9")}
+    planner.end_session(a.mac)  # booted callback
+    assert planner.plan(a).image.version == "2", "the next boot gets N+1"
+
+
+def test_session_expires_after_idle_ttl(tmp_path):
+    settings, inv = setup(tmp_path)
+    store, clock = SwitchableStore(), Clock()
+    planner = Planner(lambda: settings, lambda: inv, store, clock=clock)
+    a = ClientFacts(mac="aa:bb:cc:dd:ee:01")
+    planner.plan(a)
+    store.active = "2"
+    clock.now += 59
+    assert planner.plan(a).image.version == "1"  # still asking: session slides
+    clock.now += 61
+    assert planner.current(a.mac) is None
+    assert planner.plan(a).image.version == "2"
+    assert planner.peek(a).session != planner.plan(a).session  # peek never caches
