@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .events import EventLog
 from .inventory import Inventory
@@ -48,7 +49,7 @@ class App:
     settings: Settings
     inventory: Inventory
     planner: Planner
-    render: "Renderer"
+    render: Renderer
     events: EventLog
     metrics: Metrics
     clients: ClientAddresses

@@ -16,9 +16,10 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("netbootd.events")
 
@@ -101,7 +102,7 @@ class EventLog:
         if state_dir is not None:
             state_dir.mkdir(parents=True, exist_ok=True)
             self._replay()
-            self._fh = open(self.path, "a", encoding="utf-8")
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
 
     @property
     def path(self) -> Path:
@@ -125,7 +126,7 @@ class EventLog:
         for fn in self._listeners:
             try:
                 fn(ev)
-            except Exception:  # noqa: BLE001 - a listener bug must not break recording
+            except Exception:
                 log.exception("event listener failed")
         return ev
 
@@ -169,7 +170,7 @@ class EventLog:
         extra = self._dir / f"events.jsonl.{self._keep + 1}"
         if extra.exists():
             extra.unlink()
-        self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
 
     def _replay(self) -> None:
         """Rebuild the node table from the rotated files, oldest first."""

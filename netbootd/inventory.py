@@ -115,7 +115,7 @@ class Inventory:
     source: Path | None = None
 
     @classmethod
-    def empty(cls) -> "Inventory":
+    def empty(cls) -> Inventory:
         return cls(nodes={}, profiles={DEFAULT_PROFILE: Profile()}, by_serial={})
 
     def node_for(self, facts: ClientFacts) -> tuple[str, Node] | None:

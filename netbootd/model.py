@@ -46,7 +46,7 @@ def normalise_mac(text: str) -> str:
     quoted, so config errors can say what was wrong.
     """
     if not isinstance(text, str):
-        raise ValueError(f"MAC address must be a string, got {type(text).__name__}")
+        raise TypeError(f"MAC address must be a string, got {type(text).__name__}")
     digits = re.sub(r"[:\-.\s]", "", text.strip())
     if len(digits) != 12 or not all(_MAC_HEX.fullmatch(c) for c in digits):
         raise ValueError(f"not a MAC address: {text!r}")
@@ -71,8 +71,7 @@ def normalise_serial(text: str | int) -> str:
     if isinstance(text, int):
         return f"{text & 0xFFFFFFFF:08x}"
     t = str(text).strip().lower()
-    if t.startswith("0x"):
-        t = t[2:]
+    t = t.removeprefix("0x")
     if not t or len(t) > 16 or not all(c in "0123456789abcdef" for c in t):
         raise ValueError(f"not a Pi serial (hex): {text!r}")
     return t[-8:].rjust(8, "0")

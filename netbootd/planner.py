@@ -16,7 +16,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from .inventory import Inventory
 from .model import Action, BootPlan, ClientFacts, ImageRef

@@ -19,7 +19,7 @@ from typing import Any
 import jinja2
 
 from .inventory import Inventory
-from .model import Action, BootPlan, ClientFacts, ClientKind, ImageRef, mac_dashes
+from .model import BootPlan, ClientFacts, ClientKind, ImageRef, mac_dashes
 from .settings import Settings
 from .yamlfile import Problem
 
@@ -97,7 +97,7 @@ class Renderer:
             loader=jinja2.FileSystemLoader(str(settings.paths.templates)),
             undefined=jinja2.StrictUndefined,
             keep_trailing_newline=True,
-            autoescape=False,  # noqa: S701 - iPXE, cmdline and YAML, not HTML
+            autoescape=False,
             auto_reload=True,
         )
         self.env.filters["shquote"] = shlex.quote
@@ -223,8 +223,7 @@ def _with_placeholder_image(plan: BootPlan) -> BootPlan:
     ref = ImageRef(name="check", version="0", root=Path("/nonexistent"),
                    boot={"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "",
                          "rootfs": "rootfs", "boot_tree": "boot"})
-    action = plan.action if plan.action in (Action.NETBOOT, Action.INSTALL) else plan.action
-    return replace(plan, image=ref, action=action)
+    return replace(plan, image=ref)
 
 
 def _template_line(exc: BaseException, name: str) -> int:

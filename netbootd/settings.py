@@ -24,17 +24,17 @@ ENV_PREFIX = "NETBOOTD_"
 
 #: The parsed YAML of the file being loaded; a context variable, not a global, so two
 #: daemons in one process (tests) cannot see each other's file.
-_FILE_DATA: ContextVar[dict] = ContextVar("netbootd_settings_file", default={})
+_FILE_DATA: ContextVar[dict | None] = ContextVar("netbootd_settings_file", default=None)
 
 
 class _YamlDataSource(PydanticBaseSettingsSource):
     """The config file as a settings source, below the environment in precedence."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return _FILE_DATA.get().get(field_name), field_name, False
+        return (_FILE_DATA.get() or {}).get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return {k: v for k, v in _FILE_DATA.get().items()}
+        return dict(_FILE_DATA.get() or {})
 
 
 class _Section(BaseModel):

@@ -8,9 +8,10 @@ so a user reads ``config/nodes.yaml:14: nodes.dc:a6:32:01:36:c2.action: ...``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -95,13 +96,13 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
     @classmethod
-    def single(cls, file: Path | str, line: int, field: str, message: str) -> "ConfigError":
+    def single(cls, file: Path | str, line: int, field: str, message: str) -> ConfigError:
         return cls([Problem(str(file), line, field, message)])
 
     @classmethod
     def from_validation(
         cls, file: Path | str, data: Any, exc: ValidationError, prefix: tuple = ()
-    ) -> "ConfigError":
+    ) -> ConfigError:
         problems = []
         for err in exc.errors(include_url=False):
             loc = tuple(prefix) + tuple(err["loc"])
@@ -134,7 +135,7 @@ def load_yaml(path: Path) -> Any:
     except OSError as exc:
         raise ConfigError.single(path, 0, "", f"cannot read: {exc.strerror or exc}") from exc
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0
