@@ -166,8 +166,31 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.reference:
+        print(config_reference())
+        return 0
     print(json.dumps(redacted(_settings(args)), indent=2))
     return 0
+
+
+def config_reference() -> str:
+    """Markdown table of every setting, from the model itself (docs stay true)."""
+    lines = ["| key | default | env | description |", "|---|---|---|---|"]
+    for section, field in Settings.model_fields.items():
+        if field.exclude:
+            continue
+        model = field.annotation if isinstance(field.annotation, type) else None
+        sub = getattr(model, "model_fields", None)
+        if not sub:
+            lines.append(f"| `{section}` | | `NETBOOTD_{section.upper()}` | "
+                         f"{field.description or ''} |")
+            continue
+        for key, f in sub.items():
+            default = f.default_factory() if f.default_factory else f.default
+            default = json.dumps(default, default=str)
+            lines.append(f"| `{section}.{key}` | `{default}` | "
+                         f"`NETBOOTD_{section.upper()}__{key.upper()}` | {f.description or ''} |")
+    return "\n".join(lines)
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -210,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("nodes", help="list the inventory and node state").set_defaults(
         func=cmd_nodes)
-    sub.add_parser("config", help="print the effective configuration").set_defaults(
-        func=cmd_config)
+    cf = sub.add_parser("config", help="print the effective configuration (secrets redacted)")
+    cf.add_argument("--reference", action="store_true", help="print every setting as markdown")
+    cf.set_defaults(func=cmd_config)
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
 
     store_cli = _optional("netbootd.store.cli")
