@@ -46,7 +46,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             put(svc, "enabled", False)
     put("dhcp", "pxe_port", getattr(args, "pxe_port", None))
     bind = getattr(args, "bind", None)
-    for svc in ("dhcp", "tftp", "http"):
+    for svc in ("dhcp", "tftp", "http", "dns"):
         put(svc, "bind", bind)
     if getattr(args, "interface", None):
         put("network", "interfaces", args.interface)

@@ -105,6 +105,7 @@ class HttpSettings(_Section):
 class DnsSettings(_Section):
     enabled: bool = Field(False, description="Answer A queries for inventory hostnames.")
     port: int = Field(53, ge=1, le=65535, description="DNS listen port.")
+    bind: str = Field("", description="Address to bind (empty = all).")
     domain: str = Field("lan", description="Domain appended to inventory hostnames.")
 
 

@@ -1,0 +1,100 @@
+"""A tiny authoritative DNS server for inventory names (``<hostname>.<dns.domain>``).
+
+Off by default (``dns.enabled``). Nodes and operators can then reach a node by
+the name the inventory gives it, with the address netbootd learnt from DHCP (or
+the inventory's ``ip``). dnslib parses and builds the messages; only A queries
+for our own domain are answered, everything else gets REFUSED/NXDOMAIN so we
+never act as a resolver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from dnslib import QTYPE, RCODE, RR, A, DNSError, DNSRecord
+
+from ..app import App
+
+log = logging.getLogger("netbootd.dns")
+
+
+class DnsProtocol(asyncio.DatagramProtocol):
+    def __init__(self, service: DnsService) -> None:
+        self.service = service
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        reply = self.service.answer(data)
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+
+class DnsService:
+    name = "dns"
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def lookup(self, qname: str) -> str | None:
+        """IPv4 of an inventory hostname under our domain, or None."""
+        domain = self.app.settings.dns.domain.strip(".").lower()
+        name = qname.rstrip(".").lower()
+        if not name.endswith("." + domain):
+            return None
+        host = name[: -len(domain) - 1]
+        for mac, node in self.app.inventory.nodes.items():
+            if (node.hostname or "").lower() == host:
+                return node.ip or self.app.clients.ip_for(mac)
+        return None
+
+    def answer(self, data: bytes) -> bytes | None:
+        try:
+            query = DNSRecord.parse(data)
+        except (DNSError, IndexError, ValueError):
+            self.app.metrics.malformed.labels("dns").inc()
+            return None
+        if query.header.qr:  # a response, not a query: never answer it
+            self.app.metrics.malformed.labels("dns").inc()
+            return None
+        reply = query.reply()
+        q = query.q
+        domain = self.app.settings.dns.domain.strip(".").lower()
+        name = str(q.qname).rstrip(".").lower()
+        if not (name == domain or name.endswith("." + domain)):
+            reply.header.rcode = RCODE.REFUSED
+            self.app.metrics.requests.labels("dns", "refused").inc()
+            return reply.pack()
+        ip = self.lookup(str(q.qname))
+        if ip is None:
+            reply.header.rcode = RCODE.NXDOMAIN
+            self.app.metrics.requests.labels("dns", "nxdomain").inc()
+        elif q.qtype in (QTYPE.A, QTYPE.ANY):
+            reply.add_answer(RR(q.qname, QTYPE.A, rdata=A(ip), ttl=60))
+            self.app.metrics.requests.labels("dns", "ok").inc()
+        else:
+            self.app.metrics.requests.labels("dns", "nodata").inc()
+        return reply.pack()
+
+    async def start(self) -> None:
+        s = self.app.settings
+        loop = asyncio.get_running_loop()
+        self.transport, _ = await loop.create_datagram_endpoint(
+            lambda: DnsProtocol(self), local_addr=(s.dns.bind or "0.0.0.0", s.dns.port))
+        log.info("dns: answering for *.%s on port %d", s.dns.domain, s.dns.port)
+
+    async def stop(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": self.transport is not None, "port": self.app.settings.dns.port}
+
+
+def create(app: App) -> DnsService:
+    return DnsService(app)
