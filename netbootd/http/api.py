@@ -1,0 +1,434 @@
+"""REST API ``/api/v1``: nodes, images, plans, reload, node events.
+
+One route table (:data:`OPS`) drives both aiohttp routing and the OpenAPI document,
+so the two cannot drift apart. Bodies are validated by pydantic; every bad input is a
+400/404/409 JSON error ``{"error": ...}``, counted as malformed, never a 500.
+Store calls (file I/O, fsync) run in a thread so the event loop keeps serving boots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from .. import __version__
+from ..model import Action, ClientFacts, ClientKind, normalise_serial
+from ..render import RenderError
+from . import auth
+from .boot import beacon
+from .models import (
+    ActivateIn,
+    EventIn,
+    EventOut,
+    GcIn,
+    ImagesOut,
+    NodeDetail,
+    NodeList,
+    NodeOut,
+    Ok,
+    PinIn,
+    PlanOut,
+    ReloadOut,
+    RollbackIn,
+)
+from .openapi import Op, Param, document
+from .util import SERVICE, guess_facts, json_error, parse_mac, server_info, the_app, valid_name
+
+log = logging.getLogger("netbootd.http.api")
+
+PREFIX = "/api/v1"
+MAX_EVENT_BODY = 16 * 1024
+
+
+class _Refused(Exception):
+    """Raised inside a handler to answer with a JSON error (status, message)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _body(request: web.Request, model: type[BaseModel], limit: int = 64 * 1024) -> Any:
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise _Refused(413, f"body larger than {limit} bytes")
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[:3]
+        text = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}"
+                         for e in first)
+        raise _Refused(400, f"invalid body: {text}") from None
+
+
+def _mac_param(request: web.Request) -> str:
+    mac = parse_mac(request.match_info["mac"])
+    if mac is None:
+        raise _Refused(400, "not a MAC address")
+    return mac
+
+
+def _name_param(request: web.Request, key: str) -> str:
+    value = request.match_info[key]
+    if not valid_name(value):
+        raise _Refused(400, f"invalid {key} {value!r}")
+    return value
+
+
+def _jsonable(obj: Any) -> Any:
+    """Store results (dataclasses, pydantic models, Paths) -> plain JSON values."""
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if hasattr(obj, "to_dict"):
+            return _jsonable(obj.to_dict())
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    if hasattr(obj, "to_dict"):
+        return _jsonable(obj.to_dict())
+    return str(obj)
+
+
+async def _store(request: web.Request, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Call the image store in a thread; map its errors to 400/404/409."""
+    store = the_app(request).store
+    fn: Callable[..., Any] | None = getattr(store, method, None) if store is not None else None
+    if fn is None:
+        raise _Refused(409, "the image store is not running")
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except (ValueError, KeyError, LookupError) as exc:
+        raise _Refused(400 if isinstance(exc, ValueError) else 404, str(exc)) from None
+    except Exception as exc:
+        if type(exc).__name__ not in ("StoreError", "Rejected") and not _is_store_error(exc):
+            raise
+        raise _Refused(_store_status(exc), str(exc)) from None
+
+
+def _is_store_error(exc: BaseException) -> bool:
+    return any(c.__name__ == "StoreError" for c in type(exc).__mro__)
+
+
+def _store_status(exc: BaseException) -> int:
+    status = getattr(exc, "status", None) or getattr(exc, "http_status", None)
+    if isinstance(status, int) and 400 <= status < 500:
+        return status
+    text = str(exc).lower()
+    if any(w in text for w in ("not found", "no such", "unknown", "does not exist")):
+        return 404
+    if any(w in text for w in ("invalid", "malformed", "bad ")):
+        return 400
+    return 409
+
+
+# -- nodes -------------------------------------------------------------------------------
+def _expected_action(app: Any, facts: ClientFacts, known: bool) -> str:
+    """The action a machine gets, without resolving images (cheap enough for a list)."""
+    current = app.planner.current(facts.mac)
+    if current is not None:
+        return current.action.value
+    if not known and app.settings.policy.unknown == "ignore":
+        return Action.IGNORE.value
+    return (app.inventory.action_for(facts) or Action.NETBOOT).value
+
+
+def node_out(app: Any, mac: str, cls: type[NodeOut] = NodeOut, **extra: Any) -> NodeOut:
+    facts = guess_facts(app, mac)
+    view = app.inventory.view(facts)
+    state = app.events.nodes.get(mac)
+    inv = app.inventory.nodes.get(mac)
+    ip = (state.ip if state else None) or (inv.ip if inv else None) or app.clients.ip_for(mac)
+    return cls(
+        mac=mac, hostname=view.hostname, known=view.known, profile=view.profile,
+        role=view.role, action=_expected_action(app, facts, view.known), ip=ip,
+        phase=state.phase if state else "unknown", image=state.image if state else None,
+        version=state.version if state else None,
+        last_seen=state.last_seen if state and state.last_seen else None,
+        message=state.message if state else "", **extra)
+
+
+def all_nodes(app: Any) -> list[NodeOut]:
+    macs = list(app.inventory.nodes)
+    macs += [m for m in list(app.events.nodes) if m not in app.inventory.nodes]
+    return [node_out(app, m) for m in macs]
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    return _json(NodeList(nodes=all_nodes(the_app(request))))
+
+
+async def get_node(request: web.Request) -> web.Response:
+    app = the_app(request)
+    mac = _mac_param(request)
+    if mac not in app.inventory.nodes and mac not in app.events.nodes:
+        raise _Refused(404, f"no node {mac} (not in the inventory, never seen)")
+    timeline = [EventOut(ts=e.ts, kind=e.kind, message=e.message, fields=_jsonable(e.fields))
+                for e in app.events.timeline(mac)]
+    return _json(node_out(app, mac, NodeDetail, timeline=timeline))
+
+
+async def pin_node(request: web.Request) -> web.Response:
+    app = the_app(request)
+    mac = _mac_param(request)
+    body: PinIn = await _body(request, PinIn)
+    image = body.image or app.inventory.view(guess_facts(app, mac)).image \
+        or app.settings.boot.default_image
+    result = await _store(request, "pin", mac, image, body.version)
+    app.events.record("image", mac, f"pinned to {image} {body.version}", image=image,
+                      version=body.version, outcome="ok")
+    return _json(Ok(message=f"{mac} pinned to {image} {body.version}",
+                    detail=_detail(result)))
+
+
+async def unpin_node(request: web.Request) -> web.Response:
+    app = the_app(request)
+    mac = _mac_param(request)
+    result = await _store(request, "unpin", mac)
+    app.events.record("image", mac, "pin removed", outcome="ok")
+    return _json(Ok(message=f"{mac} unpinned", detail=_detail(result)))
+
+
+# -- images ------------------------------------------------------------------------------
+async def list_images(request: web.Request) -> web.Response:
+    images = _jsonable(await _store(request, "list_images"))
+    rejected_fn = getattr(the_app(request).store, "rejected", None)
+    rejected = _jsonable(await _store(request, "rejected")) if rejected_fn else []
+    return _json(ImagesOut(images=[_as_dict(i) for i in images or []],
+                           rejected=[_as_dict(r) for r in rejected or []]))
+
+
+def _as_dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {"value": v}
+
+
+def _detail(result: Any) -> dict[str, Any]:
+    j = _jsonable(result)
+    return j if isinstance(j, dict) else ({} if j is None else {"result": j})
+
+
+async def activate(request: web.Request) -> web.Response:
+    name = _name_param(request, "name")
+    body: ActivateIn = await _body(request, ActivateIn)
+    result = await _store(request, "activate", name, body.version, body.channel)
+    return _json(Ok(message=f"{name} {body.version} active on {body.channel}",
+                    detail=_detail(result)))
+
+
+async def rollback(request: web.Request) -> web.Response:
+    name = _name_param(request, "name")
+    body: RollbackIn = await _body(request, RollbackIn)
+    result = await _store(request, "rollback", name, body.channel)
+    return _json(Ok(message=f"{name} rolled back on {body.channel}", detail=_detail(result)))
+
+
+async def gc(request: web.Request) -> web.Response:
+    body: GcIn = await _body(request, GcIn)
+    result = await _store(request, "gc", dry_run=body.dry_run)
+    return _json(Ok(message="dry run" if body.dry_run else "garbage collected",
+                    detail=_detail(result)))
+
+
+async def upload(request: web.Request) -> web.Response:
+    """Stream a build (tar / tar.gz / tar.zst) to disk, then hand it to the store's ingest.
+
+    The body is never held in memory: it goes to a dot-file under ``incoming/`` (which
+    the ingest watcher ignores) and the store takes it from there.
+    """
+    app = the_app(request)
+    name = _name_param(request, "name")
+    version = _name_param(request, "version")
+    if app.store is None or not hasattr(app.store, "ingest_upload"):
+        raise _Refused(409, "the image store is not running")
+    incoming = app.settings.paths.images / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".upload-{name}-{version}-", suffix=".partial",
+                               dir=incoming)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            async for chunk in request.content.iter_chunked(1 << 20):
+                size += len(chunk)
+                await asyncio.to_thread(fh.write, chunk)
+        if size == 0:
+            raise _Refused(400, "empty upload")
+        result = await _store(request, "ingest_upload", Path(tmp), name, version)
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    detail = _detail(result)
+    if detail.get("ok") is False or detail.get("rejected"):
+        raise _Refused(409, str(detail.get("reason") or detail.get("error") or "rejected"))
+    return _json(Ok(message=f"{name} {version} ingested ({size} bytes)", detail=detail))
+
+
+# -- plan, reload ------------------------------------------------------------------------
+async def plan(request: web.Request) -> web.Response:
+    app = the_app(request)
+    q = request.query
+    mac = parse_mac(q.get("mac", ""))
+    if mac is None:
+        raise _Refused(400, "query parameter mac must be a MAC address")
+    try:
+        serial = normalise_serial(q["serial"]) if q.get("serial") else None
+        arch = int(q["arch"]) if q.get("arch") else None
+        kind = ClientKind(q["kind"]) if q.get("kind") else None
+    except ValueError as exc:
+        raise _Refused(400, str(exc)) from None
+    if arch is not None and not 0 <= arch <= 0xFFFF:
+        raise _Refused(400, "arch must be 0..65535")
+    base = guess_facts(app, mac)
+    facts = ClientFacts(mac=mac, kind=kind or (ClientKind.RPI if serial else base.kind),
+                        serial=serial or base.serial, arch=arch)
+    p = await asyncio.to_thread(app.planner.peek, facts)
+    out = PlanOut(mac=mac, action=p.action.value, hostname=p.node.hostname, known=p.node.known,
+                  profile=p.node.profile, reason=p.reason,
+                  image=p.image.name if p.image else None,
+                  version=p.image.version if p.image else None,
+                  channel=(p.image.channel if p.image else None) or p.node.channel or None,
+                  pinned=bool(p.image and p.image.pinned))
+    if p.action is not Action.IGNORE:
+        server = server_info(request)
+        for artefact, attr in (("ipxe", "ipxe"), ("cmdline.txt", "cmdline")):
+            if artefact == "cmdline.txt" and p.image is None:
+                continue
+            try:
+                setattr(out, attr, app.render.render(artefact, p, server))
+            except RenderError as exc:
+                out.render_errors.append(str(exc))
+    return _json(out)
+
+
+async def reload(request: web.Request) -> web.Response:
+    app = the_app(request)
+    error = await asyncio.to_thread(app.reload)
+    if error:
+        return web.json_response(ReloadOut(ok=False, error=error).model_dump(), status=409)
+    return _json(ReloadOut(ok=True))
+
+
+# -- from the nodes ----------------------------------------------------------------------
+async def post_event(request: web.Request) -> web.Response:
+    """A node reports a phase. Unauthenticated (nodes have no token) but validated."""
+    app = the_app(request)
+    ev: EventIn = await _body(request, EventIn, limit=MAX_EVENT_BODY)
+    fields: dict[str, Any] = {"ip": request.remote, "image": ev.image, "version": ev.version,
+                              "outcome": "ok"}
+    current = app.planner.current(ev.mac)
+    if current is not None and current.image is not None and ev.image is None:
+        fields.update(image=current.image.name, version=current.image.version)
+    app.events.record(ev.phase, ev.mac, ev.message, **fields)
+    if ev.phase == "booted":
+        # The boot finished: the next boot of this machine plans afresh (hot swap).
+        app.planner.end_session(ev.mac)
+    app.metrics.requests.labels(SERVICE, "ok").inc()
+    return _json(Ok(message=f"{ev.phase} recorded for {ev.mac}"))
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(OPENAPI)
+
+
+def _json(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(text=model.model_dump_json(), status=status,
+                        content_type="application/json")
+
+
+_MAC = Param("mac", "path", {"type": "string"}, description="MAC address, any notation.")
+_NAME = Param("name", "path", {"type": "string"}, description="Image name.")
+_VERSION = Param("version", "path", {"type": "string"}, description="Image version.")
+
+#: The API. ``auth``: "none" = nodes call it, "read" = open when http.read_open,
+#: "write" = bearer token always.
+OPS: list[Op] = [
+    Op("GET", "/nodes", list_nodes, "All nodes: inventory plus machines seen", response=NodeList,
+       tags=("nodes",)),
+    Op("GET", "/nodes/{mac}", get_node, "One node with its boot timeline", response=NodeDetail,
+       params=(_MAC,), errors=(400, 404), tags=("nodes",)),
+    Op("POST", "/nodes/{mac}/pin", pin_node, "Pin a node to an image version", auth="write",
+       body=PinIn, response=Ok, params=(_MAC,), errors=(400, 404, 409, 413), tags=("nodes",)),
+    Op("DELETE", "/nodes/{mac}/pin", unpin_node, "Remove a node's pin", auth="write",
+       response=Ok, params=(_MAC,), errors=(400, 404, 409), tags=("nodes",)),
+    Op("GET", "/images", list_images, "Images, versions, channels, rejected builds",
+       response=ImagesOut, errors=(409,), tags=("images",)),
+    Op("POST", "/images/gc", gc, "Delete unused versions", auth="write", body=GcIn,
+       response=Ok, errors=(400, 409, 413), tags=("images",)),
+    Op("POST", "/images/{name}/activate", activate, "Activate a version on a channel",
+       auth="write", body=ActivateIn, response=Ok, params=(_NAME,),
+       errors=(400, 404, 409, 413), tags=("images",)),
+    Op("POST", "/images/{name}/rollback", rollback, "Point a channel at its previous version",
+       auth="write", body=RollbackIn, response=Ok, params=(_NAME,),
+       errors=(400, 404, 409, 413), tags=("images",)),
+    Op("PUT", "/images/{name}/{version}", upload, "Upload a build (tar, tar.gz, tar.zst)",
+       auth="write", body_media="application/octet-stream", response=Ok,
+       params=(_NAME, _VERSION), errors=(400, 404, 409), tags=("images",)),
+    Op("GET", "/plan", plan, "What a machine would get if it booted now", response=PlanOut,
+       params=(Param("mac", "query", {"type": "string"}),
+               Param("serial", "query", {"type": "string"}, required=False),
+               Param("arch", "query", {"type": "integer", "minimum": 0, "maximum": 65535},
+                     required=False),
+               Param("kind", "query", {"type": "string", "enum": [k.value for k in ClientKind]},
+                     required=False)),
+       tags=("plan",)),
+    Op("POST", "/reload", reload, "Reload inventory and templates", auth="write",
+       response=ReloadOut, errors=(409,), tags=("config",)),
+    Op("POST", "/events", post_event, "A node reports a boot phase", auth="none", body=EventIn,
+       response=Ok, errors=(400, 413), tags=("nodes",)),
+    Op("GET", "/beacon/{mac}", beacon, "Kernel handed over (fetched by iPXE)", auth="none",
+       response_media="text/plain", params=(_MAC, Param("session", "query", {"type": "string"},
+                                                        required=False)),
+       tags=("nodes",)),
+]
+
+
+def _wrap(op: Op) -> Callable[[web.Request], Any]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if op.auth != "none":
+            denied = auth.check(request, mutating=op.auth == "write")
+            if denied is not None:
+                return denied
+        try:
+            return await op.handler(request)
+        except _Refused as exc:
+            metrics = the_app(request).metrics
+            if exc.status in (400, 413):
+                metrics.malformed.labels(SERVICE).inc()
+            metrics.requests.labels(SERVICE, "client_error").inc()
+            return json_error(exc.status, str(exc))
+
+    handler.__name__ = op.handler.__name__
+    return handler
+
+
+OPENAPI = document([dataclasses.replace(o, path=PREFIX + o.path) for o in OPS], __version__)
+OPENAPI["paths"][PREFIX + "/openapi.json"] = {"get": {
+    "summary": "This document", "operationId": "openapi", "security": [],
+    "responses": {"200": {"description": "OpenAPI 3.1", "content": {
+        "application/json": {"schema": {"type": "object"}}}}}}}
+
+
+def routes() -> list[web.RouteDef]:
+    out = [web.get(PREFIX + "/openapi.json", openapi_json)]
+    for op in OPS:
+        if op.handler is beacon:
+            continue  # routed by boot.py (its own validation); documented here
+        out.append(web.route(op.method, PREFIX + op.path, _wrap(op)))
+    return out
+

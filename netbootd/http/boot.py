@@ -1,0 +1,219 @@
+"""The boot chain over HTTP: /boot.ipxe -> /ipxe (per node), iPXE binaries, the beacon,
+and the per-node cloud-init NoCloud seed.
+
+Every handler turns the request into ``ClientFacts`` once, asks the planner, and
+renders with ``app.render``; nothing here knows the inventory file or the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from aiohttp import web
+
+from ..model import Action, ClientFacts, ClientKind, mac_dashes
+from ..render import RenderError
+from .util import SERVICE, base_url, guess_facts, malformed, parse_mac, server_info, the_app
+
+log = logging.getLogger("netbootd.http.boot")
+
+#: iPXE ``${buildarch}`` (+ ``${platform}``) -> DHCP client architecture (RFC 4578 / IANA),
+#: the number profile selectors match on. Unknown values give ``None``, never an error.
+_ARCH_EFI = {"i386": 6, "x86_64": 7, "arm32": 10, "arm64": 11, "riscv32": 25,
+             "riscv64": 27, "loong64": 39}
+_UUID_RE = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+_SESSION_RE = re.compile(r"[0-9A-Za-z]{1,64}")
+
+#: iPXE binaries a UEFI HTTP-boot (or any) client may fetch; nothing else in those dirs.
+IPXE_BINARIES = frozenset({
+    "ipxe.efi", "snponly.efi", "snp.efi", "undionly.kpxe", "undionly.kkpxe", "ipxe.pxe",
+    "ipxe.lkrn",
+})
+CLOUD_INIT = ("meta-data", "user-data", "vendor-data", "network-config")
+_TEXT = "text/plain"
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def client_arch(buildarch: str, platform: str) -> int | None:
+    """DHCP arch number for what iPXE reports. BIOS builds (``pcbios``) are 0 whatever the
+    CPU; without ``platform`` (older chain URLs) i386 is taken as BIOS, the rest as EFI."""
+    if platform == "pcbios" or (buildarch == "i386" and platform != "efi"):
+        return 0
+    return _ARCH_EFI.get(buildarch)
+
+
+async def boot_ipxe(request: web.Request) -> web.Response:
+    """The first script every iPXE client fetches: chain to its own per-MAC script.
+
+    The firmware fills in its identity, so one static script serves the fleet.
+    """
+    app = the_app(request)
+    app.metrics.requests.labels(SERVICE, "ok").inc()
+    text = (
+        "#!ipxe\n"
+        f"chain --autofree {base_url(request)}/ipxe?mac=${{mac:hexhyp}}&uuid=${{uuid}}"
+        "&arch=${buildarch}&platform=${platform} ||\n"
+        "echo netbootd: chain failed, retrying in 10 seconds\n"
+        "sleep 10\n"
+        "chain --autofree ${cwuri} ||\n"
+    )
+    return web.Response(text=text, content_type=_TEXT, headers=_NO_STORE)
+
+
+async def node_ipxe(request: web.Request) -> web.Response:
+    """The per-node iPXE script from the boot plan (netboot / install / local / none).
+
+    ``ignore`` (an unknown machine under ``policy.unknown: ignore``) gets a script that
+    says so and ``exit``s, so the firmware falls through to its next boot device at once;
+    a 404 would do the same after an error message and a retry, which is noisier.
+    """
+    app = the_app(request)
+    q = request.query
+    mac = parse_mac(q.get("mac", ""))
+    if mac is None:
+        return malformed(request, "query parameter mac must be a MAC address")
+    uuid = q.get("uuid", "")
+    facts = ClientFacts(
+        mac=mac, kind=ClientKind.IPXE, ip=request.remote,
+        uuid=uuid.lower() if _UUID_RE.fullmatch(uuid) else None,
+        arch=client_arch(q.get("arch", ""), q.get("platform", "")))
+    plan = app.planner.plan(facts)
+    fields = {"ip": request.remote, "file": "/ipxe", "hostname": plan.node.hostname,
+              "action": plan.action.value}
+    if plan.image:
+        fields.update(image=plan.image.name, version=plan.image.version)
+    if plan.action is Action.IGNORE:
+        app.metrics.requests.labels(SERVICE, "ignored").inc()
+        app.events.record("http", mac, "iPXE script: ignored (unknown machine)",
+                          outcome="ignored", **fields)
+        text = ("#!ipxe\n"
+                f"echo netbootd: {mac} is not in the inventory (policy.unknown: ignore)\n"
+                "exit\n")
+        return web.Response(text=text, content_type=_TEXT, headers=_NO_STORE)
+    try:
+        text = app.render.render("ipxe", plan, server_info(request))
+    except RenderError as exc:
+        app.metrics.errors.labels(SERVICE).inc()
+        app.events.record("http", mac, f"iPXE script failed to render: {exc}",
+                          outcome="error", **fields)
+        log.error("ipxe render failed for %s: %s", mac, exc)
+        return web.Response(status=503, content_type=_TEXT,
+                            text=f"#!ipxe\necho netbootd: configuration error for {mac}\n"
+                                 "sleep 30\nreboot\n")
+    app.metrics.requests.labels(SERVICE, "ok").inc()
+    app.events.record("http", mac, f"iPXE script: {plan.action.value}", outcome="ok", **fields)
+    return web.Response(text=text, content_type=_TEXT, headers=_NO_STORE)
+
+
+async def ipxe_binary(request: web.Request) -> web.StreamResponse:
+    """iPXE binaries for UEFI HTTP-boot clients (the DHCP answer names this URL)."""
+    app = the_app(request)
+    name = request.match_info["name"]
+    if name not in IPXE_BINARIES and name not in _configured_bootfiles(app):
+        return malformed(request, f"no such iPXE binary: {name}", status=404)
+    tftp = app.settings.tftp
+    for d in (tftp.ipxe_dir, *tftp.extra_ipxe_dirs):
+        path = d / name
+        if path.is_file():
+            app.metrics.requests.labels(SERVICE, "ok").inc()
+            app.events.record("http", app.clients.mac_for(request.remote or ""),
+                              f"iPXE binary {name}", ip=request.remote, file=f"/ipxe/{name}",
+                              outcome="ok")
+            return web.FileResponse(path, headers={"Cache-Control": "public, max-age=3600"})
+    app.metrics.requests.labels(SERVICE, "not_found").inc()
+    return web.json_response({"error": f"{name} not found in the iPXE directories"},
+                             status=404)
+
+
+def _configured_bootfiles(app) -> set[str]:
+    d = app.settings.dhcp
+    return {n for n in (d.bios_bootfile, d.uefi_x64_bootfile, d.uefi_arm64_bootfile)
+            if "/" not in n and not n.startswith(".")}
+
+
+async def beacon(request: web.Request) -> web.Response:
+    """Fetched by the iPXE script right before ``boot``: the kernel was handed over."""
+    app = the_app(request)
+    mac = parse_mac(request.match_info["mac"])
+    if mac is None:
+        return malformed(request, "not a MAC address")
+    session = request.query.get("session", "")
+    if session and not _SESSION_RE.fullmatch(session):
+        return malformed(request, "session must be alphanumeric")
+    fields: dict = {"ip": request.remote, "session": session or None}
+    plan = app.planner.current(mac)
+    if plan and plan.image:
+        fields.update(image=plan.image.name, version=plan.image.version)
+    app.metrics.requests.labels(SERVICE, "ok").inc()
+    app.events.record("kernel", mac, "kernel handed over", outcome="ok", **fields)
+    return web.Response(text="ok\n", content_type=_TEXT, headers=_NO_STORE)
+
+
+async def cloud_init(request: web.Request) -> web.Response:
+    """NoCloud seed for one node: meta-data, user-data, vendor-data, network-config.
+
+    Rendered from the open boot session's plan when there is one (the version being
+    booted), else from what the node would get now. Strict mode: user-data that reads
+    secrets goes only to the address DHCP / the neighbour table / the inventory ties
+    to that MAC; anyone else gets 403. The body is never logged.
+    """
+    app = the_app(request)
+    mac = parse_mac(request.match_info["mac"])
+    artefact = request.match_info["artefact"]
+    if mac is None:
+        return malformed(request, "not a MAC address")
+    if artefact not in CLOUD_INIT:
+        return malformed(request, f"unknown cloud-init file {artefact!r}", status=404)
+    plan = app.planner.current(mac) or app.planner.peek(guess_facts(app, mac, request.remote))
+    if plan.action is Action.IGNORE:
+        app.metrics.requests.labels(SERVICE, "ignored").inc()
+        return web.json_response({"error": "unknown machine"}, status=404)
+    remote = request.remote or ""
+    if (artefact == "user-data" and app.settings.http.strict_user_data
+            and app.render.has_secrets(plan) and not _owns(app, mac, remote)):
+        app.metrics.requests.labels(SERVICE, "forbidden").inc()
+        # Recorded as a daemon event (mac=None): a stranger's attempt must not change the
+        # node's own state (phase, IP, last seen) on the status page.
+        app.events.record("http", None, f"user-data for {mac} refused to {remote} (strict)",
+                          node=mac, client=remote, outcome="error",
+                          file=f"/cloud-init/{mac_dashes(mac)}/user-data")
+        log.warning("strict mode: user-data for %s refused to %s", mac, remote)
+        return web.json_response(
+            {"error": f"user-data for {mac} is only served to that machine's address"},
+            status=403)
+    try:
+        text = app.render.render(artefact, plan, server_info(request))
+    except RenderError as exc:
+        app.metrics.errors.labels(SERVICE).inc()
+        log.error("cloud-init %s render failed for %s: %s", artefact, mac, exc)
+        return web.json_response({"error": f"configuration error rendering {artefact}"},
+                                 status=503)
+    app.metrics.requests.labels(SERVICE, "ok").inc()
+    app.metrics.bytes_sent.labels(SERVICE).inc(len(text))
+    app.events.record("http", mac, f"cloud-init {artefact}", ip=remote,
+                      file=f"/cloud-init/{mac_dashes(mac)}/{artefact}", outcome="ok",
+                      **({"image": plan.image.name, "version": plan.image.version}
+                         if plan.image else {}))
+    return web.Response(text=text, content_type=_TEXT, headers=_NO_STORE)
+
+
+def _owns(app, mac: str, ip: str) -> bool:
+    """Is ``ip`` the address of machine ``mac`` (DHCP/neighbours, or inventory ``ip``)?"""
+    if not ip:
+        return False
+    if app.clients.mac_for(ip) == mac:
+        return True
+    node = app.inventory.nodes.get(mac)
+    return bool(node is not None and node.ip and node.ip == ip)
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/boot.ipxe", boot_ipxe),
+        web.get("/ipxe", node_ipxe),
+        web.get("/ipxe/{name}", ipxe_binary),
+        web.get("/api/v1/beacon/{mac}", beacon),
+        web.get("/cloud-init/{mac}/{artefact}", cloud_init),
+    ]
+

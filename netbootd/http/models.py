@@ -1,0 +1,128 @@
+"""pydantic models of the REST API: request bodies and responses.
+
+They validate input (a bad body is a 400 naming the field, never a 500) and they
+are the source of the OpenAPI document (``openapi.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..model import normalise_mac
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+Phase = Literal["booted", "provisioned", "joined", "failed", "installed"]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_max_length=4096)
+
+
+class EventIn(BaseModel):
+    """A node reporting progress (from its image: booted, joined, ...)."""
+
+    # Unknown keys are ignored, not refused: images in the field may send more.
+    model_config = ConfigDict(extra="ignore", str_max_length=4096)
+    mac: str = Field(description="The node's MAC address, any common notation.",
+                     max_length=32)
+    phase: Phase = Field(description="What happened.")
+    message: str = Field("", max_length=1000, description="Free text (shown on the status "
+                         "page; never put secrets here).")
+    image: str | None = Field(None, pattern=NAME_PATTERN, description="Image it runs.")
+    version: str | None = Field(None, pattern=NAME_PATTERN, description="Version it runs.")
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str) -> str:
+        return normalise_mac(v)
+
+
+class ActivateIn(_In):
+    version: str = Field(pattern=NAME_PATTERN, description="Version to make active.")
+    channel: str = Field("prod", pattern=NAME_PATTERN, description="Channel to activate on.")
+
+
+class RollbackIn(_In):
+    channel: str = Field("prod", pattern=NAME_PATTERN,
+                         description="Channel to point back at its previous version.")
+
+
+class PinIn(_In):
+    version: str = Field(pattern=NAME_PATTERN, description="Version this node stays on.")
+    image: str | None = Field(None, pattern=NAME_PATTERN,
+                              description="Image (default: the node's image).")
+
+
+class GcIn(_In):
+    dry_run: bool = Field(True, description="Only report what would be deleted.")
+
+
+class Ok(BaseModel):
+    ok: bool = True
+    message: str = ""
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class Error(BaseModel):
+    error: str
+
+
+class EventOut(BaseModel):
+    ts: float = Field(description="Unix time.")
+    kind: str
+    message: str = ""
+    fields: dict[str, Any] = Field(default_factory=dict)
+
+
+class NodeOut(BaseModel):
+    mac: str
+    hostname: str
+    known: bool = Field(description="Listed in the inventory (else only seen on the wire).")
+    profile: str
+    role: str
+    action: str = Field(description="What it gets now: netboot | install | local | ignore.")
+    ip: str | None = None
+    phase: str = Field("unknown", description="Last boot phase seen (dhcp, tftp, http, "
+                       "kernel, booted, provisioned, installed, joined, failed).")
+    image: str | None = None
+    version: str | None = None
+    last_seen: float | None = Field(None, description="Unix time of the last event.")
+    message: str = ""
+
+
+class NodeDetail(NodeOut):
+    timeline: list[EventOut] = Field(default_factory=list)
+
+
+class NodeList(BaseModel):
+    nodes: list[NodeOut]
+
+
+class ImagesOut(BaseModel):
+    images: list[dict[str, Any]] = Field(description="Images with versions and channels, as "
+                                         "the store reports them.")
+    rejected: list[dict[str, Any]] = Field(default_factory=list,
+                                           description="Builds rejected by ingest, with reason.")
+
+
+class PlanOut(BaseModel):
+    mac: str
+    action: str
+    hostname: str
+    known: bool
+    profile: str
+    image: str | None = None
+    version: str | None = None
+    channel: str | None = None
+    pinned: bool = False
+    reason: str
+    ipxe: str | None = Field(None, description="The iPXE script it would get.")
+    cmdline: str | None = Field(None, description="The Pi cmdline.txt it would get.")
+    render_errors: list[str] = Field(default_factory=list)
+
+
+class ReloadOut(BaseModel):
+    ok: bool
+    error: str | None = None

@@ -1,0 +1,189 @@
+"""Test support for the HTTP service: a small fleet, a store on disk, a running server.
+
+Used by tests/*/test_http_*.py and bench/http_bench.py. Everything lives under a
+temporary directory; the server runs on 127.0.0.1:<free port> in its own thread
+and event loop, so tests can be plain functions that call curl with ``subprocess``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+from ..app import App
+from ..model import ImageRef
+from ..settings import load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+NODE_A = "52:54:00:00:00:0a"  # netboot, k3s join (secret k3s_token)
+NODE_B = "52:54:00:00:00:0b"  # install, kubeadm join (secret kubeadm_token)
+NODE_C = "52:54:00:00:00:0c"  # local
+UNKNOWN = "52:54:00:00:00:ff"
+SECRET_A = "k3s-secret-for-tests-AAAA"
+SECRET_B = "kubeadm-secret-for-tests-BBBB"
+TOKEN = "api-token-for-tests-0123456789"
+
+NODES_YAML = f"""
+profiles:
+  default:
+    image: demo
+    channel: prod
+nodes:
+  {NODE_A}:
+    hostname: node-a
+    role: worker
+    vars:
+      join: k3s
+      k3s_server: https://10.0.0.10:6443
+  {NODE_B}:
+    hostname: node-b
+    action: install
+    vars:
+      join: kubeadm
+      kubeadm_endpoint: 10.0.0.10:6443
+      kubeadm_ca_hash: sha256:{'0' * 64}
+  {NODE_C}:
+    hostname: node-c
+    action: local
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_version(images: Path, name: str, version: str, files: dict[str, bytes],
+                  boot: dict[str, str] | None = None, kind: str = "kernel+initrd",
+                  extra: dict[str, bytes] | None = None) -> Path:
+    """Lay out ``store/<name>/<version>/`` with a manifest listing ``files``.
+
+    ``extra`` files are written but *not* listed in the manifest (must never be served).
+    """
+    root = images / "store" / name / version
+    root.mkdir(parents=True, exist_ok=True)
+    arts = []
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        arts.append({"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    for rel, data in (extra or {}).items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    manifest = {"image": name, "version": version, "created": "2026-11-23T13:00:00Z",
+                "kind": kind, "boards": ["x86_64"],
+                "boot": boot or {"kernel": "boot/vmlinuz", "initrd": "boot/initrd.img",
+                                 "cmdline": "console=ttyS0", "disk": "disk.img"},
+                "artefacts": arts}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@dataclass
+class DirImages:
+    """A resolver over ``store/`` with channel -> version and per-MAC pins kept in memory.
+
+    A policy fake for tests of the HTTP service alone (the real store is tested by
+    its own suite); it resolves to the same directory layout the store uses.
+    """
+
+    images: Path
+    channels: dict[tuple[str, str], str] = field(default_factory=dict)
+    pins: dict[str, str] = field(default_factory=dict)
+
+    def resolve(self, image: str, channel: str, pin: str | None, *, mac: str | None = None
+                ) -> ImageRef | None:
+        version = pin or (self.pins.get(mac) if mac else None) or self.channels.get(
+            (image, channel))
+        if version is None:
+            return None
+        root = self.images / "store" / image / version
+        try:
+            m = json.loads((root / "manifest.json").read_text())
+        except OSError:
+            return None
+        return ImageRef(name=image, version=version, root=root, kind=m.get("kind", ""),
+                        channel=channel, pinned=bool(pin or (mac and mac in self.pins)),
+                        artefacts=tuple(a["path"] for a in m["artefacts"]), boot=m["boot"])
+
+
+def make_app(tmp: Path, *, http: dict[str, Any] | None = None, policy: str = "ignore",
+             kernel_size: int = 1 << 20) -> App:
+    """A daemon App with three nodes, a ``demo`` image (1.0 on prod) and two secrets."""
+    from ..daemon import build_app
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    images, state = tmp / "images", tmp / "state"
+    (tmp / "nodes.yaml").write_text(NODES_YAML)
+    secrets = {"k3s_token": tmp / "k3s-token", "kubeadm_token": tmp / "kubeadm-token"}
+    secrets["k3s_token"].write_text(SECRET_A + "\n")
+    secrets["kubeadm_token"].write_text(SECRET_B + "\n")
+    (tmp / "api-token").write_text(TOKEN + "\n")
+    write_version(images, "demo", "1.0", {
+        "boot/vmlinuz": os.urandom(kernel_size),
+        "boot/initrd.img": os.urandom(4096),
+        "disk.img": os.urandom(8192),
+    }, extra={"boot/vmlinuz.gz": b"not the kernel", "secret.txt": b"not an artefact"})
+    http_settings = {"port": free_port(), "bind": "127.0.0.1",
+                     "api_token_file": str(tmp / "api-token")}
+    http_settings.update(http or {})
+    settings = load_settings(None, {
+        "paths": {"images": str(images), "state": str(state),
+                  "inventory": str(tmp / "nodes.yaml"),
+                  "templates": str(REPO / "config" / "templates")},
+        "http": http_settings,
+        "dhcp": {"enabled": False}, "tftp": {"enabled": False},
+        "policy": {"unknown": policy},
+        "secrets": {k: str(v) for k, v in secrets.items()},
+    }, use_default_path=False)
+    app = build_app(settings)
+    app.planner.images = DirImages(images, channels={("demo", "prod"): "1.0"})
+    return app
+
+
+class ServerThread:
+    """The HTTP service of ``app`` running in a background thread (context manager)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                        name="http-test-server")
+        self.service: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.app.settings.http.port}"
+
+    def call(self, coro: Any, timeout: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self) -> Self:
+        from .app import HttpService
+
+        self._thread.start()
+        self.service = HttpService(self.app)
+        self.call(self.service.start())
+        self.app.services["http"] = self.service
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.call(self.service.stop())
+        finally:
+            self.app.services.pop("http", None)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+            self.loop.close()
+            self.app.events.close()
