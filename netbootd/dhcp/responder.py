@@ -1,0 +1,231 @@
+"""One request in, at most one reply out: the proxy-DHCP decision, without sockets.
+
+Kept apart from the socket code so the whole decision (parse, classify, plan,
+answer, build) is testable with bytes alone and the listener stays a thin loop.
+Every outcome is counted (``netbootd_dhcp_replies{kind,decision}``) and recorded
+as a ``dhcp`` event; outcomes that a looping or chatty client can repeat many times
+a second (rate limited, not a boot client) are recorded at most once per
+``EVENT_REPEAT_SECONDS`` per MAC so they cannot flood the event log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..model import Action
+from . import packet as pk
+from .classify import Classifier, ClientInfo
+from .reply import Answer, NoAnswer, ReplyBuilder, answer_for
+
+if TYPE_CHECKING:
+    from ..app import App
+    from .netif import Interfaces
+
+log = logging.getLogger("netbootd.dhcp")
+
+BROADCAST = "255.255.255.255"
+EVENT_REPEAT_SECONDS = 30.0
+_REPLY_TYPE = {pk.DISCOVER: pk.OFFER, pk.REQUEST: pk.ACK, pk.INFORM: pk.ACK}
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A reply and where it goes: out of interface ``ifindex`` from ``source``."""
+
+    payload: bytes | bytearray
+    dest: tuple[str, int]
+    ifindex: int
+    source: str | None
+
+
+class RateLimiter:
+    """Token bucket per MAC: ``rate`` replies/s, bursts of ``max(rate, 1)``."""
+
+    def __init__(self, rate: float, *, max_clients: int = 65536) -> None:
+        self.rate = rate
+        self.burst = max(rate, 1.0)
+        self._max = max_clients
+        self._buckets: dict[bytes, list[float]] = {}
+
+    def allow(self, key: bytes, now: float) -> bool:
+        b = self._buckets.get(key)
+        if b is None:
+            if len(self._buckets) >= self._max:
+                self._prune(now)
+            self._buckets[key] = [self.burst - 1.0, now]
+            return True
+        tokens = min(self.burst, b[0] + (now - b[1]) * self.rate)
+        b[1] = now
+        if tokens < 1.0:
+            b[0] = tokens
+            return False
+        b[0] = tokens - 1.0
+        return True
+
+    def _prune(self, now: float) -> None:
+        idle = self.burst / self.rate + 1.0
+        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < idle}
+        while len(self._buckets) >= self._max:  # all busy: forget the oldest
+            del self._buckets[next(iter(self._buckets))]
+
+
+def available_boot_files(settings) -> frozenset[str]:
+    """iPXE binaries present in ``tftp.ipxe_dir`` / ``tftp.extra_ipxe_dirs``."""
+    d = settings.dhcp
+    names = {d.bios_bootfile, d.uefi_x64_bootfile, d.uefi_arm64_bootfile}
+    dirs = [Path(settings.tftp.ipxe_dir), *map(Path, settings.tftp.extra_ipxe_dirs)]
+    return frozenset(n for n in names if any((p / n).is_file() for p in dirs))
+
+
+class Responder:
+    """The per-packet logic of the proxy-DHCP service."""
+
+    def __init__(self, app: App, interfaces: Interfaces, *,
+                 available: frozenset[str] | None = None) -> None:
+        self.app = app
+        self.settings = app.settings
+        self.interfaces = interfaces
+        self.available = available
+        self.classifier = Classifier(app.settings.rpi.ouis, lambda: app.inventory)
+        self.builder = ReplyBuilder()
+        self.limiter = RateLimiter(app.settings.dhcp.rate_limit_per_mac)
+        self._served = frozenset(app.settings.network.interfaces)
+        self._advertise = (str(app.settings.network.advertise)
+                           if app.settings.network.advertise else None)
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._malformed = app.metrics.malformed.labels("dhcp")
+        self._errors = app.metrics.errors.labels("dhcp")
+        self._last_event: dict[tuple[str, str], float] = {}
+        self.replies = 0
+        self.dropped = 0
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _count(self, kind: str, decision: str) -> None:
+        c = self._counters.get((kind, decision))
+        if c is None:
+            c = self._counters[(kind, decision)] = self.app.metrics.dhcp_replies.labels(
+                kind, decision)
+        c.inc()
+
+    def _ignored(self, info: ClientInfo, decision: str, reason: str, *,
+                 throttle: bool = False) -> None:
+        self.dropped += 1
+        self._count(info.kind.value, decision)
+        if throttle:
+            now = time.monotonic()
+            key = (info.mac, decision)
+            last = self._last_event.get(key)
+            if last is not None and now - last < EVENT_REPEAT_SECONDS:
+                return
+            if len(self._last_event) > 65536:
+                self._last_event.clear()
+            self._last_event[key] = now
+        self.app.events.record("dhcp", info.mac, f"no reply: {reason}", ip=info.ip,
+                               arch=info.arch, client=info.kind.value, outcome="ignored",
+                               reason=reason, decision=decision)
+
+    def malformed(self, reason: str, data: bytes) -> None:
+        self.dropped += 1
+        self._malformed.inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("dropped malformed DHCP packet: %s (%s)", reason, pk.explain(data))
+
+    # -- the decision -----------------------------------------------------------------------
+    def handle(self, data: bytes, *, ifindex: int, local_ip: str | None,
+               peer: tuple[str, int], pxe_port: bool) -> Outgoing | None:
+        """Decide about one datagram. Never raises (errors are counted and logged)."""
+        try:
+            return self._handle(data, ifindex, local_ip, peer, pxe_port)
+        except Exception:
+            self._errors.inc()
+            self.dropped += 1
+            log.exception("error handling DHCP packet from %s (%s)", peer, pk.explain(data))
+            return None
+
+    def _handle(self, data: bytes, ifindex: int, local_ip: str | None,
+                peer: tuple[str, int], pxe_port: bool) -> Outgoing | None:
+        try:
+            req = pk.parse(data)
+        except pk.Malformed as exc:
+            self.malformed(str(exc), data)
+            return None
+        if self._served and self.interfaces.name(ifindex) not in self._served:
+            self.dropped += 1
+            self._count("unknown", "interface-not-served")
+            return None
+        info = self.classifier.classify(req)
+        mtype = info.message_type
+        out_type = _REPLY_TYPE.get(mtype) if mtype is not None else None
+        if mtype == pk.REQUEST or mtype == pk.INFORM:
+            ip = info.ip
+            if ip:  # TFTP/HTTP see only an IP: let them map it to this MAC
+                self.app.clients.learn(ip, info.mac)
+        if not info.boot_client:
+            self._ignored(info, "not-boot-client", "no PXEClient/HTTPClient vendor class",
+                          throttle=True)
+            return None
+        if out_type is None:
+            self._ignored(info, "unhandled-type",
+                          f"message type {pk.MESSAGE_NAMES.get(mtype, mtype)}", throttle=True)
+            return None
+        if not self.limiter.allow(req.mac, time.monotonic()):
+            self._ignored(info, "rate-limited", "more than dhcp.rate_limit_per_mac requests/s",
+                          throttle=True)
+            return None
+        plan = self.app.planner.plan(info.facts())
+        if not plan.answers:
+            decision = "ignore" if plan.action is Action.IGNORE else plan.action.value
+            self._ignored(info, decision, plan.reason, throttle=True)
+            return None
+        server_ip = self._advertise or self.interfaces.address(ifindex) or local_ip
+        if not server_ip or server_ip == "0.0.0.0":
+            self._ignored(info, "no-address", "arrival interface has no IPv4 address")
+            return None
+        answer = answer_for(info, server_ip, self.settings, pxe_request=pxe_port,
+                            available=self.available)
+        if isinstance(answer, NoAnswer):
+            self._ignored(info, "no-boot-file", answer.reason, throttle=True)
+            return None
+        key = (req.mac, plan.session, out_type, server_ip, info.kind, info.arch,
+               info.machine_id, info.boot_item if pxe_port else None, pxe_port)
+        payload = self.builder.reply(key, req, info, answer, out_type, server_ip)
+        dest = self._destination(req, info, peer, pxe_port)
+        self.replies += 1
+        decision = "offer" if out_type == pk.OFFER else "ack"
+        self._count(info.kind.value, decision)
+        self._record_sent(info, answer, decision, server_ip, plan.image, dest)
+        source = server_ip if server_ip in (local_ip, self.interfaces.address(ifindex)) else None
+        return Outgoing(payload, dest, ifindex, source)
+
+    def _destination(self, req: pk.Request, info: ClientInfo, peer: tuple[str, int],
+                     pxe_port: bool) -> tuple[str, int]:
+        """RFC 2131 4.1 and PXE: relay -> giaddr:67; 4011 -> back to the asker;
+        client with an address -> unicast; else broadcast (a Pi sends flags 0 and no
+        address, so it gets a broadcast regardless of the flag)."""
+        if req.giaddr != b"\0\0\0\0":
+            return (".".join(map(str, req.giaddr)), self.settings.dhcp.port)
+        if pxe_port and peer[0] not in ("0.0.0.0", ""):
+            return peer
+        if info.ciaddr:
+            return (info.ciaddr, self.settings.dhcp.client_port)
+        return (BROADCAST, self.settings.dhcp.client_port)
+
+    def _record_sent(self, info: ClientInfo, answer: Answer, decision: str, server_ip: str,
+                     image, dest: tuple[str, int]) -> None:
+        self.app.events.record(
+            "dhcp", info.mac, f"proxy {decision} sent", ip=info.ip, arch=info.arch,
+            client=info.kind.value, outcome="ok", reason=None, decision=decision,
+            file=answer.bootfile, server=server_ip, to=f"{dest[0]}:{dest[1]}",
+            serial=info.serial, image=image.name if image else None,
+            version=image.version if image else None)
+
+    def clear(self) -> None:
+        """Forget prepared replies (config/inventory reload)."""
+        self.builder.clear()
+
+
+__all__ = ["Outgoing", "RateLimiter", "Responder", "available_boot_files"]
