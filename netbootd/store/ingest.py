@@ -1,0 +1,447 @@
+"""Turning a dropped build into a verified tree in staging: unpack, copy, validate.
+
+No store state here: these functions take a source and a staging directory and
+either return a validated :class:`Manifest` or raise :class:`Rejected` with a
+reason a human can act on. ``store.py`` decides what to do with the result.
+
+Why a custom tar filter instead of ``tarfile.data_filter``: ``data_filter`` is
+the right safety net for data archives but it *strips* owners, setuid bits and
+device nodes and silently removes leading slashes. A rootfs needs owners and
+modes kept (``/usr/bin/sudo``), and a build with an absolute or ``..`` path is a
+broken build that must be *rejected*, not repaired. So the filter below keeps
+metadata, rejects what escapes, and still uses tarfile for all the unpacking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from .manifest import (
+    DETACHED_SIG,
+    MANIFEST,
+    Manifest,
+    ManifestError,
+    check_relpath,
+    parse_manifest,
+    verify_signature,
+)
+
+log = logging.getLogger("netbootd.store.ingest")
+
+CHUNK = 1 << 20
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class Rejected(Exception):
+    """The build is broken; ``reason`` goes into ``rejected/<name>.reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Cancelled(Exception):
+    """The daemon is stopping; the build stays in incoming/ and is retried at start-up."""
+
+
+@dataclass
+class IngestResult:
+    """What happened to one dropped build (returned to the HTTP upload and the CLI)."""
+
+    name: str
+    accepted: bool
+    image: str | None = None
+    version: str | None = None
+    reason: str = ""
+    activated: str | None = None
+    already_present: bool = False
+    bytes: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "accepted": self.accepted, "image": self.image,
+                "version": self.version, "reason": self.reason, "activated": self.activated,
+                "already_present": self.already_present, "bytes": self.bytes,
+                "seconds": round(self.seconds, 3)}
+
+
+class Progress:
+    """Logs "n / total bytes" every ``interval`` seconds for builds that take a while."""
+
+    def __init__(self, label: str, total: int, *, interval: float = 3.0,
+                 cancel: threading.Event | None = None,
+                 sink: Callable[[str, int, int], None] | None = None) -> None:
+        self.label, self.total, self.done = label, total, 0
+        self._interval = interval
+        self._cancel = cancel
+        self._sink = sink
+        self._t0 = self._last = time.monotonic()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self._cancel is not None and self._cancel.is_set():
+            raise Cancelled(self.label)
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            rate = self.done / max(now - self._t0, 1e-6) / 1e6
+            pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+            log.info("%s: %d / %d bytes%s, %.1f MB/s", self.label, self.done, self.total,
+                     pct, rate, extra={"bytes": self.done, "total": self.total})
+            if self._sink:
+                self._sink(self.label, self.done, self.total)
+
+
+class _CountingReader:
+    """A file wrapper that reports bytes read (archive unpack progress + cancellation)."""
+
+    def __init__(self, fh: IO[bytes], progress: Progress) -> None:
+        self._fh = fh
+        self._progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        self._progress.add(len(data))
+        return data
+
+    def readable(self) -> bool:  # zstandard / tarfile probe this
+        return True
+
+
+# -- unpacking ------------------------------------------------------------------------------
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _check_symlink(rel: str, target: str) -> None:
+    """Relative symlink targets must stay inside the build (lexically)."""
+    if target.startswith("/"):
+        return  # absolute: allowed only in a rootfs, checked against the manifest later
+    joined = os.path.normpath(os.path.join(os.path.dirname(rel), target))
+    if joined == ".." or joined.startswith(("../", "/")):
+        raise Rejected(f"symlink {rel!r} -> {target!r} leaves the build")
+
+
+def _make_filter(dest: Path, allow_devices: bool, keep_owner: bool
+                 ) -> Callable[[tarfile.TarInfo, str], tarfile.TarInfo | None]:
+    root = os.path.realpath(dest)
+
+    def check(member: tarfile.TarInfo, _path: str) -> tarfile.TarInfo | None:
+        name = member.name
+        if name.startswith("/"):
+            raise Rejected(f"absolute path in archive: {name!r}")
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if not parts:
+            return None  # the "./" entry itself
+        if ".." in parts:
+            raise Rejected(f"path leaves the build: {name!r}")
+        clean = "/".join(parts)
+        # A member written *through* an already extracted symlink would land outside.
+        parent = os.path.realpath(os.path.join(root, *parts[:-1]))
+        if not _inside(parent, root):
+            raise Rejected(f"path {name!r} goes through a symlink out of the build")
+        changes: dict[str, Any] = {"name": clean}
+        if member.issym():
+            _check_symlink(clean, member.linkname)
+        elif member.islnk():
+            try:
+                changes["linkname"] = check_relpath(member.linkname)
+            except ValueError as exc:
+                raise Rejected(f"hard link {name!r}: {exc}") from None
+        elif member.ischr() or member.isblk() or member.isfifo():
+            if not allow_devices:
+                raise Rejected(f"device node {name!r} (store.allow_devices is off)")
+        elif not (member.isreg() or member.isdir()):
+            raise Rejected(f"unsupported archive member type for {name!r}")
+        if not keep_owner:
+            changes.update(uid=None, gid=None, uname=None, gname=None)
+        return member.replace(**changes, deep=False)
+
+    return check
+
+
+def _apply_xattrs(dest: Path, members: list[tarfile.TarInfo]) -> None:
+    """tarfile keeps pax ``SCHILY.xattr.*`` records but does not apply them; we do."""
+    for m in members:
+        xattrs = {k[len("SCHILY.xattr."):]: v for k, v in m.pax_headers.items()
+                  if k.startswith("SCHILY.xattr.")}
+        if not xattrs:
+            continue
+        target = dest.joinpath(*[p for p in m.name.split("/") if p not in ("", ".")])
+        for key, value in xattrs.items():
+            try:
+                os.setxattr(target, key, value.encode("utf-8", "surrogateescape"),
+                            follow_symlinks=False)
+            except OSError as exc:
+                log.debug("xattr %s on %s not kept: %s", key, target, exc)
+
+
+def unpack_archive(src: Path, dest: Path, *, allow_devices: bool = False,
+                   cancel: threading.Event | None = None) -> None:
+    """Unpack tar / tar.gz / tar.zst (detected by magic bytes) into ``dest`` safely.
+
+    Streams (``r|``) so a multi-GB rootfs is never held in memory and a truncated
+    archive fails at its end instead of being half accepted.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    keep_owner = os.geteuid() == 0
+    size = src.stat().st_size
+    progress = Progress(f"unpack {src.name}", size, cancel=cancel)
+    with open(src, "rb") as raw:
+        head = raw.read(4)
+        raw.seek(0)
+        counted = _CountingReader(raw, progress)
+        try:
+            if head.startswith(ZSTD_MAGIC):
+                import zstandard
+
+                reader: Any = zstandard.ZstdDecompressor().stream_reader(counted)
+                mode = "r|"
+            elif head.startswith(GZIP_MAGIC):
+                reader, mode = counted, "r|gz"
+            else:
+                reader, mode = counted, "r|"
+            with tarfile.open(fileobj=reader, mode=mode, errorlevel=1) as tf:
+                tf.extractall(dest, numeric_owner=True,
+                              filter=_make_filter(dest, allow_devices, keep_owner))
+                members = list(tf.members)
+        except (Rejected, Cancelled):
+            raise
+        except (tarfile.TarError, EOFError) as exc:
+            raise Rejected(f"truncated or corrupt archive: {exc}") from None
+        except OSError as exc:
+            if exc.errno is None:  # gzip/zstd format errors carry no errno
+                raise Rejected(f"truncated or corrupt archive: {exc}") from None
+            raise
+        except Exception as exc:  # zstandard.ZstdError and friends
+            if type(exc).__module__.startswith("zstandard"):
+                raise Rejected(f"truncated or corrupt archive: {exc}") from None
+            raise
+    if keep_owner:
+        _apply_xattrs(dest, members)
+
+
+def copy_tree(src: Path, dest: Path, *, allow_devices: bool = False,
+              cancel: threading.Event | None = None) -> None:
+    """Copy a dropped directory into staging: hard links where possible (same file
+    system: instant, and the incoming copy is only unlinked after promotion), else a
+    real copy. Symlinks are recreated (not followed) and checked like tar members."""
+    keep_owner = os.geteuid() == 0
+    dest.mkdir(parents=True, exist_ok=False)
+    dirs: list[tuple[Path, Path]] = [(src, dest)]
+    for cur, subdirs, files in os.walk(src, followlinks=False):
+        rel_dir = os.path.relpath(cur, src)
+        out_dir = dest if rel_dir == "." else dest / rel_dir
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(str(src))
+        for name in subdirs + files:
+            s = Path(cur) / name
+            d = out_dir / name
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            st = s.lstat()
+            if stat.S_ISDIR(st.st_mode):
+                d.mkdir()
+                dirs.append((s, d))
+            elif stat.S_ISREG(st.st_mode):
+                try:
+                    os.link(s, d)
+                except OSError:
+                    shutil.copy2(s, d, follow_symlinks=False)
+            elif stat.S_ISLNK(st.st_mode):
+                target = os.readlink(s)
+                _check_symlink(rel, target)
+                os.symlink(target, d)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+                if not allow_devices:
+                    raise Rejected(f"device node {rel!r} (store.allow_devices is off)")
+                os.mknod(d, st.st_mode, st.st_rdev)
+            else:
+                raise Rejected(f"unsupported file type at {rel!r}")
+            if keep_owner and not stat.S_ISREG(st.st_mode):
+                os.lchown(d, st.st_uid, st.st_gid)
+    for s, d in reversed(dirs):  # modes/times after the children exist
+        shutil.copystat(s, d, follow_symlinks=False)
+        if keep_owner:
+            st = s.lstat()
+            os.lchown(d, st.st_uid, st.st_gid)
+
+
+def find_root(unpacked: Path) -> Path:
+    """The build root: ``manifest.json`` at the top, or inside the single top directory
+    (``tar czf demo-1.tar.gz demo-1/`` is the most common mistake; accept it)."""
+    if (unpacked / MANIFEST).exists():
+        return unpacked
+    entries = [e for e in unpacked.iterdir()]
+    if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink() \
+            and (entries[0] / MANIFEST).exists():
+        return entries[0]
+    raise Rejected("missing manifest.json at the top of the build")
+
+
+# -- validation ----------------------------------------------------------------------------
+
+def _scan(root: Path) -> tuple[set[str], dict[str, str], set[str]]:
+    """Regular files, symlinks (path -> target) and directories under ``root`` (relative)."""
+    files: set[str] = set()
+    links: dict[str, str] = {}
+    dirs: set[str] = set()
+    for cur, subdirs, names in os.walk(root, followlinks=False):
+        rel_dir = os.path.relpath(cur, root)
+        for name in subdirs + names:
+            p = Path(cur) / name
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            mode = p.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                links[rel] = os.readlink(p)
+            elif stat.S_ISDIR(mode):
+                dirs.add(rel)
+            elif stat.S_ISREG(mode):
+                files.add(rel)
+    return files, links, dirs
+
+
+def _under(path: str, top: str | None) -> bool:
+    return top is not None and (path == top or path.startswith(top + "/"))
+
+
+def check_kind(m: Manifest, files: set[str], dirs: set[str]) -> None:
+    """The files each kind of build needs to boot (a Pi 5 boot tree, kernel + initrd...)."""
+    b = m.boot
+
+    def need_file(key: str, value: str | None) -> None:
+        if not value:
+            raise Rejected(f"{m.kind} build needs boot.{key} in the manifest")
+        if value not in files:
+            raise Rejected(f"missing required file {value!r} (boot.{key})")
+
+    def need_dir(key: str, value: str | None) -> None:
+        if not value:
+            raise Rejected(f"{m.kind} build needs boot.{key} in the manifest")
+        if value not in dirs:
+            raise Rejected(f"missing required directory {value!r} (boot.{key})")
+
+    if m.kind in ("kernel+initrd", "installer"):
+        need_file("kernel", b.kernel)
+        need_file("initrd", b.initrd)
+    elif m.kind == "rootfs":
+        need_dir("rootfs", b.rootfs)
+    elif m.kind == "disk-image":
+        need_file("disk", b.disk)
+    elif m.kind == "pi-boot+rootfs":
+        tree = b.boot_tree or "boot"
+        need_dir("boot_tree", tree)
+        need_dir("rootfs", b.rootfs)
+        top = {f[len(tree) + 1:] for f in files if f.startswith(tree + "/")}
+        if "config.txt" not in top:
+            raise Rejected(f"missing required file {tree}/config.txt")
+        if not ({"kernel_2712.img", "kernel8.img"} & top):
+            raise Rejected(f"missing required file {tree}/kernel_2712.img (or kernel8.img)")
+        if not any(f.startswith("bcm27") and f.endswith(".dtb") and "/" not in f for f in top):
+            raise Rejected(f"missing required device tree {tree}/bcm27*.dtb")
+
+
+def validate_build(root: Path, *, require_signature: bool = False, keys: list[Any] | None = None,
+                   cancel: threading.Event | None = None,
+                   progress_sink: Callable[[str, int, int], None] | None = None) -> Manifest:
+    """Check a staged build completely; return its manifest or raise :class:`Rejected`.
+
+    Rules (docs/store.md): every regular file except manifest.json (and
+    manifest.json.sig) is listed in ``artefacts`` — an unlisted file is a rejection,
+    so nothing unverified is ever served; listed paths are regular files reached
+    without symlinks; absolute symlinks only inside ``boot.rootfs``.
+    """
+    mpath = root / MANIFEST
+    if not mpath.exists() or not stat.S_ISREG(mpath.lstat().st_mode):
+        raise Rejected("missing manifest.json at the top of the build")
+    data = mpath.read_bytes()
+    try:
+        m = parse_manifest(data)
+    except ManifestError as exc:
+        raise Rejected(str(exc)) from None
+    sig = root / DETACHED_SIG
+    if require_signature:
+        detached = sig.read_bytes() if sig.is_file() and not sig.is_symlink() else None
+        try:
+            verify_signature(data, detached, keys or [])
+        except ManifestError as exc:
+            raise Rejected(str(exc)) from None
+
+    files, links, dirs = _scan(root)
+    files.discard(MANIFEST)
+    files.discard(DETACHED_SIG)
+    listed = {a.path: a for a in m.artefacts}
+    missing = sorted(set(listed) - files)
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise Rejected(f"missing file {missing[0]!r} listed in the manifest{more}")
+    extra = sorted(files - set(listed))
+    if extra:
+        more = f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise Rejected(f"file {extra[0]!r} is not listed in the manifest{more}")
+    for rel, target in links.items():
+        _check_symlink(rel, target)
+        if target.startswith("/") and not _under(rel, m.boot.rootfs):
+            raise Rejected(f"absolute symlink {rel!r} -> {target!r} outside boot.rootfs")
+    check_kind(m, files, dirs)
+
+    for a in m.artefacts:  # sizes first: a truncated copy fails fast, before hashing GBs
+        size = (root / a.path).lstat().st_size
+        if size != a.size:
+            raise Rejected(f"size mismatch for {a.path!r}: manifest {a.size}, file {size}")
+    progress = Progress(f"verify {m.image}/{m.version}", m.total_size, cancel=cancel,
+                        sink=progress_sink)
+    for a in m.artefacts:
+        if sha256_file(root / a.path, progress, fsync=True) != a.sha256:
+            raise Rejected(f"checksum mismatch for {a.path!r}")
+    return m
+
+
+def sha256_file(path: Path, progress: Progress | None = None, *, fsync: bool = False) -> str:
+    """Streamed sha256 (never the whole file in memory); optionally fsync the same fd,
+    which makes the staged content durable without a second pass."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        while True:
+            chunk = fh.read(CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+            if progress is not None:
+                progress.add(len(chunk))
+        if fsync:
+            os.fsync(fd)
+    return h.hexdigest()
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every directory of a staged tree (file contents were fsynced while hashing)."""
+    for cur, _dirs, _files in os.walk(root, followlinks=False):
+        fd = os.open(cur, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def detect_suffix(head: bytes) -> str:
+    """File name suffix for an uploaded archive, by magic bytes."""
+    if head.startswith(ZSTD_MAGIC):
+        return ".tar.zst"
+    if head.startswith(GZIP_MAGIC):
+        return ".tar.gz"
+    return ".tar"

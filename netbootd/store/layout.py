@@ -1,0 +1,163 @@
+"""Where things live under ``paths.images`` and ``paths.state``, and durable file writes.
+
+::
+
+    <images>/incoming/               CI drops builds here (rename, marker, HTTP upload)
+    <images>/staging/                unpack + verify (same file system as store/)
+    <images>/store/<image>/<version>/  immutable once renamed into place
+    <images>/channels/<image>/<channel>  pointer file: the active version, one line
+    <images>/rejected/<name> + <name>.reason   builds that failed validation
+    <state>/store/history.jsonl      activation history (JSON lines, append + fsync)
+    <state>/store/pins.json          per-MAC pins (atomic rewrite)
+    <state>/store/booted.json        last time each version was planned for a boot
+
+Every durable change is "write a temp file, fsync it, rename it over the old one,
+fsync the directory": a crash leaves the old or the new content, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Names in incoming/ that are never builds: work in progress of a CI writer.
+IGNORED_SUFFIXES = (".tmp", ".partial", ".reason")
+READY_SUFFIX = ".ready"
+#: Prefix of incoming entries already promoted and being deleted (crash leftovers).
+DONE_PREFIX = ".done-"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of one store. Creating the directories is :meth:`ensure`'s job."""
+
+    images: Path
+    state: Path
+
+    @property
+    def incoming(self) -> Path:
+        return self.images / "incoming"
+
+    @property
+    def staging(self) -> Path:
+        return self.images / "staging"
+
+    @property
+    def store(self) -> Path:
+        return self.images / "store"
+
+    @property
+    def channels(self) -> Path:
+        return self.images / "channels"
+
+    @property
+    def rejected(self) -> Path:
+        return self.images / "rejected"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.state / "store"
+
+    @property
+    def history_file(self) -> Path:
+        return self.state_dir / "history.jsonl"
+
+    @property
+    def pins_file(self) -> Path:
+        return self.state_dir / "pins.json"
+
+    @property
+    def booted_file(self) -> Path:
+        return self.state_dir / "booted.json"
+
+    def version_dir(self, image: str, version: str) -> Path:
+        return self.store / image / version
+
+    def pointer(self, image: str, channel: str) -> Path:
+        return self.channels / image / channel
+
+    def ensure(self) -> None:
+        for d in (self.incoming, self.staging, self.store, self.channels, self.rejected,
+                  self.state_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def is_ignored_name(name: str) -> bool:
+    """Dotfiles, ``*.tmp``, ``*.partial``: a CI writer's files that are not complete yet."""
+    return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename/create inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` in one atomic, durable step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_atomic(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one JSON line durably (a torn last line after a crash is skipped on read)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        fh.seek(0, os.SEEK_END)
+        torn = False
+        if fh.tell() > 0:
+            fh.seek(-1, os.SEEK_END)
+            torn = fh.read(1) != b"\n"  # a crash tore the last line: start a fresh one
+        fh.write((("\n" if torn else "") + line.rstrip("\n") + "\n").encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    out: list[dict] = []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue  # torn last line after a crash
+        if isinstance(d, dict):
+            out.append(d)
+    return out
+
+
+def read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return default
+    except ValueError:
+        return default

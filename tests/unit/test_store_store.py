@@ -1,0 +1,200 @@
+"""Channels, activation history, rollback, pins, resolve, GC and start-up recovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from netbootd.settings import StoreSettings
+from netbootd.store.build import sample_build
+from netbootd.store.store import ImageStore, StoreError
+
+MAC = "d8:3a:dd:00:00:01"
+
+
+def make_store(tmp_path: Path, **kw) -> ImageStore:
+    s = ImageStore(tmp_path / "images", tmp_path / "state",
+                   StoreSettings(**{"auto_activate": {}, **kw}))
+    s.recover()
+    return s
+
+
+def add(store: ImageStore, version: str, image: str = "demo", kind: str = "kernel+initrd",
+        created: str | None = None) -> None:
+    name = f"{image}-{version}"
+    sample_build(store.layout.incoming / name, image, version, kind,
+                 created=created or f"2026-11-{10 + int(version.split('.')[0]):02d}T00:00:00Z")
+    r = store.ingest_entry(name)
+    assert r is not None and r.accepted, r
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ImageStore:
+    s = make_store(tmp_path)
+    for v in ("1", "2", "3"):
+        add(s, v)
+    return s
+
+
+def test_activate_rollback_history(store) -> None:
+    changes = []
+    store.on_change.append(lambda: changes.append(1))
+    store.activate("demo", "1", "prod", by="cli", why="first")
+    store.activate("demo", "2", "prod", by="api", why="new kernel")
+    assert store.active("demo", "prod") == "2"
+    h = store.history("demo")[-1]
+    assert (h["version"], h["previous"], h["by"], h["why"], h["channel"]) == \
+        ("2", "1", "api", "new kernel", "prod")
+    assert store.rollback("demo", "prod") == "1"
+    assert store.active("demo", "prod") == "1"
+    assert store.history()[-1]["why"] == "rollback from 2"
+    assert store.rollback("demo", "prod") == "2", "a second rollback undoes the first"
+    assert len(changes) == 4
+    assert store.resolve("demo", "prod", None).version == "2"
+
+
+def test_user_mistakes_raise_store_error(store) -> None:
+    with pytest.raises(StoreError, match="unknown version '9'"):
+        store.activate("demo", "9", "prod")
+    with pytest.raises(StoreError, match="unknown image 'nope'"):
+        store.activate("nope", "1", "prod")
+    with pytest.raises(StoreError, match="channel"):
+        store.activate("demo", "1", "../x")
+    with pytest.raises(StoreError, match="no version"):
+        store.rollback("demo", "staging")
+    store.activate("demo", "1", "prod")
+    with pytest.raises(StoreError, match="nothing to roll back"):
+        store.rollback("demo", "prod")
+    with pytest.raises(StoreError, match="not a MAC"):
+        store.pin("zz", "1")
+    with pytest.raises(StoreError, match="not pinned"):
+        store.unpin(MAC)
+    assert isinstance(StoreError("x"), ValueError)
+
+
+def test_pointer_is_one_file_replaced_atomically(store) -> None:
+    store.activate("demo", "1", "prod")
+    p = store.layout.pointer("demo", "prod")
+    ino = p.stat().st_ino
+    store.activate("demo", "2", "prod")
+    assert p.read_text() == "2\n" and p.stat().st_ino != ino
+    assert [e.name for e in p.parent.iterdir()] == ["prod"], "no temp files left"
+
+
+def test_out_of_process_change_is_seen(store, tmp_path) -> None:
+    store.activate("demo", "1", "prod")
+    assert store.resolve("demo", "prod", None).version == "1"
+    other = ImageStore(tmp_path / "images", tmp_path / "state", StoreSettings())  # the CLI
+    other.activate("demo", "3", "prod")
+    other.pin(MAC, "2")
+    assert store.resolve("demo", "prod", None).version == "3"
+    ref = store.resolve("demo", "prod", None, mac=MAC.upper())
+    assert ref.version == "2" and ref.pinned
+
+
+def test_resolve_order_inventory_pin_then_store_pin_then_channel(store) -> None:
+    store.activate("demo", "3", "prod")
+    store.pin(MAC, "2", "demo")
+    assert store.resolve("demo", "prod", "1", mac=MAC).version == "1"
+    assert store.resolve("demo", "prod", None, mac=MAC).version == "2"
+    assert store.resolve("demo", "prod", None, mac="aa:aa:aa:aa:aa:aa").version == "3"
+    assert store.resolve("demo", "prod", "9") is None, "a missing pinned version is not guessed"
+    assert store.resolve("demo", "nochannel", None) is None
+    assert store.resolve("other", "prod", None, mac=MAC) is None, "pin is for image demo"
+    store.unpin(MAC)
+    assert store.resolve("demo", "prod", None, mac=MAC).version == "3"
+    assert store.pins() == {}
+
+
+def test_pin_infers_image_or_asks(store) -> None:
+    add(store, "2", image="other")
+    with pytest.raises(StoreError, match="name the image"):
+        store.pin(MAC, "2")
+    with pytest.raises(StoreError, match="no image has"):
+        store.pin(MAC, "77")
+    store.pin(MAC, "3")
+    assert store.pins()[MAC]["image"] == "demo"
+
+
+def test_list_images_and_rejected(store) -> None:
+    store.activate("demo", "2", "prod")
+    store.pin(MAC, "1", "demo")
+    (store.layout.incoming / "broken").mkdir()
+    store.ingest_entry("broken")
+    [img] = store.list_images()
+    json.dumps(img)
+    assert img["name"] == "demo" and img["channels"] == {"prod": "2"}
+    by_v = {v["version"]: v for v in img["versions"]}
+    assert list(by_v) == ["1", "2", "3"]
+    assert by_v["2"]["active_on"] == ["prod"] and by_v["1"]["pinned_by"] == [MAC]
+    assert by_v["1"]["kind"] == "kernel+initrd" and by_v["1"]["size"] > 0
+    assert img["history"][-1]["version"] == "2"
+    [rej] = store.rejected()
+    assert rej["name"] == "broken" and "manifest" in rej["reason"] and rej["when"]
+
+
+def test_gc_keeps_newest_active_pinned_in_use_and_booted(tmp_path) -> None:
+    st = make_store(tmp_path, keep=2, keep_booted_hours=1)
+    for v in range(1, 9):
+        add(st, str(v))
+    st.activate("demo", "1", "prod")
+    st.pin(MAC, "2", "demo")
+    st.mark_booted("demo", "4")
+    st.flush_booted()
+    plan = st.gc(dry_run=True, in_use={("demo", "3")})
+    assert plan == [("demo", "5"), ("demo", "6")]
+    assert st.layout.version_dir("demo", "5").exists(), "dry run deletes nothing"
+    changes = []
+    st.on_change.append(lambda: changes.append(sorted(st.versions("demo"))))
+    assert st.gc(in_use={("demo", "3")}) == plan
+    assert st.versions("demo") == ["1", "2", "3", "4", "7", "8"]
+    assert changes[0] == st.versions("demo"), "exports re-applied before files are deleted"
+    assert not list(st.layout.staging.iterdir())
+    # an old "booted" mark does not keep a version forever
+    data = json.loads(st.layout.booted_file.read_text())
+    data["demo/4"] = time.time() - 7200
+    st.layout.booted_file.write_text(json.dumps(data))
+    st2 = make_store(tmp_path, keep=2, keep_booted_hours=1)
+    assert st2.gc(dry_run=True) == [("demo", "3"), ("demo", "4")]
+
+
+def test_recovery_after_crash(store, tmp_path) -> None:
+    L = store.layout
+    store.activate("demo", "2", "prod")
+    # a crash mid-ingest: staging left behind; mid-consume: a .done- leftover;
+    # mid-pointer-write: a temp file; pointer swapped but history not written
+    (L.staging / "ingest-abc" / "build").mkdir(parents=True)
+    (L.incoming / ".done-demo-9-1-2").mkdir()
+    (L.channels / "demo" / ".prod.xyz.tmp").write_text("3")
+    (L.pointer("demo", "prod")).write_text("3\n")
+    (L.pointer("demo", "broken")).write_text("42\n")
+    st = ImageStore(L.images, L.state, StoreSettings())
+    done = st.recover()
+    assert done, done
+    assert not list(L.staging.iterdir())
+    assert not (L.incoming / ".done-demo-9-1-2").exists()
+    assert sorted(e.name for e in (L.channels / "demo").iterdir()) == ["prod"]
+    h = [x for x in st.history("demo") if x["channel"] == "prod"][-1]
+    assert (h["version"], h["previous"], h["by"]) == ("3", "2", "recovery")
+    assert st.rollback("demo", "prod") == "2"
+
+
+def test_torn_history_line_is_skipped(store) -> None:
+    store.activate("demo", "1", "prod")
+    with open(store.layout.history_file, "a") as fh:
+        fh.write('{"when": "2026-')
+    assert store.history()[-1]["version"] == "1"
+    store.activate("demo", "2", "prod")  # appending after a torn line still works
+    assert store.history()[-1]["version"] == "2"
+
+
+def test_all_refs_for_exports(store) -> None:
+    add(store, "1", image="pi", kind="pi-boot+rootfs")
+    refs = {(r.name, r.version): r for r in store.all_refs()}
+    assert set(refs) == {("demo", "1"), ("demo", "2"), ("demo", "3"), ("pi", "1")}
+    assert refs[("pi", "1")].boot["rootfs"] == "rootfs"
+    assert os.path.isdir(refs[("pi", "1")].root / "rootfs")
