@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,35 +104,28 @@ def _jsonable(obj: Any) -> Any:
 
 
 async def _store(request: web.Request, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Call the image store in a thread; map its errors to 400/404/409."""
+    """Call the image store in a thread; map its errors (StoreError) to 400/404/409."""
     store = the_app(request).store
     fn: Callable[..., Any] | None = getattr(store, method, None) if store is not None else None
     if fn is None:
         raise _Refused(409, "the image store is not running")
     try:
+        if asyncio.iscoroutinefunction(fn):
+            return await fn(*args, **kwargs)
         return await asyncio.to_thread(fn, *args, **kwargs)
-    except (ValueError, KeyError, LookupError) as exc:
-        raise _Refused(400 if isinstance(exc, ValueError) else 404, str(exc)) from None
-    except Exception as exc:
-        if type(exc).__name__ not in ("StoreError", "Rejected") and not _is_store_error(exc):
-            raise
+    except ValueError as exc:  # StoreError is a ValueError: a user mistake, never a 500
         raise _Refused(_store_status(exc), str(exc)) from None
 
 
-def _is_store_error(exc: BaseException) -> bool:
-    return any(c.__name__ == "StoreError" for c in type(exc).__mro__)
-
-
 def _store_status(exc: BaseException) -> int:
-    status = getattr(exc, "status", None) or getattr(exc, "http_status", None)
-    if isinstance(status, int) and 400 <= status < 500:
-        return status
+    """StoreError carries no code; its messages are stable enough to classify."""
     text = str(exc).lower()
-    if any(w in text for w in ("not found", "no such", "unknown", "does not exist")):
+    if text.startswith("unknown ") or "no image has" in text or "no longer in the store" in text:
         return 404
-    if any(w in text for w in ("invalid", "malformed", "bad ")):
-        return 400
-    return 409
+    if any(w in text for w in ("nothing to roll back", "is not pinned", "already pending",
+                               "no version of", "larger than")):
+        return 409
+    return 400
 
 
 # -- nodes -------------------------------------------------------------------------------
@@ -189,19 +180,14 @@ async def pin_node(request: web.Request) -> web.Response:
     body: PinIn = await _body(request, PinIn)
     image = body.image or app.inventory.view(guess_facts(app, mac)).image \
         or app.settings.boot.default_image
-    result = await _store(request, "pin", mac, image, body.version)
-    app.events.record("image", mac, f"pinned to {image} {body.version}", image=image,
-                      version=body.version, outcome="ok")
-    return _json(Ok(message=f"{mac} pinned to {image} {body.version}",
-                    detail=_detail(result)))
+    await _store(request, "pin", mac, body.version, image, by="api")
+    return _json(Ok(message=f"{mac} pinned to {image} {body.version}"))
 
 
 async def unpin_node(request: web.Request) -> web.Response:
-    app = the_app(request)
     mac = _mac_param(request)
-    result = await _store(request, "unpin", mac)
-    app.events.record("image", mac, "pin removed", outcome="ok")
-    return _json(Ok(message=f"{mac} unpinned", detail=_detail(result)))
+    await _store(request, "unpin", mac)
+    return _json(Ok(message=f"{mac} unpinned"))
 
 
 # -- images ------------------------------------------------------------------------------
@@ -225,58 +211,42 @@ def _detail(result: Any) -> dict[str, Any]:
 async def activate(request: web.Request) -> web.Response:
     name = _name_param(request, "name")
     body: ActivateIn = await _body(request, ActivateIn)
-    result = await _store(request, "activate", name, body.version, body.channel)
-    return _json(Ok(message=f"{name} {body.version} active on {body.channel}",
-                    detail=_detail(result)))
+    await _store(request, "activate", name, body.version, body.channel, by="api")
+    return _json(Ok(message=f"{name} {body.version} active on {body.channel}"))
 
 
 async def rollback(request: web.Request) -> web.Response:
     name = _name_param(request, "name")
     body: RollbackIn = await _body(request, RollbackIn)
-    result = await _store(request, "rollback", name, body.channel)
-    return _json(Ok(message=f"{name} rolled back on {body.channel}", detail=_detail(result)))
+    version = await _store(request, "rollback", name, body.channel, by="api")
+    return _json(Ok(message=f"{name} rolled back to {version} on {body.channel}",
+                    detail={"version": version}))
 
 
 async def gc(request: web.Request) -> web.Response:
     body: GcIn = await _body(request, GcIn)
-    result = await _store(request, "gc", dry_run=body.dry_run)
-    return _json(Ok(message="dry run" if body.dry_run else "garbage collected",
-                    detail=_detail(result)))
+    # Versions in open boot sessions are kept too: a boot in flight finishes on its version.
+    in_use = the_app(request).planner.versions_in_use()
+    victims = await _store(request, "gc", dry_run=body.dry_run, in_use=in_use)
+    listed = [{"image": i, "version": v} for i, v in victims or []]
+    return _json(Ok(message=f"{'would delete' if body.dry_run else 'deleted'} "
+                    f"{len(listed)} version(s)", detail={"versions": listed}))
 
 
 async def upload(request: web.Request) -> web.Response:
-    """Stream a build (tar / tar.gz / tar.zst) to disk, then hand it to the store's ingest.
+    """Stream a build (tar / tar.gz / tar.zst) into the store's ingest.
 
-    The body is never held in memory: it goes to a dot-file under ``incoming/`` (which
-    the ingest watcher ignores) and the store takes it from there.
+    The body is never held in memory: the store writes it to a dot-file in incoming/
+    (invisible to the watcher), renames it into place and ingests it at once.
     """
-    app = the_app(request)
     name = _name_param(request, "name")
     version = _name_param(request, "version")
-    if app.store is None or not hasattr(app.store, "ingest_upload"):
-        raise _Refused(409, "the image store is not running")
-    incoming = app.settings.paths.images / "incoming"
-    incoming.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".upload-{name}-{version}-", suffix=".partial",
-                               dir=incoming)
-    size = 0
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            async for chunk in request.content.iter_chunked(1 << 20):
-                size += len(chunk)
-                await asyncio.to_thread(fh.write, chunk)
-        if size == 0:
-            raise _Refused(400, "empty upload")
-        result = await _store(request, "ingest_upload", Path(tmp), name, version)
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    result = await _store(request, "ingest_upload", name, version,
+                          request.content.iter_chunked(1 << 20))
     detail = _detail(result)
-    if detail.get("ok") is False or detail.get("rejected"):
-        raise _Refused(409, str(detail.get("reason") or detail.get("error") or "rejected"))
-    return _json(Ok(message=f"{name} {version} ingested ({size} bytes)", detail=detail))
+    if not detail.get("accepted", True):
+        raise _Refused(400, f"build rejected: {detail.get('reason') or 'invalid'}")
+    return _json(Ok(message=f"{name} {version} ingested", detail=detail))
 
 
 # -- plan, reload ------------------------------------------------------------------------

@@ -119,8 +119,11 @@ class DirImages:
 
 
 def make_app(tmp: Path, *, http: dict[str, Any] | None = None, policy: str = "ignore",
-             kernel_size: int = 1 << 20) -> App:
-    """A daemon App with three nodes, a ``demo`` image (1.0 on prod) and two secrets."""
+             kernel_size: int = 1 << 20, real_store: bool = False) -> App:
+    """A daemon App with three nodes, a ``demo`` image (1.0 on prod) and two secrets.
+
+    ``real_store``: use netbootd.store's ImageStore (API tests), else :class:`DirImages`.
+    """
     from ..daemon import build_app
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -148,7 +151,16 @@ def make_app(tmp: Path, *, http: dict[str, Any] | None = None, policy: str = "ig
         "secrets": {k: str(v) for k, v in secrets.items()},
     }, use_default_path=False)
     app = build_app(settings)
-    app.planner.images = DirImages(images, channels={("demo", "prod"): "1.0"})
+    if real_store:
+        from ..store.store import ImageStore
+
+        store = ImageStore(images, state, settings.store, events=app.events,
+                           metrics=app.metrics)
+        store.activate("demo", "1.0", "prod", by="test")
+        app.store = store
+        app.planner.images = store
+    else:
+        app.planner.images = DirImages(images, channels={("demo", "prod"): "1.0"})
     return app
 
 
