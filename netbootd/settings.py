@@ -154,6 +154,11 @@ class StoreSettings(_Section):
                                     "ed25519 signature by a trusted key.")
     trusted_keys: list[Path] = Field(default_factory=list, description="ed25519 public keys.")
     allow_devices: bool = Field(False, description="Allow device nodes in rootfs tarballs.")
+    settle_seconds: float = Field(1.0, ge=0, description="A build renamed into incoming/ "
+                                  "without a .ready marker is ingested after this many quiet "
+                                  "seconds (builds written in place always wait for the marker).")
+    gc_interval: float = Field(600.0, gt=0, description="Seconds between retention GC runs "
+                               "in the daemon.")
 
 
 class NfsSettings(_Section):
@@ -169,6 +174,12 @@ class NfsSettings(_Section):
     ganesha_config: Path | None = Field(None, description="ganesha backend: EXPORT file.")
     ganesha_reload: list[str] = Field(default_factory=list,
                                       description="ganesha backend: reload command.")
+    ganesha_pidfile: Path | None = Field(None, description="ganesha backend: when no reload "
+                                         "command is set, SIGHUP the pid in this file "
+                                         "(ganesha >= 2.8 re-reads EXPORT blocks on SIGHUP).")
+    exportfs_command: list[str] = Field(default_factory=lambda: ["exportfs"],
+                                        description="exportfs backend: the exportfs binary "
+                                        "(called with -ra to apply, -s to check).")
 
 
 class Settings(BaseSettings):

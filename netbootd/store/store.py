@@ -96,6 +96,7 @@ class ImageStore:
             k: float(v) for k, v in read_json(self.layout.booted_file, {}).items()
             if isinstance(v, (int, float))}
         self._keys: list[Any] | None = None
+        self.booted_dirty = False
 
     # -- reading ---------------------------------------------------------------------------
     def manifest(self, image: str, version: str) -> Manifest | None:
@@ -382,8 +383,12 @@ class ImageStore:
 
     # -- retention -------------------------------------------------------------------------
     def _mark_used(self, image: str, version: str) -> None:
+        now = time.time()
+        key = f"{image}/{version}"
         with self._lock:
-            self._booted[f"{image}/{version}"] = time.time()
+            if now - self._booted.get(key, 0.0) >= 60:  # minute resolution is plenty
+                self.booted_dirty = True
+            self._booted[key] = now
 
     def mark_booted(self, image: str, version: str) -> None:
         """A node booted this version (events subscription): keep it through the window."""
@@ -397,6 +402,7 @@ class ImageStore:
             self._booted = {k: float(v) for k, v in merged.items()
                             if isinstance(v, (int, float))}
             write_json_atomic(self.layout.booted_file, self._booted)
+            self.booted_dirty = False
 
     def gc_plan(self, in_use: set[tuple[str, str]] = frozenset()) -> list[tuple[str, str]]:
         """Versions GC would delete, and why the rest stay (logged at debug)."""
@@ -709,6 +715,10 @@ class ImageStore:
     def _event(self, message: str, mac: str | None = None, **fields: Any) -> None:
         if self.events is not None:
             self.events.record("image", mac=mac, message=message, **fields)
+
+    def notify_changed(self) -> None:
+        """Tell listeners the store changed (also for changes another process made)."""
+        self._changed()
 
     def _changed(self) -> None:
         for fn in list(self.on_change):
