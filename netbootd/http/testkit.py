@@ -199,3 +199,38 @@ class ServerThread:
             self._thread.join(5)
             self.loop.close()
             self.app.events.close()
+
+
+def populate(app: App) -> None:
+    """A fleet mid-life for the status page: boots in several phases, three versions on
+    two channels, a pin, a rejected build, an unknown machine (needs ``real_store``)."""
+    images = app.settings.paths.images
+    small = {"boot/vmlinuz": b"k" * 4096, "boot/initrd.img": b"i" * 4096, "disk.img": b"d"}
+    write_version(images, "demo", "1.1", small)
+    write_version(images, "demo", "2.0", {**small, "boot/vmlinuz": os.urandom(3 << 20)})
+    write_version(images, "pi-os", "2026.11.20-1", {"boot/kernel_2712.img": b"p" * 8192,
+                                                      "rootfs/etc/hostname": b"pi\n"},
+                  boot={"boot_tree": "boot", "rootfs": "rootfs"}, kind="pi-boot+rootfs")
+    store = app.store
+    if store is not None:
+        store.activate("demo", "1.1", "prod", by="test")
+        store.activate("demo", "2.0", "dev", by="test")
+        store.activate("pi-os", "2026.11.20-1", "prod", by="test")
+        store.pin(NODE_C, "1.0", "demo", by="test")
+        bad = images / "incoming" / "demo-2.1"
+        bad.mkdir(parents=True, exist_ok=True)
+        (bad / "manifest.json").write_text('{"image": "demo", "version": "2.1"}')
+        store.ingest_entry("demo-2.1")
+    ev = app.events
+    for kind, extra in (("dhcp", {}), ("tftp", {"file": "ipxe.efi"}),
+                        ("http", {"file": "/ipxe"}), ("kernel", {}), ("booted", {}),
+                        ("joined", {})):
+        ev.record(kind, NODE_A, f"{kind} ok", ip="10.231.0.10", image="demo",
+                  version="1.1", outcome="ok", **extra)
+    for kind in ("dhcp", "tftp", "http", "kernel"):
+        ev.record(kind, NODE_B, f"{kind} ok", ip="10.231.0.11", image="demo", version="1.1",
+                  outcome="ok")
+    ev.record("failed", NODE_B, "installer: sha256 mismatch writing /dev/nvme0n1",
+              ip="10.231.0.11", outcome="ok")
+    ev.record("dhcp", NODE_C, "local boot", ip="10.231.0.12", outcome="ok")
+    ev.record("dhcp", UNKNOWN, "unknown machine asked", ip="10.231.0.99", outcome="ok")
