@@ -1,0 +1,156 @@
+"""Fixtures for the netboot lab (namespaces, site DHCP, NFS, QEMU guests, netbootd).
+
+Fixtures (all skip with a reason when not root or a tool is missing):
+
+* ``lab_out``      test-output/<test>/: serial logs, dnsmasq/ganesha/netbootd logs, pcaps.
+                   Kept after the run; on failure its path and log tails are printed.
+* ``netlab``       a fresh :class:`netbootd.lab.netns.Topology` (sw/dhcp/srv/pi namespaces);
+                   after the test, asserts nothing of it is left (namespaces, processes).
+* ``site_dhcp``    dnsmasq-base started in ``netlab``'s dhcp namespace.
+* ``boot_image``   session: the test image (kernel+initrd+rootfs), version ``e2e-1``.
+* ``make_image``   session factory: ``make_image(version, marker=None, pi=False)`` -> build dir.
+* ``lab_netbootd`` factory: ``lab_netbootd(nodes={...}, **kw)`` -> started
+                   :class:`netbootd.lab.server.Netbootd` in ``netlab``'s srv namespace.
+* ``lab_nfs``      factory: ``lab_nfs(static_exports=[...])`` -> started NfsServer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netbootd.lab.netns import Topology
+from netbootd.lab.nfs import NfsServer
+from netbootd.lab.server import Netbootd
+from netbootd.lab.sitedhcp import SiteDhcp
+from netbootd.lab.tools import (
+    GUEST_TOOLS,
+    LAB_TOOLS,
+    NFS_TOOLS,
+    REPO,
+    lab_problem,
+    load_builder,
+    require,
+)
+
+OUTPUT = REPO / "test-output"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
+@pytest.fixture
+def lab_out(request: pytest.FixtureRequest) -> Iterator[Path]:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid.split("::", 1)[-1])[:120]
+    out = OUTPUT / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    yield out
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(f"\n=== lab artefacts kept in {out}")
+        for log in sorted(out.rglob("*.log")):
+            text = log.read_text(errors="replace").strip().splitlines()
+            if not text:
+                continue
+            print(f"--- {log.relative_to(out)} (last 25 lines)")
+            for line in text[-25:]:
+                print("   ", line[:200])
+
+
+@pytest.fixture
+def netlab() -> Iterator[Topology]:
+    require(LAB_TOOLS)
+    lab = Topology().up()
+    try:
+        yield lab
+    finally:
+        lab.close()
+    left = lab.leftovers()
+    assert not left, f"lab {lab.name} left behind: {left}"
+
+
+@pytest.fixture
+def site_dhcp(netlab: Topology, lab_out: Path) -> Iterator[SiteDhcp]:
+    dhcp = SiteDhcp(netlab, lab_out).start()
+    try:
+        yield dhcp
+    finally:
+        dhcp.stop()
+
+
+@pytest.fixture(scope="session")
+def make_image(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Build test images (kernel cached in images/cache). Same version twice = same dir."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    builder = load_builder()
+    root = tmp_path_factory.mktemp("images")
+    built: dict[tuple[str, str, bool], Path] = {}
+
+    def make(version: str, marker: str | None = None, *, name: str | None = None,
+             pi: bool = False, pi_scale: float = 0.05) -> Path:
+        name = name or ("pi-e2e" if pi else "demo")
+        key = (name, version, pi)
+        if key not in built:
+            reason = lab_problem(GUEST_TOOLS if not pi else [])
+            if reason:
+                pytest.skip(reason)
+            try:
+                built[key] = builder.build(
+                    name=name, version=version, marker=marker or f"{name}-{version}", pi=pi,
+                    cache=REPO / "images" / "cache", out=root / f"{name}-{version}",
+                    incoming=None, pi_scale=pi_scale)
+            except builder.BuildError as exc:
+                pytest.skip(f"test image cannot be built: {exc}")
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def boot_image(make_image: Callable[..., Path]) -> Path:
+    return make_image("e2e-1")
+
+
+@pytest.fixture
+def lab_nfs(netlab: Topology, lab_out: Path) -> Iterator[Callable[..., NfsServer]]:
+    servers: list[NfsServer] = []
+
+    def start(**kw: Any) -> NfsServer:
+        require(NFS_TOOLS)
+        srv = NfsServer(netlab, lab_out, **kw).start()
+        servers.append(srv)
+        return srv
+
+    try:
+        yield start
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture
+def lab_netbootd(netlab: Topology, lab_out: Path) -> Iterator[Callable[..., Netbootd]]:
+    daemons: list[Netbootd] = []
+
+    def start(**kw: Any) -> Netbootd:
+        d = Netbootd(netlab, lab_out, **kw)
+        daemons.append(d)
+        return d.start()
+
+    try:
+        yield start
+    finally:
+        for d in daemons:
+            d.stop()
