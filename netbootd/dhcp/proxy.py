@@ -38,6 +38,8 @@ RECV_SIZE = 2048
 _CMSG_SPACE = socket.CMSG_SPACE(_PKTINFO.size)
 #: Datagrams handled per wake-up before yielding to the loop (fairness vs. throughput).
 DRAIN_BATCH = 64
+#: At most one "send failed" warning per this many seconds (a down link fails every send).
+SEND_WARNING_INTERVAL = 10.0
 
 
 class DhcpService:
@@ -55,6 +57,7 @@ class DhcpService:
         self.bound: list[str] = []
         self.started: float | None = None
         self.send_errors = 0
+        self._last_send_warning = -SEND_WARNING_INTERVAL
         self.warnings: list[str] = []
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -171,7 +174,11 @@ class DhcpService:
         except OSError as exc:
             self.send_errors += 1
             self.app.metrics.errors.labels("dhcp").inc()
-            log.warning("sending DHCP reply to %s:%d failed: %s", *out.dest, exc)
+            now = time.monotonic()
+            if now - self._last_send_warning > SEND_WARNING_INTERVAL:  # no log flood
+                self._last_send_warning = now
+                log.warning("sending DHCP reply to %s:%d failed: %s (%d send errors so far)",
+                            *out.dest, exc, self.send_errors)
 
 
 def create(app: App) -> DhcpService:

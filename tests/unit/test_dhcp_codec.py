@@ -5,6 +5,8 @@ fast parser is cross-checked against scapy's decoder so the two codecs agree.
 """
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.dhcp import BOOTP, DHCP
 
 from netbootd.dhcp import clients as c
@@ -95,3 +97,15 @@ def test_encode_options_rejects_long_values():
 def test_explain_never_raises():
     assert isinstance(pk.explain(b"\x01\x02garbage"), str)
     assert "BOOTP" in pk.explain(GOOD) or "DHCP" in pk.explain(GOOD)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=1600), st.integers(0, 3))
+def test_parse_raises_only_malformed_on_any_bytes(noise, where):
+    # Noise alone, and noise grafted onto a real header so the option walker is reached.
+    for raw in (noise, GOOD[:pk.OPTIONS_OFFSET + where] + noise):
+        try:
+            req = pk.parse(raw)
+        except pk.Malformed:
+            continue
+        assert len(req.mac) == 6 and isinstance(req.options, dict)
