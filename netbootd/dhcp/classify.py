@@ -36,10 +36,14 @@ HTTP_ARM64_ARCHES = frozenset({19})
 
 @dataclass(frozen=True, slots=True)
 class ClientInfo:
-    """Everything netbootd needs to know about one DHCP request."""
+    """Everything netbootd needs to know about one DHCP request.
+
+    It deliberately holds nothing from the per-packet header fields (xid, flags): it is
+    a function of the request's content only, so the responder can reuse it for a
+    client's retransmissions (the xid lives in :class:`packet.Header`).
+    """
 
     mac: str
-    xid: int
     message_type: int | None
     kind: ClientKind
     boot_client: bool  #: vendor class PXEClient or HTTPClient; nobody else gets an answer
@@ -171,7 +175,7 @@ class Classifier:
             if boot_client:
                 kind = self._firmware_kind(vendor, user, ipxe_opts, arch)
         return ClientInfo(
-            mac=mac, xid=req.xid, message_type=req.message_type, kind=kind,
+            mac=mac, message_type=req.message_type, kind=kind,
             boot_client=boot_client, arch=arch, vendor_class=vendor, user_class=user,
             ipxe_options=ipxe_opts, machine_id=mid, serial=serial, uuid=client_uuid,
             requested_ip=_ip(requested), ciaddr=_ip(req.ciaddr), boot_item=boot_item)

@@ -67,11 +67,8 @@ class Malformed(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
-    """The fields of one BOOTREQUEST a proxy-DHCP server needs, as raw values.
-
-    ``options`` maps option code -> value bytes (RFC 3396: repeated codes concatenated).
-    """
+class Header:
+    """The fixed-header fields of one BOOTREQUEST (what a reply copies back per packet)."""
 
     xid: int
     flags: int
@@ -80,6 +77,12 @@ class Request:
     chaddr: bytes  #: the full 16-byte field, patched back into replies as it came
     mac: bytes  #: the 6 hardware-address bytes
     hops: int
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Header):
+    """Header plus options: code -> value bytes (RFC 3396: repeated codes concatenated)."""
+
     options: dict[int, bytes]
 
     @property
@@ -112,11 +115,11 @@ def _scan_options(data: bytes, start: int, stop: int, out: dict[int, bytes],
         raise Malformed("options not terminated by end option (truncated?)")
 
 
-def parse(data: bytes) -> Request:
-    """Parse a client's BOOTREQUEST strictly; raise :class:`Malformed` on anything odd.
+def parse_header(data: bytes) -> Header:
+    """Check size, op/htype/hlen/hops and the magic cookie; return the header fields.
 
-    Checks: size, op/htype/hlen/hops, magic cookie, every option length, the end
-    option, and option overload (52) into the file/sname fields (RFC 2131 4.1).
+    This is all the per-packet work a repeated request needs: the responder memoises
+    what the options said (see ``responder.py``), keyed by the bytes after xid/flags.
     """
     n = len(data)
     if n < OPTIONS_OFFSET + 1:
@@ -133,8 +136,13 @@ def parse(data: bytes) -> Request:
         raise Malformed("too many relay hops")
     if data[236:240] != MAGIC:
         raise Malformed("no DHCP magic cookie")
+    return Header(xid, flags, ciaddr, giaddr, data[28:44], data[28:34], hops)
+
+
+def parse_options(data: bytes) -> dict[int, bytes]:
+    """Walk every option (and overloaded file/sname areas, RFC 2131 4.1) strictly."""
     options: dict[int, bytes] = {}
-    _scan_options(data, OPTIONS_OFFSET, n, options, need_end=True)
+    _scan_options(data, OPTIONS_OFFSET, len(data), options, need_end=True)
     overload = options.get(OPT_OVERLOAD)
     if overload is not None:
         if len(overload) != 1 or overload[0] not in (1, 2, 3):
@@ -143,8 +151,18 @@ def parse(data: bytes) -> Request:
             _scan_options(data, 108, 236, options, need_end=True)
         if overload[0] & 2:  # sname field carries options
             _scan_options(data, 44, 108, options, need_end=True)
-    return Request(xid=xid, flags=flags, ciaddr=ciaddr, giaddr=giaddr,
-                   chaddr=data[28:44], mac=data[28:34], hops=hops, options=options)
+    return options
+
+
+def parse(data: bytes) -> Request:
+    """Parse a client's BOOTREQUEST strictly; raise :class:`Malformed` on anything odd.
+
+    Checks: size, op/htype/hlen/hops, magic cookie, every option length, the end
+    option, and option overload (52) into the file/sname fields.
+    """
+    h = parse_header(data)
+    return Request(h.xid, h.flags, h.ciaddr, h.giaddr, h.chaddr, h.mac, h.hops,
+                   parse_options(data))
 
 
 def encode_options(items: list[tuple[int, bytes]]) -> bytes:

@@ -58,6 +58,8 @@ class DhcpService:
         self.started: float | None = None
         self.send_errors = 0
         self._last_send_warning = -SEND_WARNING_INTERVAL
+        self._anc: dict[tuple[int, str | None], list] = {}
+        self._bytes_sent = app.metrics.bytes_sent.labels("dhcp")
         self.warnings: list[str] = []
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -166,11 +168,17 @@ class DhcpService:
 
     def _send(self, sock: socket.socket, out: Outgoing) -> None:
         """Send out of the arrival interface (IP_PKTINFO), so a broadcast leaves there."""
-        src = socket.inet_aton(out.source) if out.source else b"\0\0\0\0"
-        anc = [(socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(out.ifindex, src, b"\0\0\0\0"))]
+        anc = self._anc.get((out.ifindex, out.source))
+        if anc is None:  # one ancillary block per (interface, source): built once
+            src = socket.inet_aton(out.source) if out.source else b"\0\0\0\0"
+            anc = [(socket.IPPROTO_IP, IP_PKTINFO,
+                    _PKTINFO.pack(out.ifindex, src, b"\0\0\0\0"))] if out.ifindex else []
+            if len(self._anc) > 1024:
+                self._anc.clear()
+            self._anc[(out.ifindex, out.source)] = anc
         try:
-            sock.sendmsg([out.payload], anc if out.ifindex else [], 0, out.dest)
-            self.app.metrics.bytes_sent.labels("dhcp").inc(len(out.payload))
+            sock.sendmsg([out.payload], anc, 0, out.dest)
+            self._bytes_sent.inc(len(out.payload))
         except OSError as exc:
             self.send_errors += 1
             self.app.metrics.errors.labels("dhcp").inc()

@@ -26,7 +26,6 @@ PXE option 43 choices (each one learnt the hard way by someone in the field):
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from ..model import ClientKind
@@ -156,7 +155,7 @@ def build_reply(info: ClientInfo, answer: Answer, message_type: int, server_ip: 
     options.append("end")
     mac = bytes.fromhex(info.mac.replace(":", ""))
     file_field = bootfile if bootfile is not None and len(bootfile) < FILE_FIELD else b""
-    msg = BOOTP(op=pk.BOOTREPLY, htype=pk.HTYPE_ETHER, hlen=6, xid=info.xid,
+    msg = BOOTP(op=pk.BOOTREPLY, htype=pk.HTYPE_ETHER, hlen=6, xid=0,  # patched
                 ciaddr=(info.ciaddr or "0.0.0.0") if message_type == pk.ACK else "0.0.0.0",
                 yiaddr="0.0.0.0", siaddr=server_ip, chaddr=mac + b"\0" * 10,
                 sname=server_ip.encode("ascii"), file=file_field) / DHCP(options=options)
@@ -171,25 +170,31 @@ class ReplyBuilder:
 
     def __init__(self, max_entries: int = 8192) -> None:
         self._max = max_entries
-        self._templates: dict[tuple, bytes] = {}
+        self._prepared: dict[tuple, tuple[bytes, Answer]] = {}
         self.built = 0  #: scapy builds so far (health/bench: should stay ~ one per boot)
 
     def clear(self) -> None:
-        self._templates.clear()
+        self._prepared.clear()
 
     def __len__(self) -> int:
-        return len(self._templates)
+        return len(self._prepared)
 
-    def reply(self, key: tuple, req: pk.Request, info: ClientInfo, answer: Answer,
-              message_type: int, server_ip: str) -> bytearray:
-        """The reply bytes for ``req``; ``key`` must name everything ``answer`` depends on."""
-        template = self._templates.get(key)
-        if template is None:
-            template = build_reply(info, answer, message_type, server_ip)
-            self.built += 1
-            if len(self._templates) >= self._max:  # drop the oldest boot's template
-                del self._templates[next(iter(self._templates))]
-            self._templates[key] = template
+    def get(self, key: tuple) -> tuple[bytes, Answer] | None:
+        return self._prepared.get(key)
+
+    def prepare(self, key: tuple, info: ClientInfo, answer: Answer, message_type: int,
+                server_ip: str) -> tuple[bytes, Answer]:
+        """Build once with scapy and keep it; ``key`` must name all the answer depends on."""
+        entry = (build_reply(info, answer, message_type, server_ip), answer)
+        self.built += 1
+        if len(self._prepared) >= self._max:  # drop the oldest boot's reply
+            del self._prepared[next(iter(self._prepared))]
+        self._prepared[key] = entry
+        return entry
+
+    @staticmethod
+    def patch(template: bytes, req: pk.Header, message_type: int) -> bytearray:
+        """Copy the template and write this packet's xid, flags, giaddr, chaddr (ciaddr)."""
         buf = bytearray(template)
         buf[pk.XID_SLICE] = req.xid.to_bytes(4, "big")
         buf[pk.FLAGS_SLICE] = req.flags.to_bytes(2, "big")
@@ -198,11 +203,3 @@ class ReplyBuilder:
         if message_type == pk.ACK:
             buf[pk.CIADDR_SLICE] = req.ciaddr
         return buf
-
-
-def server_ip_valid(text: str) -> bool:
-    try:
-        ipaddress.IPv4Address(text)
-    except ValueError:
-        return False
-    return True

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..model import Action
+from ..model import Action, ClientFacts
 from . import packet as pk
 from .classify import Classifier, ClientInfo
 from .reply import Answer, NoAnswer, ReplyBuilder, answer_for
@@ -29,6 +29,13 @@ log = logging.getLogger("netbootd.dhcp")
 
 BROADCAST = "255.255.255.255"
 EVENT_REPEAT_SECONDS = 30.0
+#: The same reply to the same MAC within this many seconds is one exchange (a client
+#: resending because it missed our answer): counted in metrics, recorded once. Recording
+#: costs ~45 µs (JSON + file write), more than answering, so a looping client must not
+#: make the event log the bottleneck.
+EVENT_COALESCE_SECONDS = 1.0
+#: Distinct request contents remembered with their classification (see ``_client``).
+MEMO_ENTRIES = 16384
 _REPLY_TYPE = {pk.DISCOVER: pk.OFFER, pk.REQUEST: pk.ACK, pk.INFORM: pk.ACK}
 
 
@@ -100,6 +107,9 @@ class Responder:
         self._malformed = app.metrics.malformed.labels("dhcp")
         self._errors = app.metrics.errors.labels("dhcp")
         self._last_event: dict[tuple[str, str], float] = {}
+        self._last_sent: dict[tuple, float] = {}
+        self._memo: dict[bytes, tuple[ClientInfo, ClientFacts]] = {}
+        self._memo_inventory = None
         self.replies = 0
         self.dropped = 0
 
@@ -146,10 +156,35 @@ class Responder:
             log.exception("error handling DHCP packet from %s (%s)", peer, pk.explain(data))
             return None
 
+    def _client(self, data: bytes) -> tuple[ClientInfo, ClientFacts]:
+        """ClientInfo + ClientFacts for this request content, memoised.
+
+        A booting client resends the same request (new xid, same everything else) and a
+        ROM/bootloader pair asks the same questions each boot, so the option walk and
+        classification (~10 µs) run once per distinct request content; later packets
+        cost one dict lookup keyed by the bytes after xid/secs/flags. Malformed packets
+        raise before anything is stored. An inventory reload (a Pi known only through
+        the inventory) invalidates the memo.
+        """
+        inv = self.app.inventory
+        if inv is not self._memo_inventory:
+            self._memo.clear()
+            self._memo_inventory = inv
+        key = data[12:]
+        hit = self._memo.get(key)
+        if hit is None:
+            info = self.classifier.classify(pk.parse(data))
+            hit = (info, info.facts())
+            if len(self._memo) >= MEMO_ENTRIES:
+                del self._memo[next(iter(self._memo))]
+            self._memo[key] = hit
+        return hit
+
     def _handle(self, data: bytes, ifindex: int, local_ip: str | None,
                 peer: tuple[str, int], pxe_port: bool) -> Outgoing | None:
         try:
-            req = pk.parse(data)
+            hdr = pk.parse_header(data)
+            info, facts = self._client(data)
         except pk.Malformed as exc:
             self.malformed(str(exc), data)
             return None
@@ -157,7 +192,6 @@ class Responder:
             self.dropped += 1
             self._count("unknown", "interface-not-served")
             return None
-        info = self.classifier.classify(req)
         mtype = info.message_type
         out_type = _REPLY_TYPE.get(mtype) if mtype is not None else None
         if mtype == pk.REQUEST or mtype == pk.INFORM:
@@ -172,36 +206,48 @@ class Responder:
             self._ignored(info, "unhandled-type",
                           f"message type {pk.MESSAGE_NAMES.get(mtype, mtype)}", throttle=True)
             return None
-        if not self.limiter.allow(req.mac, time.monotonic()):
+        now = time.monotonic()
+        if not self.limiter.allow(hdr.mac, now):
             self._ignored(info, "rate-limited", "more than dhcp.rate_limit_per_mac requests/s",
                           throttle=True)
             return None
-        plan = self.app.planner.plan(info.facts())
+        plan = self.app.planner.plan(facts)
         if not plan.answers:
             decision = "ignore" if plan.action is Action.IGNORE else plan.action.value
             self._ignored(info, decision, plan.reason, throttle=True)
             return None
-        server_ip = self._advertise or self.interfaces.address(ifindex) or local_ip
+        if_ip = self.interfaces.address(ifindex)
+        server_ip = self._advertise or if_ip or local_ip
         if not server_ip or server_ip == "0.0.0.0":
             self._ignored(info, "no-address", "arrival interface has no IPv4 address")
             return None
-        answer = answer_for(info, server_ip, self.settings, pxe_request=pxe_port,
-                            available=self.available)
-        if isinstance(answer, NoAnswer):
-            self._ignored(info, "no-boot-file", answer.reason, throttle=True)
-            return None
-        key = (req.mac, plan.session, out_type, server_ip, info.kind, info.arch,
+        # Everything the reply depends on; the same key means the same bytes but xid etc.
+        key = (hdr.mac, plan.session, out_type, server_ip, info.kind, info.arch,
                info.machine_id, info.boot_item if pxe_port else None, pxe_port)
-        payload = self.builder.reply(key, req, info, answer, out_type, server_ip)
-        dest = self._destination(req, info, peer, pxe_port)
+        prepared = self.builder.get(key)
+        if prepared is None:
+            answer = answer_for(info, server_ip, self.settings, pxe_request=pxe_port,
+                                available=self.available)
+            if isinstance(answer, NoAnswer):
+                self._ignored(info, "no-boot-file", answer.reason, throttle=True)
+                return None
+            prepared = self.builder.prepare(key, info, answer, out_type, server_ip)
+        template, answer = prepared
+        payload = self.builder.patch(template, hdr, out_type)
+        dest = self._destination(hdr, info, peer, pxe_port)
         self.replies += 1
         decision = "offer" if out_type == pk.OFFER else "ack"
         self._count(info.kind.value, decision)
-        self._record_sent(info, answer, decision, server_ip, plan.image, dest)
-        source = server_ip if server_ip in (local_ip, self.interfaces.address(ifindex)) else None
+        last = self._last_sent.get(key)
+        if last is None or now - last >= EVENT_COALESCE_SECONDS:
+            if len(self._last_sent) > 65536:
+                self._last_sent.clear()
+            self._last_sent[key] = now
+            self._record_sent(info, answer, decision, server_ip, plan.image, dest)
+        source = server_ip if server_ip == local_ip or server_ip == if_ip else None
         return Outgoing(payload, dest, ifindex, source)
 
-    def _destination(self, req: pk.Request, info: ClientInfo, peer: tuple[str, int],
+    def _destination(self, req: pk.Header, info: ClientInfo, peer: tuple[str, int],
                      pxe_port: bool) -> tuple[str, int]:
         """RFC 2131 4.1 and PXE: relay -> giaddr:67; 4011 -> back to the asker;
         client with an address -> unicast; else broadcast (a Pi sends flags 0 and no
@@ -224,8 +270,9 @@ class Responder:
             version=image.version if image else None)
 
     def clear(self) -> None:
-        """Forget prepared replies (config/inventory reload)."""
+        """Forget prepared replies and classifications (config/inventory reload)."""
         self.builder.clear()
+        self._memo.clear()
 
 
 __all__ = ["Outgoing", "RateLimiter", "Responder", "available_boot_files"]

@@ -247,3 +247,16 @@ def test_malformed_is_counted_not_raised(tmp_path):
         assert ask(r, raw) is None
     assert app.metrics.registry.get_sample_value(
         "netbootd_malformed_inputs_total", {"service": "dhcp"}) == 3
+
+
+def test_inventory_reload_is_seen_by_the_classification_memo(tmp_path):
+    app, r = make(tmp_path)
+    mac = "02:00:00:00:77:01"  # no Pi OUI, option 97 without a tag: not a Pi yet
+    raw = c.pi_discover(mac, 1, machine_id=c.pi_serial_only_id(0x77))
+    out = ask(r, raw)
+    assert out is not None and raw_option(out.payload, 43) == bytes.fromhex("060108ff")
+    (tmp_path / "nodes2.yaml").write_text(f"nodes:\n  {mac}: {{serial: '00000077'}}\n")
+    app.inventory = load_inventory(tmp_path / "nodes2.yaml")
+    app.planner.end_session(mac)
+    out = ask(r, c.pi_discover(mac, 2, machine_id=c.pi_serial_only_id(0x77)))
+    assert raw_option(out.payload, 43) == PI_OPTION43
