@@ -1,0 +1,107 @@
+"""The ganesha backend against a real nfs-ganesha + rpcbind in a lab namespace, checked
+with a real NFS client (libnfs ``nfs-ls``): every version's rootfs is exported, an
+export stays while a boot session uses its version, and is gone after activation + GC."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from netbootd.daemon import build_app
+from netbootd.inventory import load_inventory
+from netbootd.lab.netns import Topology
+from netbootd.model import ClientFacts, ClientKind
+from netbootd.nfs.service import NfsService
+from netbootd.settings import load_settings
+from netbootd.store.build import sample_build
+from netbootd.store.service import StoreService
+
+pytestmark = pytest.mark.slow
+
+MAC = "d8:3a:dd:00:00:42"
+
+
+def nfs_ls(lab: Topology, path: Path) -> tuple[bool, str]:
+    """List an export from the lab's client namespace: (worked, output)."""
+    p = lab.run_in("pi", ["timeout", "10", "nfs-ls", f"nfs://{lab.ip('srv')}{path}"],
+                   check=False, timeout=15)
+    return p.returncode == 0, (p.stdout + p.stderr)
+
+
+def wait_ls(lab: Topology, path: Path, want: bool, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        ok, out = nfs_ls(lab, path)
+        if ok == want:
+            return out
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nfs-ls {path}: expected {'success' if want else 'failure'}"
+                                 f", got: {out.strip()[:300]}")
+        time.sleep(0.5)
+
+
+async def until(pred, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_ganesha_exports_follow_store_and_sessions(netlab, lab_nfs, lab_out: Path,
+                                                         tmp_path: Path) -> None:
+    if shutil.which("nfs-ls") is None:
+        pytest.skip("nfs-ls missing: apt-get install libnfs-utils")
+    netlab.add_address("pi", f"{netlab.ip('pi')}/24")  # the NFS client's address
+    netlab.wait_ready("pi")
+    include = lab_out / "netbootd-exports.conf"
+    nfs_server = lab_nfs(include=include)
+    (tmp_path / "nodes.yaml").write_text(
+        f"nodes:\n  {MAC}: {{hostname: pi-01, image: pi, channel: dev}}\n")
+    settings = load_settings(None, {
+        "paths": {"images": str(tmp_path / "images"), "state": str(tmp_path / "state"),
+                  "inventory": str(tmp_path / "nodes.yaml")},
+        "store": {"keep": 1, "keep_booted_hours": 0, "settle_seconds": 0.1,
+                  "gc_interval": 3600},
+        "nfs": {"backend": "ganesha", "ganesha_config": str(include),
+                "ganesha_reload": nfs_server.reload_argv(), "clients": netlab.network},
+    }, use_default_path=False)
+    app = build_app(settings, inventory=load_inventory(tmp_path / "nodes.yaml"))
+    store_svc, nfs = StoreService(app), NfsService(app)
+    await store_svc.start()
+    await nfs.start()
+    try:
+        store = app.store
+        sample_build(tmp_path / "ci" / "pi-1", "pi", "1", "pi-boot+rootfs")
+        (tmp_path / "ci" / "pi-1").rename(store.layout.incoming / "pi-1")  # CI drop
+        await until(lambda: store.active("pi", "dev") == "1")  # watcher ingested it
+        # a node starts booting version 1 ...
+        plan = app.planner.plan(ClientFacts(mac=MAC, kind=ClientKind.RPI))
+        v1 = plan.image.root / plan.image.boot["rootfs"]
+        out = await asyncio.to_thread(wait_ls, netlab, v1, True)
+        assert "etc" in out and "sbin" in out, out
+        # ... while version 2 arrives and becomes active
+        sample_build(tmp_path / "ci" / "pi-2", "pi", "2", "pi-boot+rootfs")
+        (tmp_path / "ci" / "pi-2").rename(store.layout.incoming / "pi-2")  # CI drop
+        await until(lambda: store.active("pi", "dev") == "2")  # watcher ingested it
+        v2 = store.resolve("pi", "dev", None).root / "rootfs"
+        assert "etc" in await asyncio.to_thread(wait_ls, netlab, v2, True)
+        # GC while the session is open: version 1 and its export stay
+        assert await store_svc.run_gc() == []
+        await asyncio.sleep(0.5)
+        assert "etc" in await asyncio.to_thread(wait_ls, netlab, v1, True)
+        # the boot finished: GC retires version 1, its export disappears, 2 stays
+        app.planner.end_session(MAC)
+        assert await store_svc.run_gc() == [("pi", "1")]
+        await asyncio.to_thread(wait_ls, netlab, v1, False)
+        assert "etc" in await asyncio.to_thread(wait_ls, netlab, v2, True)
+        assert nfs.health()["ok"], nfs.health()
+        text = include.read_text()
+        assert str(v2) in text and str(v1) not in text
+    finally:
+        await nfs.stop()
+        await store_svc.stop()
+        app.events.close()
