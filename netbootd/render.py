@@ -138,6 +138,8 @@ class Renderer:
                 "beacon": f"{base}/api/v1/beacon/{dashed}?session={plan.session}",
             },
             "nfs": {
+                # exports are only managed (so a root can only be mounted) with a backend
+                "enabled": s.nfs.backend != "none",
                 "server": nfs_server,
                 "root": rootfs,
                 "root_spec": f"{nfs_server}:{rootfs},{nfs_opts}" if rootfs else "",
