@@ -23,7 +23,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -69,7 +69,9 @@ class IngestResult:
     already_present: bool = False
     bytes: int = 0
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: unpack + checksums; then promotion + activation ("build complete -> pointer swapped")
+    verify_seconds: float = 0.0
+    swap_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "accepted": self.accepted, "image": self.image,

@@ -45,6 +45,7 @@ class StoreService:
         self.store = store
         self.app.store = store
         self.app.planner.images = store
+        store.in_use_hook = self.in_use
         self.app.events.subscribe(self._on_event)
         self.watcher = IncomingWatcher(store, settle=s.store.settle_seconds,
                                        on_external_change=store.notify_changed)

@@ -97,6 +97,9 @@ class ImageStore:
             if isinstance(v, (int, float))}
         self._keys: list[Any] | None = None
         self.booted_dirty = False
+        #: Versions the daemon knows are in use (boot sessions, inventory pins); every GC
+        #: keeps them, whoever calls it (API, service). Set by the store service.
+        self.in_use_hook: Callable[[], set[tuple[str, str]]] | None = None
 
     # -- reading ---------------------------------------------------------------------------
     def manifest(self, image: str, version: str) -> Manifest | None:
@@ -434,8 +437,11 @@ class ImageStore:
         A version is first renamed out of store/ (invisible at once, atomically),
         then exports are re-applied, then its files are deleted.
         """
+        keep = set(in_use)
+        if self.in_use_hook is not None:
+            keep |= set(self.in_use_hook())
         with self._lock:
-            victims = self.gc_plan(set(in_use))
+            victims = self.gc_plan(keep)
             if dry_run or not victims:
                 return victims
             trash = []
@@ -575,8 +581,11 @@ class ImageStore:
                 if expect and (m.image, m.version) != expect:
                     raise Rejected(f"upload names {expect[0]}/{expect[1]} but the manifest "
                                    f"says {m.image}/{m.version}")
+                t_valid = time.monotonic()
                 result = self._promote(name, root, m)
                 result.seconds = time.monotonic() - t0
+                result.verify_seconds = t_valid - t0
+                result.swap_seconds = result.seconds - result.verify_seconds
             except Rejected as exc:
                 result = self._reject(name, src, marker, exc.reason, m)
                 result.seconds = time.monotonic() - t0
