@@ -54,8 +54,13 @@ class Guest:
     @classmethod
     def netboot(cls, lab: Topology, outdir: Path, *, firmware: Firmware = "bios",
                 name: str | None = None, mac: str | None = None, timeout: float = 90,
-                memory: str = "512M") -> Guest:
-        """A guest that network-boots from its virtio NIC on a fresh tap of ``lab``."""
+                memory: str = "512M", ipxe_rom: bool = True) -> Guest:
+        """A guest that network-boots from its virtio NIC on a fresh tap of ``lab``.
+
+        ``ipxe_rom=False`` (UEFI only) leaves the NIC without iPXE's option ROM, so OVMF's
+        own PXE client boots: it fetches ``ipxe.efi`` over TFTP first, as real UEFI
+        machines do. With the ROM, the firmware already *is* iPXE and goes straight to HTTP.
+        """
         mac = mac or random_mac()
         name = name or f"{firmware}-{mac[-5:].replace(':', '')}"
         tap = lab.add_tap()
@@ -65,7 +70,8 @@ class Guest:
             # bootindex, not -boot n, and QEMU's default ROM (ipxe-qemu's efi-virtio.rom):
             # measured here, -boot n or an explicit romfile= leave SeaBIOS without a
             # network boot entry.
-            "-device", f"virtio-net-pci,netdev=n0,mac={mac},bootindex=1",
+            "-device", f"virtio-net-pci,netdev=n0,mac={mac},bootindex=1"
+            + ("" if ipxe_rom else ",romfile="),
         ]
         if firmware == "uefi":
             ovmf = ovmf_path()

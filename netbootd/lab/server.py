@@ -12,8 +12,8 @@ namespace and must not get a route into the lab.
 from __future__ import annotations
 
 import json
+import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -28,12 +28,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def netbootd_argv() -> list[str]:
-    """How to start the daemon: the venv's console script if present, else ``-m``."""
-    script = Path(sys.executable).with_name("netbootd")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("netbootd")
-    return [found] if found else [sys.executable, "-m", "netbootd"]
+    """``python -m netbootd`` with this interpreter: the daemon runs the same code as the
+    tests that start it (with ``PYTHONPATH`` set to this checkout, see ``start``), even
+    when the checkout is a separate worktree of an editable install."""
+    return [sys.executable, "-m", "netbootd"]
 
 
 class Netbootd:
@@ -41,7 +39,8 @@ class Netbootd:
 
     def __init__(self, lab: Topology, outdir: Path, *, nodes: dict[str, dict] | None = None,
                  profiles: dict[str, dict] | None = None, unknown: str = "ignore",
-                 settings: dict[str, Any] | None = None, http_port: int = 8080) -> None:
+                 settings: dict[str, Any] | None = None, http_port: int = 8080,
+                 log_level: str = "INFO") -> None:
         self.lab = lab
         self.dir = outdir / "netbootd"
         self.nodes = nodes or {}
@@ -50,13 +49,19 @@ class Netbootd:
         self.unknown = unknown
         self.extra = settings or {}
         self.http_port = http_port
+        self.log_level = log_level
         self.token = secrets.token_hex(16)
         self.proc: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------ paths
     @property
+    def config_dir(self) -> Path:
+        """Only config lives here: the daemon watches this directory for reloads."""
+        return self.dir / "config"
+
+    @property
     def config_file(self) -> Path:
-        return self.dir / "netbootd.yaml"
+        return self.config_dir / "netbootd.yaml"
 
     @property
     def images(self) -> Path:
@@ -68,7 +73,7 @@ class Netbootd:
 
     @property
     def log(self) -> Path:
-        return self.dir / "netbootd.log"
+        return self.dir.parent / "netbootd.log"
 
     @property
     def base_url(self) -> str:
@@ -82,7 +87,8 @@ class Netbootd:
             "tftp": {"enabled": True},
             "http": {"enabled": True, "port": self.http_port, "api_token_file": "api-token",
                      "strict_user_data": False},
-            "paths": {"images": "images", "state": "state", "inventory": "nodes.yaml",
+            "paths": {"images": str(self.images), "state": str(self.dir / "state"),
+                      "inventory": "nodes.yaml",
                       "templates": str(REPO / "config" / "templates")},
             "policy": {"unknown": self.unknown},
             "boot": {"default_image": "demo", "default_channel": "prod"},
@@ -96,25 +102,27 @@ class Netbootd:
         return cfg
 
     def write_config(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config_dir.mkdir(parents=True, exist_ok=True)
         self.incoming.mkdir(parents=True, exist_ok=True)
-        (self.dir / "api-token").write_text(self.token + "\n")
+        (self.config_dir / "api-token").write_text(self.token + "\n")
         self.config_file.write_text(yaml.safe_dump(self.config(), sort_keys=False))
         self.write_inventory()
 
     def write_inventory(self) -> None:
         """(Re)write nodes.yaml by temp + rename: the daemon hot-reloads it."""
-        tmp = self.dir / ".nodes.yaml.tmp"
+        tmp = self.config_dir / ".nodes.yaml.tmp"
         tmp.write_text(yaml.safe_dump({"profiles": self.profiles, "nodes": self.nodes},
                                       sort_keys=False))
-        tmp.rename(self.dir / "nodes.yaml")
+        tmp.rename(self.config_dir / "nodes.yaml")
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 20.0) -> Netbootd:
         self.write_config()
-        argv = netbootd_argv() + ["--config", str(self.config_file), "--log-level", "DEBUG",
+        argv = netbootd_argv() + ["--config", str(self.config_file), "--log-level", self.log_level,
                                   "serve"]
-        self.proc = self.lab.popen("srv", argv, log_file=self.log, cwd=str(self.dir))
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env.pop("NETBOOTD_CONFIG", None)
+        self.proc = self.lab.popen("srv", argv, log_file=self.log, cwd=str(self.dir), env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -12,19 +12,26 @@ Fixtures (all skip with a reason when not root or a tool is missing):
 * ``lab_netbootd`` factory: ``lab_netbootd(nodes={...}, **kw)`` -> started
                    :class:`netbootd.lab.server.Netbootd` in ``netlab``'s srv namespace.
 * ``lab_nfs``      factory: ``lab_nfs(static_exports=[...])`` -> started NfsServer.
+* ``boot_lab``     factory: ``boot_lab(nodes={mac: {...}})`` -> BootLab (lab, site DHCP,
+                   pcap of the srv namespace, netbootd); ``.publish(build)`` drops a build
+                   into incoming/ and waits until it is active; ``.guest("bios"|"uefi")``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from netbootd.lab.capture import Capture
+from netbootd.lab.guests import Guest
 from netbootd.lab.netns import Topology
 from netbootd.lab.nfs import NfsServer
 from netbootd.lab.server import Netbootd
@@ -34,6 +41,7 @@ from netbootd.lab.tools import (
     LAB_TOOLS,
     NFS_TOOLS,
     REPO,
+    drop_build,
     lab_problem,
     load_builder,
     require,
@@ -154,3 +162,45 @@ def lab_netbootd(netlab: Topology, lab_out: Path) -> Iterator[Callable[..., Netb
     finally:
         for d in daemons:
             d.stop()
+
+
+@dataclass
+class BootLab:
+    """A lab with site DHCP, a pcap in srv, and netbootd serving the given images."""
+
+    lab: Topology
+    out: Path
+    dhcp: SiteDhcp
+    nbd: Netbootd
+    cap: Capture
+
+    def guest(self, firmware: str = "bios", **kw: Any) -> Guest:
+        return Guest.netboot(self.lab, self.out, firmware=firmware, **kw)
+
+    def publish(self, build: Path, timeout: float = 30) -> str:
+        """Drop a build into netbootd's incoming/ and wait until it is active on prod."""
+        manifest = json.loads((build / "manifest.json").read_text())
+        drop_build(build, self.nbd.incoming)
+        assert self.nbd.wait_active(manifest["image"], manifest["version"], timeout=timeout), (
+            f"{manifest['image']} {manifest['version']} not active after {timeout}s; "
+            f"see {self.nbd.log}")
+        return manifest["version"]
+
+
+@pytest.fixture
+def boot_lab(netlab: Topology, site_dhcp: SiteDhcp, lab_out: Path,
+             lab_netbootd: Callable[..., Netbootd]) -> Iterator[Callable[..., BootLab]]:
+    """Factory: ``boot_lab(nodes={mac: {...}}, **netbootd_kw)`` -> :class:`BootLab`."""
+    require(GUEST_TOOLS)
+    caps: list[Capture] = []
+
+    def start(**kw: Any) -> BootLab:
+        cap = Capture(netlab, "srv", lab_out / "srv.pcap").start()
+        caps.append(cap)
+        return BootLab(netlab, lab_out, site_dhcp, lab_netbootd(**kw), cap)
+
+    try:
+        yield start
+    finally:
+        for c in caps:
+            c.stop()
