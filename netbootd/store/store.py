@@ -90,6 +90,7 @@ class ImageStore:
         self._lock = threading.RLock()
         self._ingest_lock = threading.Lock()
         self._manifests: dict[tuple[str, str], tuple[Manifest, bytes]] = {}
+        self._refs: dict[tuple[str, str], ImageRef] = {}
         self._pointers: dict[Path, tuple[tuple[int, int, int] | None, str | None]] = {}
         self._pins: tuple[tuple[int, int, int] | None, dict[str, dict]] = (None, {})
         self._booted: dict[str, float] = {
@@ -112,6 +113,7 @@ class ImageStore:
             if hit:
                 with self._lock:
                     self._manifests.pop(key, None)
+                    self._refs.pop(key, None)
             return None
         if hit:
             return hit[0]
@@ -134,9 +136,16 @@ class ImageStore:
         m = self.manifest(image, version)
         if m is None:
             return None
-        return ImageRef(name=image, version=version, root=self.layout.version_dir(image, version),
-                        kind=m.kind, artefacts=tuple(a.path for a in m.artefacts),
-                        boot=m.boot_dict())
+        key = (image, version)
+        with self._lock:
+            hit = self._refs.get(key)
+        if hit is None:  # built once: a rootfs may list tens of thousands of artefacts
+            hit = ImageRef(name=image, version=version,
+                           root=self.layout.version_dir(image, version), kind=m.kind,
+                           artefacts=tuple(a.path for a in m.artefacts), boot=m.boot_dict())
+            with self._lock:
+                self._refs[key] = hit
+        return hit
 
     def images(self) -> list[str]:
         names: set[str] = set()
@@ -451,6 +460,7 @@ class ImageStore:
                                             dir=self.layout.staging))
                 os.rename(src, dst / "v")
                 self._manifests.pop((image, version), None)
+                self._refs.pop((image, version), None)
                 self._booted.pop(f"{image}/{version}", None)
                 trash.append(dst)
                 fsync_dir(src.parent)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -90,8 +91,15 @@ class IncomingWatcher:
 
     def due(self, now: float) -> list[str]:
         out = []
+        incoming = self.store.layout.incoming
         for name, t in sorted(self.pending.items(), key=lambda kv: kv[1]):
-            if (self.store.layout.incoming / (name + READY_SUFFIX)).exists():
+            if not os.path.lexists(incoming / name):
+                # gone (ingested, rejected, moved away); events of one batch come as an
+                # unordered set, so a late "modified" may have re-added it
+                self.pending.pop(name, None)
+                self.in_place.discard(name)
+                continue
+            if (incoming / (name + READY_SUFFIX)).exists():
                 out.append(name)
             elif name in self.in_place:
                 if name not in self._warned and now - t >= max(self.settle, 5.0):
