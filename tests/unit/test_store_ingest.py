@@ -317,3 +317,14 @@ async def test_http_upload(store, tmp_path) -> None:
     assert not res["accepted"] and "manifest says demo/5" in res["reason"]
     with pytest.raises(StoreError):
         await store.ingest_upload("../x", "1", [b""])
+
+
+def test_progress_is_logged_for_large_builds(caplog) -> None:
+    import logging
+
+    from netbootd.store.ingest import Progress
+
+    caplog.set_level(logging.INFO, logger="netbootd.store.ingest")
+    p = Progress("verify demo/1", 4 << 20, interval=0.0)
+    p.add(1 << 20)
+    assert "verify demo/1: 1048576 / 4194304 bytes (25%)" in caplog.text
