@@ -139,6 +139,18 @@ def parse_header(data: bytes) -> Header:
     return Header(xid, flags, ciaddr, giaddr, data[28:44], data[28:34], hops)
 
 
+_REQUEST_PREFIX = bytes((BOOTREQUEST, HTYPE_ETHER, 6))
+
+
+def check_header(data: bytes) -> None:
+    """:func:`parse_header`'s checks without building anything (the hot path's first step)."""
+    n = len(data)
+    if n <= OPTIONS_OFFSET or n > MAX_PACKET or data[:3] != _REQUEST_PREFIX \
+            or data[3] > MAX_HOPS or data[236:240] != MAGIC:
+        parse_header(data)  # raises Malformed with the precise reason
+        raise Malformed("bad header")  # pragma: no cover - parse_header raised already
+
+
 def parse_options(data: bytes) -> dict[int, bytes]:
     """Walk every option (and overloaded file/sname areas, RFC 2131 4.1) strictly."""
     options: dict[int, bytes] = {}

@@ -115,7 +115,7 @@ class DhcpService:
             "netlink_live": self.interfaces.live,
             "replies": r.replies if r else 0,
             "dropped": r.dropped if r else 0,
-            "prepared_replies": len(r.builder) if r else 0,
+            "replies_built": r.built if r else 0,
             "send_errors": self.send_errors,
             "warnings": list(self.warnings),
         }

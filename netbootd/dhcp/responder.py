@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..model import Action, ClientFacts
 from . import packet as pk
 from .classify import Classifier, ClientInfo
-from .reply import Answer, NoAnswer, ReplyBuilder, answer_for
+from .reply import Answer, NoAnswer, answer_for, build_reply, patch
 
 if TYPE_CHECKING:
     from ..app import App
@@ -47,6 +47,28 @@ class Outgoing:
     dest: tuple[str, int]
     ifindex: int
     source: str | None
+
+
+class _Prepared:
+    """A reply built once for one client content + session + server address + port."""
+
+    __slots__ = ("answer", "recorded", "template")
+
+    def __init__(self, template: bytes, answer: Answer) -> None:
+        self.template = template
+        self.answer = answer
+        self.recorded = float("-inf")  #: when this reply was last recorded as an event
+
+
+class _Client:
+    """Memo entry: what one distinct request says, and the replies prepared for it."""
+
+    __slots__ = ("facts", "info", "prepared")
+
+    def __init__(self, info: ClientInfo, facts: ClientFacts) -> None:
+        self.info = info
+        self.facts = facts
+        self.prepared: dict[tuple, _Prepared] = {}
 
 
 class RateLimiter:
@@ -98,7 +120,6 @@ class Responder:
         self.interfaces = interfaces
         self.available = available
         self.classifier = Classifier(app.settings.rpi.ouis, lambda: app.inventory)
-        self.builder = ReplyBuilder()
         self.limiter = RateLimiter(app.settings.dhcp.rate_limit_per_mac)
         self._served = frozenset(app.settings.network.interfaces)
         self._advertise = (str(app.settings.network.advertise)
@@ -107,9 +128,9 @@ class Responder:
         self._malformed = app.metrics.malformed.labels("dhcp")
         self._errors = app.metrics.errors.labels("dhcp")
         self._last_event: dict[tuple[str, str], float] = {}
-        self._last_sent: dict[tuple, float] = {}
-        self._memo: dict[bytes, tuple[ClientInfo, ClientFacts]] = {}
+        self._memo: dict[bytes, _Client] = {}
         self._memo_inventory = None
+        self.built = 0  #: replies built with scapy (should stay about one per boot)
         self.replies = 0
         self.dropped = 0
 
@@ -156,35 +177,35 @@ class Responder:
             log.exception("error handling DHCP packet from %s (%s)", peer, pk.explain(data))
             return None
 
-    def _client(self, data: bytes) -> tuple[ClientInfo, ClientFacts]:
-        """ClientInfo + ClientFacts for this request content, memoised.
+    def _client(self, data: bytes) -> _Client:
+        """The classified client for this request content, memoised.
 
-        A booting client resends the same request (new xid, same everything else) and a
-        ROM/bootloader pair asks the same questions each boot, so the option walk and
-        classification (~10 µs) run once per distinct request content; later packets
-        cost one dict lookup keyed by the bytes after xid/secs/flags. Malformed packets
-        raise before anything is stored. An inventory reload (a Pi known only through
-        the inventory) invalidates the memo.
+        A booting client resends the same request (new xid, same everything else) and
+        asks the same questions at every boot, so the option walk and classification
+        (~10 µs) run once per distinct request content; later packets cost one dict
+        lookup keyed by the bytes after xid/secs/flags. Malformed packets raise before
+        anything is stored. An inventory reload (a Pi known only through the inventory)
+        empties the memo.
         """
         inv = self.app.inventory
         if inv is not self._memo_inventory:
             self._memo.clear()
             self._memo_inventory = inv
         key = data[12:]
-        hit = self._memo.get(key)
-        if hit is None:
+        client = self._memo.get(key)
+        if client is None:
             info = self.classifier.classify(pk.parse(data))
-            hit = (info, info.facts())
+            client = _Client(info, info.facts())
             if len(self._memo) >= MEMO_ENTRIES:
                 del self._memo[next(iter(self._memo))]
-            self._memo[key] = hit
-        return hit
+            self._memo[key] = client
+        return client
 
     def _handle(self, data: bytes, ifindex: int, local_ip: str | None,
                 peer: tuple[str, int], pxe_port: bool) -> Outgoing | None:
         try:
-            hdr = pk.parse_header(data)
-            info, facts = self._client(data)
+            pk.check_header(data)
+            client = self._client(data)
         except pk.Malformed as exc:
             self.malformed(str(exc), data)
             return None
@@ -192,6 +213,7 @@ class Responder:
             self.dropped += 1
             self._count("unknown", "interface-not-served")
             return None
+        info = client.info
         mtype = info.message_type
         out_type = _REPLY_TYPE.get(mtype) if mtype is not None else None
         if mtype == pk.REQUEST or mtype == pk.INFORM:
@@ -207,11 +229,11 @@ class Responder:
                           f"message type {pk.MESSAGE_NAMES.get(mtype, mtype)}", throttle=True)
             return None
         now = time.monotonic()
-        if not self.limiter.allow(hdr.mac, now):
+        if not self.limiter.allow(info.mac, now):
             self._ignored(info, "rate-limited", "more than dhcp.rate_limit_per_mac requests/s",
                           throttle=True)
             return None
-        plan = self.app.planner.plan(facts)
+        plan = self.app.planner.plan(client.facts)
         if not plan.answers:
             decision = "ignore" if plan.action is Action.IGNORE else plan.action.value
             self._ignored(info, decision, plan.reason, throttle=True)
@@ -221,39 +243,39 @@ class Responder:
         if not server_ip or server_ip == "0.0.0.0":
             self._ignored(info, "no-address", "arrival interface has no IPv4 address")
             return None
-        # Everything the reply depends on; the same key means the same bytes but xid etc.
-        key = (hdr.mac, plan.session, out_type, server_ip, info.kind, info.arch,
-               info.machine_id, info.boot_item if pxe_port else None, pxe_port)
-        prepared = self.builder.get(key)
+        # The client's content is fixed by the memo key; the rest the reply depends on:
+        key = (plan.session, server_ip, pxe_port)
+        prepared = client.prepared.get(key)
         if prepared is None:
             answer = answer_for(info, server_ip, self.settings, pxe_request=pxe_port,
                                 available=self.available)
             if isinstance(answer, NoAnswer):
                 self._ignored(info, "no-boot-file", answer.reason, throttle=True)
                 return None
-            prepared = self.builder.prepare(key, info, answer, out_type, server_ip)
-        template, answer = prepared
-        payload = self.builder.patch(template, hdr, out_type)
-        dest = self._destination(hdr, info, peer, pxe_port)
+            prepared = _Prepared(build_reply(info, answer, out_type, server_ip), answer)
+            self.built += 1
+            if len(client.prepared) > 8:  # sessions come and go; keep the newest few
+                client.prepared.clear()
+            client.prepared[key] = prepared
+        payload = patch(prepared.template, data, out_type)
+        dest = self._destination(data, info, peer, pxe_port)
         self.replies += 1
         decision = "offer" if out_type == pk.OFFER else "ack"
         self._count(info.kind.value, decision)
-        last = self._last_sent.get(key)
-        if last is None or now - last >= EVENT_COALESCE_SECONDS:
-            if len(self._last_sent) > 65536:
-                self._last_sent.clear()
-            self._last_sent[key] = now
-            self._record_sent(info, answer, decision, server_ip, plan.image, dest)
+        if now - prepared.recorded >= EVENT_COALESCE_SECONDS:
+            prepared.recorded = now
+            self._record_sent(info, prepared.answer, decision, server_ip, plan.image, dest)
         source = server_ip if server_ip == local_ip or server_ip == if_ip else None
         return Outgoing(payload, dest, ifindex, source)
 
-    def _destination(self, req: pk.Header, info: ClientInfo, peer: tuple[str, int],
+    def _destination(self, data: bytes, info: ClientInfo, peer: tuple[str, int],
                      pxe_port: bool) -> tuple[str, int]:
         """RFC 2131 4.1 and PXE: relay -> giaddr:67; 4011 -> back to the asker;
         client with an address -> unicast; else broadcast (a Pi sends flags 0 and no
         address, so it gets a broadcast regardless of the flag)."""
-        if req.giaddr != b"\0\0\0\0":
-            return (".".join(map(str, req.giaddr)), self.settings.dhcp.port)
+        giaddr = data[pk.GIADDR_SLICE]
+        if giaddr != b"\0\0\0\0":
+            return (".".join(map(str, giaddr)), self.settings.dhcp.port)
         if pxe_port and peer[0] not in ("0.0.0.0", ""):
             return peer
         if info.ciaddr:
@@ -270,8 +292,7 @@ class Responder:
             version=image.version if image else None)
 
     def clear(self) -> None:
-        """Forget prepared replies and classifications (config/inventory reload)."""
-        self.builder.clear()
+        """Forget classifications and prepared replies (config/inventory reload)."""
         self._memo.clear()
 
 

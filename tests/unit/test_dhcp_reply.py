@@ -184,7 +184,7 @@ def test_prepared_reply_is_reused_and_patched(tmp_path):
     _, r = make(tmp_path)
     first = ask(r, c.pi_discover(PI_MAC, 1))
     second = ask(r, c.pi_discover(PI_MAC, 2))
-    assert r.builder.built == 1
+    assert r.built == 1
     assert decode(second.payload)[0].xid == 2
     assert bytes(first.payload)[8:] == bytes(second.payload)[8:]
 
