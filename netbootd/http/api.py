@@ -24,6 +24,9 @@ from ..render import RenderError
 from . import auth
 from .boot import beacon
 from .models import (
+    MAC_PATTERN,
+    NAME_PATTERN,
+    SERIAL_PATTERN,
     ActivateIn,
     EventIn,
     EventOut,
@@ -256,10 +259,10 @@ async def plan(request: web.Request) -> web.Response:
     mac = parse_mac(q.get("mac", ""))
     if mac is None:
         raise _Refused(400, "query parameter mac must be a MAC address")
-    try:
-        serial = normalise_serial(q["serial"]) if q.get("serial") else None
-        arch = int(q["arch"]) if q.get("arch") else None
-        kind = ClientKind(q["kind"]) if q.get("kind") else None
+    try:  # a parameter that is present must be valid, even when empty
+        serial = normalise_serial(q["serial"]) if "serial" in q else None
+        arch = int(q["arch"]) if "arch" in q else None
+        kind = ClientKind(q["kind"]) if "kind" in q else None
     except ValueError as exc:
         raise _Refused(400, str(exc)) from None
     if arch is not None and not 0 <= arch <= 0xFFFF:
@@ -321,9 +324,12 @@ def _json(model: BaseModel, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
-_MAC = Param("mac", "path", {"type": "string"}, description="MAC address, any notation.")
-_NAME = Param("name", "path", {"type": "string"}, description="Image name.")
-_VERSION = Param("version", "path", {"type": "string"}, description="Image version.")
+_MAC = Param("mac", "path", {"type": "string", "pattern": MAC_PATTERN},
+             description="MAC address (aa:bb:cc:dd:ee:ff, aa-bb-.., aabbccddeeff).")
+_NAME = Param("name", "path", {"type": "string", "pattern": NAME_PATTERN},
+              description="Image name.")
+_VERSION = Param("version", "path", {"type": "string", "pattern": NAME_PATTERN},
+                 description="Image version.")
 
 #: The API. ``auth``: "none" = nodes call it, "read" = open when http.read_open,
 #: "write" = bearer token always.
@@ -348,10 +354,13 @@ OPS: list[Op] = [
        errors=(400, 404, 409, 413), tags=("images",)),
     Op("PUT", "/images/{name}/{version}", upload, "Upload a build (tar, tar.gz, tar.zst)",
        auth="write", body_media="application/octet-stream", response=Ok,
+       # "activate"/"rollback" are sub-resources, not versions one can upload
+       route_path="/images/{name}/{version:(?!activate$|rollback$)[^/]+}",
        params=(_NAME, _VERSION), errors=(400, 404, 409), tags=("images",)),
     Op("GET", "/plan", plan, "What a machine would get if it booted now", response=PlanOut,
-       params=(Param("mac", "query", {"type": "string"}),
-               Param("serial", "query", {"type": "string"}, required=False),
+       params=(Param("mac", "query", {"type": "string", "pattern": MAC_PATTERN}),
+               Param("serial", "query", {"type": "string", "pattern": SERIAL_PATTERN},
+                     required=False),
                Param("arch", "query", {"type": "integer", "minimum": 0, "maximum": 65535},
                      required=False),
                Param("kind", "query", {"type": "string", "enum": [k.value for k in ClientKind]},
@@ -362,8 +371,8 @@ OPS: list[Op] = [
     Op("POST", "/events", post_event, "A node reports a boot phase", auth="none", body=EventIn,
        response=Ok, errors=(400, 413), tags=("nodes",)),
     Op("GET", "/beacon/{mac}", beacon, "Kernel handed over (fetched by iPXE)", auth="none",
-       response_media="text/plain", params=(_MAC, Param("session", "query", {"type": "string"},
-                                                        required=False)),
+       response_media="text/plain", params=(_MAC, Param("session", "query", {
+           "type": "string", "pattern": "^[0-9A-Za-z]{0,64}$"}, required=False)),
        tags=("nodes",)),
 ]
 
@@ -399,6 +408,6 @@ def routes() -> list[web.RouteDef]:
     for op in OPS:
         if op.handler is beacon:
             continue  # routed by boot.py (its own validation); documented here
-        out.append(web.route(op.method, PREFIX + op.path, _wrap(op)))
+        out.append(web.route(op.method, PREFIX + (op.route_path or op.path), _wrap(op)))
     return out
 

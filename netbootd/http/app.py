@@ -41,7 +41,10 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
             app.metrics.malformed.labels(SERVICE).inc()
         app.metrics.requests.labels(SERVICE, "client_error").inc()
         if request.path.startswith("/api/"):
-            return json_error(exc.status, exc.reason or "error")
+            resp = json_error(exc.status, exc.reason or "error")
+            if "Allow" in exc.headers:  # 405 must say what is allowed (RFC 9110)
+                resp.headers["Allow"] = exc.headers["Allow"]
+            return resp
         raise
     except (ConnectionError, TimeoutError):  # client went away mid-answer: not our bug
         raise

@@ -13,20 +13,24 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..model import normalise_mac
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+#: MAC notations the API documents (normalise_mac accepts a few more, e.g. Cisco dots).
+MAC_PATTERN = r"^[0-9A-Fa-f]{2}([:-]?[0-9A-Fa-f]{2}){5}$"
+SERIAL_PATTERN = r"^(0x)?[0-9A-Fa-f]{1,16}$"
 Phase = Literal["booted", "provisioned", "joined", "failed", "installed"]
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_max_length=4096)
+    # strict: "true" is not a bool and 1 is not a string; a client bug shows up as a 400.
+    model_config = ConfigDict(extra="forbid", str_max_length=4096, strict=True)
 
 
 class EventIn(BaseModel):
     """A node reporting progress (from its image: booted, joined, ...)."""
 
     # Unknown keys are ignored, not refused: images in the field may send more.
-    model_config = ConfigDict(extra="ignore", str_max_length=4096)
-    mac: str = Field(description="The node's MAC address, any common notation.",
-                     max_length=32)
+    model_config = ConfigDict(extra="ignore", str_max_length=4096, strict=True)
+    mac: str = Field(description="The node's MAC address (aa:bb:.., aa-bb-.., aabb..).",
+                     max_length=32, pattern=MAC_PATTERN)
     phase: Phase = Field(description="What happened.")
     message: str = Field("", max_length=1000, description="Free text (shown on the status "
                          "page; never put secrets here).")

@@ -41,6 +41,7 @@ class Op:
     params: tuple[Param, ...] = ()
     errors: tuple[int, ...] = (400,)
     tags: tuple[str, ...] = field(default=())
+    route_path: str | None = None  #: aiohttp path when it needs a regex the doc must not show
 
 
 def document(ops: list[Op], version: str) -> dict[str, Any]:
@@ -64,7 +65,9 @@ def document(ops: list[Op], version: str) -> dict[str, Any]:
                 {"name": p.name, "in": p.where, "required": p.required or p.where == "path",
                  "schema": p.schema, "description": p.description} for p in op.params]
         if op.body is not None:
-            entry["requestBody"] = {"required": True,
+            # A body whose fields all have defaults may be omitted (``curl -X POST .../gc``).
+            needed = any(f.is_required() for f in op.body.model_fields.values())
+            entry["requestBody"] = {"required": needed,
                                     "content": {op.body_media: {"schema": ref(op.body)}}}
         elif op.body_media != "application/json":
             entry["requestBody"] = {"required": True, "content": {
