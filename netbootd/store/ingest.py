@@ -260,9 +260,12 @@ def copy_tree(src: Path, dest: Path, *, allow_devices: bool = False,
                 dirs.append((s, d))
             elif stat.S_ISREG(st.st_mode):
                 try:
-                    os.link(s, d)
+                    os.link(s, d)  # same inode: owner, mode, xattrs come along
                 except OSError:
-                    shutil.copy2(s, d, follow_symlinks=False)
+                    shutil.copy2(s, d, follow_symlinks=False)  # modes + xattrs
+                    if keep_owner:
+                        os.chown(d, st.st_uid, st.st_gid)
+                        os.chmod(d, stat.S_IMODE(st.st_mode))  # chown clears setuid
             elif stat.S_ISLNK(st.st_mode):
                 target = os.readlink(s)
                 _check_symlink(rel, target)

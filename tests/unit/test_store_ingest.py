@@ -328,3 +328,51 @@ def test_progress_is_logged_for_large_builds(caplog) -> None:
     p = Progress("verify demo/1", 4 << 20, interval=0.0)
     p.add(1 << 20)
     assert "verify demo/1: 1048576 / 4194304 bytes (25%)" in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners and device nodes need root")
+def test_rootfs_tar_keeps_owner_mode_xattr_and_devices_when_allowed(tmp_path) -> None:
+    st = ImageStore(tmp_path / "images", tmp_path / "state",
+                    StoreSettings(allow_devices=True))
+    src = tmp_path / "b"
+    sample_build(src, "demo", "1", "rootfs")
+    sudo = src / "rootfs/usr/bin/sudo"
+    sudo.parent.mkdir(parents=True)
+    sudo.write_bytes(b"#!sudo")
+    write_manifest(src, "demo", "1", "rootfs", boot={"rootfs": "rootfs"})
+    out = st.layout.incoming / "r.tar"
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tf:
+        def meta(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+            if ti.name.endswith("usr/bin/sudo"):
+                ti.uid, ti.gid, ti.mode = 1234, 4321, 0o4755
+                ti.pax_headers = {"SCHILY.xattr.user.netbootd": "kept"}
+            return ti
+        tf.add(src, arcname=".", filter=meta)
+        dev = tarfile.TarInfo("rootfs/dev/null")
+        dev.type, dev.devmajor, dev.devminor, dev.mode = tarfile.CHRTYPE, 1, 3, 0o666
+        tf.addfile(dev)
+    r = st.ingest_entry("r.tar")
+    assert r.accepted, r.reason
+    root = st.layout.version_dir("demo", "1")
+    s = (root / "rootfs/usr/bin/sudo").lstat()
+    assert (s.st_uid, s.st_gid, s.st_mode & 0o7777) == (1234, 4321, 0o4755)
+    assert os.getxattr(root / "rootfs/usr/bin/sudo", "user.netbootd") == b"kept"
+    import stat as statmod
+
+    assert statmod.S_ISCHR((root / "rootfs/dev/null").lstat().st_mode)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners need root")
+def test_directory_copy_keeps_owner_and_setuid(tmp_path) -> None:
+    st = ImageStore(tmp_path / "images", tmp_path / "state", StoreSettings())
+    src = st.layout.incoming / "d"
+    sample_build(src, "demo", "1", "rootfs")
+    f = src / "rootfs/boot/vmlinuz"
+    os.chown(f, 1234, 4321)
+    os.chmod(f, 0o4750)
+    os.chown(src / "rootfs/etc", 1111, 2222)
+    assert st.ingest_entry("d").accepted
+    root = st.layout.version_dir("demo", "1")
+    s = (root / "rootfs/boot/vmlinuz").lstat()
+    assert (s.st_uid, s.st_gid, s.st_mode & 0o7777) == (1234, 4321, 0o4750)
+    assert (root / "rootfs/etc").lstat().st_uid == 1111
