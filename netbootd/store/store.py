@@ -412,12 +412,14 @@ class ImageStore:
             on_disk = read_json(self.layout.booted_file, {})
             merged = {**(on_disk if isinstance(on_disk, dict) else {}), **self._booted}
             self._booted = {k: float(v) for k, v in merged.items()
-                            if isinstance(v, (int, float))}
+                            if isinstance(v, (int, float)) and "/" in k
+                            and (self.layout.store / k).is_dir()}  # GC'd versions go
             write_json_atomic(self.layout.booted_file, self._booted)
             self.booted_dirty = False
 
     def gc_plan(self, in_use: set[tuple[str, str]] = frozenset()) -> list[tuple[str, str]]:
-        """Versions GC would delete, and why the rest stay (logged at debug)."""
+        """Versions GC would delete: not among the newest ``keep``, not active, not
+        pinned, not in ``in_use``, not used within ``keep_booted_hours``."""
         pins = self.pins()
         window = self.settings.keep_booted_hours * 3600
         now = time.time()
