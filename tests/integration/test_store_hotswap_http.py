@@ -1,0 +1,96 @@
+"""Hot swap under real HTTP downloads: 20 slow HTTP clients fetch version N's kernel (the
+URL a booting node gets from its plan) while N+1 is dropped, auto-activated and GC runs;
+every download completes with N's bytes, and only the next boot gets N+1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import time
+
+import aiohttp
+
+from netbootd.daemon import build_app
+from netbootd.http.app import create as create_http
+from netbootd.inventory import load_inventory
+from netbootd.model import ClientFacts, ClientKind
+from netbootd.settings import load_settings
+from netbootd.store.build import sample_build
+from netbootd.store.service import StoreService
+
+MAC_A, MAC_B = "52:54:00:00:01:0a", "52:54:00:00:01:0b"
+KERNEL = 8 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def until(pred, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_twenty_http_downloads_of_n_survive_activation_of_n_plus_1(tmp_path) -> None:
+    (tmp_path / "nodes.yaml").write_text(
+        "nodes:\n"
+        f"  {MAC_A}: {{hostname: a, image: demo, channel: dev}}\n"
+        f"  {MAC_B}: {{hostname: b, image: demo, channel: dev}}\n")
+    port = free_port()
+    settings = load_settings(None, {
+        "paths": {"images": str(tmp_path / "images"), "state": str(tmp_path / "state"),
+                  "inventory": str(tmp_path / "nodes.yaml")},
+        "http": {"port": port, "bind": "127.0.0.1"},
+        "dhcp": {"enabled": False}, "tftp": {"enabled": False},
+        "store": {"settle_seconds": 0.1, "keep": 1, "keep_booted_hours": 0},
+    }, use_default_path=False)
+    app = build_app(settings, inventory=load_inventory(tmp_path / "nodes.yaml"))
+    store_svc, http = StoreService(app), create_http(app)
+    await store_svc.start()
+    await http.start()
+    try:
+        store = app.store
+        sample_build(tmp_path / "ci" / "v1", "demo", "1", payload=KERNEL)
+        os.rename(tmp_path / "ci" / "v1", store.layout.incoming / "demo-1")
+        await until(lambda: store.active("demo", "dev") == "1")
+        plan = app.planner.plan(ClientFacts(mac=MAC_A, kind=ClientKind.IPXE))
+        ref = plan.image
+        want = hashlib.sha256(ref.path(ref.boot["kernel"]).read_bytes()).hexdigest()
+        url = f"http://127.0.0.1:{port}/files/{ref.name}/{ref.version}/{ref.boot['kernel']}"
+
+        async def slow_download(session: aiohttp.ClientSession) -> str:
+            """A slow client (a Pi on a busy link): reads 64 KiB, pauses, reads on."""
+            h = hashlib.sha256()
+            async with session.get(url) as resp:
+                assert resp.status == 200
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    h.update(chunk)
+                    await asyncio.sleep(0.02)
+            return h.hexdigest()
+
+        async with aiohttp.ClientSession() as session:
+            downloads = [asyncio.create_task(slow_download(session)) for _ in range(20)]
+            await asyncio.sleep(0.5)  # every download is under way
+            sample_build(tmp_path / "ci" / "v2", "demo", "2", payload=KERNEL)
+            os.rename(tmp_path / "ci" / "v2", store.layout.incoming / "demo-2")
+            await until(lambda: store.active("demo", "dev") == "2")
+            assert not any(d.done() for d in downloads), "the swap must land mid-transfer"
+            assert await store_svc.run_gc() == [], "version 1 is in a boot session: kept"
+            got = await asyncio.gather(*downloads)
+        assert got == [want] * 20
+        assert app.planner.plan(ClientFacts(mac=MAC_A, kind=ClientKind.IPXE)).image.version \
+            == "1", "the boot in flight stays on N"
+        assert app.planner.plan(ClientFacts(mac=MAC_B, kind=ClientKind.IPXE)).image.version \
+            == "2", "a new boot gets N+1"
+        app.planner.end_session(MAC_A)
+        assert await store_svc.run_gc() == [("demo", "1")]
+    finally:
+        await http.stop()
+        await store_svc.stop()
+        app.events.close()
