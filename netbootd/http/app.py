@@ -62,6 +62,7 @@ def build_web_app(app: App) -> web.Application:
     web_app = web.Application(middlewares=[guard], client_max_size=CLIENT_MAX_SIZE)
     web_app[APP_KEY] = app
     web_app[files.INDEX_KEY] = files.ManifestIndex()
+    web_app[boot.SCRIPTS_KEY] = boot.ScriptCache()
     web_app.add_routes(boot.routes())
     web_app.add_routes(files.routes())
     web_app.add_routes(api.routes())

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from netbootd.http.testkit import (
     write_version,
 )
 from netbootd.model import mac_dashes
+from netbootd.render import Renderer
 
 
 @pytest.fixture
@@ -299,3 +301,29 @@ def test_cloud_init_bad_input(server):
     assert curl(f"{server.url}/cloud-init/xx/meta-data")[0] == 400
     assert curl(f"{server.url}/cloud-init/{mac_dashes(NODE_A)}/passwd")[0] == 404
     assert curl(f"{server.url}/cloud-init/{mac_dashes(UNKNOWN)}/meta-data")[0] == 404
+
+
+def test_repeated_script_fetches_are_counted_but_logged_once_per_session(server):
+    for _ in range(5):
+        assert curl(ipxe_url(server, NODE_A))[0] == 200
+    logged = [e for e in server.app.events.timeline(NODE_A) if e.fields.get("file") == "/ipxe"]
+    assert len(logged) == 1
+    ok = server.app.metrics.registry.get_sample_value(
+        "netbootd_requests_total", {"service": "http", "outcome": "ok"})
+    assert ok >= 5
+
+
+def test_reload_invalidates_cached_scripts(server):
+    app = server.app
+    before = curl(ipxe_url(server, NODE_A))[2].decode()
+    templates = app.settings.paths.templates
+    # a private copy of the templates with a marker line, then a reload (new Renderer)
+    copy = app.settings.paths.state.parent / "templates"
+    shutil.copytree(templates, copy)
+    ipxe = copy / "ipxe/node.ipxe.j2"
+    ipxe.write_text(ipxe.read_text().replace("#!ipxe\n", "#!ipxe\necho marker-42\n", 1))
+    app.settings = app.settings.model_copy(update={"paths": app.settings.paths.model_copy(
+        update={"templates": copy})})
+    app.render = Renderer(app.settings)
+    after = curl(ipxe_url(server, NODE_A))[2].decode()
+    assert "marker-42" not in before and "marker-42" in after
