@@ -196,10 +196,10 @@ class Netbootd:
             return None
 
     def wait_active(self, image: str, version: str, channel: str = "prod",
-                    timeout: float = 30) -> bool:
+                    timeout: float = 30, poll: float = 0.2) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.active_version(image, channel) == version:
                 return True
-            time.sleep(0.2)
+            time.sleep(poll)
         return False
