@@ -38,6 +38,9 @@ class StoreService:
         self._recovered: list[str] = []
 
     async def start(self) -> None:
+        # watchfiles logs every batch ("3 changes detected") at INFO: one line per CI drop
+        # file event is noise in a daemon log; our own log says what was ingested.
+        logging.getLogger("watchfiles.main").setLevel(logging.WARNING)
         s = self.app.settings
         store = ImageStore(s.paths.images, s.paths.state, s.store, events=self.app.events,
                            metrics=self.app.metrics)
@@ -50,7 +53,7 @@ class StoreService:
         self.watcher = IncomingWatcher(store, settle=s.store.settle_seconds,
                                        on_external_change=store.notify_changed)
         self._stop = asyncio.Event()
-        self._tasks = [asyncio.create_task(self.watcher.run(self._stop), name="store-watch"),
+        self._tasks = [asyncio.create_task(self._watch_loop(), name="store-watch"),
                        asyncio.create_task(self._gc_loop(), name="store-gc")]
         log.info("image store at %s: %d images, watching %s", s.paths.images,
                  len(store.images()), store.layout.incoming)
@@ -77,7 +80,8 @@ class StoreService:
             return {"ok": False, "error": "not started"}
         w = self.watcher
         return {
-            "ok": all(not t.done() for t in self._tasks) if self._tasks else False,
+            "ok": bool(self._tasks) and all(not t.done() for t in self._tasks)
+            and (w is None or w.ready.is_set()),
             "images": len(st.images()),
             "pending": sorted(w.pending) if w else [],
             "waiting_for_marker": sorted(w.in_place) if w else [],
@@ -104,6 +108,24 @@ class StoreService:
             for image in self.store.images():
                 used.update((image, p) for p in pins)
         return used
+
+    async def _watch_loop(self) -> None:
+        """Run the watcher; if it dies (incoming/ removed, inotify limits), recreate the
+        layout and restart it after a pause instead of silently never ingesting again."""
+        assert self.watcher is not None and self.store is not None
+        while not self._stop.is_set():
+            try:
+                await self.watcher.run(self._stop)
+                if not self._stop.is_set():  # incoming/ vanished: re-create, watch again
+                    await asyncio.sleep(0.5)
+                    self.store.layout.ensure()
+            except Exception:  # keep ingesting whatever went wrong once
+                log.exception("incoming/ watch failed; restarting in 5 s")
+                self.watcher.ready.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=5.0)
+                with contextlib.suppress(OSError):
+                    self.store.layout.ensure()
 
     async def run_gc(self, *, dry_run: bool = False) -> list[tuple[str, str]]:
         assert self.store is not None

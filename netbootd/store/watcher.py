@@ -123,9 +123,19 @@ class IncomingWatcher:
         last_scan = time.monotonic()
         await self._process(time.monotonic(), stop)
         self.ready.set()
+        def relevant(_change: Change, path: str) -> bool:
+            # state/store/ holds history and booted.json too; only pins.json matters
+            p = Path(path)
+            return p.parent != L.state_dir or p.name == L.pins_file.name
+
         async for changes in awatch(L.incoming, L.channels, L.state_dir, stop_event=stop,
-                                    debounce=100, step=50, rust_timeout=200,
-                                    yield_on_timeout=True, recursive=True):
+                                    watch_filter=relevant, debounce=100, step=50,
+                                    rust_timeout=200, yield_on_timeout=True, recursive=True):
+            if not L.incoming.is_dir():  # removed under us: inotify then goes silent
+                log.warning("%s disappeared; re-creating it and restarting the watch",
+                            L.incoming)
+                self.ready.clear()
+                return
             now = time.monotonic()
             external = False
             for change, p in changes:

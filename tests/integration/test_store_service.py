@@ -174,3 +174,17 @@ async def test_hot_swap_readers_and_sessions(running, tmp_path) -> None:
     assert ("demo", "1") in svc.in_use()
     app.planner.end_session(MAC_A)
     assert app.planner.plan(facts_a).image.version == "2", "the next boot gets N+1"
+
+
+async def test_incoming_removed_under_the_daemon_is_recreated(running, tmp_path) -> None:
+    import shutil
+
+    app, svc = running
+    store = app.store
+    await wait_for(lambda: store.active("demo", "dev") == "1")
+    shutil.rmtree(store.layout.incoming)
+    await wait_for(lambda: store.layout.incoming.is_dir() and svc.watcher.ready.is_set())
+    src = tmp_path / "ci" / "again"
+    sample_build(src, "demo", "2")
+    os.rename(src, store.layout.incoming / "demo-2")
+    await wait_for(lambda: store.active("demo", "dev") == "2")
