@@ -59,6 +59,7 @@ class DhcpService:
         self.send_errors = 0
         self._last_send_warning = -SEND_WARNING_INTERVAL
         self._anc: dict[tuple[int, str | None], list] = {}
+        self._pktinfo_seen: dict[bytes, tuple[int, str | None]] = {}
         self._bytes_sent = app.metrics.bytes_sent.labels("dhcp")
         self.warnings: list[str] = []
 
@@ -157,14 +158,25 @@ class DhcpService:
                 continue
             ifindex, local_ip = 0, None
             for level, kind, cdata in anc:
-                if level == socket.IPPROTO_IP and kind == IP_PKTINFO and \
-                        len(cdata) >= _PKTINFO.size:
-                    ifindex, spec_dst, _ = _PKTINFO.unpack_from(cdata)
-                    local_ip = socket.inet_ntoa(spec_dst)
-            out = responder.handle(data, ifindex=ifindex, local_ip=local_ip, peer=peer,
-                                   pxe_port=pxe)
+                if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
+                    ifindex, local_ip = self._pktinfo(cdata)
+            out = responder.handle(data, ifindex, local_ip, peer, pxe)
             if out is not None:
                 self._send(sock, out)
+
+    def _pktinfo(self, cdata: bytes) -> tuple[int, str | None]:
+        """(arrival ifindex, local address) from IP_PKTINFO; the few distinct values
+        (one per interface and destination kind) are decoded once."""
+        hit = self._pktinfo_seen.get(cdata)
+        if hit is None:
+            if len(cdata) < _PKTINFO.size:
+                return 0, None
+            ifindex, spec_dst, _ = _PKTINFO.unpack_from(cdata)
+            hit = (ifindex, socket.inet_ntoa(spec_dst))
+            if len(self._pktinfo_seen) > 1024:
+                self._pktinfo_seen.clear()
+            self._pktinfo_seen[bytes(cdata)] = hit
+        return hit
 
     def _send(self, sock: socket.socket, out: Outgoing) -> None:
         """Send out of the arrival interface (IP_PKTINFO), so a broadcast leaves there."""

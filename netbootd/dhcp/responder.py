@@ -166,7 +166,7 @@ class Responder:
             log.debug("dropped malformed DHCP packet: %s (%s)", reason, pk.explain(data))
 
     # -- the decision -----------------------------------------------------------------------
-    def handle(self, data: bytes, *, ifindex: int, local_ip: str | None,
+    def handle(self, data: bytes, ifindex: int, local_ip: str | None,
                peer: tuple[str, int], pxe_port: bool) -> Outgoing | None:
         """Decide about one datagram. Never raises (errors are counted and logged)."""
         try:
