@@ -129,17 +129,20 @@ http {{
 
 
 # ------------------------------------------------------------------------ measurements
-def curl_mib_s(url: str, parallel: int) -> float:
-    """Aggregate MiB/s of ``parallel`` simultaneous full downloads."""
+def curl_mib_s(url: str, parallel: int, repeat: int) -> float:
+    """Aggregate MiB/s of ``parallel`` clients each downloading ``repeat`` times in a row
+    (one curl per client, the URL repeated: keep-alive, ~1 GiB per sample, so a sample
+    lasts long enough to rise above scheduling noise)."""
     t0 = time.monotonic()
-    procs = [subprocess.Popen([*pin(1), "curl", "-s", "-o", "/dev/null", "-w", "%{size_download}",
-                               url], stdout=subprocess.PIPE) for _ in range(parallel)]
+    procs = [subprocess.Popen([*pin(1), "curl", "-s", "-w", "%{size_download}\\n",
+                               *(a for _ in range(repeat) for a in ("-o", "/dev/null", url))],
+                              stdout=subprocess.PIPE) for _ in range(parallel)]
     total = 0
     for p in procs:
-        out, _ = p.communicate(timeout=300)
+        out, _ = p.communicate(timeout=600)
         if p.returncode != 0:
             raise RuntimeError(f"curl {url} failed ({p.returncode})")
-        total += int(float(out.decode() or 0))
+        total += sum(int(float(x)) for x in out.decode().split())
     return total / (1 << 20) / (time.monotonic() - t0)
 
 
@@ -159,6 +162,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--big-mib", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=8,
+                    help="downloads per client per sample (1 client) / 4 clients: half")
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -202,13 +207,14 @@ def main() -> int:
         nx_base = f"http://127.0.0.1:{nx_port}"
         big_path = "/files/bench/1/big.bin"
         for base in (nb_base, nx_base):  # warm the page cache, check both serve it
-            curl_mib_s(base + big_path, 1)
+            curl_mib_s(base + big_path, 1, 1)
 
         results: dict[tuple[str, str], list[float]] = {}
         for r in range(1, args.rounds + 1):
             for parallel in (1, 4):
                 for name, base in (("netbootd", nb_base), ("nginx", nx_base)):
-                    v = curl_mib_s(base + big_path, parallel)
+                    v = curl_mib_s(base + big_path, parallel,
+                                   args.repeat if parallel == 1 else max(1, args.repeat // 2))
                     results.setdefault((f"{args.big_mib} MiB file, {parallel} client(s), MiB/s",
                                         name), []).append(v)
                     progress(f"round {r}: {name:8s} {parallel} client(s): {v:8.0f} MiB/s")

@@ -119,6 +119,13 @@ async def node_ipxe(request: web.Request) -> web.Response:
         uuid=uuid.lower() if _UUID_RE.fullmatch(uuid) else None,
         arch=client_arch(q.get("arch", ""), q.get("platform", "")))
     plan = app.planner.plan(facts)
+    # Log key: the session for a real boot; for "nothing to boot" plans the outcome itself,
+    # so a machine retrying every 30 s (or a flood) is not logged per request.
+    log_key = plan.session if plan.image else f"{plan.action.value}:{plan.reason}"
+    if plan.image is None and plan.action is not Action.LOCAL:
+        # No version is in flight, so nothing to keep stable: the script's retry (or the
+        # next boot) must re-plan, or it would keep the empty plan while it keeps asking.
+        app.planner.end_session(mac)
     fields = {"ip": request.remote, "file": "/ipxe", "hostname": plan.node.hostname,
               "action": plan.action.value}
     if plan.image:
@@ -126,7 +133,7 @@ async def node_ipxe(request: web.Request) -> web.Response:
     cache = request.app[SCRIPTS_KEY]
     if plan.action is Action.IGNORE:
         app.metrics.requests.labels(SERVICE, "ignored").inc()
-        if cache.should_log(mac, plan.session, time.monotonic()):
+        if cache.should_log(mac, log_key, time.monotonic()):
             app.events.record("http", mac, "iPXE script: ignored (unknown machine)",
                               outcome="ignored", **fields)
         text = ("#!ipxe\n"
@@ -150,7 +157,7 @@ async def node_ipxe(request: web.Request) -> web.Response:
                                      "sleep 30\nreboot\n")
         cache.put(key, renderer, text)
     app.metrics.requests.labels(SERVICE, "ok").inc()
-    if cache.should_log(mac, plan.session, time.monotonic()):
+    if cache.should_log(mac, log_key, time.monotonic()):
         app.events.record("http", mac, f"iPXE script: {plan.action.value}", outcome="ok",
                           **fields)
     return web.Response(text=text, content_type=_TEXT, headers=_NO_STORE)

@@ -327,3 +327,13 @@ def test_reload_invalidates_cached_scripts(server):
     app.render = Renderer(app.settings)
     after = curl(ipxe_url(server, NODE_A))[2].decode()
     assert "marker-42" not in before and "marker-42" in after
+
+
+def test_nothing_to_boot_is_not_kept_as_a_session_so_the_retry_sees_a_new_image(server):
+    app = server.app
+    app.planner.images.channels.pop(("demo", "prod"))
+    text = curl(ipxe_url(server, NODE_A))[2].decode()
+    assert "nothing to boot" in text and "chain --autofree" in text
+    assert app.planner.current(NODE_A) is None
+    app.planner.images.channels[("demo", "prod")] = "1.0"  # an image arrives
+    assert "boots demo 1.0" in curl(ipxe_url(server, NODE_A))[2].decode()
