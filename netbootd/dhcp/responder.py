@@ -130,6 +130,7 @@ class Responder:
         self._last_event: dict[tuple[str, str], float] = {}
         self._memo: dict[bytes, _Client] = {}
         self._memo_inventory = None
+        self._last_error_log = float("-inf")
         self.built = 0  #: replies built with scapy (should stay about one per boot)
         self.replies = 0
         self.dropped = 0
@@ -174,7 +175,11 @@ class Responder:
         except Exception:
             self._errors.inc()
             self.dropped += 1
-            log.exception("error handling DHCP packet from %s (%s)", peer, pk.explain(data))
+            now = time.monotonic()
+            if now - self._last_error_log >= EVENT_REPEAT_SECONDS:  # a bug must not flood
+                self._last_error_log = now
+                log.exception("error handling DHCP packet from %s (%s)", peer,
+                              pk.explain(data))
             return None
 
     def _client(self, data: bytes) -> _Client:
