@@ -14,6 +14,7 @@ metadata, rejects what escapes, and still uses tarfile for all the unpacking.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -40,6 +41,9 @@ from .manifest import (
 log = logging.getLogger("netbootd.store.ingest")
 
 CHUNK = 1 << 20
+#: Errors of this machine, not of the build: the build stays in incoming/ for a retry.
+_SYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM,
+                            errno.EMFILE, errno.ENFILE})
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -141,6 +145,7 @@ def _check_symlink(rel: str, target: str) -> None:
 def _make_filter(dest: Path, allow_devices: bool, keep_owner: bool
                  ) -> Callable[[tarfile.TarInfo, str], tarfile.TarInfo | None]:
     root = os.path.realpath(dest)
+    regular: set[str] = set()  # regular files extracted so far (hard link targets)
 
     def check(member: tarfile.TarInfo, _path: str) -> tarfile.TarInfo | None:
         name = member.name
@@ -164,11 +169,21 @@ def _make_filter(dest: Path, allow_devices: bool, keep_owner: bool
                 changes["linkname"] = check_relpath(member.linkname)
             except ValueError as exc:
                 raise Rejected(f"hard link {name!r}: {exc}") from None
+            # tar writes a hard link after the file it links to; anything else (a link to
+            # itself, to a directory, to a later member) sends tarfile's fallback into
+            # endless recursion
+            if changes["linkname"] not in regular or changes["linkname"] == clean:
+                raise Rejected(f"hard link {name!r} -> {member.linkname!r}: not an earlier "
+                               "regular file of the archive")
         elif member.ischr() or member.isblk() or member.isfifo():
             if not allow_devices:
                 raise Rejected(f"device node {name!r} (store.allow_devices is off)")
         elif not (member.isreg() or member.isdir()):
             raise Rejected(f"unsupported archive member type for {name!r}")
+        if member.isreg() or member.islnk():
+            regular.add(clean)
+        else:
+            regular.discard(clean)
         if not keep_owner:
             changes.update(uid=None, gid=None, uname=None, gname=None)
         return member.replace(**changes, deep=False)
@@ -225,10 +240,16 @@ def unpack_archive(src: Path, dest: Path, *, allow_devices: bool = False,
             raise
         except (tarfile.TarError, EOFError) as exc:
             raise Rejected(f"truncated or corrupt archive: {exc}") from None
+        except KeyError as exc:  # tarfile: a link whose target is not in the archive
+            raise Rejected(f"archive link to a missing member: {exc.args[0]}") from None
+        except RecursionError:  # links chasing links: never a sane build
+            raise Rejected("archive links refer to each other in a loop") from None
         except OSError as exc:
             if exc.errno is None:  # gzip/zstd format errors carry no errno
                 raise Rejected(f"truncated or corrupt archive: {exc}") from None
-            raise
+            if exc.errno in _SYSTEM_ERRNOS:  # our problem (disk full...), not the build's
+                raise
+            raise Rejected(f"archive cannot be unpacked: {exc}") from None
         except Exception as exc:  # zstandard.ZstdError and friends
             if type(exc).__module__.startswith("zstandard"):
                 raise Rejected(f"truncated or corrupt archive: {exc}") from None

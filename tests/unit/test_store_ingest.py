@@ -376,3 +376,22 @@ def test_directory_copy_keeps_owner_and_setuid(tmp_path) -> None:
     s = (root / "rootfs/boot/vmlinuz").lstat()
     assert (s.st_uid, s.st_gid, s.st_mode & 0o7777) == (1234, 4321, 0o4750)
     assert (root / "rootfs/etc").lstat().st_uid == 1111
+
+
+def test_tar_hard_links(store, tmp_path) -> None:
+    """GNU tar's hard links (to an earlier file) are fine; a link to itself or to a
+    member that is not an earlier regular file is a rejection, not a crash."""
+    src = tmp_path / "h"
+    sample_build(src, "demo", "1", "rootfs")
+    os.link(src / "rootfs/boot/vmlinuz", src / "rootfs/boot/vmlinuz.old")
+    write_manifest(src, "demo", "1", "rootfs", boot={"rootfs": "rootfs"})
+    pack(src, store.layout.incoming / "h.tar", compression="none")
+    assert store.ingest_entry("h.tar").accepted
+    root = store.layout.version_dir("demo", "1")
+    assert (root / "rootfs/boot/vmlinuz.old").stat().st_ino == \
+        (root / "rootfs/boot/vmlinuz").stat().st_ino
+    for target in ("rootfs/etc", "boot/self", "rootfs/missing"):
+        link = tarfile.TarInfo("boot/self")
+        link.type, link.linkname = tarfile.LNKTYPE, target
+        name = _hostile_tar(store, tmp_path, f"hl-{target.replace('/', '-')}.tar", link, None)
+        assert_rejected(store, name, "not an earlier regular file")
