@@ -70,3 +70,25 @@ def test_nothing_escapes_staging(members: list[tuple[str, str, str]]) -> None:
                         assert resolved.startswith(str(dest)), (p, t)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([b"", b"\x1f\x8b", b"\x28\xb5\x2f\xfd"]), st.binary(max_size=2048),
+       st.integers(min_value=0, max_value=4096))
+def test_garbage_and_cut_archives_are_rejections(magic: bytes, junk: bytes, cut: int) -> None:
+    """Random bytes (optionally behind a gzip/zstd magic) or a valid archive cut anywhere:
+    unpacking ends in Rejected or success, never another exception."""
+    base = Path(tempfile.mkdtemp(prefix="tar-junk-"))
+    try:
+        good = build_tar([("file", "a/b", ""), ("sym", "a/c", "b"), ("dir", "d", "")])
+        for data in (magic + junk, good[:cut]):
+            archive = base / "x.tar"
+            archive.write_bytes(data)
+            dest = base / "out"
+            try:
+                unpack_archive(archive, dest)
+            except Rejected:
+                pass
+            shutil.rmtree(dest, ignore_errors=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
