@@ -96,7 +96,17 @@ class Planner:
             if hit and now - hit[1] < ttl:  # another thread planned first: theirs stands
                 return hit[0]
             self._sessions[facts.mac] = (fresh, now)
+            if len(self._sessions) > self.PRUNE_ABOVE:
+                self._prune(now, ttl)
         return fresh
+
+    #: Expired sessions are dropped when the table grows past this, so a flood of random
+    #: MACs cannot grow memory between the GC's calls to ``sessions()``.
+    PRUNE_ABOVE = 4096
+
+    def _prune(self, now: float, ttl: float) -> None:
+        for mac in [m for m, (_, t) in self._sessions.items() if now - t >= ttl]:
+            del self._sessions[mac]
 
     def peek(self, facts: ClientFacts) -> BootPlan:
         """What this machine would get if it booted now (CLI ``plan``, API); not cached."""
@@ -127,8 +137,7 @@ class Planner:
         now = self._clock()
         ttl = self._settings().boot.session_ttl
         with self._lock:
-            for mac in [m for m, (_, t) in self._sessions.items() if now - t >= ttl]:
-                del self._sessions[mac]
+            self._prune(now, ttl)
             return [p for p, _ in self._sessions.values()]
 
     def versions_in_use(self) -> set[tuple[str, str]]:

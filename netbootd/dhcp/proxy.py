@@ -67,8 +67,13 @@ class DhcpService:
     async def start(self) -> None:
         s = self.app.settings
         available = available_boot_files(s)
-        missing = sorted({s.dhcp.bios_bootfile, s.dhcp.uefi_x64_bootfile,
-                          s.dhcp.uefi_arm64_bootfile} - available)
+        missing = sorted({s.dhcp.bios_bootfile, s.dhcp.uefi_x64_bootfile} - available)
+        if s.dhcp.uefi_arm64_bootfile not in available:
+            # Debian's ipxe package has no arm64 build, so this is the normal case there:
+            # say it once, quietly, with the fix; it is not a fault of this installation.
+            log.info("arm64 UEFI PXE clients get no reply: %s not found; put an arm64 iPXE "
+                     "build there (or set dhcp.uefi_arm64_bootfile) to boot them",
+                     s.dhcp.uefi_arm64_bootfile)
         if missing:
             where = ", ".join(str(p) for p in [s.tftp.ipxe_dir, *s.tftp.extra_ipxe_dirs])
             msg = (f"iPXE binaries missing: {', '.join(missing)} (looked in {where}); "

@@ -36,6 +36,8 @@ EVENT_REPEAT_SECONDS = 30.0
 EVENT_COALESCE_SECONDS = 1.0
 #: Distinct request contents remembered with their classification (see ``_client``).
 MEMO_ENTRIES = 16384
+#: Decisions about machines that are not boot clients at all.
+_NOT_FLEET = frozenset({"not-boot-client", "unhandled-type"})
 _REPLY_TYPE = {pk.DISCOVER: pk.OFFER, pk.REQUEST: pk.ACK, pk.INFORM: pk.ACK}
 
 
@@ -156,9 +158,13 @@ class Responder:
             if len(self._last_event) > 65536:
                 self._last_event.clear()
             self._last_event[key] = now
-        self.app.events.record("dhcp", info.mac, f"no reply: {reason}", ip=info.ip,
+        # Ordinary LAN devices (phones, printers) are not part of the fleet: their event
+        # carries no node MAC, so they never appear in the node table or status page.
+        node_mac = None if decision in _NOT_FLEET else info.mac
+        self.app.events.record("dhcp", node_mac, f"no reply: {reason}", ip=info.ip,
                                arch=info.arch, client=info.kind.value, outcome="ignored",
-                               reason=reason, decision=decision)
+                               reason=reason, decision=decision,
+                               client_mac=info.mac if node_mac is None else None)
 
     def malformed(self, reason: str, data: bytes) -> None:
         self.dropped += 1

@@ -193,8 +193,11 @@ def test_plain_dhcp_client_gets_nothing(tmp_path):
     app, r = make(tmp_path)
     assert ask(r, c.plain_discover("02:00:00:00:00:01", 1)) is None
     assert count(app, "other", "not-boot-client") == 1
-    ev = app.events.timeline("02:00:00:00:00:01")[-1]
-    assert ev.fields["outcome"] == "ignored"
+    assert app.events.timeline("02:00:00:00:00:01") == [], "LAN devices are not fleet nodes"
+    assert "02:00:00:00:00:01" not in app.events.nodes
+    ev = app.events.recent()[-1]
+    assert ev.mac is None and ev.fields["outcome"] == "ignored"
+    assert ev.fields["client_mac"] == "02:00:00:00:00:01"
 
 
 @pytest.mark.parametrize("mac,decision", [("52:54:00:00:00:0a", "local"),
