@@ -54,6 +54,9 @@ NET_MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_leg
 NFS_MODULES = ["sunrpc", "grace", "lockd", "nfs_acl", "netfs", "fscache", "nfs", "nfsv3"]
 
 MARKER = "NETBOOTD-TEST:"
+#: Bumped whenever the initrd/rootfs scripts change: caches of built images (the
+#: ``netbootd lab`` demo) are keyed by it, so an old build is not reused after a change.
+RECIPE = "3"
 
 
 class BuildError(RuntimeError):
@@ -250,6 +253,10 @@ SERVER="${SPEC%%:*}"
 # busybox mount passes options to the kernel as text: the kernel needs addr= and nolock.
 MOPTS="ro,nolock,vers=3,tcp,addr=$SERVER"
 [ -n "$OPTS" ] && MOPTS="$MOPTS,$OPTS"
+# netbootd.nfs_ports=NFS:MOUNTD names both ports, so the kernel skips its rpcbind queries
+# (useful when rpcbind refuses remote callers).
+PORTS="$(arg netbootd.nfs_ports)"
+[ -n "$PORTS" ] && MOPTS="$MOPTS,port=${PORTS%%:*},mountport=${PORTS#*:},mountproto=tcp"
 ok=
 for i in 1 2 3 4 5; do
     if mount -t nfs -o "$MOPTS" "$SPEC" /mnt/root; then ok=1; break; fi

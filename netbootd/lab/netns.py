@@ -246,7 +246,9 @@ class Topology:
             # own close() is among them.
             raise KeyboardInterrupt(f"signal {signum}")
 
-        for sig in (signal.SIGTERM,):
+        # SIGINT too: a process started in the background by a non-interactive shell
+        # inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self._old_handlers[sig] = signal.signal(sig, handler)
 
     def _restore_signal_handlers(self) -> None:

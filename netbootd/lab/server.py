@@ -93,6 +93,10 @@ class Netbootd:
             "policy": {"unknown": self.unknown},
             "boot": {"default_image": "demo", "default_channel": "prod"},
             "store": {"auto_activate": {"*": "prod"}},
+            # The lab network, not 0.0.0.0/0: ganesha renders that as "*", a host-name
+            # wildcard it matches by reverse DNS, which a lab has none of (measured: flaky
+            # "requires stronger authentication" on mount).
+            "nfs": {"clients": self.lab.network},
         }
         for section, values in self.extra.items():
             if isinstance(values, dict):

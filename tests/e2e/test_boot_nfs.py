@@ -17,7 +17,8 @@ def test_nfs_root_guest_boots_the_active_rootfs(boot_lab, lab_nfs, lab_out, boot
     nfs = lab_nfs(include=exports)
     mac = random_mac()
     bl = boot_lab(
-        nodes={mac: {"hostname": "nfs-1", "image": "demo", "channel": "prod"}},
+        nodes={mac: {"hostname": "nfs-1", "image": "demo", "channel": "prod",
+                     "vars": {"cmdline": nfs.kernel_args}}},
         settings={"nfs": {"backend": "ganesha", "ganesha_config": str(exports),
                           "ganesha_pidfile": str(nfs.dir / "ganesha.pid")}})
     version = bl.publish(boot_image)

@@ -147,13 +147,13 @@ def test_image_nfs_root_reports_to_an_events_sink(netlab, site_dhcp, lab_nfs, bo
                                                    lab_out: Path) -> None:
     """The image end to end without netbootd: DHCP, NFS root via ganesha, both reports."""
     require(GUEST_TOOLS)
-    lab_nfs(static_exports=[boot_image])
+    nfs = lab_nfs(static_exports=[boot_image])
     events = lab_out / "events.jsonl"
     netlab.popen("srv", [sys.executable, "-m", "netbootd.lab.sink", "--port", "8080", "--out",
                          str(events)], log_file=lab_out / "sink.log", cwd=str(REPO))
     srv = netlab.ip("srv")
     append = (f"console=ttyS0 nfsroot={srv}:{boot_image}/rootfs,vers=3,tcp,nolock "
-              f"netbootd.events=http://{srv}:8080/api/v1/events")
+              f"netbootd.events=http://{srv}:8080/api/v1/events {nfs.kernel_args}")
     g = Guest.direct(lab_out, boot_image / "boot/vmlinuz", boot_image / "boot/initrd.img",
                      append, lab=netlab, timeout=90)
     with g:

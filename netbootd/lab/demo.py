@@ -1,0 +1,202 @@
+"""``netbootd lab``: the e2e lab as a one-command demo.
+
+Builds (or reuses) the demo image, starts a lab in network namespaces (site DHCP server,
+netbootd, and an NFS server when ganesha is installed), boots one QEMU guest from netbootd,
+streams its serial console, prints where the status page is, and tears everything down on
+exit or Ctrl-C. Nothing is added to the host's own network configuration; the status page
+is reached through a loopback port forward (``--ui-port``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .forward import Forwarder
+from .guests import Guest, ovmf_path, random_mac
+from .netns import LabError, Topology
+from .nfs import NfsServer
+from .server import Netbootd
+from .sitedhcp import SiteDhcp
+from .tools import GUEST_TOOLS, LAB_TOOLS, NFS_TOOLS, REPO, drop_build, lab_problem, load_builder
+
+ANSI = re.compile(r"\x1b\[[0-9;?=]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
+DEMO_CACHE = REPO / "images" / "cache" / "lab-demo"
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``netbootd lab`` on the CLI's subparsers."""
+    p = sub.add_parser("lab", help="boot a QEMU guest from netbootd in a throw-away network lab",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--firmware", choices=("bios", "uefi"), default="bios",
+                   help="guest firmware: SeaBIOS + iPXE ROM, or OVMF (UEFI)")
+    p.add_argument("--no-nfs", action="store_true",
+                   help="boot the initrd only, even if nfs-ganesha is installed")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the demo image")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where logs go (default: test-output/lab-demo-<time>)")
+    p.add_argument("--ui-port", type=int, default=18080,
+                   help="loopback port forwarded to the status page (0 = none)")
+    p.add_argument("--once", action="store_true",
+                   help="exit (and clean up) as soon as the guest has booted")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds the guest may take to boot")
+    p.set_defaults(func=run_lab)
+
+
+def _say(msg: str) -> None:
+    print(f"netbootd lab: {msg}", flush=True)
+
+
+def demo_image(rebuild: bool = False) -> Path:
+    """The cached demo build (images/cache/lab-demo/<version>), built when missing/invalid."""
+    builder = load_builder()
+    prefix = f"recipe{builder.RECIPE}-"
+    if not rebuild and DEMO_CACHE.is_dir():
+        for build in sorted(DEMO_CACHE.glob(prefix + "*"), reverse=True):
+            if (build / "manifest.json").exists() and not builder.verify_build(build):
+                _say(f"reusing demo image {build.name}")
+                return build
+    DEMO_CACHE.mkdir(parents=True, exist_ok=True)
+    version = builder.default_version()
+    _say("building the demo image (Debian cloud kernel + busybox initrd and rootfs)")
+    return builder.build(name="demo", version=version, marker=f"netbootd lab demo {version}",
+                         pi=False, cache=REPO / "images" / "cache",
+                         out=DEMO_CACHE / (prefix + version), incoming=None)
+
+
+def run_lab(args: argparse.Namespace) -> int:
+    """Run the demo; returns the process exit code (0 = the guest booted)."""
+    use_nfs = not args.no_nfs and lab_problem(NFS_TOOLS) is None
+    problem = lab_problem(LAB_TOOLS + GUEST_TOOLS)
+    if problem:
+        print(f"netbootd lab: cannot run: {problem}", file=sys.stderr)
+        return 1
+    if args.firmware == "uefi" and ovmf_path() is None:
+        print("netbootd lab: UEFI needs OVMF: apt-get install ovmf", file=sys.stderr)
+        return 1
+    try:
+        build = demo_image(args.rebuild)
+    except Exception as exc:  # noqa: BLE001 - builder errors carry their own advice
+        print(f"netbootd lab: demo image build failed: {exc}", file=sys.stderr)
+        return 1
+    out = args.out or REPO / "test-output" / time.strftime("lab-demo-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with Topology() as lab:
+            return _run(args, lab, out, build, use_nfs)
+    except KeyboardInterrupt:
+        _say("interrupted; lab torn down")
+        return 130
+    except LabError as exc:
+        print(f"netbootd lab: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        _say(f"logs kept in {out}")
+
+
+def _run(args: argparse.Namespace, lab: Topology, out: Path, build: Path,
+         use_nfs: bool) -> int:
+    _say(f"lab {lab.name}: namespaces {', '.join(lab.ns(r) for r in lab.roles)}; "
+         f"network {lab.network}")
+    SiteDhcp(lab, out).start()
+    _say(f"site DHCP (dnsmasq) on {lab.ip('dhcp')}, pool {lab.pool[0]}-{lab.pool[1]}")
+    settings: dict[str, Any] = {}
+    if use_nfs:
+        exports = out / "nfs" / "netbootd-exports.conf"
+        nfs = NfsServer(lab, out, include=exports).start()
+        settings["nfs"] = {"backend": "ganesha", "ganesha_config": str(exports),
+                           "ganesha_pidfile": str(nfs.dir / "ganesha.pid")}
+        _say(f"NFS server (rpcbind + ganesha) on {lab.ip('srv')}")
+    mac = random_mac()
+    node: dict[str, Any] = {"hostname": "demo-1", "image": "demo", "channel": "prod",
+                            "vars": {"nfs_root": use_nfs}}
+    if use_nfs:
+        node["vars"]["cmdline"] = nfs.kernel_args
+    nbd = Netbootd(lab, out, nodes={mac: node}, settings=settings).start()
+    _say(f"netbootd on {lab.ip('srv')} (log {nbd.log})")
+    version = json.loads((build / "manifest.json").read_text())["version"]
+    drop_build(build, nbd.incoming)
+    if not nbd.wait_active("demo", version, timeout=60):
+        raise LabError(f"demo {version} was not activated; see {nbd.log}")
+    _say(f"image demo {version} active on prod")
+    fwd = None
+    if args.ui_port:
+        try:
+            fwd = Forwarder(lab.ns("srv"), (lab.ip("srv"), nbd.http_port), args.ui_port).start()
+            _say(f"status page: http://127.0.0.1:{args.ui_port}/  (API: /api/v1/nodes)")
+        except OSError as exc:
+            _say(f"no status page forward on 127.0.0.1:{args.ui_port}: {exc}")
+    _say(f"inside the lab: ip netns exec {lab.ns('srv')} curl {nbd.base_url}/api/v1/nodes")
+    guest = Guest.netboot(lab, out, firmware=args.firmware, mac=mac, name="demo-guest",
+                          timeout=args.timeout + 3600)
+    _say(f"booting a {args.firmware.upper()} guest ({mac}); console follows")
+    done = "NETBOOTD-TEST: reported provisioned" if use_nfs else "NETBOOTD-TEST: reported booted"
+    try:
+        guest.start()
+        ok = _stream(guest, done, args.timeout)
+        state = nbd.node(mac) or {}
+        if not ok:
+            _say(f"the guest did not boot within {args.timeout:.0f}s; see {guest.console}")
+            return 1
+        _say(f"guest booted: phase {state.get('phase')}, image {state.get('image')} "
+             f"{state.get('version')}, ip {state.get('ip')} in {guest.elapsed():.1f}s")
+        if args.once:
+            return 0
+        _say("the guest keeps running; press Ctrl-C to stop and clean up")
+        while guest.running():
+            _stream(guest, r"(?!x)x", 3600)
+        return 0
+    finally:
+        guest.stop()
+        if fwd is not None:
+            fwd.stop()
+        nbd.stop()
+
+
+def _stream(guest: Guest, done: str, timeout: float) -> bool:
+    """Copy new console output to stdout until ``done`` (regex) appears or time runs out."""
+    rx = re.compile(done)
+    pos = getattr(guest, "_streamed", 0)
+    deadline = time.monotonic() + timeout
+    found = False
+    while time.monotonic() < deadline and guest.running():
+        try:
+            with open(guest.console, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+        except OSError:
+            chunk = b""
+        if chunk:
+            pos += len(chunk)
+            text = ANSI.sub("", chunk.decode(errors="replace"))
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            if rx.search(guest.text()):
+                found = True
+                break
+        time.sleep(0.2)
+    guest._streamed = pos  # type: ignore[attr-defined]
+    return found or bool(rx.search(guest.text()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m netbootd.lab.demo``: the same as ``netbootd lab``."""
+    ap = argparse.ArgumentParser(prog="netbootd-lab")
+    sub = ap.add_subparsers()
+    add_parser(sub)
+    args = ap.parse_args(["lab", *(argv if argv is not None else sys.argv[1:])])
+    return run_lab(args)
+
+
+if __name__ == "__main__":
+    if os.geteuid() != 0:
+        print("netbootd lab: needs root (network namespaces, taps)", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(main())
