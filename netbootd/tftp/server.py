@@ -1,0 +1,306 @@
+"""The TFTP service: listeners on :69 (per served address), request admission, accounting.
+
+A listener only parses requests; each accepted RRQ becomes a
+:class:`~netbootd.tftp.transfer.Transfer` on its own ephemeral port (the TID,
+RFC 1350), bound to the local address the request arrived on, so replies come
+from the address the client talked to. With a wildcard bind that address comes
+from ``IP_PKTINFO``. Refusals (file not found, WRQ, limits) are sent from a fresh
+ephemeral port as well, as RFC 1350 asks.
+
+A listener never dies: every parse failure is dropped and counted in
+``netbootd_malformed_inputs{service="tftp"}``, every unexpected exception while
+admitting a request is logged, counted and answered with ERROR 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import codec
+from .engine import EngineLoop
+from .transfer import Negotiated, Transfer, negotiate
+from .vfs import FileSource, Refused, VirtualTree
+
+if TYPE_CHECKING:
+    from ..app import App
+
+log = logging.getLogger("netbootd.tftp")
+
+SERVICE = "tftp"
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python 3.11 lacks the name
+_ANC_SIZE = socket.CMSG_SPACE(12)  # struct in_pktinfo
+#: netascii is converted in memory; bigger files must use octet (every boot ROM does).
+NETASCII_MAX = 16 * 1024 * 1024
+
+
+def _to_netascii(data: bytes) -> bytes:
+    """RFC 764 NVT: CR -> CR NUL, LF -> CR LF."""
+    return data.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
+
+
+class TftpService:
+    """``name``, ``start()``, ``stop()``, ``health()`` per :class:`netbootd.app.Service`."""
+
+    name = SERVICE
+
+    def __init__(self, app: App, tree: VirtualTree | None = None, *,
+                 engine: str = "thread") -> None:
+        """``engine``: ``thread`` (default: transfers on a dedicated epoll thread, see
+        :mod:`netbootd.tftp.engine` for the measurements) or ``asyncio`` (the caller's
+        running loop; same transfer code)."""
+        if engine not in ("thread", "asyncio"):
+            raise ValueError(f"unknown TFTP engine {engine!r}")
+        self.app = app
+        self.tree = tree or VirtualTree(app)
+        self.engine = engine
+        self._loop: asyncio.AbstractEventLoop | EngineLoop | None = None
+        self._listeners: list[tuple[socket.socket, str]] = []
+        #: open transfer -> its (client ip, port, requested name) key
+        self._transfers: dict[Transfer, tuple[str, int, str]] = {}
+        self._per_client: dict[str, int] = {}
+        #: (client ip, port, file name) of open transfers: a resent RRQ is not a new one.
+        self._open_keys: set[tuple[str, int, str]] = set()
+        self.bound: list[str] = []
+        m = app.metrics
+        self._malformed_counter = m.malformed.labels(SERVICE)
+        self._active = m.active_transfers.labels(SERVICE)
+        self._bytes = m.bytes_sent.labels(SERVICE)
+        self._seconds = m.transfer_seconds.labels(SERVICE)
+
+    # -- Service ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop: asyncio.AbstractEventLoop | EngineLoop
+        loop = EngineLoop() if self.engine == "thread" else asyncio.get_running_loop()
+        self._loop = loop
+        for warning in self.tree.startup_warnings():
+            log.warning("tftp: %s", warning)
+        t = self.app.settings.tftp
+        addrs = [a.strip() for a in t.bind.split(",") if a.strip()] or ["0.0.0.0"]
+        try:
+            for addr in addrs:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                try:
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                    sock.bind((addr, t.port))
+                except OSError:
+                    sock.close()
+                    raise
+                self._listeners.append((sock, addr))
+                loop.add_reader(sock.fileno(), self._on_request, sock, addr)
+                host, port = sock.getsockname()[:2]
+                self.bound.append(f"{host}:{port}")
+        except OSError:
+            await self.stop()
+            raise
+        if isinstance(loop, EngineLoop):
+            loop.run_in_thread()  # readers are registered: no cross-thread race
+        log.info("tftp: listening on %s (%s engine)", ", ".join(self.bound), self.engine)
+
+    async def stop(self) -> None:
+        """Abort every transfer (clients get ERROR 0), close the listeners, end the thread."""
+        loop = self._loop
+        if isinstance(loop, EngineLoop) and loop.running:
+            loop.call_soon_threadsafe(self._shutdown)
+            await asyncio.to_thread(loop.stop, 1.0)
+        else:
+            self._shutdown()
+            if isinstance(loop, EngineLoop):
+                loop.close()  # the thread never started (bind failed)
+
+    def _shutdown(self) -> None:
+        for tr in list(self._transfers):
+            tr.abort("server stopping")
+        loop = self._loop
+        for sock, _ in self._listeners:
+            if loop is not None:
+                try:
+                    loop.remove_reader(sock.fileno())
+                except (ValueError, OSError):
+                    pass
+            sock.close()
+        self._listeners.clear()
+        self.bound = []
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": bool(self._listeners), "bound": list(self.bound),
+                "active": len(self._transfers)}
+
+    @property
+    def active(self) -> int:
+        return len(self._transfers)
+
+    # -- listener ---------------------------------------------------------------------------
+    def _malformed(self) -> None:
+        self._malformed_counter.inc()
+
+    def _on_request(self, sock: socket.socket, bound_addr: str) -> None:
+        try:
+            data, anc, flags, addr = sock.recvmsg(codec.MAX_REQUEST + 1, _ANC_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.debug("tftp: listener recv failed: %s", exc)
+            return
+        try:
+            self._handle(data, anc, flags, addr, bound_addr)
+        except Exception:
+            log.exception("tftp: internal error handling a request from %s", addr)
+            self.app.metrics.errors.labels(SERVICE).inc()
+
+    def _handle(self, data: bytes, anc: list, flags: int, addr: tuple[str, int],
+                bound_addr: str) -> None:
+        if flags & socket.MSG_TRUNC or len(data) > codec.MAX_REQUEST:
+            self._malformed()
+            return
+        local_ip = bound_addr
+        if local_ip == "0.0.0.0":
+            local_ip = _pktinfo_local(anc) or "0.0.0.0"
+        try:
+            op = codec.opcode_of(data)
+            if op == codec.RRQ:
+                req = codec.parse_request(data)
+            elif op == codec.WRQ:
+                req = codec.parse_request(data)
+                self._refuse(local_ip, addr, codec.ERR_ACCESS,
+                             "Access violation: this server is read-only")
+                self.app.metrics.requests.labels(SERVICE, "refused").inc()
+                return
+            else:
+                raise codec.Malformed(f"opcode {op} on the listener")
+        except codec.Malformed as exc:
+            log.debug("tftp: dropped malformed datagram from %s: %s", addr, exc)
+            self._malformed()
+            return
+        self._rrq(req, addr, local_ip)
+
+    # -- admission --------------------------------------------------------------------------
+    def _rrq(self, req: codec.Request, addr: tuple[str, int], local_ip: str) -> None:
+        client_ip, client_port = addr[0], addr[1]
+        key = (client_ip, client_port, req.filename)
+        if key in self._open_keys:
+            return  # a resent RRQ: the open transfer's own timer resends its packet
+        t = self.app.settings.tftp
+        if len(self._transfers) >= t.max_transfers:
+            self._refuse_counted(local_ip, addr, codec.ERR_UNDEFINED,
+                                 "Server busy: too many transfers, retry later", "busy")
+            return
+        if self._per_client.get(client_ip, 0) >= t.max_per_client:
+            self._refuse_counted(local_ip, addr, codec.ERR_UNDEFINED,
+                                 "Server busy: too many transfers from this client", "busy")
+            return
+        if req.mode not in ("octet", "netascii"):
+            self._refuse_counted(local_ip, addr, codec.ERR_ILLEGAL_OP,
+                                 f"Unsupported mode {req.mode!r} (use octet)", "refused")
+            return
+        try:
+            src = self.tree.open(req.filename, client_ip, local_ip)
+        except Refused as r:
+            log.debug("tftp: %s %r refused: %s", client_ip, req.filename, r.log_reason)
+            outcome = "not_found" if r.code == codec.ERR_NOT_FOUND else "refused"
+            self._refuse_counted(local_ip, addr, r.code, r.message, outcome)
+            if r.code == codec.ERR_ACCESS:
+                self.app.events.record("tftp", self.app.clients.mac_for(client_ip),
+                                       f"refused {req.filename!r}: {r.log_reason}",
+                                       file=req.filename[:100], ip=client_ip, outcome="error")
+            return
+        if req.mode == "netascii":
+            if src.size > NETASCII_MAX:
+                src.close()
+                self._refuse_counted(local_ip, addr, codec.ERR_UNDEFINED,
+                                     "netascii not supported for large files, use octet",
+                                     "refused")
+                return
+            text = _to_netascii(bytes(src.data))
+            src.close()
+            src = FileSource(text, len(text), src.name, src.mac, src.image, src.version)
+        params = negotiate(req.options, size=src.size, blksize_max=t.blksize_max,
+                           windowsize_max=t.windowsize_max,
+                           default_timeout=t.retransmit_timeout)
+        self._start_transfer(src, params, addr, local_ip, key)
+
+    def _start_transfer(self, src: FileSource, params: Negotiated, addr: tuple[str, int],
+                        local_ip: str, key: tuple[str, int, str]) -> None:
+        assert self._loop is not None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((local_ip, 0))
+        except OSError as exc:
+            sock.close()
+            src.close()
+            log.warning("tftp: cannot open a transfer socket on %s: %s", local_ip, exc)
+            self._refuse_counted(local_ip, addr, codec.ERR_UNDEFINED, "Server error", "error")
+            return
+        tr = Transfer(self._loop, sock, (addr[0], addr[1]), src, params,
+                      retries=self.app.settings.tftp.retries, on_done=self._done,
+                      on_malformed=self._malformed, label=src.name)
+        self._transfers[tr] = key
+        self._open_keys.add(key)
+        self._per_client[addr[0]] = self._per_client.get(addr[0], 0) + 1
+        self._active.inc()
+        tr.start()
+
+    def _done(self, tr: Transfer, outcome: str, reason: str) -> None:
+        """Accounting for one finished transfer: metrics, event, log."""
+        key = self._transfers.pop(tr, None)
+        if key is not None:
+            self._open_keys.discard(key)
+        ip, port = tr.peer
+        n = self._per_client.get(ip, 1) - 1
+        if n > 0:
+            self._per_client[ip] = n
+        else:
+            self._per_client.pop(ip, None)
+        self._active.dec()
+        seconds = time.monotonic() - tr.started
+        m = self.app.metrics
+        m.requests.labels(SERVICE, outcome).inc()
+        self._bytes.inc(tr.payload_sent)
+        if outcome == "ok":
+            self._seconds.observe(seconds)
+        src: FileSource = tr.source  # type: ignore[assignment]
+        self.app.events.record(
+            "tftp", src.mac, "" if outcome == "ok" else reason, file=src.name,
+            bytes=tr.bytes_acked, seconds=round(seconds, 3), outcome=outcome, image=src.image,
+            version=src.version, ip=ip)
+        if outcome == "error":
+            log.warning("tftp: %s to %s:%d failed after %.1fs: %s", src.name, ip, port,
+                        seconds, reason)
+        else:
+            log.debug("tftp: %s to %s:%d %s (%d bytes, %.3fs) %s", src.name, ip, port,
+                      outcome, tr.bytes_acked, seconds, reason)
+
+    # -- refusals ---------------------------------------------------------------------------
+    def _refuse_counted(self, local_ip: str, addr: tuple[str, int], code: int, msg: str,
+                        outcome: str) -> None:
+        self.app.metrics.requests.labels(SERVICE, outcome).inc()
+        self._refuse(local_ip, addr, code, msg)
+
+    def _refuse(self, local_ip: str, addr: tuple[str, int], code: int, msg: str) -> None:
+        """Send ERROR from a fresh ephemeral port (a new TID, as for a transfer)."""
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.setblocking(False)
+                s.bind((local_ip, 0))
+                s.sendto(codec.build_error(code, msg), addr)
+        except OSError as exc:
+            log.debug("tftp: cannot send ERROR to %s: %s", addr, exc)
+
+
+def _pktinfo_local(anc: list) -> str | None:
+    """The local address a datagram arrived on (``ipi_spec_dst`` of ``in_pktinfo``)."""
+    for level, kind, data in anc:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            return socket.inet_ntoa(data[4:8])
+    return None
+
+
+def create(app: App) -> TftpService:
+    """Factory named in ``netbootd.app.SERVICE_FACTORIES``."""
+    return TftpService(app)

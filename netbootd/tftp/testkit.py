@@ -1,0 +1,100 @@
+"""Scaffolding for TFTP tests and the benchmark: a small real App around one image.
+
+Only the *policy* is simplified (:class:`FixedImages` always resolves to one
+image directory, the honest fake of the store); the protocol side is the real
+engine on real sockets, talked to by real clients.
+"""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from ..app import App
+from ..events import EventLog
+from ..inventory import Inventory, load_inventory
+from ..metrics import Metrics
+from ..model import ImageRef
+from ..neighbours import ClientAddresses
+from ..planner import Planner
+from ..render import Renderer
+from ..settings import load_settings
+from .server import TftpService
+
+CMDLINE_TEMPLATE = "console=serial0 root=/dev/nfs nfsroot={{ nfs.root_spec }} " \
+                   "netbootd.mac={{ node.mac }} server={{ server.ip }} version={{ version }}\n"
+CONFIG_TEMPLATE = "# netbootd: {{ node.hostname }} {{ version }}\n"
+
+
+class FixedImages:
+    """An image resolver whose store holds exactly one version of one image."""
+
+    def __init__(self, root: Path, *, name: str = "demo", version: str = "1",
+                 boot_tree: str = "boot") -> None:
+        self.ref = ImageRef(name=name, version=version, root=root, kind="pi-boot+rootfs",
+                            channel="prod",
+                            boot={"boot_tree": boot_tree, "rootfs": "rootfs"})
+
+    def resolve(self, image: str, channel: str, pin: str | None, *, mac: str | None = None
+                ) -> ImageRef | None:
+        return self.ref
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def write_templates(directory: Path) -> Path:
+    (directory / "rpi").mkdir(parents=True, exist_ok=True)
+    (directory / "rpi" / "cmdline.txt.j2").write_text(CMDLINE_TEMPLATE)
+    (directory / "rpi" / "config.txt.j2").write_text(CONFIG_TEMPLATE)
+    return directory
+
+
+def make_app(work: Path, image_root: Path, *, tftp: dict[str, Any] | None = None,
+             nodes_yaml: str | None = None, policy: str = "default") -> App:
+    """An App with ``image_root`` as the only image and settings for 127.0.0.1:<free port>.
+
+    ``nodes_yaml`` (inventory text) is optional; without it the default profile
+    boots every machine (``policy.unknown = default``).
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    templates = write_templates(work / "templates")
+    overrides: dict[str, Any] = {
+        "tftp": {"bind": "127.0.0.1", "port": free_udp_port(), **(tftp or {})},
+        "paths": {"templates": str(templates), "state": str(work / "state"),
+                  "images": str(work / "images")},
+        "policy": {"unknown": policy},
+    }
+    settings = load_settings(None, overrides, use_default_path=False)
+    if nodes_yaml is not None:
+        inv_path = work / "nodes.yaml"
+        inv_path.write_text(textwrap.dedent(nodes_yaml))
+        inventory = load_inventory(inv_path)
+    else:
+        inventory = Inventory.empty()
+    app_box: dict[str, App] = {}
+    planner = Planner(lambda: app_box["app"].settings, lambda: app_box["app"].inventory,
+                      FixedImages(image_root))
+    app = App(settings=settings, inventory=inventory, planner=planner,
+              render=Renderer(settings), events=EventLog(None), metrics=Metrics(),
+              clients=ClientAddresses(use_kernel=False))
+    app_box["app"] = app
+    return app
+
+
+@asynccontextmanager
+async def running(app: App, *, engine: str = "thread") -> AsyncIterator[TftpService]:
+    """The TFTP service started on the app's settings; always stopped afterwards."""
+    svc = TftpService(app, engine=engine)
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop()

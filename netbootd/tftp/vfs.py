@@ -1,0 +1,258 @@
+"""The per-client virtual TFTP tree: a request path is a *name*, never a disk path.
+
+A name resolves to bytes in one of three ways:
+
+1. a root file that is an iPXE binary (``undionly.kpxe``, ``ipxe.efi``, ...) ->
+   ``settings.tftp.ipxe_dir`` / ``extra_ipxe_dirs``;
+2. a Raspberry Pi path ``<prefix>/<file>`` (prefix = 8-hex serial, MAC with dashes, or
+   ``settings.rpi.prefix_string``) or a root path of a Pi that dropped its prefix
+   (client IP -> MAC) -> the planner's :class:`BootPlan` for that machine -> a file of
+   the planned image version's boot tree, or a rendered ``cmdline.txt`` /
+   ``config.txt``;
+3. anything else -> ERROR 1 (the Pi then tries its next candidate).
+
+Files are opened from the version directory the plan names; versions are
+immutable and an open mmap keeps the inode alive, so a hot swap never changes the
+bytes of a transfer in flight. Containment is checked on the *resolved* path, so a
+symlink in an image cannot point a client outside its boot tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..model import BootPlan, ClientFacts, ClientKind, normalise_mac
+from . import codec
+
+if TYPE_CHECKING:
+    from ..app import App
+
+log = logging.getLogger("netbootd.tftp.vfs")
+
+#: iPXE binaries served from the root for PXE clients (the DHCP boot file names in
+#: settings.dhcp are added at run time, so a renamed boot file keeps working).
+IPXE_NAMES = frozenset({
+    "undionly.kpxe", "undionly.kkpxe", "undionly.kkkpxe", "ipxe.pxe", "ipxe.kpxe",
+    "ipxe.efi", "snponly.efi", "snp.efi", "ipxe-arm64.efi", "ipxe.lkrn",
+})
+
+#: Files up to this size are read into memory at open; larger ones are mmapped (one
+#: syscall to map, none per block, pages shared by every transfer of the same file).
+SMALL_FILE = 256 * 1024
+
+_SERIAL = re.compile(r"[0-9a-f]{8}")
+_MAC_DASHED = re.compile(r"[0-9a-f]{2}(-[0-9a-f]{2}){5}")
+_MAX_PATH = 255
+
+
+class Refused(Exception):
+    """The request cannot be served; ``code``/``message`` go into the ERROR packet."""
+
+    def __init__(self, code: int, message: str, *, log_reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.log_reason = log_reason or message
+
+
+def not_found(why: str) -> Refused:
+    return Refused(codec.ERR_NOT_FOUND, "File not found", log_reason=why)
+
+
+@dataclass(slots=True)
+class FileSource:
+    """Bytes for one transfer plus who/what they are for (event fields)."""
+
+    data: bytes | mmap.mmap
+    size: int
+    name: str
+    mac: str | None = None
+    image: str | None = None
+    version: str | None = None
+    origin: str = field(default="", repr=False)  #: disk path or "rendered"
+
+    def close(self) -> None:
+        if isinstance(self.data, mmap.mmap):
+            self.data.close()
+
+
+def normalise(path: str) -> list[str]:
+    """Split a request path into safe components.
+
+    ``//`` and a leading ``/`` are normalised away (Pi 5 asks for
+    ``<serial>//cmdline.txt``), ``.`` components are dropped; ``..``, NUL, control
+    characters and backslashes are refused outright rather than interpreted.
+    """
+    if len(path) > _MAX_PATH:
+        raise Refused(codec.ERR_ACCESS, "Access violation", log_reason="path too long")
+    if any(ord(c) < 32 or ord(c) == 127 or c == "\\" for c in path):
+        raise Refused(codec.ERR_ACCESS, "Access violation",
+                      log_reason="control character or backslash in path")
+    parts = [p for p in path.split("/") if p and p != "."]
+    if any(p == ".." for p in parts):
+        raise Refused(codec.ERR_ACCESS, "Access violation", log_reason="'..' in path")
+    if not parts:
+        raise not_found("empty path")
+    return parts
+
+
+def open_file(path: Path) -> tuple[bytes | mmap.mmap, int]:
+    """Open a regular file for serving: small ones as bytes, large ones as an mmap.
+    The descriptor is closed at once either way (a mapping does not need it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        if size <= SMALL_FILE:
+            chunks, off = [], 0
+            while off < size:
+                chunk = os.pread(fd, size - off, off)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                off += len(chunk)
+            data = b"".join(chunks)
+            return data, len(data)
+        return mmap.mmap(fd, size, access=mmap.ACCESS_READ), size
+    finally:
+        os.close(fd)
+
+
+def _contained(base: Path, rel: str) -> Path | None:
+    """``base/rel`` resolved (symlinks followed), or None when it leaves ``base``."""
+    try:
+        target = (base / rel).resolve()
+        target.relative_to(base)
+    except (ValueError, OSError, RuntimeError):
+        return None
+    return target
+
+
+class VirtualTree:
+    """Resolves (path, client) -> :class:`FileSource` through the planner."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    # -- configuration checks ---------------------------------------------------------------
+    def ipxe_dirs(self) -> list[Path]:
+        t = self.app.settings.tftp
+        return [t.ipxe_dir, *t.extra_ipxe_dirs]
+
+    def ipxe_names(self) -> frozenset[str]:
+        d = self.app.settings.dhcp
+        return IPXE_NAMES | {d.bios_bootfile, d.uefi_x64_bootfile, d.uefi_arm64_bootfile}
+
+    def startup_warnings(self) -> list[str]:
+        """Problems an operator should see at start (missing iPXE directory/binaries)."""
+        dirs = self.ipxe_dirs()
+        found = [d for d in dirs if d.is_dir()]
+        if not found:
+            return [(f"no iPXE directory found ({', '.join(map(str, dirs))}); PXE clients "
+                    "will get 'File not found' (install Debian's 'ipxe' package or set "
+                    "tftp.ipxe_dir)")]
+        d = self.app.settings.dhcp
+        return [f"iPXE boot file {name!r} not found in {', '.join(map(str, found))}"
+                for name in (d.bios_bootfile, d.uefi_x64_bootfile)
+                if not any((p / name).is_file() for p in found)]
+
+    # -- resolution -------------------------------------------------------------------------
+    def open(self, path: str, client_ip: str, local_ip: str) -> FileSource:
+        """The bytes a client gets for ``path``; raises :class:`Refused`."""
+        parts = normalise(path)
+        name = "/".join(parts)
+        if len(parts) == 1 and parts[0] in self.ipxe_names():
+            return self._ipxe(parts[0], client_ip)
+        return self._pi(parts, name, client_ip, local_ip)
+
+    def _ipxe(self, name: str, client_ip: str) -> FileSource:
+        for d in self.ipxe_dirs():
+            p = d / name
+            if p.is_file():
+                data, size = open_file(p)
+                return FileSource(data, size, name, mac=self.app.clients.mac_for(client_ip),
+                                  origin=str(p))
+        raise not_found(f"iPXE binary {name} not in {', '.join(map(str, self.ipxe_dirs()))}")
+
+    def _pi(self, parts: list[str], name: str, client_ip: str, local_ip: str) -> FileSource:
+        serial: str | None = None
+        mac: str | None = None
+        rest = parts
+        if len(parts) > 1:
+            first = parts[0].lower()
+            prefix_string = self.app.settings.rpi.prefix_string
+            if _SERIAL.fullmatch(first):
+                serial = first
+                mac = self.app.inventory.mac_for_serial(serial)
+                rest = parts[1:]
+            elif _MAC_DASHED.fullmatch(first):
+                mac = normalise_mac(first)
+                rest = parts[1:]
+            elif prefix_string and parts[0] == prefix_string.strip("/"):
+                rest = parts[1:]
+        if mac is None:
+            mac = self.app.clients.mac_for(client_ip)
+        if mac is None:
+            raise not_found(f"no MAC known for {client_ip} (prefix {parts[0]!r})")
+        facts = ClientFacts(mac=mac, kind=ClientKind.RPI, serial=serial, ip=client_ip)
+        plan = self.app.planner.plan(facts)
+        if not plan.answers or plan.image is None:
+            raise not_found(f"plan for {mac}: {plan.action.value} ({plan.reason})")
+        rel = "/".join(rest)
+        image = plan.image
+        meta = {"mac": mac, "image": image.name, "version": image.version}
+        if rel == "cmdline.txt":
+            text = self.rendered("cmdline.txt", plan, local_ip).encode()
+            return FileSource(text, len(text), name, origin="rendered", **meta)
+        boot = self._boot_tree(plan)
+        if rel == "config.txt":
+            base = b""
+            target = _contained(boot, rel)
+            if target is not None and target.is_file():
+                data, _ = open_file(target)
+                base = bytes(data)
+                if base and not base.endswith(b"\n"):
+                    base += b"\n"
+            text = base + self.rendered("config.txt", plan, local_ip).encode()
+            return FileSource(text, len(text), name, origin="rendered", **meta)
+        target = _contained(boot, rel)
+        if target is None:
+            raise Refused(codec.ERR_ACCESS, "Access violation",
+                          log_reason=f"{rel!r} leaves the boot tree of {image.name}")
+        if not target.is_file():
+            raise not_found(f"{rel} not in {image.name} {image.version}")
+        data, size = open_file(target)
+        return FileSource(data, size, name, origin=str(target), **meta)
+
+    def _boot_tree(self, plan: BootPlan) -> Path:
+        image = plan.image
+        assert image is not None
+        root = image.root.resolve()
+        boot = _contained(root, image.boot.get("boot_tree", "boot") or "boot")
+        if boot is None:
+            raise Refused(codec.ERR_ACCESS, "Access violation",
+                          log_reason=f"boot_tree of {image.name} leaves the image")
+        return boot
+
+    def rendered(self, artefact: str, plan: BootPlan, local_ip: str) -> str:
+        """Render a per-node file. Kept behind one function so the engine does not
+        depend on how rendering works; a template error is a refusal the operator sees
+        in the log and the event timeline, never a crash."""
+        from ..render import RenderError, ServerInfo
+
+        s = self.app.settings
+        ip = str(s.network.advertise) if s.network.advertise else local_ip
+        try:
+            return self.app.render.render(
+                artefact, plan, ServerInfo(ip=ip, http_port=s.http.port,
+                                           public_url=s.http.public_url))
+        except RenderError as exc:
+            log.error("tftp: cannot render %s for %s: %s", artefact, plan.mac, exc)
+            raise Refused(codec.ERR_UNDEFINED, f"cannot render {artefact}",
+                          log_reason=str(exc)) from exc
