@@ -143,7 +143,7 @@ async def test_resent_rrq_from_same_port_is_not_a_second_transfer(pi_server):
     """The Pi resends an unanswered RRQ from the same port: one transfer, not two."""
     import socket
 
-    app, svc, server = pi_server
+    _, svc, server = pi_server
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
     s.settimeout(2)
