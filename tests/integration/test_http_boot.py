@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import aiohttp
@@ -337,3 +338,27 @@ def test_nothing_to_boot_is_not_kept_as_a_session_so_the_retry_sees_a_new_image(
     assert app.planner.current(NODE_A) is None
     app.planner.images.channels[("demo", "prod")] = "1.0"  # an image arrives
     assert "boots demo 1.0" in curl(ipxe_url(server, NODE_A))[2].decode()
+
+
+def test_stop_is_quick_with_a_download_in_flight(tmp_path):
+    # 32 MiB: more than loopback socket buffers hold, so the transfer is really in flight
+    with ServerThread(make_app(tmp_path, kernel_size=32 << 20)) as server:
+        _stop_during_download(server)
+
+
+def _stop_during_download(server: ServerThread) -> None:
+    slow = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--limit-rate", "1M",
+                             f"{server.url}/files/demo/1.0/boot/vmlinuz"])
+    try:
+        deadline = time.monotonic() + 5
+        gauge = {"service": "http"}
+        while time.monotonic() < deadline and not server.app.metrics.registry.get_sample_value(
+                "netbootd_active_transfers", gauge):
+            time.sleep(0.05)
+        assert server.app.metrics.registry.get_sample_value("netbootd_active_transfers", gauge)
+        t0 = time.monotonic()
+        server.call(server.service.stop())
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        slow.kill()
+        slow.wait()
