@@ -161,6 +161,12 @@ def _make_filter(dest: Path, allow_devices: bool, keep_owner: bool
         parent = os.path.realpath(os.path.join(root, *parts[:-1]))
         if not _inside(parent, root):
             raise Rejected(f"path {name!r} goes through a symlink out of the build")
+        # ... and so would one whose own path is already a symlink: tarfile opens files
+        # with open(), tolerates mkdir on a symlink to a directory and later chmods /
+        # chowns it, all following the link (a "x -> /" then "x/" dir pair would chmod
+        # the host's /). A sane archive never has a path twice with a symlink first.
+        if os.path.islink(os.path.join(root, *parts)):
+            raise Rejected(f"member {name!r} would replace a symlink of the same path")
         changes: dict[str, Any] = {"name": clean}
         if member.issym():
             _check_symlink(clean, member.linkname)
