@@ -55,6 +55,10 @@ from .manifest import MANIFEST, Manifest, ManifestError, check_name, load_public
 log = logging.getLogger("netbootd.store")
 
 
+#: Activation history entries per image in list_images() (history() has them all).
+LIST_HISTORY = 50
+
+
 class StoreError(ValueError):
     """A user mistake (unknown image/version/channel, nothing to roll back to...)."""
 
@@ -275,8 +279,9 @@ class ImageStore:
                                         if p.get("version") == v
                                         and p.get("image") in (None, image)),
                 })
+            mine = [h for h in hist if h.get("image") == image]
             out.append({"name": image, "channels": chans, "versions": versions,
-                        "history": [h for h in hist if h.get("image") == image]})
+                        "history": mine[-LIST_HISTORY:]})
         return out
 
     def rejected(self) -> list[dict]:
