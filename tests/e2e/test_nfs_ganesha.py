@@ -25,17 +25,18 @@ pytestmark = pytest.mark.slow
 MAC = "d8:3a:dd:00:00:42"
 
 
-def nfs_ls(lab: Topology, path: Path) -> tuple[bool, str]:
-    """List an export from the lab's client namespace: (worked, output)."""
-    p = lab.run_in("pi", ["timeout", "10", "nfs-ls", f"nfs://{lab.ip('srv')}{path}"],
+def nfs_ls(lab: Topology, path: Path, client: str = "pi") -> tuple[bool, str]:
+    """List an export from a client namespace of the lab: (worked, output)."""
+    p = lab.run_in(client, ["timeout", "10", "nfs-ls", f"nfs://{lab.ip('srv')}{path}"],
                    check=False, timeout=15)
     return p.returncode == 0, (p.stdout + p.stderr)
 
 
-def wait_ls(lab: Topology, path: Path, want: bool, timeout: float = 15.0) -> str:
+def wait_ls(lab: Topology, path: Path, want: bool, timeout: float = 15.0,
+            client: str = "pi") -> str:
     deadline = time.monotonic() + timeout
     while True:
-        ok, out = nfs_ls(lab, path)
+        ok, out = nfs_ls(lab, path, client)
         if ok == want:
             return out
         if time.monotonic() > deadline:
@@ -60,7 +61,8 @@ async def test_ganesha_exports_follow_store_and_sessions(netlab, lab_nfs, lab_ou
     include = lab_out / "netbootd-exports.conf"
     nfs_server = lab_nfs(include=include)
     (tmp_path / "nodes.yaml").write_text(
-        f"nodes:\n  {MAC}: {{hostname: pi-01, image: pi, channel: dev}}\n")
+        f"nodes:\n  {MAC}: {{hostname: pi-01, image: pi, channel: dev, "
+        f"ip: {netlab.ip('pi')}}}\n")
     settings = load_settings(None, {
         "paths": {"images": str(tmp_path / "images"), "state": str(tmp_path / "state"),
                   "inventory": str(tmp_path / "nodes.yaml")},
@@ -98,6 +100,12 @@ async def test_ganesha_exports_follow_store_and_sessions(netlab, lab_nfs, lab_ou
         assert await store_svc.run_gc() == [("pi", "1")]
         await asyncio.to_thread(wait_ls, netlab, v1, False)
         assert "etc" in await asyncio.to_thread(wait_ls, netlab, v2, True)
+        # the node's writable state dir: read-write to its own address only
+        state = settings.node_state_dir / "pi-01"
+        (state / "hello").write_text("state")
+        assert "hello" in await asyncio.to_thread(wait_ls, netlab, state, True)
+        ok, out = await asyncio.to_thread(nfs_ls, netlab, state, "dhcp")
+        assert not ok, f"another address mounted pi-01's state: {out}"
         assert nfs.health()["ok"], nfs.health()
         text = include.read_text()
         assert str(v2) in text and str(v1) not in text
