@@ -86,6 +86,8 @@ def test_read_only_calls_open_by_default_and_closed_when_configured(tmp_path):
         assert call(srv, "GET", "/api/v1/nodes")[0] == 401
         assert call(srv, "GET", "/api/v1/nodes", headers=AUTH)[0] == 200
         assert call(srv, "GET", "/metrics")[0] == 401
+        assert call(srv, "GET", "/")[0] == 401
+        assert call(srv, "GET", "/", headers=AUTH)[0] == 200
         # nodes must reach these without a token
         assert call(srv, "GET", "/api/v1/openapi.json")[0] == 200
         assert call(srv, "GET", "/healthz")[0] == 200
