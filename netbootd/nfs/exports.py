@@ -98,6 +98,14 @@ def render_ganesha(exports: list[Export], ids: dict[str, int], *, protocols: str
     blocks = ["# written by netbootd: do not edit (changes are overwritten)\n"]
     for e in exports:
         access = "RW" if e.rw else "RO"
+        # Everyone: export-level access and no CLIENT block. ganesha takes "*" as a
+        # host-name wildcard matched by reverse DNS (flaky on a LAN without PTR records)
+        # and refuses mounts for "0.0.0.0/0" (MNT3ERR_ACCES) -- both measured in the lab.
+        if e.clients == "*":
+            export_access, client = access, ""
+        else:
+            export_access = "None"
+            client = f"    CLIENT {{ Clients = {e.clients}; Access_Type = {access}; }}\n"
         path = str(e.path).replace('"', "")
         blocks.append(f"""# {e.what}
 EXPORT {{
@@ -106,11 +114,10 @@ EXPORT {{
     Pseudo = "{path}";
     Protocols = {protocols};
     Transports = TCP;
-    Access_Type = None;
+    Access_Type = {export_access};
     Squash = No_Root_Squash;
     SecType = sys;
-    CLIENT {{ Clients = {e.clients}; Access_Type = {access}; }}
-    FSAL {{ Name = VFS; }}
+{client}    FSAL {{ Name = VFS; }}
 }}
 """)
     return "\n".join(blocks)

@@ -52,8 +52,10 @@ async def until(pred, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("everyone", [False, True], ids=["lab-network", "0.0.0.0/0"])
 async def test_ganesha_exports_follow_store_and_sessions(netlab, lab_nfs, lab_out: Path,
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, everyone: bool
+                                                         ) -> None:
     if shutil.which("nfs-ls") is None:
         pytest.skip("nfs-ls missing: apt-get install libnfs-utils")
     netlab.add_address("pi", f"{netlab.ip('pi')}/24")  # the NFS client's address
@@ -69,7 +71,8 @@ async def test_ganesha_exports_follow_store_and_sessions(netlab, lab_nfs, lab_ou
         "store": {"keep": 1, "keep_booted_hours": 0, "settle_seconds": 0.1,
                   "gc_interval": 3600},
         "nfs": {"backend": "ganesha", "ganesha_config": str(include),
-                "ganesha_reload": nfs_server.reload_argv(), "clients": netlab.network},
+                "ganesha_reload": nfs_server.reload_argv(),
+                "clients": "0.0.0.0/0" if everyone else netlab.network},
     }, use_default_path=False)
     app = build_app(settings, inventory=load_inventory(tmp_path / "nodes.yaml"))
     store_svc, nfs = StoreService(app), NfsService(app)

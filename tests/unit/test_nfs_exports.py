@@ -70,7 +70,11 @@ def test_ganesha_ids_are_stable_per_path() -> None:
     assert ids2 == {"/b": 101, "/c": 102}, "b keeps its id, c never reuses a's"
     text = render_ganesha([b, c], ids2)
     assert "Export_Id = 101;" in text and 'Path = "/c";' in text
-    assert "Access_Type = None;" in text and "Access_Type = RO;" in text
+    # everyone: export-level access, no CLIENT block (ganesha's "*" needs reverse DNS)
+    assert "Access_Type = RO;" in text and "CLIENT" not in text
+    net = render_ganesha([Export(Path("/n"), "10.0.0.5", True, "state n")], {"/n": 7})
+    assert "Access_Type = None;" in net
+    assert "CLIENT { Clients = 10.0.0.5; Access_Type = RW; }" in net
 
 
 def test_ganesha_backend_writes_only_changes_and_reloads(tmp_path) -> None:
