@@ -20,6 +20,7 @@ import atexit
 import logging
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -33,6 +34,8 @@ from typing import Any, Self
 log = logging.getLogger("netbootd.lab.netns")
 
 PREFIX = "nbd-"
+#: Exactly the names Topology makes: other tools' nbd-* namespaces are never touched.
+_OURS = re.compile(r"^nbd-[0-9a-f]{6}-(sw|dhcp|srv|pi)$")
 ROLES = ("sw", "dhcp", "srv", "pi")
 
 #: Host part of each role's address in 10.231.X.0/24.
@@ -322,7 +325,7 @@ def cleanup_stale(max_age: float = 3600.0) -> list[str]:
             age = now - os.stat(f"/run/netns/{ns}").st_mtime
         except OSError:
             continue
-        if ns.startswith(PREFIX) and age > max_age and not netns_pids(ns):
+        if _OURS.match(ns) and age > max_age and not netns_pids(ns):
             run(["ip", "netns", "del", ns], check=False)
             removed.append(ns)
     return removed

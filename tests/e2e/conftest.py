@@ -32,7 +32,7 @@ import pytest
 
 from netbootd.lab.capture import Capture
 from netbootd.lab.guests import Guest
-from netbootd.lab.netns import Topology
+from netbootd.lab.netns import Topology, cleanup_stale
 from netbootd.lab.nfs import NfsServer
 from netbootd.lab.server import Netbootd
 from netbootd.lab.sitedhcp import SiteDhcp
@@ -76,8 +76,14 @@ def lab_out(request: pytest.FixtureRequest) -> Iterator[Path]:
                 print("   ", line[:200])
 
 
+@pytest.fixture(scope="session")
+def _stale_labs_removed() -> None:
+    """Namespaces of a run that was SIGKILLed (no process left, over an hour old)."""
+    cleanup_stale()
+
+
 @pytest.fixture
-def netlab() -> Iterator[Topology]:
+def netlab(_stale_labs_removed: None) -> Iterator[Topology]:
     require(LAB_TOOLS)
     lab = Topology().up()
     try:
