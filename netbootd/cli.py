@@ -77,6 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import build_app, serve
 
     settings = _settings(args)
+    if not settings.http.access_log and log.getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("netbootd.http.access").setLevel(logging.WARNING)
     app = build_app(settings)
     return asyncio.run(serve(app))
 

@@ -91,6 +91,13 @@ class Planner:
                 self._sessions[facts.mac] = (hit[0], now)
                 return hit[0]
         fresh = decide(facts, self._inventory(), self._settings(), self.images, now=now)
+        if not fresh.answers:
+            # Nothing is in flight for a machine we stay silent for (local, ignore): don't
+            # hold a session, so an inventory change reaches it on its very next request
+            # instead of after the session TTL. (A plan without an image does hold one: the
+            # DHCP hot path reuses its prepared reply; HTTP ends it once the "nothing to
+            # boot" script is sent.)
+            return fresh
         with self._lock:
             hit = self._sessions.get(facts.mac)
             if hit and now - hit[1] < ttl:  # another thread planned first: theirs stands

@@ -97,6 +97,11 @@ class HttpSettings(_Section):
         None, description="File holding the bearer token for mutating API calls. "
         "Unset = mutating calls are refused.")
     read_open: bool = Field(True, description="Read-only API and status page need no token.")
+    max_upload_bytes: int = Field(
+        16 * 1024**3, ge=1, description="Largest build accepted by PUT /api/v1/images/... "
+        "(a token holder must not be able to fill the disk).")
+    access_log: bool = Field(False, description="Log every HTTP request at INFO (busy fleets: "
+                             "a line per file and script fetch).")
     strict_user_data: bool = Field(
         True, description="Serve user-data that carries secrets only to the IP tied to that "
         "MAC by DHCP or the neighbour table; others get 403.")

@@ -244,8 +244,11 @@ async def upload(request: web.Request) -> web.Response:
     """
     name = _name_param(request, "name")
     version = _name_param(request, "version")
+    limit = the_app(request).settings.http.max_upload_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _Refused(413, f"upload larger than http.max_upload_bytes ({limit} bytes)")
     result = await _store(request, "ingest_upload", name, version,
-                          request.content.iter_chunked(1 << 20))
+                          request.content.iter_chunked(1 << 20), max_bytes=limit)
     detail = _detail(result)
     if not detail.get("accepted", True):
         raise _Refused(400, f"build rejected: {detail.get('reason') or 'invalid'}")

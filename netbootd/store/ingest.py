@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import stat
+import struct
 import tarfile
 import threading
 import time
@@ -250,6 +251,10 @@ def unpack_archive(src: Path, dest: Path, *, allow_devices: bool = False,
             raise Rejected(f"archive link to a missing member: {exc.args[0]}") from None
         except RecursionError:  # links chasing links: never a sane build
             raise Rejected("archive links refer to each other in a loop") from None
+        except (TypeError, ValueError, struct.error) as exc:
+            # CPython's streaming gzip header parser (tarfile._Stream) raises TypeError on
+            # a header cut short ("ord() expected a character"): a corrupt build, not a bug.
+            raise Rejected(f"truncated or corrupt archive: {exc}") from None
         except OSError as exc:
             if exc.errno is None:  # gzip/zstd format errors carry no errno
                 raise Rejected(f"truncated or corrupt archive: {exc}") from None
