@@ -59,17 +59,24 @@ def test_bios_guest_netboots_and_timeline_is_in_the_api(boot_lab, boot_image) ->
 
 
 @pytest.mark.skipif(ovmf_path() is None, reason="OVMF missing: apt-get install ovmf")
-def test_uefi_guest_netboots(boot_lab, boot_image) -> None:
+@pytest.mark.parametrize("ipxe_rom", [False, True], ids=["ovmf-pxe", "ipxe-rom"])
+def test_uefi_guest_netboots(boot_lab, boot_image, ipxe_rom: bool) -> None:
     mac = random_mac()
     bl = boot_lab(nodes={mac: _node("uefi-1")})
     version = bl.publish(boot_image)
-    # OVMF's own PXE client (no iPXE ROM): TFTP ipxe.efi, then iPXE over HTTP.
-    node = _boot_and_check(bl, "uefi", mac, version, "uefi-1", ipxe_rom=False)
+    node = _boot_and_check(bl, "uefi", mac, version, "uefi-1", ipxe_rom=ipxe_rom)
     tl = node["timeline"]
     kinds = [(e["kind"], e["fields"].get("file")) for e in tl]
-    tftp = _first(tl, "tftp", lambda e: "ipxe.efi" in str(e["fields"].get("file", "")))
     script = _first(tl, "http", lambda e: e["fields"].get("file", "").startswith("/ipxe"))
-    assert tftp < script < _first(tl, "kernel") < _first(tl, "booted"), kinds
+    assert script < _first(tl, "kernel") < _first(tl, "booted"), kinds
+    efi = [i for i, e in enumerate(tl)
+           if e["kind"] == "tftp" and "ipxe.efi" in str(e["fields"].get("file", ""))]
+    if ipxe_rom:
+        # The NIC ROM's EFI iPXE takes the HTTP URL straight from the proxy offer.
+        assert not efi, kinds
+    else:
+        # OVMF's own PXE client: TFTP ipxe.efi first, then iPXE over HTTP.
+        assert efi and efi[0] < script, kinds
 
 
 def test_ignored_mac_gets_nothing_from_netbootd(boot_lab, boot_image) -> None:
