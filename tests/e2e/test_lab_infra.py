@@ -172,10 +172,25 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def _wait(pred, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
+def test_parallel_labs_get_distinct_names_and_subnets() -> None:
+    require(LAB_TOOLS)
+    with Topology() as one, Topology() as two:
+        assert one.name != two.name and one.subnet != two.subnet
+        for lab in (one, two):
+            lab.run_in("srv", ["busybox", "ping", "-c1", "-W2", lab.ip("dhcp")])
+        # The labs are isolated: one's server cannot reach the other's.
+        assert lab.run_in("srv", ["busybox", "ping", "-c1", "-W1", one.ip("dhcp")],
+                          check=False).returncode != 0
+    assert one.leftovers() == [] and two.leftovers() == []
+
+
+def test_guest_hard_timeout_kills_qemu(boot_image: Path, lab_out: Path) -> None:
+    """A guest that never finishes (here: idles forever) is killed by its own timeout,
+    without any help from the test (pitfall 7: OVMF waits in its shell forever)."""
+    require(GUEST_TOOLS)
+    g = Guest.direct(lab_out, boot_image / "boot/vmlinuz", boot_image / "boot/initrd.img",
+                     "console=ttyS0", timeout=4).start()
+    t0 = time.monotonic()
+    rc = g.proc.wait(20)
+    # timeout(1) signals its whole process group, itself included: -9 (or 137).
+    assert rc in (-9, 137) and time.monotonic() - t0 < 10, rc
