@@ -159,15 +159,17 @@ class EngineLoop:
             events = []
         readers = self._readers
         for fd, _ in events:
-            if fd == self._wake_r:
+            entry = readers.get(fd)
+            if entry is not None:
+                try:  # inlined _call(): this is the per-packet path
+                    entry[0](*entry[1])
+                except Exception:
+                    log.exception("tftp: unhandled error in %r", entry[0])
+            elif fd == self._wake_r:
                 try:
                     os.read(self._wake_r, 4096)
                 except BlockingIOError:
                     pass
-                continue
-            entry = readers.get(fd)
-            if entry is not None:
-                self._call(entry[0], entry[1])
         if timers:
             now = time.monotonic()
             while timers and timers[0][0] <= now:

@@ -38,6 +38,8 @@ from . import codec
 log = logging.getLogger("netbootd.tftp")
 
 _pack = codec._HDR.pack
+_DATA, _ACK, _ERROR = codec.DATA, codec.ACK, codec.ERROR
+_IGNORED = frozenset({codec.RRQ, codec.WRQ, codec.DATA, codec.OACK})
 #: Progress is stamped with the monotonic clock directly (cheaper than loop.time()
 #: per block, and correct on any event loop: timers are armed with relative delays).
 _now = time.monotonic
@@ -245,7 +247,7 @@ class Transfer:
             while n <= last:
                 off = (n - 1) * bs
                 payload = data[off:off + bs]  # type: ignore[index]
-                sock.sendto(pack(codec.DATA, n & 0xFFFF) + payload, peer)
+                sock.sendto(pack(_DATA, n & 0xFFFF) + payload, peer)
                 self.payload_sent += len(payload)
                 n += 1
         except (BlockingIOError, InterruptedError):
@@ -272,14 +274,14 @@ class Transfer:
             return
         if n >= 4 and buf[0] == 0:
             op = buf[1]
-            if op == codec.ACK:
+            if op == _ACK:
                 self._on_ack((buf[2] << 8) | buf[3])
                 return
-            if op == codec.ERROR:
+            if op == _ERROR:
                 err = codec.parse_error(memoryview(buf)[:n])
                 self._finish("aborted", f"client error {err.code}: {err.message}")
                 return
-            if op in (codec.RRQ, codec.WRQ, codec.DATA, codec.OACK):
+            if op in _IGNORED:
                 return  # well-formed but meaningless here (a duplicate RRQ, say): ignore
         self._malformed()
 
@@ -320,7 +322,8 @@ class Transfer:
         if acked >= self._nblocks:
             self._finish("ok", "")
             return
-        self._progress()
+        self._retries = 0  # _progress(), inlined: this is the per-block path
+        self._last_progress = _now()
         self._send_window()
 
     def _progress(self) -> None:
