@@ -464,3 +464,21 @@ async def test_fuzz_quick(srv, image: Path):
     assert malformed(app) > 100
     with pytest.raises(TftpError):
         await fetch(server, "nope")
+
+
+async def test_wildcard_bind_answers_from_the_address_asked(image: Path, tmp_path: Path):
+    """bind "" = every address; IP_PKTINFO tells which one the RRQ came to, and both the
+    transfer's source address and the rendered server address follow it."""
+    app = make_app(tmp_path / "w", image, tftp={"bind": ""})
+    app.clients.learn("127.0.0.1", MAC)
+    async with running(app) as svc:
+        assert svc.bound == [f"0.0.0.0:{app.settings.tftp.port}"]
+        p = Peer()
+        try:
+            p.send(rrq("cmdline.txt"), ("127.0.0.2", app.settings.tftp.port))
+            pkt, src = p.recv()
+            assert src[0] == "127.0.0.2" and pkt[:4] == b"\x00\x03\x00\x01"
+            assert b"server=127.0.0.2" in pkt
+            p.send(ack(1), src)
+        finally:
+            p.close()
