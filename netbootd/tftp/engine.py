@@ -93,6 +93,9 @@ class EngineLoop:
 
     def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
         """The only call that may come from another thread."""
+        if self._ep.closed:  # never write to a closed descriptor: its number may be reused
+            log.debug("tftp: call after the engine loop was closed: %r", callback)
+            return
         self._pending.append((callback, args))
         try:
             os.write(self._wake_w, b"x")
