@@ -247,17 +247,9 @@ class TftpService:
         tr.start()
 
     def _done(self, tr: Transfer, outcome: str, reason: str) -> None:
-        """Accounting for one finished transfer: metrics, event, log."""
-        key = self._transfers.pop(tr, None)
-        if key is not None:
-            self._open_keys.discard(key)
+        """Accounting for one finished transfer: metrics, event, log. The transfer leaves
+        the open set last, so whoever sees ``active`` drop also sees its event."""
         ip, port = tr.peer
-        n = self._per_client.get(ip, 1) - 1
-        if n > 0:
-            self._per_client[ip] = n
-        else:
-            self._per_client.pop(ip, None)
-        self._active.dec()
         seconds = time.monotonic() - tr.started
         m = self.app.metrics
         m.requests.labels(SERVICE, outcome).inc()
@@ -275,6 +267,15 @@ class TftpService:
         else:
             log.debug("tftp: %s to %s:%d %s (%d bytes, %.3fs) %s", src.name, ip, port,
                       outcome, tr.bytes_acked, seconds, reason)
+        n = self._per_client.get(ip, 1) - 1
+        if n > 0:
+            self._per_client[ip] = n
+        else:
+            self._per_client.pop(ip, None)
+        self._active.dec()
+        key = self._transfers.pop(tr, None)
+        if key is not None:
+            self._open_keys.discard(key)
 
     # -- refusals ---------------------------------------------------------------------------
     def _refuse_counted(self, local_ip: str, addr: tuple[str, int], code: int, msg: str,

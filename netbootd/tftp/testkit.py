@@ -7,9 +7,11 @@ engine on real sockets, talked to by real clients.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import textwrap
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -98,3 +100,14 @@ async def running(app: App, *, engine: str = "thread") -> AsyncIterator[TftpServ
         yield svc
     finally:
         await svc.stop()
+
+
+async def eventually(cond: Callable[[], bool], timeout: float = 3.0) -> None:
+    """Wait until ``cond()`` holds (the engine runs on its own thread); fail after
+    ``timeout`` seconds. Tests use it instead of a fixed sleep that a loaded CI box
+    could outrun."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from netbootd.tftp.piclient import PI5_FILES, TftpError, fetch, pi5_boot
-from netbootd.tftp.testkit import make_app, running
+from netbootd.tftp.testkit import eventually, make_app, running
 
 PI_MAC = "d8:3a:dd:12:34:56"
 PI_SERIAL = "a1b2c3d4"
@@ -67,8 +67,7 @@ async def test_pi5_boot_with_serial_prefix(pi_server, image: Path):
     assert config.startswith("arm_64bit=1\n") and "# netbootd: pi5-worker-1 1" in config
     cmdline = log.files["cmdline.txt"].decode()
     assert f"netbootd.mac={PI_MAC}" in cmdline and "server=127.0.0.1" in cmdline
-    await asyncio.sleep(0.05)
-    assert svc.active == 0
+    await eventually(lambda: svc.active == 0)
     events = app.events.timeline(PI_MAC)
     outcomes = {e.fields["outcome"] for e in events}
     assert outcomes == {"ok", "aborted"}  # probes are aborted, never "error"
@@ -121,8 +120,7 @@ async def test_probe_then_rerequest_and_concurrent_same_file(pi_server, image: P
                                      for _ in range(5)])
     assert all(r.data == expected(image, "initramfs_2712") for r in results)
     assert len({r.server_port for r in results}) == 5  # one TID per transfer
-    await asyncio.sleep(0.05)
-    assert svc.active == 0
+    await eventually(lambda: svc.active == 0)
     aborted = [e for e in app.events.timeline(PI_MAC) if e.fields["outcome"] == "aborted"]
     assert aborted and "Early terminate" in aborted[0].message
 
@@ -157,7 +155,6 @@ async def test_resent_rrq_from_same_port_is_not_a_second_transfer(pi_server):
         await asyncio.sleep(0.1)
         assert svc.active == 1
         s.sendto(b"\x00\x05\x00\x00Early terminate\x00", addr)
-        await asyncio.sleep(0.1)
-        assert svc.active == 0
+        await eventually(lambda: svc.active == 0)
     finally:
         s.close()
