@@ -36,3 +36,48 @@ def config_dir(tmp_path: Path) -> Path:
     text = text.replace("state: ../images/state", f"state: {tmp_path / 'state'}")
     (dst / "netbootd.yaml").write_text(text)
     return dst
+
+
+_RUN_MARK = f"NETBOOTD_TEST_RUN={os.getpid()}-{os.urandom(4).hex()}"
+os.environ["NETBOOTD_TEST_RUN"] = _RUN_MARK.split("=", 1)[1]
+
+
+def _stray_processes() -> list[int]:
+    """PIDs of processes started by this test run (they inherit our marker) still alive."""
+    mark = _RUN_MARK.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if mark in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_processes():
+    """Safety net: every process a test started is gone when the run ends.
+
+    Each test cleans up after itself; this catches the one that did not (a wrapper
+    killed while its child lives on). Only processes carrying this run's marker in
+    their environment are touched, so nothing we did not start is ever killed.
+    """
+    yield
+    import signal
+    import time
+
+    strays = _stray_processes()
+    if not strays:
+        return
+    time.sleep(1.0)  # let processes that are already exiting finish
+    strays = _stray_processes()
+    for pid in strays:
+        try:
+            cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")
+            os.kill(pid, signal.SIGKILL)
+            print(f"\nWARNING: killed stray test process {pid}: {cmd[:200].decode(errors='replace')}")
+        except (OSError, ProcessLookupError):
+            continue

@@ -11,7 +11,9 @@ image by images/build_image.py (downloaded once into images/cache/).
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -63,7 +65,10 @@ def test_ipxe_guest_boots_through_the_http_chain(tmp_path: Path):
              "-serial", f"file:{console}",
              "-netdev", f"user,id=n0,bootfile=http://10.0.2.2:{port}/boot.ipxe",
              "-device", f"virtio-net-pci,netdev=n0,mac={NODE_A},bootindex=1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            # own process group: killing it ends `timeout` AND its QEMU child (killing only
+            # `timeout` left QEMU running after the test)
+            start_new_session=True)
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and qemu.poll() is None:
@@ -72,7 +77,10 @@ def test_ipxe_guest_boots_through_the_http_chain(tmp_path: Path):
                     break
                 time.sleep(0.5)
         finally:
-            qemu.kill()
+            try:
+                os.killpg(qemu.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             qemu.wait()
         log = console.read_text(errors="replace") if console.exists() else ""
         timeline = app.events.timeline(NODE_A)
