@@ -15,8 +15,10 @@ admitting a request is logged, counted and answered with ERROR 0.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,8 @@ log = logging.getLogger("netbootd.tftp")
 SERVICE = "tftp"
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python 3.11 lacks the name
 _ANC_SIZE = socket.CMSG_SPACE(12)  # struct in_pktinfo
+_SIOCGIFMTU = 0x8921
+BLKSIZE_LIMIT = 65464  # RFC 2348
 #: netascii is converted in memory; bigger files must use octet (every boot ROM does).
 NETASCII_MAX = 16 * 1024 * 1024
 
@@ -65,6 +69,7 @@ class TftpService:
         #: (client ip, port, file name) of open transfers: a resent RRQ is not a new one.
         self._open_keys: set[tuple[str, int, str]] = set()
         self.bound: list[str] = []
+        self._mtu_cache: dict[int, tuple[int, float]] = {}
         m = app.metrics
         self._malformed_counter = m.malformed.labels(SERVICE)
         self._active = m.active_transfers.labels(SERVICE)
@@ -158,9 +163,10 @@ class TftpService:
         if flags & socket.MSG_TRUNC or len(data) > codec.MAX_REQUEST:
             self._malformed()
             return
+        ifindex, spec_dst = _pktinfo(anc)
         local_ip = bound_addr
         if local_ip == "0.0.0.0":
-            local_ip = _pktinfo_local(anc) or "0.0.0.0"
+            local_ip = spec_dst or "0.0.0.0"
         try:
             op = codec.opcode_of(data)
             if op == codec.RRQ:
@@ -177,10 +183,11 @@ class TftpService:
             log.debug("tftp: dropped malformed datagram from %s: %s", addr, exc)
             self._malformed()
             return
-        self._rrq(req, addr, local_ip)
+        self._rrq(req, addr, local_ip, ifindex)
 
     # -- admission --------------------------------------------------------------------------
-    def _rrq(self, req: codec.Request, addr: tuple[str, int], local_ip: str) -> None:
+    def _rrq(self, req: codec.Request, addr: tuple[str, int], local_ip: str,
+             ifindex: int = 0) -> None:
         client_ip, client_port = addr[0], addr[1]
         key = (client_ip, client_port, req.filename)
         if key in self._open_keys:
@@ -219,7 +226,8 @@ class TftpService:
             text = _to_netascii(bytes(src.data))
             src.close()
             src = FileSource(text, len(text), src.name, src.mac, src.image, src.version)
-        params = negotiate(req.options, size=src.size, blksize_max=t.blksize_max,
+        params = negotiate(req.options, size=src.size,
+                           blksize_max=min(t.blksize_max, self._mtu_blksize(ifindex)),
                            windowsize_max=t.windowsize_max,
                            default_timeout=t.retransmit_timeout)
         self._start_transfer(src, params, addr, local_ip, key)
@@ -277,6 +285,19 @@ class TftpService:
         if key is not None:
             self._open_keys.discard(key)
 
+    def _mtu_blksize(self, ifindex: int) -> int:
+        """Largest blksize that fits the MTU of the interface the request came in on, so
+        a client asking for 1468 behind a smaller MTU (VPN, VLAN) gets no IP fragments
+        (dnsmasq's tftp-mtu, done automatically). Cached for a minute per interface."""
+        if ifindex <= 0:
+            return BLKSIZE_LIMIT
+        now = time.monotonic()
+        hit = self._mtu_cache.get(ifindex)
+        if hit is None or now - hit[1] > 60:
+            hit = (interface_blksize(ifindex) or BLKSIZE_LIMIT, now)
+            self._mtu_cache[ifindex] = hit
+        return hit[0]
+
     # -- refusals ---------------------------------------------------------------------------
     def _refuse_counted(self, local_ip: str, addr: tuple[str, int], code: int, msg: str,
                         outcome: str) -> None:
@@ -294,12 +315,25 @@ class TftpService:
             log.debug("tftp: cannot send ERROR to %s: %s", addr, exc)
 
 
-def _pktinfo_local(anc: list) -> str | None:
-    """The local address a datagram arrived on (``ipi_spec_dst`` of ``in_pktinfo``)."""
+def _pktinfo(anc: list) -> tuple[int, str | None]:
+    """Interface index and local address a datagram arrived on, from ``in_pktinfo``
+    (``ipi_ifindex``, ``ipi_spec_dst``); ``(0, None)`` when absent."""
     for level, kind, data in anc:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
-            return socket.inet_ntoa(data[4:8])
-    return None
+            return struct.unpack_from("=i", data)[0], socket.inet_ntoa(data[4:8])
+    return 0, None
+
+
+def interface_blksize(ifindex: int) -> int | None:
+    """MTU of interface ``ifindex`` minus IPv4 (20), UDP (8) and TFTP (4) headers."""
+    try:
+        name = socket.if_indextoname(ifindex)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            res = fcntl.ioctl(s.fileno(), _SIOCGIFMTU, struct.pack("16si", name.encode(), 0))
+        mtu = struct.unpack_from("16si", res)[1]
+    except (OSError, ValueError):
+        return None
+    return mtu - 32 if mtu >= 68 else None
 
 
 def create(app: App) -> TftpService:

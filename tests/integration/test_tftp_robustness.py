@@ -482,3 +482,13 @@ async def test_wildcard_bind_answers_from_the_address_asked(image: Path, tmp_pat
             p.send(ack(1), src)
         finally:
             p.close()
+
+
+async def test_blksize_capped_by_config_and_answered_in_oack(image: Path, tmp_path: Path):
+    app = make_app(tmp_path / "w", image, tftp={"blksize_max": 9000})
+    app.clients.learn("127.0.0.1", MAC)
+    async with running(app):
+        server = ("127.0.0.1", app.settings.tftp.port)
+        res = await fetch(server, "mid.bin", blksize=65464)
+        assert res.oack["blksize"] == "9000"
+        assert res.data == (image / "boot" / "mid.bin").read_bytes()

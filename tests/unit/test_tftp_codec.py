@@ -111,3 +111,14 @@ def test_windowsize_and_timeout():
 
 def test_unknown_options_ignored():
     assert nego({"multicast": "", "utimeout": "1000"}).oack is None
+
+
+def test_interface_blksize_from_mtu():
+    """blksize is also capped by the MTU of the interface a request came in on."""
+    import socket
+
+    from netbootd.tftp.server import interface_blksize
+
+    lo = socket.if_nametoindex("lo")
+    assert interface_blksize(lo) == 65536 - 32  # loopback MTU 65536
+    assert interface_blksize(999_999) is None
