@@ -53,15 +53,23 @@ venv_install() {
     log "creating $VENV"
     python3 -m venv "$VENV"
   fi
+  # Skip pip when this exact pyproject + extras is installed already (a second
+  # `./setup.sh serve` starts at once, and works without network).
+  local stamp="$VENV/.netbootd-installed" want
+  want="$(sha256sum pyproject.toml | cut -d' ' -f1)$extras"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
   log "pip install -e .$extras"
   "$VENV/bin/pip" install -q --disable-pip-version-check -e ".$extras"
+  echo "$want" > "$stamp"
 }
 
 demo_image() {
   # The embedded demo image: built from Debian packages by images/build_image.py and dropped
   # into images/incoming/, where the running daemon ingests and activates it.
-  if [ -d images/store/demo ] && [ -n "$(ls -A images/store/demo 2>/dev/null)" ]; then
-    return 0
+  if [ -n "$(ls -A images/store/demo 2>/dev/null)" ] || compgen -G "images/incoming/demo-*" >/dev/null; then
+    return 0  # built already (ingested, or waiting in incoming/ for the daemon)
   fi
   if [ -f images/build_image.py ]; then
     log "building the demo image (Debian cloud kernel + busybox initrd)"
