@@ -102,8 +102,13 @@ case "$MODE" in
     ;;
   test)
     need_root
+    # Fresh package lists first (CI starts from a clean machine); a mirror hiccup is not
+    # fatal when every package is already installed.
+    apt-get update -qq || log "apt-get update failed; continuing with the existing lists"
     apt_install "${APT_RUNTIME[@]}" "${APT_TEST[@]}"
     venv_install "[test]"
+    log "ruff check"
+    "$VENV/bin/ruff" check netbootd tests bench images
     log "running the test suite"
     set +e
     "$VENV/bin/python" -m pytest "$@"

@@ -73,7 +73,8 @@ def podman(tmp_path: Path):
             "--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
 
     def run(*args: str, timeout: float = 900, check: bool = True, **kw):
-        r = subprocess.run([*base, *args], capture_output=True, text=True, timeout=timeout, **kw)
+        r = subprocess.run([*base, *args], capture_output=True, text=True, timeout=timeout,
+                           check=False, **kw)
         if check and r.returncode != 0:
             raise AssertionError(f"podman {args[0]} failed ({r.returncode}):\n"
                                  f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -82,8 +83,9 @@ def podman(tmp_path: Path):
     try:
         yield run
     finally:
-        subprocess.run([*base, "rm", "-af"], capture_output=True, timeout=120)
-        subprocess.run([*base, "system", "reset", "-f"], capture_output=True, timeout=120)
+        subprocess.run([*base, "rm", "-af"], capture_output=True, timeout=120, check=False)
+        subprocess.run([*base, "system", "reset", "-f"], capture_output=True, timeout=120,
+                       check=False)
         shutil.rmtree(store, ignore_errors=True)
 
 
@@ -96,7 +98,7 @@ def netns():
         yield name
     finally:
         for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True,
-                                  text=True).stdout.split():
+                                  text=True, check=False).stdout.split():
             try:
                 os.kill(int(pid), 9)
             except ProcessLookupError:
@@ -128,7 +130,7 @@ def test_containerfile_builds_and_serves_healthz(podman, netns, tmp_path):
         for _ in range(150):
             probe = subprocess.run(
                 ["ip", "netns", "exec", netns, "curl", "-fsS", "http://127.0.0.1:8080/healthz"],
-                capture_output=True, text=True)
+                capture_output=True, text=True, check=False)
             if probe.returncode == 0:
                 ok = True
                 break

@@ -17,7 +17,7 @@ from tests.conftest import free_port
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "netbootd", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=60)
+                          text=True, cwd=cwd, timeout=60, check=False)
 
 
 def wait_for(pred, timeout: float, what: str) -> None:
@@ -50,7 +50,7 @@ def daemon(config_dir: Path, tmp_path: Path):
     cmd = [sys.executable, "-m", "netbootd", "--config", str(config_dir / "netbootd.yaml"),
            "serve", "--no-dhcp", "--no-tftp", "--bind", "127.0.0.1",
            "--http-port", str(http_port)]
-    log = open(tmp_path / "daemon.log", "w")
+    log = open(tmp_path / "daemon.log", "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: (tmp_path / "daemon.log").read_text().count("netbootd serving") > 0

@@ -27,7 +27,7 @@ def shipped():
 
 
 def test_shipped_templates_check_clean(shipped):
-    settings, inv, r = shipped
+    _settings, inv, r = shipped
     assert r.check(inv, OneImage()) == []
 
 
