@@ -176,13 +176,13 @@ class Renderer:
         name = self.template_name("user-data", plan)
         ctx = self.context(plan, ServerInfo(ip="192.0.2.1", http_port=self.settings.http.port))
         tracker = _Secrets({k: v for k, v in self.settings.secrets.items()})
-        tracker.read = set()  # type: ignore[attr-defined]
+        tracker.read = set()
         ctx["secrets"] = tracker
         try:
             self.env.get_template(name).render(ctx)
         except Exception:  # noqa: BLE001 - a broken template: be strict, treat as secret
             return True
-        return bool(tracker.read)  # type: ignore[attr-defined]
+        return bool(tracker.read)
 
     def check(self, inventory: Inventory, images: Any = None) -> list[Problem]:
         """Render every artefact for every node and the default profile; collect problems.

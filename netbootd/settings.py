@@ -287,6 +287,10 @@ def _resolve_paths(s: Settings, base: Path, path: Path | None) -> Settings:
 
 
 def redacted(s: Settings) -> dict[str, Any]:
-    """The effective configuration for printing: secret *paths* are shown, contents never."""
-    d = s.model_dump(mode="json")
-    return d
+    """The effective configuration for printing.
+
+    Settings hold only the *paths* of secrets (join tokens, the API token), never their
+    contents, so the dump is safe as it is; this is the one place to mask a field should
+    a secret value ever become a setting.
+    """
+    return s.model_dump(mode="json")
