@@ -128,14 +128,36 @@ def test_check_finds_undefined_template_variable(config_dir):
     assert "node.ipxe.j2:2:" in r.stderr and "oops" in r.stderr
 
 
+@pytest.fixture
+def demo_in_store(config_dir: Path) -> str:
+    """Version 2026.11.23-1 of the demo image ingested and active on prod, as after
+    ``./setup.sh serve`` built and the daemon ingested it."""
+    from netbootd.settings import load_settings
+    from netbootd.store.build import sample_build
+    from netbootd.store.store import ImageStore
+
+    settings = load_settings(config_dir / "netbootd.yaml")
+    store = ImageStore(settings.paths.images, settings.paths.state, settings.store)
+    sample_build(store.layout.incoming / "demo-2026.11.23-1", "demo", "2026.11.23-1")
+    result = store.ingest_entry("demo-2026.11.23-1")
+    assert result is not None and result.accepted, result
+    if store.active("demo", "prod") != "2026.11.23-1":
+        store.activate("demo", "2026.11.23-1", "prod", by="test")
+    return "2026.11.23-1"
+
+
 @pytest.mark.parametrize("mac,action,profile", [
     ("d8:3a:dd:12:34:56", "netboot", "pi5-workers"),
     ("52:54:00:a0:00:01", "netboot", "x86-uefi"),
     ("52:54:00:a0:00:02", "local", "default"),
     ("02:00:00:00:00:99", "ignore", "default"),
 ])
-def test_plan_for_example_nodes(mac, action, profile, config_dir):
+def test_plan_for_example_nodes(mac, action, profile, config_dir, demo_in_store):
     r = run_cli("--config", str(config_dir / "netbootd.yaml"), "plan", mac, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert (out["action"], out["profile"]) == (action, profile)
+    expected_version = demo_in_store if action == "netboot" else None
+    assert out["version"] == expected_version
+    if action == "netboot":
+        assert f"/files/demo/{demo_in_store}/" in out["ipxe"]
