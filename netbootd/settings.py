@@ -155,6 +155,8 @@ class StoreSettings(_Section):
         "prod is never auto-activated unless named here.")
     keep: int = Field(3, ge=1, description="Versions kept per image by GC.")
     keep_booted_hours: float = Field(24.0, ge=0, description="Also keep versions booted within.")
+    keep_rejected: int = Field(20, ge=0, description="Rejected builds kept in rejected/ "
+                               "(newest first) for inspection; older ones are deleted by GC.")
     require_signature: bool = Field(False, description="Reject builds without a valid "
                                     "ed25519 signature by a trusted key.")
     trusted_keys: list[Path] = Field(default_factory=list, description="ed25519 public keys.")

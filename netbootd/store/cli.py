@@ -124,7 +124,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             verb = "would delete" if args.dry_run else "deleted"
             for image, version in victims:
                 print(f"{verb} {image} {version}")
-            if not victims:
+            old = store.prune_rejected(settings.store.keep_rejected, dry_run=args.dry_run)
+            for name in old:
+                print(f"{verb} rejected build {name}")
+            if not victims and not old:
                 print("nothing to delete")
         elif cmd == "rejected":
             rows = store.rejected()

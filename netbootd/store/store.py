@@ -284,6 +284,26 @@ class ImageStore:
                         "history": mine[-LIST_HISTORY:]})
         return out
 
+    def prune_rejected(self, keep: int, *, dry_run: bool = False) -> list[str]:
+        """Delete all but the newest ``keep`` rejected builds (and their reason files).
+
+        Rejected builds are kept for a person to inspect, but a CI that keeps pushing a
+        broken build must not fill the disk with them.
+        """
+        victims = [r["name"] for r in self.rejected()[keep:]]
+        if dry_run:
+            return victims
+        for name in victims:
+            path = self.layout.rejected / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                path.unlink()
+            (self.layout.rejected / (name + ".reason")).unlink(missing_ok=True)
+        if victims:
+            log.info("pruned %d old rejected build(s)", len(victims))
+        return victims
+
     def rejected(self) -> list[dict]:
         """Builds ingest refused: {name, reason, when} (newest first)."""
         out = []
