@@ -6,58 +6,32 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import socket
-import time
 
 import aiohttp
 
-from netbootd.daemon import build_app
 from netbootd.http.app import create as create_http
-from netbootd.inventory import load_inventory
 from netbootd.model import ClientFacts, ClientKind
-from netbootd.settings import load_settings
-from netbootd.store.build import sample_build
 from netbootd.store.service import StoreService
+from tests.conftest import free_port
+from tests.integration.hotswap_kit import drop_build, hotswap_app, until
 
 MAC_A, MAC_B = "52:54:00:00:01:0a", "52:54:00:00:01:0b"
 KERNEL = 8 << 20
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def until(pred, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-
-
 async def test_twenty_http_downloads_of_n_survive_activation_of_n_plus_1(tmp_path) -> None:
-    (tmp_path / "nodes.yaml").write_text(
-        "nodes:\n"
-        f"  {MAC_A}: {{hostname: a, image: demo, channel: dev}}\n"
-        f"  {MAC_B}: {{hostname: b, image: demo, channel: dev}}\n")
     port = free_port()
-    settings = load_settings(None, {
-        "paths": {"images": str(tmp_path / "images"), "state": str(tmp_path / "state"),
-                  "inventory": str(tmp_path / "nodes.yaml")},
-        "http": {"port": port, "bind": "127.0.0.1"},
-        "dhcp": {"enabled": False}, "tftp": {"enabled": False},
-        "store": {"settle_seconds": 0.1, "keep": 1, "keep_booted_hours": 0},
-    }, use_default_path=False)
-    app = build_app(settings, inventory=load_inventory(tmp_path / "nodes.yaml"))
+    app = hotswap_app(tmp_path,
+                      "nodes:\n"
+                      f"  {MAC_A}: {{hostname: a, image: demo, channel: dev}}\n"
+                      f"  {MAC_B}: {{hostname: b, image: demo, channel: dev}}\n",
+                      {"http": {"enabled": True, "port": port, "bind": "127.0.0.1"}})
     store_svc, http = StoreService(app), create_http(app)
     await store_svc.start()
     await http.start()
     try:
         store = app.store
-        sample_build(tmp_path / "ci" / "v1", "demo", "1", payload=KERNEL)
-        os.rename(tmp_path / "ci" / "v1", store.layout.incoming / "demo-1")
+        drop_build(app, tmp_path, "demo", "1", payload=KERNEL)
         await until(lambda: store.active("demo", "dev") == "1")
         plan = app.planner.plan(ClientFacts(mac=MAC_A, kind=ClientKind.IPXE))
         ref = plan.image
@@ -77,8 +51,7 @@ async def test_twenty_http_downloads_of_n_survive_activation_of_n_plus_1(tmp_pat
         async with aiohttp.ClientSession() as session:
             downloads = [asyncio.create_task(slow_download(session)) for _ in range(20)]
             await asyncio.sleep(0.5)  # every download is under way
-            sample_build(tmp_path / "ci" / "v2", "demo", "2", payload=KERNEL)
-            os.rename(tmp_path / "ci" / "v2", store.layout.incoming / "demo-2")
+            drop_build(app, tmp_path, "demo", "2", payload=KERNEL)
             await until(lambda: store.active("demo", "dev") == "2")
             assert not any(d.done() for d in downloads), "the swap must land mid-transfer"
             assert await store_svc.run_gc() == [], "version 1 is in a boot session: kept"

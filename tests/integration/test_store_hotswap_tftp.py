@@ -5,55 +5,31 @@ bytes, the Pi's boot session stays on N, and only the next boot gets N+1."""
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import time
 
-from netbootd.daemon import build_app
-from netbootd.inventory import load_inventory
 from netbootd.model import ClientFacts, ClientKind
-from netbootd.settings import load_settings
-from netbootd.store.build import sample_build
 from netbootd.store.service import StoreService
 from netbootd.tftp.piclient import fetch
 from netbootd.tftp.server import create as create_tftp
+from tests.conftest import free_port
+from tests.integration.hotswap_kit import drop_build, hotswap_app, until
 
 PI_MAC, SERIAL = "d8:3a:dd:00:00:01", "00c0ffee"
 KERNEL = 16 << 20  # big enough that the swap lands mid-transfer with a wide margin
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def until(pred, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 async def test_twenty_tftp_downloads_of_n_survive_activation_of_n_plus_1(tmp_path) -> None:
-    (tmp_path / "nodes.yaml").write_text(
-        f"nodes:\n  {PI_MAC}: {{hostname: pi, serial: {SERIAL}, image: pi, channel: dev}}\n")
-    port = free_udp_port()
-    settings = load_settings(None, {
-        "paths": {"images": str(tmp_path / "images"), "state": str(tmp_path / "state"),
-                  "inventory": str(tmp_path / "nodes.yaml")},
-        "tftp": {"port": port, "bind": "127.0.0.1"},
-        "dhcp": {"enabled": False}, "http": {"enabled": False},
-        "store": {"settle_seconds": 0.1, "keep": 1, "keep_booted_hours": 0},
-    }, use_default_path=False)
-    app = build_app(settings, inventory=load_inventory(tmp_path / "nodes.yaml"))
+    port = free_port(socket.SOCK_DGRAM)
+    app = hotswap_app(
+        tmp_path,
+        f"nodes:\n  {PI_MAC}: {{hostname: pi, serial: {SERIAL}, image: pi, channel: dev}}\n",
+        {"tftp": {"enabled": True, "port": port, "bind": "127.0.0.1"}})
     store_svc, tftp = StoreService(app), create_tftp(app)
     await store_svc.start()
     await tftp.start()
     try:
         store = app.store
-        sample_build(tmp_path / "ci" / "v1", "pi", "1", kind="pi-boot+rootfs", payload=KERNEL)
-        os.rename(tmp_path / "ci" / "v1", store.layout.incoming / "pi-1")
+        drop_build(app, tmp_path, "pi", "1", kind="pi-boot+rootfs", payload=KERNEL)
         await until(lambda: store.active("pi", "dev") == "1")
         want = (store.layout.store / "pi" / "1" / "boot" / "kernel_2712.img").read_bytes()
 
@@ -62,8 +38,7 @@ async def test_twenty_tftp_downloads_of_n_survive_activation_of_n_plus_1(tmp_pat
                                                f"{SERIAL}/kernel_2712.img", blksize=512))
                      for _ in range(20)]
         await asyncio.sleep(0.3)
-        sample_build(tmp_path / "ci" / "v2", "pi", "2", kind="pi-boot+rootfs", payload=KERNEL)
-        os.rename(tmp_path / "ci" / "v2", store.layout.incoming / "pi-2")
+        drop_build(app, tmp_path, "pi", "2", kind="pi-boot+rootfs", payload=KERNEL)
         await until(lambda: store.active("pi", "dev") == "2")
         assert not all(d.done() for d in downloads), "the swap must land mid-transfer"
         results = await asyncio.gather(*downloads)
