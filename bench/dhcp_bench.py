@@ -163,13 +163,9 @@ class Bench:
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
-        for ns in (self.srv_ns, self.cli_ns):
-            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            sh("ip", "netns", "del", ns, check=False)
+        from netbootd.lab.netns import remove_namespaces
+
+        remove_namespaces([self.srv_ns, self.cli_ns])
         for p in self.procs:
             try:
                 p.wait(timeout=5)

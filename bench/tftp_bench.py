@@ -192,7 +192,9 @@ class Bench:
         for p in self.procs:
             self.kill(p)
         if self.ns_made:
-            subprocess.run(["ip", "netns", "del", NS], check=False)
+            from netbootd.lab.netns import remove_namespaces
+
+            remove_namespaces([NS])
         shutil.rmtree(self.work, ignore_errors=True)
 
     @staticmethod

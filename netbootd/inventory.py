@@ -168,21 +168,11 @@ class Inventory:
             channel=pick("channel", ""),
             image=pick("image", None),
             pin=node.pin if node else None,
+            action=pick("action", None),
             labels={**prof.labels, **labels},
             vars={**prof.vars, **(node.vars if node else {})},
             templates={**prof.templates, **(node.templates if node else {})},
         )
-
-    def action_for(self, facts: ClientFacts) -> Action | None:
-        """Explicit action from node or its profile (None = planner decides)."""
-        found = self.node_for(facts)
-        node = found[1] if found else None
-        if node and node.action:
-            return node.action
-        view_profile = (node.profile if node and node.profile
-                        else self.choose_profile(facts, node.labels if node else {}))
-        prof = self.profiles.get(view_profile)
-        return prof.action if prof else None
 
 
 def load_inventory(path: Path) -> Inventory:

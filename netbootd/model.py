@@ -35,7 +35,7 @@ class Action(StrEnum):
     IGNORE = "ignore"
 
 
-_MAC_HEX = re.compile(r"[0-9a-fA-F]")
+_MAC_DIGITS = re.compile(r"[0-9a-fA-F]{12}")
 
 
 def normalise_mac(text: str) -> str:
@@ -48,7 +48,7 @@ def normalise_mac(text: str) -> str:
     if not isinstance(text, str):
         raise TypeError(f"MAC address must be a string, got {type(text).__name__}")
     digits = re.sub(r"[:\-.\s]", "", text.strip())
-    if len(digits) != 12 or not all(_MAC_HEX.fullmatch(c) for c in digits):
+    if not _MAC_DIGITS.fullmatch(digits):
         raise ValueError(f"not a MAC address: {text!r}")
     digits = digits.lower()
     return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
@@ -132,6 +132,8 @@ class NodeView:
     channel: str = "prod"
     image: str | None = None
     pin: str | None = None
+    #: Explicit action from the node or its profile; None = the planner decides.
+    action: Action | None = None
     labels: dict[str, str] = field(default_factory=dict)
     vars: dict[str, Any] = field(default_factory=dict)
     templates: dict[str, str] = field(default_factory=dict)

@@ -55,7 +55,7 @@ def decide(facts: ClientFacts, inventory: Inventory, settings: Settings,
 
     if not node.known and settings.policy.unknown == "ignore":
         return plan(Action.IGNORE, "unknown machine and policy.unknown is 'ignore'")
-    action = inventory.action_for(facts) or Action.NETBOOT
+    action = node.action or Action.NETBOOT
     if action in (Action.LOCAL, Action.IGNORE):
         src = "inventory" if node.known else f"profile {node.profile!r}"
         return plan(action, f"action {action.value!r} from {src}")

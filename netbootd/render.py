@@ -197,12 +197,13 @@ class Renderer:
                                 kind=ClientKind.RPI if n.serial else ClientKind.IPXE)
                     for m, n in inventory.nodes.items()]
         machines.append(ClientFacts(mac="02:00:00:00:00:01", kind=ClientKind.IPXE))
+        # the default profile is checked too, as if unknown machines were booted
+        as_default = self.settings.model_copy(
+            update={"policy": self.settings.policy.model_copy(update={"unknown": "default"})})
         problems: list[Problem] = []
         seen: set[tuple[str, str]] = set()
         for facts in machines:
-            plan = decide(facts, inventory, self.settings.model_copy(
-                update={"policy": self.settings.policy.model_copy(update={"unknown": "default"})}),
-                resolver)
+            plan = decide(facts, inventory, as_default, resolver)
             if plan.image is None:  # check templates even before any image exists
                 plan = _with_placeholder_image(plan)
             for artefact in ARTEFACTS:

@@ -19,7 +19,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from .. import __version__
-from ..model import Action, ClientFacts, ClientKind, normalise_serial
+from ..model import Action, ClientFacts, ClientKind, NodeView, normalise_serial
 from ..render import RenderError
 from . import auth
 from .boot import beacon
@@ -132,14 +132,14 @@ def _store_status(exc: BaseException) -> int:
 
 
 # -- nodes -------------------------------------------------------------------------------
-def _expected_action(app: Any, facts: ClientFacts, known: bool) -> str:
+def _expected_action(app: Any, view: NodeView) -> str:
     """The action a machine gets, without resolving images (cheap enough for a list)."""
-    current = app.planner.current(facts.mac)
+    current = app.planner.current(view.mac)
     if current is not None:
         return current.action.value
-    if not known and app.settings.policy.unknown == "ignore":
+    if not view.known and app.settings.policy.unknown == "ignore":
         return Action.IGNORE.value
-    return (app.inventory.action_for(facts) or Action.NETBOOT).value
+    return (view.action or Action.NETBOOT).value
 
 
 def node_out(app: Any, mac: str, cls: type[NodeOut] = NodeOut, **extra: Any) -> NodeOut:
@@ -150,7 +150,7 @@ def node_out(app: Any, mac: str, cls: type[NodeOut] = NodeOut, **extra: Any) -> 
     ip = (state.ip if state else None) or (inv.ip if inv else None) or app.clients.ip_for(mac)
     return cls(
         mac=mac, hostname=view.hostname, known=view.known, profile=view.profile,
-        role=view.role, action=_expected_action(app, facts, view.known), ip=ip,
+        role=view.role, action=_expected_action(app, view), ip=ip,
         phase=state.phase if state else "unknown", image=state.image if state else None,
         version=state.version if state else None,
         last_seen=state.last_seen if state and state.last_seen else None,

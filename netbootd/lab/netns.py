@@ -223,10 +223,7 @@ class Topology:
             return
         self._closed = True
         atexit.unregister(self.close)
-        mine = [ns for ns in namespaces() if ns.startswith(self.name + "-")]
-        kill_namespace_pids(mine)
-        for ns in mine:
-            run(["ip", "netns", "del", ns], check=False)
+        remove_namespaces([ns for ns in namespaces() if ns.startswith(self.name + "-")])
         self._restore_signal_handlers()
         log.info("lab %s torn down", self.name)
 
@@ -278,6 +275,14 @@ def kill_namespace_pids(nss: Sequence[str], grace: float = 2.0) -> None:
         if not any(netns_pids(ns) for ns in nss):
             break
         time.sleep(0.05)
+
+
+def remove_namespaces(nss: Sequence[str], grace: float = 2.0) -> None:
+    """Kill every process inside ``nss`` (only what runs there, by PID), then delete the
+    namespaces, which removes their veths, bridges and taps with them."""
+    kill_namespace_pids(nss, grace)
+    for ns in nss:
+        run(["ip", "netns", "del", ns], check=False)
 
 
 def _signal(pid: int, sig: int) -> None:

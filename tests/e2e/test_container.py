@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from netbootd.lab.netns import remove_namespaces
+
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,13 +99,7 @@ def netns():
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         yield name
     finally:
-        for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True,
-                                  text=True, check=False).stdout.split():
-            try:
-                os.kill(int(pid), 9)
-            except ProcessLookupError:
-                pass
-        subprocess.run(["ip", "netns", "del", name], check=False)
+        remove_namespaces([name])
 
 
 def test_containerfile_builds_and_serves_healthz(podman, netns, tmp_path):

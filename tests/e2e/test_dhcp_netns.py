@@ -32,6 +32,7 @@ from scapy.utils import rdpcap
 
 from netbootd.dhcp import clients as c
 from netbootd.dhcp import packet as pk
+from netbootd.lab.netns import remove_namespaces
 
 pytestmark = [
     pytest.mark.slow,
@@ -80,15 +81,7 @@ def _teardown(lab: Lab) -> None:
     for p in lab.procs:
         if p.poll() is None:
             p.terminate()
-    for role in ("cli", "srv", "dhcp", "sw"):
-        ns = lab.ns(role)
-        pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        sh("ip", "netns", "del", ns, check=False)
+    remove_namespaces([lab.ns(role) for role in ("cli", "srv", "dhcp", "sw")])
     for p in lab.procs:
         try:
             p.wait(timeout=5)

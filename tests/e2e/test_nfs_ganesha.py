@@ -11,14 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from netbootd.daemon import build_app
-from netbootd.inventory import load_inventory
 from netbootd.lab.netns import Topology
 from netbootd.model import ClientFacts, ClientKind
 from netbootd.nfs.service import NfsService
-from netbootd.settings import load_settings
-from netbootd.store.build import sample_build
 from netbootd.store.service import StoreService
+from tests.storekit import ONE_VERSION, drop_build, store_app, until
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +42,6 @@ def wait_ls(lab: Topology, path: Path, want: bool, timeout: float = 15.0,
         time.sleep(0.5)
 
 
-async def until(pred, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.parametrize("everyone", [False, True], ids=["lab-network", "0.0.0.0/0"])
 async def test_ganesha_exports_follow_store_and_sessions(netlab, lab_nfs, lab_out: Path,
                                                          tmp_path: Path, everyone: bool
@@ -62,26 +52,19 @@ async def test_ganesha_exports_follow_store_and_sessions(netlab, lab_nfs, lab_ou
     netlab.wait_ready("pi")
     include = lab_out / "netbootd-exports.conf"
     nfs_server = lab_nfs(include=include)
-    (tmp_path / "nodes.yaml").write_text(
-        f"nodes:\n  {MAC}: {{hostname: pi-01, image: pi, channel: dev, "
-        f"ip: {netlab.ip('pi')}}}\n")
-    settings = load_settings(None, {
-        "paths": {"images": str(tmp_path / "images"), "state": str(tmp_path / "state"),
-                  "inventory": str(tmp_path / "nodes.yaml")},
-        "store": {"keep": 1, "keep_booted_hours": 0, "settle_seconds": 0.1,
-                  "gc_interval": 3600},
-        "nfs": {"backend": "ganesha", "ganesha_config": str(include),
-                "ganesha_reload": nfs_server.reload_argv(),
-                "clients": "0.0.0.0/0" if everyone else netlab.network},
-    }, use_default_path=False)
-    app = build_app(settings, inventory=load_inventory(tmp_path / "nodes.yaml"))
+    app = store_app(tmp_path,
+                    f"nodes:\n  {MAC}: {{hostname: pi-01, image: pi, channel: dev, "
+                    f"ip: {netlab.ip('pi')}}}\n",
+                    {"store": {**ONE_VERSION, "gc_interval": 3600},
+                     "nfs": {"backend": "ganesha", "ganesha_config": str(include),
+                             "ganesha_reload": nfs_server.reload_argv(),
+                             "clients": "0.0.0.0/0" if everyone else netlab.network}})
     store_svc, nfs = StoreService(app), NfsService(app)
     await store_svc.start()
     await nfs.start()
     try:
         store = app.store
-        sample_build(tmp_path / "ci" / "pi-1", "pi", "1", "pi-boot+rootfs")
-        (tmp_path / "ci" / "pi-1").rename(store.layout.incoming / "pi-1")  # CI drop
+        drop_build(app, tmp_path, "pi", "1", kind="pi-boot+rootfs")
         await until(lambda: store.active("pi", "dev") == "1")  # watcher ingested it
         # a node starts booting version 1 ...
         plan = app.planner.plan(ClientFacts(mac=MAC, kind=ClientKind.RPI))
@@ -89,8 +72,7 @@ async def test_ganesha_exports_follow_store_and_sessions(netlab, lab_nfs, lab_ou
         out = await asyncio.to_thread(wait_ls, netlab, v1, True)
         assert "etc" in out and "sbin" in out, out
         # ... while version 2 arrives and becomes active
-        sample_build(tmp_path / "ci" / "pi-2", "pi", "2", "pi-boot+rootfs")
-        (tmp_path / "ci" / "pi-2").rename(store.layout.incoming / "pi-2")  # CI drop
+        drop_build(app, tmp_path, "pi", "2", kind="pi-boot+rootfs")
         await until(lambda: store.active("pi", "dev") == "2")  # watcher ingested it
         v2 = store.resolve("pi", "dev", None).root / "rootfs"
         assert "etc" in await asyncio.to_thread(wait_ls, netlab, v2, True)
@@ -104,7 +86,7 @@ async def test_ganesha_exports_follow_store_and_sessions(netlab, lab_nfs, lab_ou
         await asyncio.to_thread(wait_ls, netlab, v1, False)
         assert "etc" in await asyncio.to_thread(wait_ls, netlab, v2, True)
         # the node's writable state dir: read-write to its own address only
-        state = settings.node_state_dir / "pi-01"
+        state = app.settings.node_state_dir / "pi-01"
         (state / "hello").write_text("state")
         assert "hello" in await asyncio.to_thread(wait_ls, netlab, state, True)
         ok, out = await asyncio.to_thread(nfs_ls, netlab, state, "dhcp")

@@ -16,13 +16,8 @@ import time
 
 from scapy.layers.dhcp import BOOTP, DHCP
 
-from netbootd.daemon import build_app
 from netbootd.dhcp import clients as c
 from netbootd.dhcp import packet as pk
-from netbootd.dhcp.proxy import create
-from netbootd.inventory import Inventory
-from netbootd.settings import load_settings
-from tests.conftest import free_port
 
 TOTAL = 100_000
 SEED = int(os.environ.get("NETBOOTD_FUZZ_SEED", "20261123"))
@@ -74,55 +69,45 @@ def mutate(rng: random.Random) -> bytes:
     return bytes(b)
 
 
-async def test_listener_survives_100k_fuzzed_packets_and_still_answers(tmp_path):
-    ports = {"port": free_port(socket.SOCK_DGRAM), "pxe_port": free_port(socket.SOCK_DGRAM),
-             "client_port": free_port(socket.SOCK_DGRAM), "bind": "127.0.0.1"}
-    settings = load_settings(None, {"dhcp": ports, "policy": {"unknown": "default"},
-                                    "paths": {"state": str(tmp_path / "state")}},
-                             use_default_path=False)
-    app = build_app(settings, inventory=Inventory.empty())
-    svc = create(app)
-    await svc.start()
+async def test_listener_survives_100k_fuzzed_packets_and_still_answers(dhcp_service):
+    app, svc, ports = dhcp_service
     rng = random.Random(SEED)
     t0 = time.monotonic()
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
-            tx.bind(("127.0.0.1", 0))
-            targets = [("127.0.0.1", ports["port"]), ("127.0.0.1", ports["pxe_port"])]
-            for i in range(TOTAL):
-                tx.sendto(mutate(rng), targets[i & 1])
-                if i % 32 == 31:  # let the listener drain (same loop, real socket)
-                    await asyncio.sleep(0)
-            await asyncio.sleep(0.2)
-            h = svc.health()
-            assert h["ok"], h
-            handled = h["replies"] + h["dropped"]
-            print(f"fuzz: seed {SEED}, handled {handled}, replies {h['replies']}, "
-                  f"dropped {h['dropped']}, send errors {h['send_errors']}")
-            assert handled > TOTAL * 0.5, f"listener handled only {handled} (seed {SEED})"
-            errors = app.metrics.registry.get_sample_value(
-                "netbootd_errors_total", {"service": "dhcp"}) or 0
-            assert errors == svc.send_errors, f"internal errors while fuzzing (seed {SEED})"
-            tx.setblocking(False)
-            loop = asyncio.get_running_loop()
-            while True:  # discard replies to fuzz packets that reached us
-                try:
-                    tx.recv(4096)
-                except BlockingIOError:
-                    break
-            valid = c.pxe_bootserver_request("52:54:00:fe:ed:01", 0xC0FFEE, "127.0.0.1")
-            await loop.sock_sendto(tx, valid, targets[1])
-            deadline = time.monotonic() + 3
-            while True:
-                raw = await asyncio.wait_for(loop.sock_recv(tx, 4096), 3)
-                if BOOTP(raw).xid == 0xC0FFEE or time.monotonic() > deadline:
-                    break
-        msg = BOOTP(raw)
-        assert msg.xid == 0xC0FFEE
-        opts = {o[0]: o[1] for o in msg[DHCP].options if isinstance(o, tuple)}
-        assert opts["boot-file-name"] == b"undionly.kpxe"
-    finally:
-        await svc.stop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        tx.bind(("127.0.0.1", 0))
+        targets = [("127.0.0.1", ports["port"]), ("127.0.0.1", ports["pxe_port"])]
+        for i in range(TOTAL):
+            tx.sendto(mutate(rng), targets[i & 1])
+            if i % 32 == 31:  # let the listener drain (same loop, real socket)
+                await asyncio.sleep(0)
+        await asyncio.sleep(0.2)
+        h = svc.health()
+        assert h["ok"], h
+        handled = h["replies"] + h["dropped"]
+        print(f"fuzz: seed {SEED}, handled {handled}, replies {h['replies']}, "
+              f"dropped {h['dropped']}, send errors {h['send_errors']}")
+        assert handled > TOTAL * 0.5, f"listener handled only {handled} (seed {SEED})"
+        errors = app.metrics.registry.get_sample_value(
+            "netbootd_errors_total", {"service": "dhcp"}) or 0
+        assert errors == svc.send_errors, f"internal errors while fuzzing (seed {SEED})"
+        tx.setblocking(False)
+        loop = asyncio.get_running_loop()
+        while True:  # discard replies to fuzz packets that reached us
+            try:
+                tx.recv(4096)
+            except BlockingIOError:
+                break
+        valid = c.pxe_bootserver_request("52:54:00:fe:ed:01", 0xC0FFEE, "127.0.0.1")
+        await loop.sock_sendto(tx, valid, targets[1])
+        deadline = time.monotonic() + 3
+        while True:
+            raw = await asyncio.wait_for(loop.sock_recv(tx, 4096), 3)
+            if BOOTP(raw).xid == 0xC0FFEE or time.monotonic() > deadline:
+                break
+    msg = BOOTP(raw)
+    assert msg.xid == 0xC0FFEE
+    opts = {o[0]: o[1] for o in msg[DHCP].options if isinstance(o, tuple)}
+    assert opts["boot-file-name"] == b"undionly.kpxe"
     malformed = app.metrics.registry.get_sample_value(
         "netbootd_malformed_inputs_total", {"service": "dhcp"})
     assert malformed and malformed > TOTAL * 0.2

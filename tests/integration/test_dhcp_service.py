@@ -7,8 +7,6 @@ INFORM with ciaddr (reply to ciaddr:client_port).
 
 import asyncio
 import socket
-import time
-from pathlib import Path
 
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
@@ -22,26 +20,6 @@ from netbootd.settings import load_settings
 from tests.conftest import free_port
 
 MAC = "52:54:00:aa:bb:01"
-
-
-@pytest.fixture
-async def service(tmp_path: Path):
-    ports = {"port": free_port(socket.SOCK_DGRAM), "pxe_port": free_port(socket.SOCK_DGRAM),
-             "client_port": free_port(socket.SOCK_DGRAM), "bind": "127.0.0.1"}
-    settings = load_settings(None, {"dhcp": ports, "policy": {"unknown": "default"},
-                                    "paths": {"state": str(tmp_path / "state")}},
-                             use_default_path=False)
-    app = build_app(settings, inventory=Inventory.empty())
-    svc = create(app)
-    t0 = time.monotonic()
-    await svc.start()
-    assert time.monotonic() - t0 < 1.0
-    try:
-        yield app, svc, ports
-    finally:
-        t0 = time.monotonic()
-        await svc.stop()
-        assert time.monotonic() - t0 < 1.0
 
 
 async def exchange(sock: socket.socket, payload: bytes, dest, timeout=2.0) -> bytes | None:
@@ -58,8 +36,8 @@ def opts(raw: bytes) -> dict:
     return {o[0]: o[1] for o in BOOTP(raw)[DHCP].options if isinstance(o, tuple)}
 
 
-async def test_service_name_health_and_4011_ack(service):
-    _app, svc, ports = service
+async def test_service_name_health_and_4011_ack(dhcp_service):
+    _app, svc, ports = dhcp_service
     assert svc.name == "dhcp"
     h = svc.health()
     assert h["ok"] and len(h["bound"]) == 2
@@ -77,8 +55,8 @@ async def test_service_name_health_and_4011_ack(service):
     assert svc.health()["replies"] == 1
 
 
-async def test_inform_with_ciaddr_is_unicast_to_client_port(service):
-    app, _svc, ports = service
+async def test_inform_with_ciaddr_is_unicast_to_client_port(dhcp_service):
+    app, _svc, ports = dhcp_service
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
         rx.bind(("127.0.0.1", ports["client_port"]))
@@ -91,8 +69,8 @@ async def test_inform_with_ciaddr_is_unicast_to_client_port(service):
     assert app.clients.mac_for("127.0.0.1") == MAC
 
 
-async def test_garbage_is_counted_and_service_keeps_answering(service):
-    app, _svc, ports = service
+async def test_garbage_is_counted_and_service_keeps_answering(dhcp_service):
+    app, _svc, ports = dhcp_service
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         for junk in (b"", b"x", b"\x01" * 400, b"\x01" * 3000):

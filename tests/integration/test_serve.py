@@ -161,3 +161,15 @@ def test_plan_for_example_nodes(mac, action, profile, config_dir, demo_in_store)
     assert out["version"] == expected_version
     if action == "netboot":
         assert f"/files/demo/{demo_in_store}/" in out["ipxe"]
+
+
+def test_check_finds_missing_secret_file_and_missing_template(config_dir):
+    (config_dir / "secrets" / "k3s-token").unlink()
+    nodes = config_dir / "nodes.yaml"
+    nodes.write_text(nodes.read_text().replace(
+        "    profile: pi5-workers\n",
+        "    profile: pi5-workers\n    templates: {config.txt: rpi/gone.txt.j2}\n", 1))
+    r = run_cli("--config", str(config_dir / "netbootd.yaml"), "check")
+    assert r.returncode == 1
+    assert "secrets.k3s_token: file not found" in r.stderr, r.stderr
+    assert "gone.txt.j2" in r.stderr and "template not found" in r.stderr, r.stderr

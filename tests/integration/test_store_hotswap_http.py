@@ -13,7 +13,7 @@ from netbootd.http.app import create as create_http
 from netbootd.model import ClientFacts, ClientKind
 from netbootd.store.service import StoreService
 from tests.conftest import free_port
-from tests.integration.hotswap_kit import drop_build, hotswap_app, until
+from tests.storekit import ONE_VERSION, drop_build, store_app, until
 
 MAC_A, MAC_B = "52:54:00:00:01:0a", "52:54:00:00:01:0b"
 KERNEL = 8 << 20
@@ -21,11 +21,11 @@ KERNEL = 8 << 20
 
 async def test_twenty_http_downloads_of_n_survive_activation_of_n_plus_1(tmp_path) -> None:
     port = free_port()
-    app = hotswap_app(tmp_path,
-                      "nodes:\n"
-                      f"  {MAC_A}: {{hostname: a, image: demo, channel: dev}}\n"
-                      f"  {MAC_B}: {{hostname: b, image: demo, channel: dev}}\n",
-                      {"http": {"enabled": True, "port": port, "bind": "127.0.0.1"}})
+    app = store_app(tmp_path,
+                    "nodes:\n"
+                    f"  {MAC_A}: {{hostname: a, image: demo, channel: dev}}\n"
+                    f"  {MAC_B}: {{hostname: b, image: demo, channel: dev}}\n",
+                    {"store": ONE_VERSION, "http": {"port": port, "bind": "127.0.0.1"}})
     store_svc, http = StoreService(app), create_http(app)
     await store_svc.start()
     await http.start()

@@ -12,7 +12,7 @@ from netbootd.store.service import StoreService
 from netbootd.tftp.piclient import fetch
 from netbootd.tftp.server import create as create_tftp
 from tests.conftest import free_port
-from tests.integration.hotswap_kit import drop_build, hotswap_app, until
+from tests.storekit import ONE_VERSION, drop_build, store_app, until
 
 PI_MAC, SERIAL = "d8:3a:dd:00:00:01", "00c0ffee"
 KERNEL = 16 << 20  # big enough that the swap lands mid-transfer with a wide margin
@@ -20,10 +20,10 @@ KERNEL = 16 << 20  # big enough that the swap lands mid-transfer with a wide mar
 
 async def test_twenty_tftp_downloads_of_n_survive_activation_of_n_plus_1(tmp_path) -> None:
     port = free_port(socket.SOCK_DGRAM)
-    app = hotswap_app(
+    app = store_app(
         tmp_path,
         f"nodes:\n  {PI_MAC}: {{hostname: pi, serial: {SERIAL}, image: pi, channel: dev}}\n",
-        {"tftp": {"enabled": True, "port": port, "bind": "127.0.0.1"}})
+        {"store": ONE_VERSION, "tftp": {"port": port, "bind": "127.0.0.1"}})
     store_svc, tftp = StoreService(app), create_tftp(app)
     await store_svc.start()
     await tftp.start()

@@ -12,37 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from netbootd.daemon import build_app
-from netbootd.inventory import load_inventory
 from netbootd.model import ClientFacts, ClientKind
-from netbootd.settings import load_settings
 from netbootd.store.build import pack, sample_build
 from netbootd.store.service import StoreService
+from tests.storekit import store_app, until
 
 MAC_A = "52:54:00:00:00:0a"
 MAC_B = "52:54:00:00:00:0b"
 
 
 def make_app(tmp_path: Path, **store: object):
-    (tmp_path / "nodes.yaml").write_text(
-        "nodes:\n"
-        f"  {MAC_A}: {{hostname: a, image: demo, channel: dev}}\n"
-        f"  {MAC_B}: {{hostname: b, image: demo, channel: dev}}\n")
-    settings = load_settings(None, {
-        "paths": {"images": str(tmp_path / "images"), "state": str(tmp_path / "state"),
-                  "inventory": str(tmp_path / "nodes.yaml"),
-                  "templates": str(tmp_path / "templates")},
-        "store": {"settle_seconds": 0.3, **store},
-    }, use_default_path=False)
-    return build_app(settings, inventory=load_inventory(tmp_path / "nodes.yaml"))
-
-
-async def wait_for(pred, timeout: float = 10.0) -> None:
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError("timed out")
-        await asyncio.sleep(0.05)
+    return store_app(tmp_path,
+                     "nodes:\n"
+                     f"  {MAC_A}: {{hostname: a, image: demo, channel: dev}}\n"
+                     f"  {MAC_B}: {{hostname: b, image: demo, channel: dev}}\n",
+                     {"paths": {"templates": str(tmp_path / "templates")},
+                      "store": {"settle_seconds": 0.3, **store}})
 
 
 @pytest.fixture
@@ -70,7 +55,7 @@ async def test_startup_scan_rename_and_marker_drops(running, tmp_path) -> None:
     app, svc = running
     store = app.store
     assert app.planner.images is store
-    await wait_for(lambda: store.active("demo", "dev") == "1")
+    await until(lambda: store.active("demo", "dev") == "1")
     assert svc.health()["ok"]
 
     # (1) rename of a tarball
@@ -78,7 +63,7 @@ async def test_startup_scan_rename_and_marker_drops(running, tmp_path) -> None:
     sample_build(src, "demo", "2")
     pack(src, tmp_path / "ci" / "demo-2.tar.gz")
     os.rename(tmp_path / "ci" / "demo-2.tar.gz", store.layout.incoming / "demo-2.tar.gz")
-    await wait_for(lambda: store.active("demo", "dev") == "2")
+    await until(lambda: store.active("demo", "dev") == "2")
 
     # (2) written in place + marker: never ingested before the marker, however quiet
     target = store.layout.incoming / "demo-3"
@@ -96,7 +81,7 @@ async def test_startup_scan_rename_and_marker_drops(running, tmp_path) -> None:
     assert store.active("demo", "dev") == "2"
     assert "demo-3" in svc.health()["waiting_for_marker"]
     (store.layout.incoming / "demo-3.ready").touch()
-    await wait_for(lambda: store.active("demo", "dev") == "3")
+    await until(lambda: store.active("demo", "dev") == "3")
     assert not (store.layout.incoming / "demo-3.ready").exists()
 
     # CI temp names are ignored until renamed
@@ -109,7 +94,7 @@ async def test_startup_scan_rename_and_marker_drops(running, tmp_path) -> None:
     sample_build(bad, "demo", "5")
     (bad / "boot/vmlinuz").write_bytes(b"tampered")
     os.rename(bad, store.layout.incoming / "bad")
-    await wait_for(lambda: any(r["name"] == "bad" for r in store.rejected()))
+    await until(lambda: any(r["name"] == "bad" for r in store.rejected()))
     assert store.active("demo", "dev") == "3"
     kinds = [e.fields.get("outcome") for e in app.events.recent() if e.kind == "image"]
     assert "ingested" in kinds and "rejected" in kinds and "activated" in kinds
@@ -119,7 +104,7 @@ async def test_startup_scan_rename_and_marker_drops(running, tmp_path) -> None:
 async def test_out_of_process_activation_fires_on_change(running, tmp_path) -> None:
     app, _svc = running
     store = app.store
-    await wait_for(lambda: store.active("demo", "dev") == "1")
+    await until(lambda: store.active("demo", "dev") == "1")
     changes: list[int] = []
     store.on_change.append(lambda: changes.append(1))
     from netbootd.settings import StoreSettings
@@ -127,7 +112,7 @@ async def test_out_of_process_activation_fires_on_change(running, tmp_path) -> N
 
     cli = ImageStore(store.layout.images, store.layout.state, StoreSettings())
     cli.activate("demo", "1", "prod")
-    await wait_for(lambda: bool(changes))
+    await until(lambda: bool(changes))
     assert store.resolve("demo", "prod", None).version == "1"
 
 
@@ -136,7 +121,7 @@ async def test_hot_swap_readers_and_sessions(running, tmp_path) -> None:
     the boot session planned before the swap keeps N; the next boot gets N+1."""
     app, svc = running
     store = app.store
-    await wait_for(lambda: store.active("demo", "dev") == "1")
+    await until(lambda: store.active("demo", "dev") == "1")
     facts_a = ClientFacts(mac=MAC_A, kind=ClientKind.IPXE)
     plan_a = app.planner.plan(facts_a)
     assert plan_a.image.version == "1"
@@ -163,7 +148,7 @@ async def test_hot_swap_readers_and_sessions(running, tmp_path) -> None:
     src = tmp_path / "ci" / "demo-2"
     sample_build(src, "demo", "2", payload=64 * 1024)
     os.rename(src, store.layout.incoming / "demo-2")
-    await wait_for(lambda: store.active("demo", "dev") == "2")
+    await until(lambda: store.active("demo", "dev") == "2")
     for t in threads:
         await asyncio.to_thread(t.join)
     assert results == [want] * 20
@@ -181,10 +166,10 @@ async def test_incoming_removed_under_the_daemon_is_recreated(running, tmp_path)
 
     app, svc = running
     store = app.store
-    await wait_for(lambda: store.active("demo", "dev") == "1")
+    await until(lambda: store.active("demo", "dev") == "1")
     shutil.rmtree(store.layout.incoming)
-    await wait_for(lambda: store.layout.incoming.is_dir() and svc.watcher.ready.is_set())
+    await until(lambda: store.layout.incoming.is_dir() and svc.watcher.ready.is_set())
     src = tmp_path / "ci" / "again"
     sample_build(src, "demo", "2")
     os.rename(src, store.layout.incoming / "demo-2")
-    await wait_for(lambda: store.active("demo", "dev") == "2")
+    await until(lambda: store.active("demo", "dev") == "2")

@@ -94,7 +94,7 @@ nodes:
     g = i.view(ClientFacts(mac="aa:bb:cc:dd:ee:02", kind=ClientKind.RPI))
     assert g.profile == "pis"
     u = ClientFacts(mac="aa:bb:cc:dd:ee:03", kind=ClientKind.PXE_UEFI_X64, arch=7)
-    assert i.view(u).profile == "uefi" and i.action_for(u) == Action.LOCAL
+    assert i.view(u).profile == "uefi" and i.view(u).action == Action.LOCAL
     assert i.view(ClientFacts(mac="aa:bb:cc:dd:ee:04")).profile == "default"
 
 

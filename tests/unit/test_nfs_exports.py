@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from netbootd.daemon import build_app
-from netbootd.inventory import load_inventory
 from netbootd.model import ImageRef
 from netbootd.nfs.backends import ExportfsBackend, GaneshaBackend, NfsError
 from netbootd.nfs.exports import (
@@ -23,9 +21,9 @@ from netbootd.nfs.exports import (
     render_ganesha,
 )
 from netbootd.nfs.service import NfsService
-from netbootd.settings import load_settings
 from netbootd.store.build import sample_build
 from netbootd.store.service import StoreService
+from tests.storekit import ONE_VERSION, store_app
 
 
 def ref(name: str, version: str, rootfs: str | None = "rootfs") -> ImageRef:
@@ -119,23 +117,17 @@ def test_exportfs_backend_reports_a_missing_tool(tmp_path) -> None:
 
 
 async def test_service_follows_the_store(tmp_path) -> None:
-    (tmp_path / "nodes.yaml").write_text(
-        "nodes:\n  d8:3a:dd:00:00:01: {hostname: pi-01, ip: 10.231.0.11}\n"
-        "  d8:3a:dd:00:00:02: {hostname: pi-02}\n")
-    settings = load_settings(None, {
-        "paths": {"images": str(tmp_path / "images"), "state": str(tmp_path / "state"),
-                  "inventory": str(tmp_path / "nodes.yaml")},
-        "store": {"settle_seconds": 0.1, "keep": 1, "keep_booted_hours": 0},
-        "nfs": {"backend": "none", "clients": "10.231.0.0/24"},
-    }, use_default_path=False)
-    app = build_app(settings, inventory=load_inventory(tmp_path / "nodes.yaml"))
+    app = store_app(tmp_path,
+                    "nodes:\n  d8:3a:dd:00:00:01: {hostname: pi-01, ip: 10.231.0.11}\n"
+                    "  d8:3a:dd:00:00:02: {hostname: pi-02}\n",
+                    {"store": ONE_VERSION, "nfs": {"backend": "none", "clients": "10.231.0.0/24"}})
     store_svc, nfs = StoreService(app), NfsService(app)
     await store_svc.start()
     await nfs.start()
     try:
         assert nfs.health()["ok"]
         assert [e.what for e in nfs.exports] == ["state pi-01"]
-        assert (settings.node_state_dir / "pi-01").is_dir()
+        assert (app.settings.node_state_dir / "pi-01").is_dir()
         app.clients.learn("10.231.0.12", "d8:3a:dd:00:00:02")  # DHCP saw pi-02
         for v in ("1", "2"):
             sample_build(app.store.layout.incoming / f"pi-{v}", "pi", v, "pi-boot+rootfs")

@@ -1,0 +1,37 @@
+"""Fixtures shared by the socket-level tests."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from netbootd.daemon import build_app
+from netbootd.dhcp.proxy import create
+from netbootd.inventory import Inventory
+from netbootd.settings import load_settings
+from tests.conftest import free_port
+
+
+@pytest.fixture
+async def dhcp_service(tmp_path: Path):
+    """The proxy-DHCP service alone on 127.0.0.1 high ports; unknown machines boot
+    (policy default). Yields (app, service, ports); start and stop each under 1 s."""
+    ports = {"port": free_port(socket.SOCK_DGRAM), "pxe_port": free_port(socket.SOCK_DGRAM),
+             "client_port": free_port(socket.SOCK_DGRAM), "bind": "127.0.0.1"}
+    settings = load_settings(None, {"dhcp": ports, "policy": {"unknown": "default"},
+                                    "paths": {"state": str(tmp_path / "state")}},
+                             use_default_path=False)
+    app = build_app(settings, inventory=Inventory.empty())
+    svc = create(app)
+    t0 = time.monotonic()
+    await svc.start()
+    assert time.monotonic() - t0 < 1.0
+    try:
+        yield app, svc, ports
+    finally:
+        t0 = time.monotonic()
+        await svc.stop()
+        assert time.monotonic() - t0 < 1.0
