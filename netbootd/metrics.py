@@ -6,7 +6,57 @@ exposes the registry. Names are stable: dashboards and alerts depend on them.
 
 from __future__ import annotations
 
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+
+
+class Tally:
+    """Counts kept in a plain dict by one hot path, folded into a labelled Counter when
+    the registry is read (a scrape, ``get_sample_value``).
+
+    Why not ``Counter.labels(...).inc()`` per packet: prometheus_client takes a lock and
+    walks two Python calls per increment, ~0.35 µs measured here, and the proxy-DHCP
+    path does two increments per reply in a budget of ~8 µs (issue 7: dnsmasq's cost per
+    reply). A dict increment is ~0.05 µs. Only the owning thread writes ``counts``; the
+    fold reads them from the scraping thread and remembers what it already added, so no
+    increment is lost or counted twice without any lock on the hot path.
+    """
+
+    __slots__ = ("_counter", "_folded", "counts")
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self.counts: defaultdict[tuple[str, ...], int] = defaultdict(int)
+        self._folded: dict[tuple[str, ...], int] = {}
+
+    def fold(self) -> None:
+        for labels, n in list(self.counts.items()):  # list(): one C-level copy
+            delta = n - self._folded.get(labels, 0)
+            if delta:
+                self._counter.labels(*labels).inc(delta)
+                self._folded[labels] = n
+
+
+class _FoldTallies:
+    """A collector with no samples of its own, registered before every metric, so that
+    each collection of the registry first folds the tallies into their counters."""
+
+    def __init__(self) -> None:
+        self.tallies: list[Tally] = []
+        self._lock = threading.Lock()  # two concurrent scrapes must not fold twice
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            for t in self.tallies:
+                t.fold()
+        return iter(())
+
+    def describe(self) -> list[Metric]:
+        return []
 
 
 class Metrics:
@@ -15,6 +65,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._fold = _FoldTallies()
+        r.register(self._fold)  # first: collection runs in registration order
         self.requests = Counter(
             "netbootd_requests", "Requests handled, by service and outcome",
             ["service", "outcome"], registry=r)
@@ -47,3 +99,10 @@ class Metrics:
             "netbootd_transfer_seconds", "Duration of completed file transfers",
             ["service"], registry=r,
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60))
+
+    def tally(self, counter: Counter) -> Tally:
+        """A lock-free hot-path view of ``counter`` (see :class:`Tally`)."""
+        t = Tally(counter)
+        with self._fold._lock:
+            self._fold.tallies.append(t)
+        return t

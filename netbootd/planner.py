@@ -79,7 +79,9 @@ class Planner:
         self.images = images
         self._clock = clock
         self._lock = threading.Lock()
-        self._sessions: dict[str, tuple[BootPlan, float]] = {}
+        #: mac -> [plan, last asked]: a list, so the hot path (proxy-DHCP asks per packet)
+        #: slides the TTL in place instead of allocating a tuple per request.
+        self._sessions: dict[str, list] = {}
 
     def plan(self, facts: ClientFacts) -> BootPlan:
         """The plan for this boot session; created on first ask, then fixed until it ends."""
@@ -88,7 +90,7 @@ class Planner:
         with self._lock:
             hit = self._sessions.get(facts.mac)
             if hit and now - hit[1] < ttl:
-                self._sessions[facts.mac] = (hit[0], now)
+                hit[1] = now
                 return hit[0]
         fresh = decide(facts, self._inventory(), self._settings(), self.images, now=now)
         if not fresh.answers:
@@ -102,7 +104,7 @@ class Planner:
             hit = self._sessions.get(facts.mac)
             if hit and now - hit[1] < ttl:  # another thread planned first: theirs stands
                 return hit[0]
-            self._sessions[facts.mac] = (fresh, now)
+            self._sessions[facts.mac] = [fresh, now]
             if len(self._sessions) > self.PRUNE_ABOVE:
                 self._prune(now, ttl)
         return fresh

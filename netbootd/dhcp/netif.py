@@ -34,18 +34,30 @@ class Interfaces:
     """ifindex -> :class:`Interface`, refreshed live."""
 
     def __init__(self) -> None:
-        self.by_index: dict[int, Interface] = {}
+        self._by_index: dict[int, Interface] = {}
+        #: ifindex -> primary IPv4 address, kept beside the table for the per-packet
+        #: lookup (one dict get instead of two calls and a property).
+        self.primary: dict[int, str | None] = {}
         self._task: asyncio.Task | None = None
         self._ipr = None
         self.live = False  #: True while netlink change notifications are flowing
+
+    @property
+    def by_index(self) -> dict[int, Interface]:
+        return self._by_index
+
+    @by_index.setter
+    def by_index(self, table: dict[int, Interface]) -> None:
+        """Replaced whole, never edited in place, so ``primary`` always matches it."""
+        self._by_index = table
+        self.primary = {i: iface.primary for i, iface in table.items()}
 
     def name(self, index: int) -> str | None:
         iface = self.by_index.get(index)
         return iface.name if iface else None
 
     def address(self, index: int) -> str | None:
-        iface = self.by_index.get(index)
-        return iface.primary if iface else None
+        return self.primary.get(index)
 
     def local_addresses(self) -> set[str]:
         return {ip for i in self.by_index.values() for ip, _ in i.addresses}

@@ -139,14 +139,14 @@ def parse_header(data: bytes) -> Header:
     return Header(xid, flags, ciaddr, giaddr, data[28:44], data[28:34], hops)
 
 
-_REQUEST_PREFIX = bytes((BOOTREQUEST, HTYPE_ETHER, 6))
+REQUEST_PREFIX = bytes((BOOTREQUEST, HTYPE_ETHER, 6))
 
 
 def check_header(data: bytes) -> None:
     """:func:`parse_header`'s checks without building anything (the hot path's first step)."""
     n = len(data)
-    if n <= OPTIONS_OFFSET or n > MAX_PACKET or data[:3] != _REQUEST_PREFIX \
-            or data[3] > MAX_HOPS or data[236:240] != MAGIC:
+    if n <= OPTIONS_OFFSET or n > MAX_PACKET or not data.startswith(REQUEST_PREFIX) \
+            or data[3] > MAX_HOPS or not data.startswith(MAGIC, 236):
         parse_header(data)  # raises Malformed with the precise reason
         raise Malformed("bad header")  # pragma: no cover - parse_header raised already
 

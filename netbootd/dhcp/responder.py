@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..model import Action, ClientFacts
 from . import packet as pk
@@ -41,9 +40,11 @@ _NOT_FLEET = frozenset({"not-boot-client", "unhandled-type"})
 _REPLY_TYPE = {pk.DISCOVER: pk.OFFER, pk.REQUEST: pk.ACK, pk.INFORM: pk.ACK}
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """A reply and where it goes: out of interface ``ifindex`` from ``source``."""
+class Outgoing(NamedTuple):
+    """A reply and where it goes: out of interface ``ifindex`` from ``source``.
+
+    A NamedTuple, not a frozen dataclass: made once per reply, and a frozen dataclass's
+    ``__init__`` (``object.__setattr__`` per field) measured 1 µs against 0.2 µs."""
 
     payload: bytes | bytearray
     dest: tuple[str, int]
@@ -52,24 +53,40 @@ class Outgoing:
 
 
 class _Prepared:
-    """A reply built once for one client content + session + server address + port."""
+    """A reply built once for one client content + session + server address + port.
 
-    __slots__ = ("answer", "recorded", "template")
+    The memo key (:meth:`Responder._client`) fixes every request byte from offset 12 on,
+    ciaddr, giaddr and chaddr included, so the reply is complete but for the two fields
+    that change per retransmission: xid (bytes 4-8) and flags (10-12). It is kept as the
+    three pieces around them, and a reply is one ``join`` (0.17 µs; copying and patching
+    a bytearray measured 0.55 µs). ``dest`` is fixed too, except for port-4011 requests,
+    which are answered to wherever they came from.
+    """
 
-    def __init__(self, template: bytes, answer: Answer) -> None:
-        self.template = template
+    __slots__ = ("answer", "dest", "head", "recorded", "secs", "tail")
+
+    def __init__(self, reply: bytes | bytearray, answer: Answer,
+                 dest: tuple[str, int] | None) -> None:
+        self.head = bytes(reply[:4])
+        self.secs = bytes(reply[8:10])
+        self.tail = bytes(reply[12:])
         self.answer = answer
+        self.dest = dest
         self.recorded = float("-inf")  #: when this reply was last recorded as an event
+
+    def reply(self, request: bytes) -> bytes:
+        return b"".join((self.head, request[4:8], self.secs, request[10:12], self.tail))
 
 
 class _Client:
     """Memo entry: what one distinct request says, and the replies prepared for it."""
 
-    __slots__ = ("facts", "info", "prepared")
+    __slots__ = ("facts", "info", "kind", "prepared")
 
     def __init__(self, info: ClientInfo, facts: ClientFacts) -> None:
         self.info = info
         self.facts = facts
+        self.kind = info.kind.value  #: the metric label (an Enum's .value costs 0.1 µs)
         self.prepared: dict[tuple, _Prepared] = {}
 
 
@@ -89,7 +106,9 @@ class RateLimiter:
                 self._prune(now)
             self._buckets[key] = [self.burst - 1.0, now]
             return True
-        tokens = min(self.burst, b[0] + (now - b[1]) * self.rate)
+        tokens = b[0] + (now - b[1]) * self.rate
+        if tokens > self.burst:  # noqa: PLR1730 - a min() call per packet costs more
+            tokens = self.burst
         b[1] = now
         if tokens < 1.0:
             b[0] = tokens
@@ -126,7 +145,7 @@ class Responder:
         self._served = frozenset(app.settings.network.interfaces)
         self._advertise = (str(app.settings.network.advertise)
                            if app.settings.network.advertise else None)
-        self._counters: dict[tuple[str, str], Any] = {}
+        self._tally = app.metrics.tally(app.metrics.dhcp_replies).counts
         self._malformed = app.metrics.malformed.labels("dhcp")
         self._errors = app.metrics.errors.labels("dhcp")
         self._last_event: dict[tuple[str, str], float] = {}
@@ -138,17 +157,10 @@ class Responder:
         self.dropped = 0
 
     # -- bookkeeping ------------------------------------------------------------------------
-    def _count(self, kind: str, decision: str) -> None:
-        c = self._counters.get((kind, decision))
-        if c is None:
-            c = self._counters[(kind, decision)] = self.app.metrics.dhcp_replies.labels(
-                kind, decision)
-        c.inc()
-
     def _ignored(self, info: ClientInfo, decision: str, reason: str, *,
                  throttle: bool = False) -> None:
         self.dropped += 1
-        self._count(info.kind.value, decision)
+        self._tally[(info.kind.value, decision)] += 1
         if throttle:
             now = time.monotonic()
             key = (info.mac, decision)
@@ -197,6 +209,10 @@ class Responder:
         lookup keyed by the bytes after xid/secs/flags. Malformed packets raise before
         anything is stored. An inventory reload (a Pi known only through the inventory)
         empties the memo.
+
+        The key holds the length, the magic cookie and every option, all of which were
+        checked when the entry was stored, so a hit only needs the four bytes before the
+        xid checked (op, htype, hlen, hops) instead of the whole header.
         """
         inv = self.app.inventory
         if inv is not self._memo_inventory:
@@ -204,7 +220,11 @@ class Responder:
             self._memo_inventory = inv
         key = data[12:]
         client = self._memo.get(key)
-        if client is None:
+        if client is not None:
+            if not data.startswith(pk.REQUEST_PREFIX) or data[3] > pk.MAX_HOPS:
+                pk.check_header(data)  # raises Malformed with the precise reason
+        else:
+            pk.check_header(data)
             info = self.classifier.classify(pk.parse(data))
             client = _Client(info, info.facts())
             if len(self._memo) >= MEMO_ENTRIES:
@@ -215,14 +235,13 @@ class Responder:
     def _handle(self, data: bytes, ifindex: int, local_ip: str | None,
                 peer: tuple[str, int], pxe_port: bool) -> Outgoing | None:
         try:
-            pk.check_header(data)
             client = self._client(data)
         except pk.Malformed as exc:
             self.malformed(str(exc), data)
             return None
         if self._served and self.interfaces.name(ifindex) not in self._served:
             self.dropped += 1
-            self._count("unknown", "interface-not-served")
+            self._tally[("unknown", "interface-not-served")] += 1
             return None
         info = client.info
         mtype = info.message_type
@@ -249,7 +268,7 @@ class Responder:
             decision = "ignore" if plan.action is Action.IGNORE else plan.action.value
             self._ignored(info, decision, plan.reason, throttle=True)
             return None
-        if_ip = self.interfaces.address(ifindex)
+        if_ip = self.interfaces.primary.get(ifindex)
         server_ip = self._advertise or if_ip or local_ip
         if not server_ip or server_ip == "0.0.0.0":
             self._ignored(info, "no-address", "arrival interface has no IPv4 address")
@@ -263,16 +282,18 @@ class Responder:
             if isinstance(answer, NoAnswer):
                 self._ignored(info, "no-boot-file", answer.reason, throttle=True)
                 return None
-            prepared = _Prepared(build_reply(info, answer, out_type, server_ip), answer)
+            reply = patch(build_reply(info, answer, out_type, server_ip), data, out_type)
+            dest = None if pxe_port else self._destination(data, info, peer, pxe_port)
+            prepared = _Prepared(reply, answer, dest)
             self.built += 1
             if len(client.prepared) > 8:  # sessions come and go; keep the newest few
                 client.prepared.clear()
             client.prepared[key] = prepared
-        payload = patch(prepared.template, data, out_type)
-        dest = self._destination(data, info, peer, pxe_port)
+        payload = prepared.reply(data)
+        dest = prepared.dest or self._destination(data, info, peer, pxe_port)
         self.replies += 1
         decision = "offer" if out_type == pk.OFFER else "ack"
-        self._count(info.kind.value, decision)
+        self._tally[(client.kind, decision)] += 1
         if now - prepared.recorded >= EVENT_COALESCE_SECONDS:
             prepared.recorded = now
             self._record_sent(info, prepared.answer, decision, server_ip, plan.image, dest)
