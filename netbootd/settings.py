@@ -80,6 +80,10 @@ class TftpSettings(_Section):
     retries: int = Field(6, ge=1, description="Resends of one block before giving up.")
     max_transfers: int = Field(2000, ge=1, description="Concurrent transfers, all clients.")
     max_per_client: int = Field(64, ge=1, description="Concurrent transfers per client IP.")
+    workers: int | None = Field(
+        None, ge=0, description="Worker processes that run TFTP transfers (the daemon hands "
+        "each one its socket and file), so transfers use every CPU. Unset = one per CPU; "
+        "0 = run transfers on the daemon's TFTP thread (debugging, tests).")
     ipxe_dir: Path = Field(Path("/usr/lib/ipxe"), description="Where the iPXE binaries "
                            "(undionly.kpxe, ipxe.efi, snponly.efi) live: Debian's ipxe package.")
     extra_ipxe_dirs: list[Path] = Field(

@@ -109,13 +109,22 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
+    def run(self) -> None:
+        """Run in the calling thread until :meth:`stop_soon` (a worker process's main
+        loop); the caller then calls :meth:`close`."""
+        self._run()
+
+    def stop_soon(self) -> None:
+        """End :meth:`run` after the current iteration (call from the loop's thread)."""
+        self._stopping = True
+
     def stop(self, timeout: float = 1.0) -> None:
         """Ask the loop to finish and wait for it, then release its descriptors. Called
         from another thread; the loop thread never closes them itself, or a wake-up
         written by the stopping thread could hit a closed (or reused) descriptor."""
         if self._ep.closed:
             return
-        self.call_soon_threadsafe(self._set_stopping)
+        self.call_soon_threadsafe(self.stop_soon)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -126,9 +135,6 @@ class EngineLoop:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
-
-    def _set_stopping(self) -> None:
-        self._stopping = True
 
     def _run(self) -> None:
         while not self._stopping:

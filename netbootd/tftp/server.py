@@ -10,20 +10,33 @@ ephemeral port as well, as RFC 1350 asks.
 A listener never dies: every parse failure is dropped and counted in
 ``netbootd_malformed_inputs{service="tftp"}``, every unexpected exception while
 admitting a request is logged, counted and answered with ERROR 0.
+
+Where transfers run (``engine``): ``workers`` (the default, ``tftp.workers`` > 0) hands
+each admitted transfer, as its socket plus a descriptor of its content, to the least
+loaded of a few worker processes (:mod:`netbootd.tftp.pool`, :mod:`netbootd.tftp.worker`)
+so blocks move on every CPU; ``thread`` runs them on the engine thread next to the
+listeners; ``asyncio`` on the caller's loop. Admission, limits and accounting are the
+same code in all three.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
+import itertools
 import logging
+import os
 import socket
 import struct
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import codec
+from . import codec, handoff
 from .engine import EngineLoop
+from .handoff import Report
+from .pool import WorkerPool, WorkerProcess, default_size
 from .transfer import Negotiated, Transfer, negotiate
 from .vfs import FileSource, Refused, VirtualTree
 
@@ -41,9 +54,25 @@ BLKSIZE_LIMIT = 65464  # RFC 2348
 NETASCII_MAX = 16 * 1024 * 1024
 
 
+#: How long stop() waits for workers to report their aborted transfers and exit.
+WORKER_STOP_WAIT = 0.5
+
+
 def _to_netascii(data: bytes) -> bytes:
     """RFC 764 NVT: CR -> CR NUL, LF -> CR LF."""
     return data.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
+
+
+@dataclass(slots=True)
+class _Open:
+    """An admitted transfer, wherever it runs: what its accounting needs at the end."""
+
+    key: tuple[str, int, str]  #: (client ip, port, requested name): the resent-RRQ rule
+    peer: tuple[str, int]
+    source: FileSource  #: event fields (name, mac, image, version); its bytes may be gone
+    started: float
+    transfer: Transfer | None = None  #: when it runs in this process
+    worker: WorkerProcess | None = None
 
 
 class TftpService:
@@ -52,19 +81,28 @@ class TftpService:
     name = SERVICE
 
     def __init__(self, app: App, tree: VirtualTree | None = None, *,
-                 engine: str = "thread") -> None:
-        """``engine``: ``thread`` (default: transfers on a dedicated epoll thread, see
-        :mod:`netbootd.tftp.engine` for the measurements) or ``asyncio`` (the caller's
-        running loop; same transfer code)."""
-        if engine not in ("thread", "asyncio"):
+                 engine: str | None = None) -> None:
+        """``engine``: ``workers`` (worker processes, ``tftp.workers`` of them),
+        ``thread`` (transfers on the dedicated epoll thread, see
+        :mod:`netbootd.tftp.engine`) or ``asyncio`` (the caller's running loop). Unset:
+        ``workers``, or ``thread`` when ``tftp.workers`` is 0."""
+        configured = app.settings.tftp.workers
+        self.workers = default_size() if configured is None else configured
+        if engine is None:
+            engine = "workers" if self.workers > 0 else "thread"
+        if engine not in ("workers", "thread", "asyncio"):
             raise ValueError(f"unknown TFTP engine {engine!r}")
+        if engine == "workers":
+            self.workers = max(1, self.workers)
         self.app = app
         self.tree = tree or VirtualTree(app)
         self.engine = engine
         self._loop: asyncio.AbstractEventLoop | EngineLoop | None = None
+        self._pool: WorkerPool | None = None
         self._listeners: list[tuple[socket.socket, str]] = []
-        #: open transfer -> its (client ip, port, requested name) key
-        self._transfers: dict[Transfer, tuple[str, int, str]] = {}
+        #: transfer id -> the open transfer
+        self._open: dict[int, _Open] = {}
+        self._ids = itertools.count(1)
         self._per_client: dict[str, int] = {}
         #: (client ip, port, file name) of open transfers: a resent RRQ is not a new one.
         self._open_keys: set[tuple[str, int, str]] = set()
@@ -79,7 +117,7 @@ class TftpService:
     # -- Service ----------------------------------------------------------------------------
     async def start(self) -> None:
         loop: asyncio.AbstractEventLoop | EngineLoop
-        loop = EngineLoop() if self.engine == "thread" else asyncio.get_running_loop()
+        loop = EngineLoop() if self.engine != "asyncio" else asyncio.get_running_loop()
         self._loop = loop
         for warning in self.tree.startup_warnings():
             log.warning("tftp: %s", warning)
@@ -104,23 +142,35 @@ class TftpService:
             await self.stop()
             raise
         if isinstance(loop, EngineLoop):
+            if self.engine == "workers":
+                self._pool = WorkerPool(loop, self.workers, self._finished)
+                self._pool.start()
             loop.run_in_thread()  # readers are registered: no cross-thread race
-        log.info("tftp: listening on %s (%s engine)", ", ".join(self.bound), self.engine)
+        log.info("tftp: listening on %s (%s engine%s)", ", ".join(self.bound), self.engine,
+                 f", {self.workers} processes" if self._pool else "")
 
     async def stop(self) -> None:
-        """Abort every transfer (clients get ERROR 0), close the listeners, end the thread."""
-        loop = self._loop
+        """Abort every transfer (clients get ERROR 0), close the listeners, stop the
+        workers (they abort theirs and report), end the thread."""
+        loop, pool = self._loop, self._pool
         if isinstance(loop, EngineLoop) and loop.running:
             loop.call_soon_threadsafe(self._shutdown)
+            if pool is not None:
+                await asyncio.to_thread(pool.all_closed.wait, WORKER_STOP_WAIT)
             await asyncio.to_thread(loop.stop, 1.0)
         else:
             self._shutdown()
             if isinstance(loop, EngineLoop):
                 loop.close()  # the thread never started (bind failed)
+        if pool is not None:
+            await asyncio.to_thread(pool.close)
 
     def _shutdown(self) -> None:
-        for tr in list(self._transfers):
-            tr.abort("server stopping")
+        for entry in list(self._open.values()):
+            if entry.transfer is not None:
+                entry.transfer.abort("server stopping")
+        if self._pool is not None:
+            self._pool.stop()
         loop = self._loop
         for sock, _ in self._listeners:
             if loop is not None:
@@ -133,12 +183,19 @@ class TftpService:
         self.bound = []
 
     def health(self) -> dict[str, Any]:
-        return {"ok": bool(self._listeners), "bound": list(self.bound),
-                "active": len(self._transfers)}
+        out: dict[str, Any] = {"ok": bool(self._listeners), "bound": list(self.bound),
+                               "active": len(self._open)}
+        if self._pool is not None:
+            out["workers"] = len(self._pool.live())
+        return out
 
     @property
     def active(self) -> int:
-        return len(self._transfers)
+        return len(self._open)
+
+    @property
+    def pool(self) -> WorkerPool | None:
+        return self._pool
 
     # -- listener ---------------------------------------------------------------------------
     def _malformed(self) -> None:
@@ -193,7 +250,7 @@ class TftpService:
         if key in self._open_keys:
             return  # a resent RRQ: the open transfer's own timer resends its packet
         t = self.app.settings.tftp
-        if len(self._transfers) >= t.max_transfers:
+        if len(self._open) >= t.max_transfers:
             self._refuse_counted(local_ip, addr, codec.ERR_UNDEFINED,
                                  "Server busy: too many transfers, retry later", "busy")
             return
@@ -245,45 +302,90 @@ class TftpService:
             log.warning("tftp: cannot open a transfer socket on %s: %s", local_ip, exc)
             self._refuse_counted(local_ip, addr, codec.ERR_UNDEFINED, "Server error", "error")
             return
-        tr = Transfer(self._loop, sock, (addr[0], addr[1]), src, params,
-                      retries=self.app.settings.tftp.retries, on_done=self._done,
-                      on_malformed=self._malformed, label=src.name)
-        self._transfers[tr] = key
+        job = next(self._ids)
+        peer = (addr[0], addr[1])
+        entry = _Open(key, peer, src, time.monotonic())
+        self._open[job] = entry
         self._open_keys.add(key)
         self._per_client[addr[0]] = self._per_client.get(addr[0], 0) + 1
         self._active.inc()
+        if self._pool is not None and self._hand_off(job, entry, params, sock):
+            return
+        src.drop_fd()
+        tr = Transfer(self._loop, sock, peer, src, params,
+                      retries=self.app.settings.tftp.retries,
+                      on_done=functools.partial(self._local_done, job),
+                      on_malformed=self._malformed, label=src.name)
+        entry.transfer = tr
         tr.start()
 
-    def _done(self, tr: Transfer, outcome: str, reason: str) -> None:
+    def _hand_off(self, job: int, entry: _Open, params: Negotiated,
+                  sock: socket.socket) -> bool:
+        """Give the transfer to the least loaded worker: its socket and a descriptor of
+        its content (the file itself, or a sealed memfd for bytes built here). False when
+        no worker can take it (it then runs on this thread)."""
+        assert self._pool is not None
+        src = entry.source
+        msg = {"op": "start", "id": job, "peer": list(entry.peer), "size": src.size,
+               "blksize": params.blksize, "windowsize": params.windowsize,
+               "timeout": params.timeout, "oack": params.oack,
+               "retries": self.app.settings.tftp.retries}
+        memfd = None
+        try:
+            if src.fd is None:
+                memfd = handoff.memfd_with(src.data)
+            content = src.fd if memfd is None else memfd
+            while (w := self._pool.pick()) is not None:
+                if self._pool.hand_off(w, job, msg, sock.fileno(), content):
+                    entry.worker = w
+                    sock.close()
+                    src.close()  # the worker maps its own copy
+                    return True
+        except OSError as exc:
+            log.warning("tftp: cannot pass %s to a worker: %s", src.name, exc)
+        finally:
+            if memfd is not None:
+                os.close(memfd)
+        return False
+
+    def _local_done(self, job: int, tr: Transfer, outcome: str, reason: str) -> None:
+        self._finished(Report(job, outcome, reason, tr.bytes_acked, tr.payload_sent,
+                              tr.packets_sent))
+
+    def _finished(self, rep: Report) -> None:
         """Accounting for one finished transfer: metrics, event, log. The transfer leaves
         the open set last, so whoever sees ``active`` drop also sees its event."""
-        ip, port = tr.peer
-        seconds = time.monotonic() - tr.started
+        entry = self._open.get(rep.id)
+        if entry is None:
+            return
+        ip, port = entry.peer
+        outcome, reason, src = rep.outcome, rep.reason, entry.source
+        seconds = rep.seconds if rep.seconds is not None else time.monotonic() - entry.started
         m = self.app.metrics
         m.requests.labels(SERVICE, outcome).inc()
-        self._bytes.inc(tr.payload_sent)
+        self._bytes.inc(rep.payload_sent)
+        if rep.malformed:
+            self._malformed_counter.inc(rep.malformed)
         if outcome == "ok":
             self._seconds.observe(seconds)
-        src: FileSource = tr.source  # type: ignore[assignment]
         self.app.events.record(
             "tftp", src.mac, "" if outcome == "ok" else reason, file=src.name,
-            bytes=tr.bytes_acked, seconds=round(seconds, 3), outcome=outcome, image=src.image,
-            version=src.version, ip=ip)
+            bytes=rep.bytes_acked, seconds=round(seconds, 3), outcome=outcome,
+            image=src.image, version=src.version, ip=ip)
         if outcome == "error":
             log.warning("tftp: %s to %s:%d failed after %.1fs: %s", src.name, ip, port,
                         seconds, reason)
         else:
             log.debug("tftp: %s to %s:%d %s (%d bytes, %.3fs) %s", src.name, ip, port,
-                      outcome, tr.bytes_acked, seconds, reason)
+                      outcome, rep.bytes_acked, seconds, reason)
         n = self._per_client.get(ip, 1) - 1
         if n > 0:
             self._per_client[ip] = n
         else:
             self._per_client.pop(ip, None)
         self._active.dec()
-        key = self._transfers.pop(tr, None)
-        if key is not None:
-            self._open_keys.discard(key)
+        del self._open[rep.id]
+        self._open_keys.discard(entry.key)
 
     def _mtu_blksize(self, ifindex: int) -> int:
         """Largest blksize that fits the MTU of the interface the request came in on, so

@@ -92,7 +92,7 @@ def make_app(work: Path, image_root: Path, *, tftp: dict[str, Any] | None = None
 
 
 @asynccontextmanager
-async def running(app: App, *, engine: str = "thread") -> AsyncIterator[TftpService]:
+async def running(app: App, *, engine: str | None = None) -> AsyncIterator[TftpService]:
     """The TFTP service started on the app's settings; always stopped afterwards."""
     svc = TftpService(app, engine=engine)
     await svc.start()

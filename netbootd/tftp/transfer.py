@@ -25,15 +25,17 @@ Protocol rules implemented here:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import codec
+
+if TYPE_CHECKING:  # not imported at run time: a worker process starts faster without it
+    import asyncio
 
 log = logging.getLogger("netbootd.tftp")
 

@@ -76,8 +76,19 @@ class FileSource:
     image: str | None = None
     version: str | None = None
     origin: str = field(default="", repr=False)  #: disk path or "rendered"
+    #: Descriptor of the file ``data`` maps (large files only): the worker pool hands it
+    #: to a worker process instead of copying the bytes. Owned by this source.
+    fd: int | None = field(default=None, repr=False)
+
+    def drop_fd(self) -> None:
+        """Close the descriptor now (a transfer served from this process needs only
+        the mapping)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def close(self) -> None:
+        self.drop_fd()
         if isinstance(self.data, mmap.mmap):
             self.data.close()
 
@@ -102,26 +113,28 @@ def normalise(path: str) -> list[str]:
     return parts
 
 
-def open_file(path: Path) -> tuple[bytes | mmap.mmap, int]:
-    """Open a regular file for serving: small ones as bytes, large ones as an mmap.
-    The descriptor is closed at once either way (a mapping does not need it)."""
+def open_file(path: Path) -> tuple[bytes | mmap.mmap, int, int | None]:
+    """Open a regular file for serving: small ones as bytes (descriptor closed), large
+    ones as an mmap plus the read-only descriptor it maps (a worker process maps the
+    same inode from it; whoever serves in-process closes it with ``drop_fd``)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        st = os.fstat(fd)
-        size = st.st_size
-        if size <= SMALL_FILE:
-            chunks, off = [], 0
-            while off < size:
-                chunk = os.pread(fd, size - off, off)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                off += len(chunk)
-            data = b"".join(chunks)
-            return data, len(data)
-        return mmap.mmap(fd, size, access=mmap.ACCESS_READ), size
-    finally:
+        size = os.fstat(fd).st_size
+        if size > SMALL_FILE:
+            return mmap.mmap(fd, size, access=mmap.ACCESS_READ), size, fd
+        chunks, off = [], 0
+        while off < size:
+            chunk = os.pread(fd, size - off, off)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            off += len(chunk)
+        data = b"".join(chunks)
+    except BaseException:
         os.close(fd)
+        raise
+    os.close(fd)
+    return data, len(data), None
 
 
 def _contained(base: Path, rel: str) -> Path | None:
@@ -175,9 +188,9 @@ class VirtualTree:
         for d in self.ipxe_dirs():
             p = d / name
             if p.is_file():
-                data, size = open_file(p)
+                data, size, fd = open_file(p)
                 return FileSource(data, size, name, mac=self.app.clients.mac_for(client_ip),
-                                  origin=str(p))
+                                  origin=str(p), fd=fd)
         raise not_found(f"iPXE binary {name} not in {', '.join(map(str, self.ipxe_dirs()))}")
 
     def _pi(self, parts: list[str], name: str, client_ip: str, local_ip: str) -> FileSource:
@@ -215,8 +228,9 @@ class VirtualTree:
             base = b""
             target = _contained(boot, rel)
             if target is not None and target.is_file():
-                data, _ = open_file(target)
+                data, _, fd = open_file(target)
                 base = bytes(data)
+                FileSource(data, 0, rel, fd=fd).close()
                 if base and not base.endswith(b"\n"):
                     base += b"\n"
             text = base + self.rendered("config.txt", plan, local_ip).encode()
@@ -227,8 +241,8 @@ class VirtualTree:
                           log_reason=f"{rel!r} leaves the boot tree of {image.name}")
         if not target.is_file():
             raise not_found(f"{rel} not in {image.name} {image.version}")
-        data, size = open_file(target)
-        return FileSource(data, size, name, origin=str(target), **meta)
+        data, size, fd = open_file(target)
+        return FileSource(data, size, name, origin=str(target), fd=fd, **meta)
 
     def _boot_tree(self, plan: BootPlan) -> Path:
         image = plan.image

@@ -1,0 +1,187 @@
+"""A TFTP worker process: runs the transfers the daemon hands it.
+
+    python -m netbootd.tftp.worker CONTROL_FD [--log-level LEVEL]
+
+Why worker processes: a transfer's per-block work is CPython, so one thread moves
+blocks on one CPU, and it shares the GIL with the rest of the daemon. in.tftpd forks a
+process per transfer and uses every CPU. A few long-lived workers get the same
+parallelism without a process per transfer (measurements in docs/tftp.md).
+
+Why a fresh interpreter (started by the daemon with ``subprocess`` and ``pass_fds``)
+and not ``fork()``: the daemon is a threaded asyncio program, and a forked child
+inherits locks other threads held at that instant. The worker imports only the engine,
+the transfer and the codec (~50 ms).
+
+What a worker does: it reads control messages (:mod:`netbootd.tftp.handoff`) on the
+descriptor it was started with, runs each handed-over transfer with the same
+:class:`~netbootd.tftp.transfer.Transfer` and :class:`~netbootd.tftp.engine.EngineLoop`
+the daemon uses in-process, and reports how each one ended. It opens no file and no
+socket of its own and writes nothing to disk: it only sends from sockets and reads
+from (read-only, or sealed) descriptors it was given. Policy, limits, events and
+metrics stay in the daemon.
+
+It stops when told (``stop``), on SIGTERM (both: clients get ERROR 0 "server
+stopping") or when the daemon's end of the channel closes (the daemon died: clients
+are told the same, nothing is reported). SIGINT is ignored: a Ctrl-C reaches the whole
+process group, and the daemon decides when its workers stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import mmap
+import os
+import signal
+import socket
+import sys
+import time
+
+from . import handoff
+from .engine import EngineLoop
+from .handoff import ChannelClosed, Report
+from .transfer import Negotiated, Transfer
+
+log = logging.getLogger("netbootd.tftp.worker")
+
+
+class MappedSource:
+    """The content of one transfer, mapped from the descriptor the daemon passed."""
+
+    __slots__ = ("data", "size")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.size = size
+        self.data: bytes | mmap.mmap = (mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+                                        if size else b"")
+
+    def close(self) -> None:
+        if isinstance(self.data, mmap.mmap):
+            self.data.close()
+
+
+class _Job:
+    """A running transfer's id and its count of dropped datagrams."""
+
+    __slots__ = ("id", "malformed")
+
+    def __init__(self, job_id: int) -> None:
+        self.id = job_id
+        self.malformed = 0
+
+    def count_malformed(self) -> None:
+        self.malformed += 1
+
+
+class Worker:
+    """The control side of a worker: starts transfers, reports their end."""
+
+    def __init__(self, loop: EngineLoop, chan: socket.socket) -> None:
+        self.loop = loop
+        self.chan = chan
+        self.jobs: dict[Transfer, _Job] = {}
+        self.connected = True  # the daemon's end is open: reports can go out
+        self.stopping = False
+
+    def on_control(self) -> None:
+        while not self.stopping:
+            try:
+                got = handoff.receive(self.chan)
+            except ChannelClosed:
+                log.warning("tftp worker: the daemon closed the channel; stopping")
+                self.connected = False
+                self.shutdown()
+                return
+            if got is None:
+                return
+            msg, fds = got
+            if msg.get("op") == "start" and len(fds) == 2:
+                self.start(msg, fds[0], fds[1])
+                continue
+            for fd in fds:
+                os.close(fd)
+            if msg.get("op") == "stop":
+                self.shutdown()
+                return
+            log.warning("tftp worker: ignored control message %r", msg.get("op"))
+
+    def start(self, msg: dict, sock_fd: int, content_fd: int) -> None:
+        """Start one handed-over transfer; both descriptors are owned from here on."""
+        sock = socket.socket(fileno=sock_fd)
+        job = _Job(int(msg.get("id", 0)))
+        source: MappedSource | None = None
+        try:
+            try:
+                source = MappedSource(content_fd, int(msg["size"]))
+            finally:
+                os.close(content_fd)
+            oack = msg.get("oack")
+            params = Negotiated(int(msg["blksize"]), int(msg["windowsize"]),
+                                float(msg["timeout"]), dict(oack) if oack else None)
+            peer = (str(msg["peer"][0]), int(msg["peer"][1]))
+            sock.setblocking(False)
+            tr = Transfer(self.loop, sock, peer, source, params, retries=int(msg["retries"]),
+                          on_done=self._done, on_malformed=job.count_malformed)
+        except (KeyError, IndexError, TypeError, ValueError, OSError) as exc:
+            # a file that shrank below its announced size, or a message we cannot read
+            sock.close()
+            if source is not None:
+                source.close()
+            log.warning("tftp worker: cannot start transfer %d: %s", job.id, exc)
+            self._report(Report(job.id, "error", f"worker cannot start: {exc}", seconds=0.0))
+            return
+        self.jobs[tr] = job
+        tr.start()
+
+    def _done(self, tr: Transfer, outcome: str, reason: str) -> None:
+        job = self.jobs.pop(tr)
+        self._report(Report(job.id, outcome, reason, tr.bytes_acked, tr.payload_sent,
+                            tr.packets_sent, round(time.monotonic() - tr.started, 6),
+                            job.malformed))
+
+    def _report(self, report: Report) -> None:
+        if not self.connected:
+            return
+        try:
+            handoff.send(self.chan, report.message())
+        except ChannelClosed as exc:
+            log.warning("tftp worker: cannot report to the daemon (%s); stopping", exc)
+            self.connected = False
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Abort every transfer (clients get ERROR 0), report them while the daemon
+        listens, then end the loop."""
+        if self.stopping:
+            return
+        self.stopping = True
+        for tr in list(self.jobs):
+            tr.abort("server stopping")
+        self.loop.stop_soon()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="netbootd TFTP worker (started by the daemon)")
+    ap.add_argument("control_fd", type=int)
+    ap.add_argument("--log-level", default="WARNING")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+        format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    chan = socket.socket(fileno=args.control_fd)
+    chan.setblocking(False)
+    loop = EngineLoop(name="netbootd-tftp-worker")
+    worker = Worker(loop, chan)
+    signal.signal(signal.SIGTERM, lambda *_: loop.call_soon_threadsafe(worker.shutdown))
+    loop.add_reader(chan.fileno(), worker.on_control)
+    try:
+        loop.run()
+    finally:
+        loop.close()
+        chan.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
