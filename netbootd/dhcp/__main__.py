@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ..daemon import build_app
+from ..daemon import build_app, settle_heap
 from ..inventory import Inventory, load_inventory
 from ..settings import load_settings
 from .proxy import DhcpService
@@ -27,6 +27,7 @@ async def _run(config: Path | None) -> int:
     app = build_app(settings, inventory=inventory)
     svc = DhcpService(app)
     await svc.start()
+    settle_heap()
     print("ready", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

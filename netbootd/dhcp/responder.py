@@ -52,6 +52,10 @@ class Outgoing(NamedTuple):
     source: str | None
 
 
+#: ``tuple.__new__`` straight: a NamedTuple's generated ``__new__`` is one more Python call.
+_new_outgoing = tuple.__new__
+
+
 class _Prepared:
     """A reply built once for one client content + session + server address + port.
 
@@ -81,12 +85,20 @@ class _Prepared:
 class _Client:
     """Memo entry: what one distinct request says, and the replies prepared for it."""
 
-    __slots__ = ("facts", "info", "kind", "prepared")
+    __slots__ = ("facts", "info", "kind", "learn_ip", "out_type", "prepared")
 
     def __init__(self, info: ClientInfo, facts: ClientFacts) -> None:
         self.info = info
         self.facts = facts
+        # What the per-packet path asks of every request, worked out once per content:
         self.kind = info.kind.value  #: the metric label (an Enum's .value costs 0.1 µs)
+        mtype = info.message_type
+        #: OFFER or ACK; None when there is nothing to answer (not a boot client, or a
+        #: message type proxy-DHCP does not answer).
+        self.out_type = _REPLY_TYPE.get(mtype) if info.boot_client and mtype else None
+        #: A REQUEST/INFORM carries the client's address: TFTP and HTTP see only an IP,
+        #: so it is learnt (for every client, boot client or not).
+        self.learn_ip = info.ip if mtype in (pk.REQUEST, pk.INFORM) else None
         self.prepared: dict[tuple, _Prepared] = {}
 
 
@@ -185,20 +197,14 @@ class Responder:
             log.debug("dropped malformed DHCP packet: %s (%s)", reason, pk.explain(data))
 
     # -- the decision -----------------------------------------------------------------------
-    def handle(self, data: bytes, ifindex: int, local_ip: str | None,
-               peer: tuple[str, int], pxe_port: bool) -> Outgoing | None:
-        """Decide about one datagram. Never raises (errors are counted and logged)."""
-        try:
-            return self._handle(data, ifindex, local_ip, peer, pxe_port)
-        except Exception:
-            self._errors.inc()
-            self.dropped += 1
-            now = time.monotonic()
-            if now - self._last_error_log >= EVENT_REPEAT_SECONDS:  # a bug must not flood
-                self._last_error_log = now
-                log.exception("error handling DHCP packet from %s (%s)", peer,
-                              pk.explain(data))
-            return None
+    def _failed(self, data: bytes, peer: tuple[str, int]) -> None:
+        """A bug while handling a packet: counted, logged (rate-limited), no reply."""
+        self._errors.inc()
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._last_error_log >= EVENT_REPEAT_SECONDS:  # a bug must not flood
+            self._last_error_log = now
+            log.exception("error handling DHCP packet from %s (%s)", peer, pk.explain(data))
 
     def _client(self, data: bytes) -> _Client:
         """The classified client for this request content, memoised.
@@ -232,32 +238,47 @@ class Responder:
             self._memo[key] = client
         return client
 
-    def _handle(self, data: bytes, ifindex: int, local_ip: str | None,
-                peer: tuple[str, int], pxe_port: bool) -> Outgoing | None:
+    def handle(self, data: bytes, ifindex: int, local_ip: str | None,
+               peer: tuple[str, int], pxe_port: bool) -> Outgoing | None:
+        """Decide about one datagram. Never raises (errors are counted and logged).
+
+        One function, not a guard calling a worker: this runs per packet, and the
+        ``try`` costs nothing in CPython 3.11 while a call costs ~0.1 µs."""
         try:
-            client = self._client(data)
-        except pk.Malformed as exc:
-            self.malformed(str(exc), data)
+            try:
+                client = self._client(data)
+            except pk.Malformed as exc:
+                self.malformed(str(exc), data)
+                return None
+            if self._served and self.interfaces.name(ifindex) not in self._served:
+                self.dropped += 1
+                self._tally[("unknown", "interface-not-served")] += 1
+                return None
+            if client.learn_ip:
+                self.app.clients.learn(client.learn_ip, client.info.mac)
+            out_type = client.out_type
+            if out_type is None:
+                self._unanswerable(client.info)
+                return None
+            return self._answer(client, out_type, data, ifindex, local_ip, peer, pxe_port)
+        except Exception:  # noqa: BLE001 - _failed() logs it with the traceback
+            self._failed(data, peer)
             return None
-        if self._served and self.interfaces.name(ifindex) not in self._served:
-            self.dropped += 1
-            self._tally[("unknown", "interface-not-served")] += 1
-            return None
-        info = client.info
-        mtype = info.message_type
-        out_type = _REPLY_TYPE.get(mtype) if mtype is not None else None
-        if mtype == pk.REQUEST or mtype == pk.INFORM:
-            ip = info.ip
-            if ip:  # TFTP/HTTP see only an IP: let them map it to this MAC
-                self.app.clients.learn(ip, info.mac)
+
+    def _unanswerable(self, info: ClientInfo) -> None:
         if not info.boot_client:
             self._ignored(info, "not-boot-client", "no PXEClient/HTTPClient vendor class",
                           throttle=True)
-            return None
-        if out_type is None:
+        else:
+            mtype = info.message_type
             self._ignored(info, "unhandled-type",
                           f"message type {pk.MESSAGE_NAMES.get(mtype, mtype)}", throttle=True)
-            return None
+
+    def _answer(self, client: _Client, out_type: int, data: bytes, ifindex: int,
+                local_ip: str | None, peer: tuple[str, int],
+                pxe_port: bool) -> Outgoing | None:
+        """The plan for a boot client, and the reply it says to send (if any)."""
+        info = client.info
         now = time.monotonic()
         if not self.limiter.allow(info.mac, now):
             self._ignored(info, "rate-limited", "more than dhcp.rate_limit_per_mac requests/s",
@@ -298,7 +319,7 @@ class Responder:
             prepared.recorded = now
             self._record_sent(info, prepared.answer, decision, server_ip, plan.image, dest)
         source = server_ip if server_ip == local_ip or server_ip == if_ip else None
-        return Outgoing(payload, dest, ifindex, source)
+        return _new_outgoing(Outgoing, (payload, dest, ifindex, source))
 
     def _destination(self, data: bytes, info: ClientInfo, peer: tuple[str, int],
                      pxe_port: bool) -> tuple[str, int]:
