@@ -166,9 +166,11 @@ def build_reply(info: ClientInfo, answer: Answer, message_type: int, server_ip: 
 
 
 def patch(template: bytes, request: bytes, message_type: int) -> bytearray:
-    """Copy a prepared reply and write this request's xid, flags, giaddr and chaddr
-    (and ciaddr for an ACK) straight from the request bytes, at their RFC 2131
-    offsets — the whole per-packet cost of building a reply."""
+    """Copy a built reply and write this request's xid, flags, giaddr and chaddr (and
+    ciaddr for an ACK) straight from the request bytes, at their RFC 2131 offsets.
+
+    The responder does this once per distinct request content; per packet it only
+    splices in xid and flags (``responder._Prepared.reply``)."""
     buf = bytearray(template)
     buf[pk.XID_SLICE] = request[pk.XID_SLICE]
     buf[pk.FLAGS_SLICE] = request[pk.FLAGS_SLICE]
