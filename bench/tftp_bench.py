@@ -43,7 +43,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 NS = f"nbd-tftpbench-{os.getpid()}"
-PORTS = {"netbootd": 7069, "netbootd-asyncio": 7070, "in.tftpd": 6969, "dnsmasq": 69}
+PORTS = {"netbootd": 7069, "netbootd-asyncio": 7070, "netbootd-thread": 7071,
+         "in.tftpd": 6969, "dnsmasq": 69}
+#: netbootd rows -> TftpService engine ("netbootd" is what the daemon runs: workers).
+ENGINES = {"netbootd": "workers", "netbootd-thread": "thread", "netbootd-asyncio": "asyncio"}
 PI_SET = {  # name -> size: a stock Pi 5 boot set, ~33 MB (docs/rpi-netboot.md)
     "config.txt": 1200, "bcm2712-rpi-5-b.dtb": 80_000, "initramfs_2712": 23_000_000,
     "overlays/overlay_map.dtb": 6000, "overlays/bcm2712d0.dtbo": 2000,
@@ -84,7 +87,7 @@ def pi_ip(i: int) -> str:
 
 
 # ----------------------------------------------------------------------- netbootd side
-def serve(image: Path, port: int, nodes: Path, engine: str) -> None:
+def serve(image: Path, port: int, nodes: Path, engine: str, workers: int | None) -> None:
     """Child process: the TFTP service on 127.0.0.1:port with the bench's inventory."""
     import logging
 
@@ -98,7 +101,7 @@ def serve(image: Path, port: int, nodes: Path, engine: str) -> None:
         try:
             app = make_app(work, image, nodes_yaml=nodes.read_text(), policy="ignore",
                            tftp={"port": port, "max_transfers": 5000,
-                                 "max_per_client": 5000})
+                                 "max_per_client": 5000, "workers": workers})
             app.clients.learn("127.0.0.1", pi_mac(0))
             svc = TftpService(app, engine=engine)
             await svc.start()
@@ -210,11 +213,12 @@ class Bench:
     # servers
     def start(self, server: str) -> subprocess.Popen:
         port = PORTS[server]
-        engine = "asyncio" if server.endswith("asyncio") else "thread"
         if server.startswith("netbootd"):
             argv = in_ns(*pin(0), sys.executable, __file__, "--serve", "--image",
                          str(self.image), "--port", str(port), "--nodes", str(self.nodes),
-                         "--engine", engine)
+                         "--engine", ENGINES[server])
+            if self.args.tftp_workers is not None:
+                argv += ["--tftp-workers", str(self.args.tftp_workers)]
             p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
             self.procs.append(p)
             line = p.stdout.readline() if p.stdout else ""
@@ -301,7 +305,7 @@ class Bench:
         self.make_ns()
         names = ["netbootd", "in.tftpd", "dnsmasq"]
         if not self.args.quick:
-            names.append("netbootd-asyncio")
+            names += ["netbootd-thread", "netbootd-asyncio"]
         for name in names:
             self.start(name)
         results: dict[str, dict] = {n: {} for n in names}
@@ -319,7 +323,7 @@ class Bench:
             for n in names:
                 results[n][key] = statistics.median(times[n])
         for n in names:
-            if n == "netbootd-asyncio":
+            if n in ("netbootd-thread", "netbootd-asyncio"):
                 continue
             progress(f"{n}: storm of {self.args.pis} Pi 5s ({self.args.workers} client "
                      "processes)")
@@ -368,13 +372,19 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
         f"| storm: wall time for all Pis | {st['netbootd']['wall']:.1f} s | "
         f"{st['in.tftpd']['wall']:.1f} s | {st['dnsmasq']['wall']:.1f} s | "
         f"{st['netbootd']['wall'] / max(st['in.tftpd']['wall'], 1e-9):.2f}x | - | - |")
-    if "netbootd-asyncio" in results:
-        a = results["netbootd-asyncio"]
-        lines += ["", ("netbootd with `engine=\"asyncio\"` (transfers on the daemon's loop "
-                       "instead of the engine thread): lock-step "
-                       f"{a['lockstep']:.2f} s ({a['lockstep'] / hpa['lockstep']:.2f}x), "
-                       f"windowsize 16 {a['window16']:.2f} s, "
-                       f"20 x 8 MiB {a['concurrent']:.2f} s.")]
+    other_engines = {
+        "netbootd-thread": ("`tftp.workers: 0` (transfers on the daemon's engine thread, no "
+                            "worker processes)"),
+        "netbootd-asyncio": "`engine=\"asyncio\"` (transfers on the daemon's asyncio loop)",
+    }
+    for name, what in other_engines.items():
+        if name in results:
+            a = results[name]
+            lines += ["", (f"netbootd with {what}: lock-step "
+                           f"{a['lockstep']:.2f} s ({a['lockstep'] / hpa['lockstep']:.2f}x), "
+                           f"windowsize 16 {a['window16']:.2f} s, "
+                           f"20 x 8 MiB {a['concurrent']:.2f} s "
+                           f"({a['concurrent'] / hpa['concurrent']:.2f}x).")]
     errs = {k: (v["n_errors"], v["bad"], v["errors"]) for k, v in st.items()
             if v["n_errors"] or v["bad"]}
     if errs:
@@ -384,7 +394,10 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="20 Pis, no asyncio-engine row")
+    ap.add_argument("--quick", action="store_true",
+                    help="20 Pis, no rows for the thread and asyncio engines")
+    ap.add_argument("--tftp-workers", type=int, default=None,
+                    help="netbootd's tftp.workers (default: one per CPU, as the daemon)")
     ap.add_argument("--pis", type=int, default=None, help="emulated Pi 5s (default 100)")
     ap.add_argument("--pin", action="store_true",
                     help="pin servers to CPU 0 and clients to CPU 1 (see PIN)")
@@ -395,12 +408,12 @@ def main() -> int:
     ap.add_argument("--image", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--nodes", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--engine", default="thread", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", default="workers", help=argparse.SUPPRESS)
     ap.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.image, args.port, args.nodes, args.engine)
+        serve(args.image, args.port, args.nodes, args.engine, args.tftp_workers)
         return 0
     if args.storm_worker:
         storm_worker(args.port, args.first, args.count, args.image / "boot")

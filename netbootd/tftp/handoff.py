@@ -6,10 +6,11 @@ with the message they belong to (``SCM_RIGHTS``), and reads as EOF the moment th
 other side is gone, which is how each side notices the other died.
 
 daemon -> worker
-    ``start`` + two descriptors: the transfer's UDP socket (already bound to the local
-    address the RRQ came to, on its ephemeral port: the server TID) and a read-only
-    descriptor of the content (the image file itself, or a sealed memfd holding
-    rendered or netascii bytes). Fields: ``id``, ``peer`` [ip, port], ``size``,
+    ``start`` + three descriptors: the transfer's two UDP sockets (on one ephemeral
+    port of the local address the RRQ came to, the server TID: one connected to the
+    client, one for strangers, see :func:`netbootd.tftp.transfer.open_tid`) and a
+    read-only descriptor of the content (the image file itself, or a sealed memfd
+    holding rendered, netascii or small-file bytes). Fields: ``id``, ``peer`` [ip, port], ``size``,
     ``blksize``, ``windowsize``, ``timeout``, ``oack`` (the negotiated options, or
     null), ``retries``.
 
@@ -37,6 +38,8 @@ from typing import Any
 
 #: Longest control message (a start message is ~250 bytes).
 MAX_MESSAGE = 4096
+#: Most descriptors one message carries (a start message: two sockets and the content).
+MAX_FDS = 3
 #: How long a send waits for the other side to drain its end before giving up.
 SEND_TIMEOUT = 2.0
 _SEALS = (getattr(fcntl, "F_SEAL_SEAL", 1) | getattr(fcntl, "F_SEAL_SHRINK", 2)
@@ -104,7 +107,7 @@ def receive(chan: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
     waiting. Raises :class:`ChannelClosed` at EOF. A message that does not decode is
     returned as ``{"op": "bad"}`` (its descriptors still returned, for closing)."""
     try:
-        data, fds, flags, _ = socket.recv_fds(chan, MAX_MESSAGE, 2)
+        data, fds, flags, _ = socket.recv_fds(chan, MAX_MESSAGE, MAX_FDS)
     except (BlockingIOError, InterruptedError):
         return None
     except OSError as exc:

@@ -149,12 +149,13 @@ class WorkerPool:
                 best = w
         return best
 
-    def hand_off(self, w: WorkerProcess, job: int, msg: dict[str, Any], sock_fd: int,
-                 content_fd: int) -> bool:
-        """Send one transfer; False (and the worker is written off) if it cannot take it.
-        The caller keeps its own descriptors and closes them either way."""
+    def hand_off(self, w: WorkerProcess, job: int, msg: dict[str, Any],
+                 fds: tuple[int, int, int]) -> bool:
+        """Send one transfer (``fds``: connected socket, stranger socket, content);
+        False (and the worker is written off) if it cannot take it. The caller keeps
+        its own descriptors and closes them either way."""
         try:
-            handoff.send(w.chan, msg, (sock_fd, content_fd))
+            handoff.send(w.chan, msg, fds)
         except ChannelClosed as exc:
             self._lost(w, f"hand-off failed: {exc}")
             return False

@@ -37,7 +37,7 @@ from . import codec, handoff
 from .engine import EngineLoop
 from .handoff import Report
 from .pool import WorkerPool, WorkerProcess, default_size
-from .transfer import Negotiated, Transfer, negotiate
+from .transfer import Negotiated, Transfer, negotiate, open_tid
 from .vfs import FileSource, Refused, VirtualTree
 
 if TYPE_CHECKING:
@@ -292,38 +292,35 @@ class TftpService:
     def _start_transfer(self, src: FileSource, params: Negotiated, addr: tuple[str, int],
                         local_ip: str, key: tuple[str, int, str]) -> None:
         assert self._loop is not None
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer = (addr[0], addr[1])
         try:
-            sock.setblocking(False)
-            sock.bind((local_ip, 0))
+            sock, stranger = open_tid(local_ip, peer)
         except OSError as exc:
-            sock.close()
             src.close()
             log.warning("tftp: cannot open a transfer socket on %s: %s", local_ip, exc)
             self._refuse_counted(local_ip, addr, codec.ERR_UNDEFINED, "Server error", "error")
             return
         job = next(self._ids)
-        peer = (addr[0], addr[1])
         entry = _Open(key, peer, src, time.monotonic())
         self._open[job] = entry
         self._open_keys.add(key)
         self._per_client[addr[0]] = self._per_client.get(addr[0], 0) + 1
         self._active.inc()
-        if self._pool is not None and self._hand_off(job, entry, params, sock):
+        if self._pool is not None and self._hand_off(job, entry, params, sock, stranger):
             return
         src.drop_fd()
         tr = Transfer(self._loop, sock, peer, src, params,
                       retries=self.app.settings.tftp.retries,
-                      on_done=functools.partial(self._local_done, job),
+                      on_done=functools.partial(self._local_done, job), stranger=stranger,
                       on_malformed=self._malformed, label=src.name)
         entry.transfer = tr
         tr.start()
 
-    def _hand_off(self, job: int, entry: _Open, params: Negotiated,
-                  sock: socket.socket) -> bool:
-        """Give the transfer to the least loaded worker: its socket and a descriptor of
-        its content (the file itself, or a sealed memfd for bytes built here). False when
-        no worker can take it (it then runs on this thread)."""
+    def _hand_off(self, job: int, entry: _Open, params: Negotiated, sock: socket.socket,
+                  stranger: socket.socket) -> bool:
+        """Give the transfer to the least loaded worker: its two sockets and a descriptor
+        of its content (the file itself, or a sealed memfd for bytes built here). False
+        when no worker can take it (it then runs on this thread)."""
         assert self._pool is not None
         src = entry.source
         msg = {"op": "start", "id": job, "peer": list(entry.peer), "size": src.size,
@@ -336,9 +333,11 @@ class TftpService:
                 memfd = handoff.memfd_with(src.data)
             content = src.fd if memfd is None else memfd
             while (w := self._pool.pick()) is not None:
-                if self._pool.hand_off(w, job, msg, sock.fileno(), content):
+                if self._pool.hand_off(w, job, msg, (sock.fileno(), stranger.fileno(),
+                                                     content)):
                     entry.worker = w
                     sock.close()
+                    stranger.close()
                     src.close()  # the worker maps its own copy
                     return True
         except OSError as exc:

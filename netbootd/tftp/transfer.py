@@ -19,6 +19,11 @@ Protocol rules implemented here:
 * A packet from another address/port (a foreign TID) gets ERROR 5 and changes
   nothing. An ERROR from the client (e.g. the Pi's "Early terminate" right after
   the OACK) ends the transfer with outcome ``aborted``.
+* Two sockets share the transfer's port (:func:`open_tid`): one *connected* to the
+  client, which carries the whole transfer with ``send``/``recv_into`` (no address
+  to parse or build per packet, ~0.45 us of a ~5 us block), and one unconnected,
+  which the kernel hands everything else sent to that port, so a stranger still gets
+  its ERROR 5 from the right port.
 * The timer does not get re-armed per packet (that would allocate a timer handle
   per block): progress stamps a time, and one timer per transfer checks it.
 """
@@ -111,8 +116,47 @@ def negotiate(options: dict[str, str], *, size: int, blksize_max: int, windowsiz
     return Negotiated(blksize, windowsize, timeout, oack or None)
 
 
+def open_tid(local_ip: str, peer: tuple[str, int]) -> tuple[socket.socket, socket.socket]:
+    """The server's TID for one transfer: (socket connected to ``peer``, socket for
+    strangers), both on one fresh ephemeral port of ``local_ip``, non-blocking.
+
+    Order matters. The first socket gets its port *without* SO_REUSEADDR (so the
+    kernel picks a port no other socket uses), then is connected (from then on only
+    ``peer`` reaches it; anything that slipped in before is discarded), then the
+    stranger socket joins the port with SO_REUSEADDR. The kernel delivers a datagram
+    to the connected socket when the source matches (it scores higher), else to the
+    unconnected one.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger: socket.socket | None = None
+    try:
+        sock.setblocking(False)
+        sock.bind((local_ip, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.connect(peer)
+        _drain(sock)
+        stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        stranger.setblocking(False)
+        stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        stranger.bind(sock.getsockname())
+    except OSError:
+        sock.close()
+        if stranger is not None:
+            stranger.close()
+        raise
+    return sock, stranger
+
+
+def _drain(sock: socket.socket) -> None:
+    while True:
+        try:
+            sock.recv(1)
+        except OSError:  # BlockingIOError: empty; anything else: nothing to keep either
+            return
+
+
 class Transfer:
-    """Sends one file to one client (ip, port) from its own socket.
+    """Sends one file to one client (ip, port) from its own port (see :func:`open_tid`).
 
     ``on_done(transfer, outcome, reason)`` is called exactly once, with outcome
     ``ok``, ``aborted`` (the client sent ERROR or the server stopped) or ``error``
@@ -132,11 +176,14 @@ class Transfer:
         "_oack_pkt",
         "_on_done",
         "_on_malformed",
+        "_recv_into",
         "_retries",
         "_retries_max",
+        "_send_raw",
         "_sent_to",
         "_size",
         "_sock",
+        "_stranger",
         "_timer",
         "blksize",
         "label",
@@ -154,10 +201,16 @@ class Transfer:
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  peer: tuple[str, int], source: Source, params: Negotiated, *, retries: int,
                  on_done: Callable[[Transfer, str, str], None],
+                 stranger: socket.socket | None = None,
                  on_malformed: Callable[[], None] | None = None, label: str = "") -> None:
+        """``sock`` is connected to ``peer`` and ``stranger`` shares its port
+        (:func:`open_tid`); the transfer owns and closes both."""
         self._loop = loop
         self._sock = sock
+        self._stranger = stranger
         self._fileno = sock.fileno()
+        self._recv_into = sock.recv_into
+        self._send_raw = sock.send
         self.peer = peer
         self.source = source
         self._data = source.data
@@ -190,6 +243,8 @@ class Transfer:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         self._loop.add_reader(self._fileno, self._on_readable)
+        if self._stranger is not None:
+            self._loop.add_reader(self._stranger.fileno(), self._on_stranger)
         if self._await_oack:
             self._send(self._oack_pkt)  # type: ignore[arg-type]
         else:
@@ -218,11 +273,14 @@ class Transfer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        try:
-            self._loop.remove_reader(self._fileno)
-        except (ValueError, OSError):  # loop already closed
-            pass
-        self._sock.close()
+        for sock in (self._sock, self._stranger):
+            if sock is None:
+                continue
+            try:
+                self._loop.remove_reader(sock.fileno())
+            except (ValueError, OSError):  # loop already closed
+                pass
+            sock.close()
         try:
             self.source.close()
         finally:
@@ -231,53 +289,65 @@ class Transfer:
     # -- sending --------------------------------------------------------------------------
     def _send(self, pkt: bytes) -> None:
         try:
-            self._sock.sendto(pkt, self.peer)
+            self._send_raw(pkt)
             self.packets_sent += 1
         except (BlockingIOError, InterruptedError):
             pass  # socket buffer full: the retransmit timer resends
-        except OSError as exc:
+        except OSError as exc:  # e.g. ECONNREFUSED: the client's port is gone
             log.debug("tftp send to %s failed: %s", self.peer, exc)
 
     def _send_window(self) -> None:
         """Send blocks acked+1 .. acked+window (the whole window, RFC 7440)."""
-        first = self._acked + 1
-        last = self._acked + self.window
-        last = min(last, self._nblocks)
-        bs, data, sock, peer, pack = self.blksize, self._data, self._sock, self.peer, _pack
-        n = first
+        n = first = self._acked + 1
+        last = min(self._acked + self.window, self._nblocks)
+        bs, data, send, pack = self.blksize, self._data, self._send_raw, _pack
         try:
             while n <= last:
                 off = (n - 1) * bs
                 payload = data[off:off + bs]  # type: ignore[index]
-                sock.sendto(pack(_DATA, n & 0xFFFF) + payload, peer)
+                send(pack(_DATA, n & 0xFFFF) + payload)
                 self.payload_sent += len(payload)
                 n += 1
         except (BlockingIOError, InterruptedError):
             pass  # socket buffer full: the rest goes on the next ACK or timer
         except OSError as exc:
-            log.debug("tftp send to %s failed: %s", peer, exc)
+            log.debug("tftp send to %s failed: %s", self.peer, exc)
         self.packets_sent += n - first
         self._sent_to = max(self._sent_to, n - 1)
 
     # -- receiving ------------------------------------------------------------------------
     def _on_readable(self) -> None:
         """One datagram per wake-up: in lock-step there is only ever one, and draining
-        until EAGAIN would cost a second (failing) syscall per block."""
+        until EAGAIN would cost a second (failing) syscall per block. The socket is
+        connected, so everything read here comes from the client."""
         try:
-            n, addr = self._sock.recvfrom_into(self._buf)
+            n = self._recv_into(self._buf)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as exc:
-            log.debug("tftp recv failed: %s", exc)
+        except OSError as exc:  # ECONNREFUSED (ICMP from the client's host), ...
+            log.debug("tftp recv from %s failed: %s", self.peer, exc)
             return
         buf = self._buf
-        if addr != self.peer:
-            self._foreign(n, addr)
-            return
         if n >= 4 and buf[0] == 0:
             op = buf[1]
             if op == _ACK:
-                self._on_ack((buf[2] << 8) | buf[3])
+                if self._await_oack:
+                    self._on_oack_ack((buf[2] << 8) | buf[3])
+                    return
+                # The per-block path, inlined: map the 16-bit number into
+                # [acked, sent_to]; anything else is stale (or a duplicate: never resend
+                # on it, that is the sorcerer's apprentice bug).
+                acked = self._acked
+                delta = (((buf[2] << 8) | buf[3]) - acked) & 0xFFFF
+                if delta == 0 or acked + delta > self._sent_to:
+                    return
+                self._acked = acked = acked + delta
+                if acked >= self._nblocks:
+                    self._finish("ok", "")
+                    return
+                self._retries = 0
+                self._last_progress = _now()
+                self._send_window()
                 return
             if op == _ERROR:
                 err = codec.parse_error(memoryview(buf)[:n])
@@ -286,6 +356,15 @@ class Transfer:
             if op in _IGNORED:
                 return  # well-formed but meaningless here (a duplicate RRQ, say): ignore
         self._malformed()
+
+    def _on_stranger(self) -> None:
+        """A datagram to our port from anyone but the client (the kernel sorted it)."""
+        assert self._stranger is not None
+        try:
+            n, addr = self._stranger.recvfrom_into(self._buf)
+        except OSError:
+            return
+        self._foreign(n, addr)
 
     def _malformed(self) -> None:
         """Dropped; the server counts it (``app.metrics.malformed``) via ``on_malformed``."""
@@ -299,33 +378,19 @@ class Transfer:
         if n < 4 or buf[0] != 0 or not 1 <= buf[1] <= 6:
             self._malformed()
             return
-        if buf[1] == codec.ERROR:
+        if buf[1] == codec.ERROR or self._stranger is None:
             return
         try:
-            self._sock.sendto(codec.build_error(codec.ERR_UNKNOWN_TID, "Unknown transfer ID"),
-                              addr)
+            self._stranger.sendto(
+                codec.build_error(codec.ERR_UNKNOWN_TID, "Unknown transfer ID"), addr)
         except OSError:
             pass
 
-    def _on_ack(self, wire: int) -> None:
-        if self._await_oack:
-            if wire != 0:
-                return  # stray ACK before the OACK was acknowledged
-            self._await_oack = False
-            self._progress()
-            self._send_window()
-            return
-        # Map the 16-bit number into [acked, sent_to]; anything else is stale.
-        acked = self._acked
-        delta = (wire - acked) & 0xFFFF
-        if delta == 0 or acked + delta > self._sent_to:
-            return  # duplicate or stale ACK: never resend on it (sorcerer's apprentice)
-        self._acked = acked = acked + delta
-        if acked >= self._nblocks:
-            self._finish("ok", "")
-            return
-        self._retries = 0  # _progress(), inlined: this is the per-block path
-        self._last_progress = _now()
+    def _on_oack_ack(self, wire: int) -> None:
+        if wire != 0:
+            return  # stray ACK before the OACK was acknowledged
+        self._await_oack = False
+        self._progress()
         self._send_window()
 
     def _progress(self) -> None:

@@ -95,8 +95,8 @@ class Worker:
             if got is None:
                 return
             msg, fds = got
-            if msg.get("op") == "start" and len(fds) == 2:
-                self.start(msg, fds[0], fds[1])
+            if msg.get("op") == "start" and len(fds) == 3:
+                self.start(msg, *fds)
                 continue
             for fd in fds:
                 os.close(fd)
@@ -105,9 +105,10 @@ class Worker:
                 return
             log.warning("tftp worker: ignored control message %r", msg.get("op"))
 
-    def start(self, msg: dict, sock_fd: int, content_fd: int) -> None:
-        """Start one handed-over transfer; both descriptors are owned from here on."""
+    def start(self, msg: dict, sock_fd: int, stranger_fd: int, content_fd: int) -> None:
+        """Start one handed-over transfer; the descriptors are owned from here on."""
         sock = socket.socket(fileno=sock_fd)
+        stranger = socket.socket(fileno=stranger_fd)
         job = _Job(int(msg.get("id", 0)))
         source: MappedSource | None = None
         try:
@@ -120,11 +121,14 @@ class Worker:
                                 float(msg["timeout"]), dict(oack) if oack else None)
             peer = (str(msg["peer"][0]), int(msg["peer"][1]))
             sock.setblocking(False)
+            stranger.setblocking(False)
             tr = Transfer(self.loop, sock, peer, source, params, retries=int(msg["retries"]),
-                          on_done=self._done, on_malformed=job.count_malformed)
+                          on_done=self._done, stranger=stranger,
+                          on_malformed=job.count_malformed)
         except (KeyError, IndexError, TypeError, ValueError, OSError) as exc:
             # a file that shrank below its announced size, or a message we cannot read
             sock.close()
+            stranger.close()
             if source is not None:
                 source.close()
             log.warning("tftp worker: cannot start transfer %d: %s", job.id, exc)
