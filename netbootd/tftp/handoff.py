@@ -124,16 +124,23 @@ def receive(chan: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
 
 
 def memfd_with(data: bytes | memoryview, name: str = "netbootd-tftp") -> int:
-    """A sealed, read-only-from-now-on anonymous file holding ``data`` (rendered
-    ``cmdline.txt``, netascii text, small files read at open): the worker maps it like a
-    file on disk, and the seals guarantee nobody can change it under a transfer."""
+    """A read-only descriptor of a sealed anonymous file holding ``data`` (rendered
+    ``cmdline.txt``, netascii text, small files read at open). The worker maps it like
+    a file on disk; the seals guarantee nobody can change it under a transfer, and the
+    descriptor it gets is opened read-only (through ``/proc/self/fd``), so a worker
+    holds no writable descriptor at all."""
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        try:
+            ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # no /proc: the seals alone keep it immutable
+            return fd
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    os.close(fd)
+    return ro

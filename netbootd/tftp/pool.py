@@ -92,7 +92,7 @@ class WorkerPool:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "netbootd.tftp.worker", str(child.fileno()),
                  "--log-level", str(level)],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         except OSError as exc:
             parent.close()
             log.error("tftp: cannot start worker %d: %s; retrying in %.0fs", slot, exc,

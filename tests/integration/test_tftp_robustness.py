@@ -1,7 +1,8 @@
 """Protocol edge cases, limits, packet loss, concurrency and fuzzing against the engine.
 
 Raw-socket peers here are real UDP clients written in the test; the server runs on
-its own engine thread, so blocking socket calls with timeouts are fine.
+its own engine thread (transfers there or in worker processes), so blocking socket
+calls with timeouts are fine.
 """
 
 from __future__ import annotations
@@ -79,11 +80,13 @@ def error_code(pkt: bytes) -> int:
     return struct.unpack(">H", pkt[2:4])[0]
 
 
-@pytest.fixture
-async def srv(image: Path, tmp_path: Path):
+@pytest.fixture(params=["workers", "thread"])
+async def srv(request: pytest.FixtureRequest, image: Path, tmp_path: Path):
+    """The service with transfers in worker processes (the daemon's default) and on the
+    engine thread (``tftp.workers: 0``); tests without this fixture run the default."""
     app = make_app(tmp_path / "work", image, tftp={"retransmit_timeout": 0.3, "retries": 3})
     app.clients.learn("127.0.0.1", MAC)
-    async with running(app) as svc:
+    async with running(app, engine=request.param) as svc:
         yield app, svc, ("127.0.0.1", app.settings.tftp.port)
 
 
@@ -235,12 +238,13 @@ async def test_limits_per_client_and_global(image: Path, tmp_path: Path):
     assert svc.active == 0 and not svc.health()["ok"]
 
 
-async def test_stop_is_fast_and_tells_clients(image: Path, tmp_path: Path):
+@pytest.mark.parametrize("engine", ["workers", "thread"])
+async def test_stop_is_fast_and_tells_clients(image: Path, tmp_path: Path, engine: str):
     app = make_app(tmp_path / "w", image)
     app.clients.learn("127.0.0.1", MAC)
     p = Peer()
     try:
-        async with running(app) as svc:
+        async with running(app, engine=engine) as svc:
             p.send(rrq("mid.bin"), ("127.0.0.1", app.settings.tftp.port))
             p.recv()
             assert svc.active == 1
