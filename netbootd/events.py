@@ -6,6 +6,16 @@ over, booted, failed, ...). Events are appended as JSON lines to
 files kept), kept in memory per node (bounded), and folded into a node state
 table (last seen, IP, phase, image version) that is rebuilt from the files at
 start, so a restart does not forget the fleet.
+
+The file is written by a writer thread, never by the recording thread. ``record()``
+runs on the protocol paths (the asyncio loop serving DHCP and HTTP, TFTP admission),
+and a ``write()`` to a file can block: under dirty-page throttling while the store
+ingests a multi-GB build on the same disk it takes tens to hundreds of ms, and every
+DHCP answer would wait that long. So ``record()`` updates memory and queues the JSON
+line; the writer wakes at most every ``WRITE_INTERVAL`` seconds and writes what queued
+up in one call (the syscall releases the GIL). The cost: a crash loses at most the last
+``WRITE_INTERVAL`` of the file (memory is current); ``close()`` writes everything, and
+``flush()`` waits for it.
 """
 
 from __future__ import annotations
@@ -27,6 +37,9 @@ log = logging.getLogger("netbootd.events")
 PHASES = (
     "dhcp", "tftp", "http", "kernel", "booted", "provisioned", "installed", "joined", "failed",
 )
+
+#: Longest time a recorded event waits in memory before it is written to the file.
+WRITE_INTERVAL = 0.05
 
 #: Field names that must never be written to the log (secrets rendered for a node).
 _REDACT = frozenset({"token", "secret", "password", "user_data"})
@@ -103,10 +116,19 @@ class EventLog:
         self.nodes: dict[str, NodeState] = {}
         self._listeners: list[Callable[[Event], None]] = []
         self._fh = None
+        #: JSON lines recorded but not yet written, and counts of both (for ``flush``).
+        self._pending: list[str] = []
+        self._queued = self._written = 0
+        self._wake = threading.Condition(self._lock)
+        self._closing = False
+        self._writer: threading.Thread | None = None
         if state_dir is not None:
             state_dir.mkdir(parents=True, exist_ok=True)
             self._replay()
             self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+            self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                            name="netbootd-events")
+            self._writer.start()
 
     @property
     def path(self) -> Path:
@@ -121,12 +143,14 @@ class EventLog:
         """Record one event. Never raises: a full disk must not stop a boot."""
         clean = {k: v for k, v in fields.items() if k not in _REDACT and v is not None}
         ev = Event(ts=time.time(), kind=kind, mac=mac, message=message, fields=clean)
+        line = ev.to_json() + "\n" if self._fh is not None else ""
         with self._lock:
             self._remember(ev)
-            try:
-                self._write(ev)
-            except OSError as exc:  # pragma: no cover - disk full etc.
-                log.warning("event log write failed: %s", exc)
+            if line and not self._closing:
+                self._pending.append(line)
+                self._queued += 1
+                if len(self._pending) == 1:
+                    self._wake.notify()
         for fn in self._listeners:
             try:
                 fn(ev)
@@ -142,9 +166,32 @@ class EventLog:
         with self._lock:
             return list(self._recent)[-limit:]
 
-    def close(self) -> None:
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every event recorded so far is in the file (tests, CLI)."""
+        deadline = time.monotonic() + timeout
         with self._lock:
-            if self._fh:
+            target = self._queued
+            self._wake.notify()
+            while self._written < target and self._writer is not None \
+                    and self._writer.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.wait(min(left, WRITE_INTERVAL))
+        return True
+
+    def close(self) -> None:
+        """Write what is queued, stop the writer, close the file. Idempotent."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify_all()
+        if self._writer is not None and self._writer is not threading.current_thread():
+            self._writer.join(5.0)
+        with self._lock:
+            writer_done = self._writer is None or not self._writer.is_alive()
+            if self._pending and writer_done:  # the writer never started
+                self._write_pending_locked()
+            if self._fh and writer_done:
                 self._fh.close()
                 self._fh = None
 
@@ -155,13 +202,50 @@ class EventLog:
             self._by_node.setdefault(ev.mac, deque(maxlen=self._per_node)).append(ev)
             self.nodes.setdefault(ev.mac, NodeState(mac=ev.mac)).apply(ev)
 
-    def _write(self, ev: Event) -> None:
+    def _write_loop(self) -> None:
+        """The writer thread: batch, write, repeat until ``close()``."""
+        with self._lock:
+            while True:
+                while not self._pending and not self._closing:
+                    self._wake.wait()
+                if not self._closing:  # let a burst gather: one write for all of it
+                    self._wake.wait(WRITE_INTERVAL)
+                if self._pending:
+                    self._write_pending_locked()
+                    self._wake.notify_all()  # flush() waiters
+                if self._closing and not self._pending:
+                    return
+
+    def _write_pending_locked(self) -> None:
+        """Write the queued lines, rotating at ``max_bytes``. Called with the lock held;
+        it is dropped around the file work so ``record()`` never waits for the disk. Only
+        the writer thread touches the file (``close()`` joins it first)."""
+        lines, self._pending = self._pending, []
         if self._fh is None:
             return
-        self._fh.write(ev.to_json() + "\n")
-        self._fh.flush()
-        if self._fh.tell() >= self._max_bytes:
-            self._rotate()
+        self._lock.release()
+        try:
+            self._write_lines(lines)
+        except (OSError, ValueError) as exc:  # disk full, rename failed
+            log.warning("event log write failed: %s", exc)
+        finally:
+            self._lock.acquire()
+        self._written += len(lines)
+
+    def _write_lines(self, lines: list[str]) -> None:
+        i = 0
+        while i < len(lines) and self._fh is not None:
+            room = self._max_bytes - self._fh.tell()
+            chunk: list[str] = []
+            size = 0
+            while i < len(lines) and (size < room or not chunk):
+                chunk.append(lines[i])
+                size += len(lines[i])
+                i += 1
+            self._fh.write("".join(chunk))
+            self._fh.flush()
+            if self._fh.tell() >= self._max_bytes:
+                self._rotate()
 
     def _rotate(self) -> None:
         assert self._fh is not None and self._dir is not None

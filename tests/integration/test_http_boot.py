@@ -280,6 +280,7 @@ def test_cloud_init_each_node_gets_its_own_secret(server):
     assert curl(f"{base}/{mac_dashes(NODE_A)}/user-data")[0] == 403
 
     # secrets never reach the event log
+    assert app.events.flush()
     log_text = (app.settings.paths.state / "events.jsonl").read_text()
     assert SECRET_A not in log_text and SECRET_B not in log_text
     # a refused attempt does not change the victim's state
