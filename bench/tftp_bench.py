@@ -17,10 +17,12 @@ Workloads (all servers run at once; each timing round visits every server in tur
 
 dnsmasq's TFTP port is fixed at 69, so everything runs inside a network namespace this
 script creates (loopback plus a veth pair with 10.231.250.1, needed because in.tftpd's
-address lookup wants a non-loopback IPv4 address) and deletes on exit. Servers are pinned
-to CPU 0, clients to CPU 1 (taskset, when there are two CPUs). netbootd runs in its own
-process (this script with ``--serve``). Progress goes to stderr, the markdown table to
-stdout. Needs root, curl, atftp, in.tftpd, dnsmasq.
+address lookup wants a non-loopback IPv4 address) and deletes on exit. Nothing is pinned
+unless ``--pin`` (servers on CPU 0, clients on CPU 1). netbootd runs in its own process
+(this script with ``--serve``) the way the daemon does: transfers in ``tftp.workers``
+worker processes (default one per CPU; ``--tftp-workers N``). The full run adds rows for
+the in-thread engine (``tftp.workers: 0``) and the asyncio engine. Progress goes to
+stderr, the markdown table to stdout. Needs root, curl, atftp, in.tftpd, dnsmasq.
 """
 
 from __future__ import annotations
