@@ -161,6 +161,9 @@ class StoreSettings(_Section):
     keep_booted_hours: float = Field(24.0, ge=0, description="Also keep versions booted within.")
     keep_rejected: int = Field(20, ge=0, description="Rejected builds kept in rejected/ "
                                "(newest first) for inspection; older ones are deleted by GC.")
+    keep_history: int = Field(100, ge=1, description="Activation history entries kept per "
+                              "image and channel by GC (entries naming a version still in "
+                              "the store are always kept).")
     require_signature: bool = Field(False, description="Reject builds without a valid "
                                     "ed25519 signature by a trusted key.")
     trusted_keys: list[Path] = Field(default_factory=list, description="ed25519 public keys.")

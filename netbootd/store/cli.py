@@ -127,7 +127,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             old = store.prune_rejected(settings.store.keep_rejected, dry_run=args.dry_run)
             for name in old:
                 print(f"{verb} rejected build {name}")
-            if not victims and not old:
+            pruned = store.prune_history(settings.store.keep_history, dry_run=args.dry_run)
+            if pruned:
+                print(f"{verb} {pruned} old activation history entries")
+            if not victims and not old and not pruned:
                 print("nothing to delete")
         elif cmd == "rejected":
             rows = store.rejected()

@@ -17,12 +17,15 @@ fsync the directory": a crash leaves the old or the new content, never a mix.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 #: Names in incoming/ that are never builds: work in progress of a CI writer.
 IGNORED_SUFFIXES = (".tmp", ".partial", ".reason")
@@ -124,15 +127,45 @@ def write_json_atomic(path: Path, value: Any) -> None:
     write_atomic(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
 
 
+@contextlib.contextmanager
+def locked_file(path: Path) -> Iterator[BinaryIO]:
+    """``path`` opened for append and read, under an exclusive ``flock``.
+
+    The daemon and the ``netbootd images`` CLI are separate processes that both append
+    to the history, and history pruning replaces the file by rename. A writer that got
+    the lock on a file already renamed away would write into a dead inode, so after
+    locking it checks that it holds the file the path names now, and retries if not.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fh = open(path, "a+b")  # noqa: SIM115 - closed below or by the caller's with
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            fh.close()
+            raise
+        if same:
+            break
+        fh.close()
+    try:
+        yield fh
+    finally:
+        fh.close()  # releases the lock
+
+
 def append_line(path: Path, line: str) -> None:
     """Append one JSON line durably (a torn last line after a crash is skipped on read)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
+    with locked_file(path) as fh:
         fh.seek(0, os.SEEK_END)
         torn = False
         if fh.tell() > 0:
             fh.seek(-1, os.SEEK_END)
             torn = fh.read(1) != b"\n"  # a crash tore the last line: start a fresh one
+        fh.seek(0, os.SEEK_END)
         fh.write((("\n" if torn else "") + line.rstrip("\n") + "\n").encode())
         fh.flush()
         os.fsync(fh.fileno())

@@ -133,6 +133,8 @@ class StoreService:
         victims = await asyncio.to_thread(self.store.gc, dry_run=dry_run, in_use=in_use)
         await asyncio.to_thread(self.store.prune_rejected,
                                 self.app.settings.store.keep_rejected, dry_run=dry_run)
+        await asyncio.to_thread(self.store.prune_history,
+                                self.app.settings.store.keep_history, dry_run=dry_run)
         await asyncio.to_thread(self.store.flush_booted)
         self._last_gc = {"when": time.time(), "deleted": [list(v) for v in victims],
                          "dry_run": dry_run}

@@ -45,6 +45,7 @@ from .layout import (
     append_line,
     fsync_dir,
     is_ignored_name,
+    locked_file,
     read_json,
     read_json_lines,
     write_atomic,
@@ -303,6 +304,49 @@ class ImageStore:
         if victims:
             log.info("pruned %d old rejected build(s)", len(victims))
         return victims
+
+    def prune_history(self, keep: int, *, dry_run: bool = False) -> int:
+        """Drop old activation history; return how many entries went (or would go).
+
+        Kept: per image and channel the newest ``keep`` entries, plus every entry that
+        names a version still in the store. Why both: recovery reads each channel's last
+        entry, rollback reads the entry of the active version, and ingest's auto-activate
+        asks whether a version was *ever* activated on its channel (so a build dropped
+        again after a rollback is not re-activated) -- all of which the two rules keep.
+        Entries of deleted versions beyond the newest ``keep`` answer nothing any more,
+        and without pruning the file grows by ~200 bytes per activation forever.
+        """
+        path = self.layout.history_file
+        if not path.exists():
+            return 0
+        with self._lock, locked_file(path) as fh:
+            fh.seek(0)
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+            entries = []
+            for line in lines:
+                try:
+                    d = json.loads(line)
+                except ValueError:
+                    continue  # a torn line: dropped with the rewrite
+                if isinstance(d, dict):
+                    entries.append((line, d))
+            seen: dict[tuple[str, str], int] = {}
+            kept: list[str] = []
+            for line, d in reversed(entries):
+                key = (str(d.get("image")), str(d.get("channel")))
+                seen[key] = seen.get(key, 0) + 1
+                version = d.get("version")
+                exists = (isinstance(version, str) and self.manifest(str(d.get("image")),
+                                                                     version) is not None)
+                if seen[key] <= keep or exists:
+                    kept.append(line)
+            dropped = len(lines) - len(kept)
+            if dropped and not dry_run:
+                kept.reverse()
+                write_atomic(path, "".join(x + "\n" for x in kept).encode())
+        if dropped and not dry_run:
+            log.info("pruned %d old activation history entries", dropped)
+        return dropped
 
     def rejected(self) -> list[dict]:
         """Builds ingest refused: {name, reason, when} (newest first)."""

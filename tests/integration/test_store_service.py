@@ -82,7 +82,8 @@ async def test_startup_scan_rename_and_marker_drops(running, tmp_path) -> None:
     assert "demo-3" in svc.health()["waiting_for_marker"]
     (store.layout.incoming / "demo-3.ready").touch()
     await until(lambda: store.active("demo", "dev") == "3")
-    assert not (store.layout.incoming / "demo-3.ready").exists()
+    # the incoming copy and its marker go only after activation (ingest_entry's order)
+    await until(lambda: not (store.layout.incoming / "demo-3.ready").exists())
 
     # CI temp names are ignored until renamed
     (store.layout.incoming / ".demo-4.tmp").write_bytes(b"partial")
@@ -95,9 +96,14 @@ async def test_startup_scan_rename_and_marker_drops(running, tmp_path) -> None:
     (bad / "boot/vmlinuz").write_bytes(b"tampered")
     os.rename(bad, store.layout.incoming / "bad")
     await until(lambda: any(r["name"] == "bad" for r in store.rejected()))
+
+    def kinds() -> list:
+        return [e.fields.get("outcome") for e in app.events.recent() if e.kind == "image"]
+
+    # the reason file is written first, the event right after it (on the ingest thread)
+    await until(lambda: "rejected" in kinds())
     assert store.active("demo", "dev") == "3"
-    kinds = [e.fields.get("outcome") for e in app.events.recent() if e.kind == "image"]
-    assert "ingested" in kinds and "rejected" in kinds and "activated" in kinds
+    assert "ingested" in kinds() and "activated" in kinds()
     assert app.metrics.ingest_failures._value.get() == 1
 
 

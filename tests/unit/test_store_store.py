@@ -198,3 +198,47 @@ def test_all_refs_for_exports(store) -> None:
     assert set(refs) == {("demo", "1"), ("demo", "2"), ("demo", "3"), ("pi", "1")}
     assert refs[("pi", "1")].boot["rootfs"] == "rootfs"
     assert os.path.isdir(refs[("pi", "1")].root / "rootfs")
+
+
+def test_history_pruning_keeps_what_rollback_recovery_and_auto_activate_read(tmp_path) -> None:
+    st = make_store(tmp_path, keep=2, keep_booted_hours=0)
+    for v in range(1, 7):
+        add(st, str(v))
+    for _ in range(3):  # toggle between versions: 3 x 6 activations on prod
+        for v in range(1, 7):
+            st.activate("demo", str(v), "prod")
+    st.activate("demo", "6", "dev")
+    st.activate("demo", "6", "prod")  # no-op: already active, no entry
+    assert len(st.history()) == 19
+    st.gc()  # deletes versions 1-4 (not newest, not active)
+    assert st.versions("demo") == ["5", "6"]
+    assert st.prune_history(2, dry_run=True) == 12
+    assert len(st.history()) == 19, "a dry run changes nothing"
+    assert st.prune_history(2) == 12
+    left = [(h["channel"], h["version"]) for h in st.history()]
+    # prod: entries of versions still stored (5, 6), whatever their age; dev: its one entry
+    assert left == [("prod", "5"), ("prod", "6"), ("prod", "5"), ("prod", "6"),
+                    ("prod", "5"), ("prod", "6"), ("dev", "6")]
+    assert st.rollback("demo", "prod") == "5"
+    assert st.recover() == [], "the last entry per channel still matches its pointer"
+    assert st.prune_history(2) == 0
+
+
+def test_history_append_waiting_on_a_prune_lands_in_the_live_file(store) -> None:
+    import threading
+
+    from netbootd.store.layout import append_line, locked_file
+
+    store.activate("demo", "1", "prod")
+    path = store.layout.history_file
+    line = json.dumps({"image": "demo", "version": "2", "channel": "dev"})
+    with locked_file(path):  # a prune (any process) holds the lock ...
+        writer = threading.Thread(target=append_line, args=(path, line))
+        writer.start()  # ... an activation now waits for it ...
+        time.sleep(0.2)
+        replaced = path.with_name("history.new")
+        replaced.write_text(path.read_text())
+        os.replace(replaced, path)  # ... and the prune replaces the file
+    writer.join(5)
+    assert [h["version"] for h in store.history()] == ["1", "2"], \
+        "the waiting append must reopen the new file, not write into the replaced one"
