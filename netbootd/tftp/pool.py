@@ -154,12 +154,13 @@ class WorkerPool:
         """Send one transfer (``fds``: connected socket, stranger socket, content);
         False (and the worker is written off) if it cannot take it. The caller keeps
         its own descriptors and closes them either way."""
+        w.jobs.add(job)  # before sending: the worker may answer before send() returns
         try:
             handoff.send(w.chan, msg, fds)
         except ChannelClosed as exc:
+            w.jobs.discard(job)  # not the worker's: the caller runs it elsewhere
             self._lost(w, f"hand-off failed: {exc}")
             return False
-        w.jobs.add(job)
         return True
 
     def _on_message(self, w: WorkerProcess) -> None:

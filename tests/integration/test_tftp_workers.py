@@ -68,7 +68,7 @@ async def test_transfers_run_in_the_least_loaded_worker(image: Path, tmp_path: P
             for p in peers:  # nobody ACKs: all four stay open
                 p.sendto(rrq("mid.bin"), ("127.0.0.1", app.settings.tftp.port))
                 assert p.recvfrom(600)[0][:4] == b"\x00\x03\x00\x01"
-            assert sorted(len(w.jobs) for w in svc.pool.live()) == [2, 2]
+            await eventually(lambda: sorted(len(w.jobs) for w in svc.pool.live()) == [2, 2])
         finally:
             for p in peers:
                 p.close()
@@ -95,7 +95,12 @@ async def test_worker_death_is_accounted_and_the_worker_restarted(image: Path,
                 "netbootd_requests_total", {"service": "tftp", "outcome": "error"}) == 1
             assert app.metrics.registry.get_sample_value(
                 "netbootd_active_transfers", {"service": "tftp"}) == 0
-            # the slot is started again (after a pause: it died young) ...
+            # until its slot is started again (after a pause: it died young), requests
+            # are served on the engine thread, not refused
+            assert svc.pool.live() == []
+            res = await fetch(server, "mid.bin")
+            assert res.data == (image / "boot" / "mid.bin").read_bytes()
+            # ... then the new worker takes over
             await eventually(lambda: len(svc.pool.live()) == 1, timeout=5)
             (again,) = svc.pool.live()
             assert again.pid != worker.pid and svc.pool.restarts == 1
