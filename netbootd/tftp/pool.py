@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -48,7 +49,7 @@ class WorkerProcess:
 
     __slots__ = ("chan", "closed", "jobs", "proc", "slot", "started")
 
-    def __init__(self, slot: int, proc: subprocess.Popen, chan: Any) -> None:
+    def __init__(self, slot: int, proc: subprocess.Popen, chan: socket.socket) -> None:
         self.slot = slot
         self.proc = proc
         self.chan = chan
