@@ -56,9 +56,6 @@ class Interfaces:
         iface = self.by_index.get(index)
         return iface.name if iface else None
 
-    def address(self, index: int) -> str | None:
-        return self.primary.get(index)
-
     def local_addresses(self) -> set[str]:
         return {ip for i in self.by_index.values() for ip, _ in i.addresses}
 

@@ -222,6 +222,10 @@ def test_history_pruning_keeps_what_rollback_recovery_and_auto_activate_read(tmp
     assert st.rollback("demo", "prod") == "5"
     assert st.recover() == [], "the last entry per channel still matches its pointer"
     assert st.prune_history(2) == 0
+    with open(st.layout.history_file, "a") as fh:  # a crash tore the last line
+        fh.write('{"when": "2026-')
+    assert st.prune_history(2) == 1, "the torn line is dropped by the rewrite"
+    assert len(st.history()) == 8 and st.active("demo", "prod") == "5"  # 7 + the rollback
 
 
 def test_history_append_waiting_on_a_prune_lands_in_the_live_file(store) -> None:
