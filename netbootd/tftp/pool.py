@@ -67,9 +67,11 @@ class WorkerPool:
     transfer, when it ends (or its worker died)."""
 
     def __init__(self, loop: EngineLoop, size: int,
-                 on_report: Callable[[Report], None]) -> None:
+                 on_report: Callable[[Report], None], *, pump: bool = True) -> None:
+        """``pump``: workers run transfers in the C loop (when built); False: in Python."""
         self.loop = loop
         self.size = size
+        self.pump = pump
         self.on_report = on_report
         self.slots: list[WorkerProcess | None] = [None] * size
         #: processes not reaped yet (a stopping worker stays here until close())
@@ -92,7 +94,7 @@ class WorkerPool:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "netbootd.tftp.worker", str(child.fileno()),
-                 "--log-level", str(level)],
+                 "--log-level", str(level), *(() if self.pump else ("--python",))],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         except OSError as exc:
             parent.close()

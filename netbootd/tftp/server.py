@@ -39,6 +39,7 @@ from .handoff import Report
 from .pool import WorkerPool, WorkerProcess, default_size
 from .transfer import Negotiated, Transfer, negotiate, open_tid
 from .vfs import FileSource, Refused, VirtualTree
+from .worker import load_pump
 
 if TYPE_CHECKING:
     from ..app import App
@@ -94,6 +95,12 @@ class TftpService:
             raise ValueError(f"unknown TFTP engine {engine!r}")
         if engine == "workers":
             self.workers = max(1, self.workers)
+        #: workers run transfers in the C block loop: configured, and built
+        self.pump = app.settings.tftp.pump and load_pump() is not None
+        if engine == "workers" and app.settings.tftp.pump and not self.pump:
+            log.warning("tftp: the C block loop (netbootd/tftp/_pump.c) is not built, so "
+                        "transfers run in Python, slower under load; install gcc and "
+                        "python3-dev, then reinstall netbootd")
         self.app = app
         self.tree = tree or VirtualTree(app)
         self.engine = engine
@@ -143,11 +150,12 @@ class TftpService:
             raise
         if isinstance(loop, EngineLoop):
             if self.engine == "workers":
-                self._pool = WorkerPool(loop, self.workers, self._finished)
+                self._pool = WorkerPool(loop, self.workers, self._finished, pump=self.pump)
                 self._pool.start()
             loop.run_in_thread()  # readers are registered: no cross-thread race
         log.info("tftp: listening on %s (%s engine%s)", ", ".join(self.bound), self.engine,
-                 f", {self.workers} processes" if self._pool else "")
+                 f", {self.workers} processes, {'C' if self.pump else 'Python'} block loop"
+                 if self._pool else "")
 
     async def stop(self) -> None:
         """Abort every transfer (clients get ERROR 0), close the listeners, stop the
@@ -187,6 +195,7 @@ class TftpService:
                                "active": len(self._open)}
         if self._pool is not None:
             out["workers"] = len(self._pool.live())
+            out["block_loop"] = "C" if self.pump else "Python"
         return out
 
     @property

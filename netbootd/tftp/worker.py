@@ -13,9 +13,13 @@ inherits locks other threads held at that instant. The worker imports only the e
 the transfer and the codec (~50 ms).
 
 What a worker does: it reads control messages (:mod:`netbootd.tftp.handoff`) on the
-descriptor it was started with, runs each handed-over transfer with the same
+descriptor it was started with, runs each handed-over transfer and reports how it
+ended. A transfer runs in a thread of its own in the C per-block loop
+(:mod:`netbootd.tftp._pump`, GIL released: one worker's threads use every CPU, and
+each blocked thread wakes next to its client; why, measured, in ``_pump.c``), or,
+when that module is not built or ``--python`` is given, with the same
 :class:`~netbootd.tftp.transfer.Transfer` and :class:`~netbootd.tftp.engine.EngineLoop`
-the daemon uses in-process, and reports how each one ended. It opens no file and no
+the daemon uses in-process. It opens no file and no
 socket of its own and writes nothing to disk: it only sends from sockets and reads
 from (read-only, or sealed) descriptors it was given. Policy, limits, events and
 metrics stay in the daemon.
@@ -35,14 +39,29 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
+from types import ModuleType
 
-from . import handoff
+from . import codec, handoff
 from .engine import EngineLoop
 from .handoff import ChannelClosed, Report
 from .transfer import Negotiated, Transfer
 
 log = logging.getLogger("netbootd.tftp.worker")
+
+#: Stack of a pump thread: the C loop needs ~3 KiB; Python's default is 8 MiB of
+#: address space per thread, which 2,000 transfers would turn into 16 GiB reserved.
+PUMP_STACK = 256 * 1024
+
+
+def load_pump() -> ModuleType | None:
+    """The C per-block loop, or None when it was not built (no compiler at install)."""
+    try:
+        from . import _pump
+    except ImportError:
+        return None
+    return _pump
 
 
 class MappedSource:
@@ -76,10 +95,16 @@ class _Job:
 class Worker:
     """The control side of a worker: starts transfers, reports their end."""
 
-    def __init__(self, loop: EngineLoop, chan: socket.socket) -> None:
+    def __init__(self, loop: EngineLoop, chan: socket.socket,
+                 pump: ModuleType | None = None) -> None:
         self.loop = loop
         self.chan = chan
+        self.pump = pump
         self.jobs: dict[Transfer, _Job] = {}
+        #: ids of transfers running in pump threads
+        self.pumping: set[int] = set()
+        #: readable once stopping: every pump thread polls it, aborts and returns
+        self._stop_r, self._stop_w = os.pipe()
         self.connected = True  # the daemon's end is open: reports can go out
         self.stopping = False
 
@@ -122,6 +147,9 @@ class Worker:
             peer = (str(msg["peer"][0]), int(msg["peer"][1]))
             sock.setblocking(False)
             stranger.setblocking(False)
+            if self.pump is not None:
+                self._start_pump(job, sock, stranger, source, params, int(msg["retries"]))
+                return
             tr = Transfer(self.loop, sock, peer, source, params, retries=int(msg["retries"]),
                           on_done=self._done, stranger=stranger,
                           on_malformed=job.count_malformed)
@@ -136,6 +164,42 @@ class Worker:
             return
         self.jobs[tr] = job
         tr.start()
+
+    def _start_pump(self, job: _Job, sock: socket.socket, stranger: socket.socket,
+                    source: MappedSource, params: Negotiated, retries: int) -> None:
+        self.pumping.add(job.id)
+        threading.Thread(target=self._pump_thread, name=f"tftp-{job.id}", daemon=True,
+                         args=(job, sock, stranger, source, params, retries)).start()
+
+    def _pump_thread(self, job: _Job, sock: socket.socket, stranger: socket.socket,
+                     source: MappedSource, params: Negotiated, retries: int) -> None:
+        """One transfer, start to end, in C; then its report goes to the loop thread."""
+        assert self.pump is not None
+        started = time.monotonic()
+        try:
+            oack = codec.build_oack(params.oack) if params.oack else None
+            outcome, reason, blocks, payload, packets, malformed = self.pump.run(
+                sock.fileno(), stranger.fileno(), source.data, params.blksize,
+                params.windowsize, params.timeout, retries, oack, self._stop_r)
+            report = Report(job.id, outcome, reason, min(blocks * params.blksize, source.size),
+                            payload, packets, round(time.monotonic() - started, 6), malformed)
+        except Exception as exc:  # a bug here must end one transfer, not the worker
+            log.exception("tftp worker: transfer %d failed", job.id)
+            report = Report(job.id, "error", f"worker: {exc}", seconds=0.0)
+        finally:
+            sock.close()
+            stranger.close()
+            source.close()
+        try:
+            self.loop.call_soon_threadsafe(self._pump_done, report)
+        except (OSError, ValueError):  # the loop is gone (the worker is exiting)
+            pass
+
+    def _pump_done(self, report: Report) -> None:
+        self.pumping.discard(report.id)
+        self._report(report)
+        if self.stopping and not self.pumping:
+            self.loop.stop_soon()
 
     def _done(self, tr: Transfer, outcome: str, reason: str) -> None:
         job = self.jobs.pop(tr)
@@ -159,24 +223,29 @@ class Worker:
         if self.stopping:
             return
         self.stopping = True
+        os.write(self._stop_w, b"x")  # pump threads abort; the last report stops the loop
         for tr in list(self.jobs):
             tr.abort("server stopping")
-        self.loop.stop_soon()
+        if not self.pumping:
+            self.loop.stop_soon()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="netbootd TFTP worker (started by the daemon)")
     ap.add_argument("control_fd", type=int)
     ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument("--python", action="store_true",
+                    help="run transfers on the Python engine even if the C pump is built")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
         format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.stack_size(PUMP_STACK)
     chan = socket.socket(fileno=args.control_fd)
     chan.setblocking(False)
     loop = EngineLoop(name="netbootd-tftp-worker")
-    worker = Worker(loop, chan)
+    worker = Worker(loop, chan, None if args.python else load_pump())
     signal.signal(signal.SIGTERM, lambda *_: loop.call_soon_threadsafe(worker.shutdown))
     loop.add_reader(chan.fileno(), worker.on_control)
     try:
