@@ -11,8 +11,10 @@ VENV=$REPO/.venv
 MODE=${1:-serve}
 shift || true
 
-# Runtime: Python, iPXE binaries for PXE clients, busybox + kernel tools for the demo image.
-APT_RUNTIME=(python3 python3-venv python3-pip ipxe busybox-static cpio iproute2 ca-certificates)
+# Runtime: Python, iPXE binaries for PXE clients, busybox + kernel tools for the demo image;
+# gcc + python3-dev build the TFTP block loop in C (netbootd/tftp/_pump.c).
+APT_RUNTIME=(python3 python3-venv python3-pip ipxe busybox-static cpio iproute2 ca-certificates
+             gcc libc6-dev python3-dev)
 # Tests: real peers (lab.md): site DHCP server, QEMU + firmware, NFS server/client, TFTP
 # clients and servers, nginx (benchmarks), podman (container smoke test), chromium (status page).
 APT_TEST=(qemu-system-x86 ipxe-qemu ovmf dnsmasq-base tcpdump tftp-hpa atftp tftpd-hpa
@@ -57,7 +59,8 @@ venv_install() {
   # `./setup.sh serve` starts at once, and works without network).
   local stamp="$VENV/.netbootd-installed" want
   local sum
-  sum="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+  # the C extension is built at install: a changed source means a new install
+  sum="$(cat pyproject.toml setup.py netbootd/tftp/_pump.c | sha256sum | cut -d' ' -f1)"
   want="$sum$extras"
   if [ -f "$stamp" ]; then
     local have

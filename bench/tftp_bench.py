@@ -46,9 +46,12 @@ sys.path.insert(0, str(REPO))
 
 NS = f"nbd-tftpbench-{os.getpid()}"
 PORTS = {"netbootd": 7069, "netbootd-asyncio": 7070, "netbootd-thread": 7071,
-         "in.tftpd": 6969, "dnsmasq": 69}
-#: netbootd rows -> TftpService engine ("netbootd" is what the daemon runs: workers).
-ENGINES = {"netbootd": "workers", "netbootd-thread": "thread", "netbootd-asyncio": "asyncio"}
+         "netbootd-pyworkers": 7072, "in.tftpd": 6969, "dnsmasq": 69}
+#: netbootd rows -> TftpService engine ("netbootd" is what the daemon runs: workers, with
+#: the C block loop); "workers-python" = workers with ``tftp.pump: false``.
+ENGINES = {"netbootd": "workers", "netbootd-thread": "thread", "netbootd-asyncio": "asyncio",
+           "netbootd-pyworkers": "workers-python"}
+WORKLOADS = ("lockstep", "window16", "atftp1", "concurrent", "storm")
 PI_SET = {  # name -> size: a stock Pi 5 boot set, ~33 MB (docs/rpi-netboot.md)
     "config.txt": 1200, "bcm2712-rpi-5-b.dtb": 80_000, "initramfs_2712": 23_000_000,
     "overlays/overlay_map.dtb": 6000, "overlays/bcm2712d0.dtbo": 2000,
@@ -90,7 +93,10 @@ def pi_ip(i: int) -> str:
 
 # ----------------------------------------------------------------------- netbootd side
 def serve(image: Path, port: int, nodes: Path, engine: str, workers: int | None) -> None:
-    """Child process: the TFTP service on 127.0.0.1:port with the bench's inventory."""
+    """Child process: the TFTP service on 127.0.0.1:port with the bench's inventory.
+    ``engine`` "workers-python": worker processes with the Python block loop."""
+    pump = engine != "workers-python"
+    engine = "workers" if engine == "workers-python" else engine
     import logging
 
     from netbootd.tftp.server import TftpService
@@ -103,7 +109,8 @@ def serve(image: Path, port: int, nodes: Path, engine: str, workers: int | None)
         try:
             app = make_app(work, image, nodes_yaml=nodes.read_text(), policy="ignore",
                            tftp={"port": port, "max_transfers": 5000,
-                                 "max_per_client": 5000, "workers": workers})
+                                 "max_per_client": 5000, "workers": workers,
+                                 "pump": pump})
             app.clients.learn("127.0.0.1", pi_mac(0))
             svc = TftpService(app, engine=engine)
             await svc.start()
@@ -307,7 +314,8 @@ class Bench:
         self.make_ns()
         names = ["netbootd", "in.tftpd", "dnsmasq"]
         if not self.args.quick:
-            names += ["netbootd-thread", "netbootd-asyncio"]
+            names += ["netbootd-pyworkers", "netbootd-thread", "netbootd-asyncio"]
+        names = [n for n in names if not self.args.servers or n in self.args.servers]
         for name in names:
             self.start(name)
         results: dict[str, dict] = {n: {} for n in names}
@@ -316,6 +324,8 @@ class Bench:
                      ("atftp1", "lock-step 32 MiB (atftp, blksize 1468)", self.atftp_lockstep),
                      ("concurrent", "20 x 8 MiB concurrent (curl)", self.concurrent)]
         for key, label, fn in workloads:
+            if key not in self.args.only:
+                continue
             times: dict[str, list[float]] = {n: [] for n in names}
             for rnd in range(self.args.rounds):
                 for n in names:
@@ -325,7 +335,7 @@ class Bench:
             for n in names:
                 results[n][key] = statistics.median(times[n])
         for n in names:
-            if n in ("netbootd-thread", "netbootd-asyncio"):
+            if n in ("netbootd-thread", "netbootd-asyncio") or "storm" not in self.args.only:
                 continue
             progress(f"{n}: storm of {self.args.pis} Pi 5s ({self.args.workers} client "
                      "processes)")
@@ -335,11 +345,23 @@ class Bench:
 
 
 def table(results: dict[str, dict], args: argparse.Namespace) -> str:
-    nb, hpa, dq = results["netbootd"], results["in.tftpd"], results["dnsmasq"]
+    """The markdown table: one row per workload that ran, ratios against in.tftpd."""
+    cols = [n for n in ("netbootd", "in.tftpd", "dnsmasq") if n in results]
+    nb, hpa = results.get("netbootd", {}), results.get("in.tftpd", {})
+    for res in results.values():  # storm numbers as plain keys, like the other workloads
+        if "storm" in res:
+            res["storm_max"], res["storm_wall"] = res["storm"]["max_file_s"], res["storm"]["wall"]
 
-    def row(label: str, key: str, target: str, ratio: float, ok: bool) -> str:
-        return (f"| {label} | {nb[key]:.2f} s | {hpa[key]:.2f} s | {dq[key]:.2f} s | "
-                f"{ratio:.2f}x | {target} | {'yes' if ok else 'NO'} |")
+    def ratio(key: str, base: str | None = None) -> float | None:
+        base = base or key
+        return nb[key] / max(hpa[base], 1e-9) if key in nb and base in hpa else None
+
+    def row(label: str, key: str, target: str, r: float | None, limit: float | None,
+            unit: str = "{:.2f} s") -> str:
+        cells = [unit.format(results[c][key]) if key in results[c] else "-" for c in cols]
+        met = "-" if r is None or limit is None else ("yes" if r <= limit else "NO")
+        return (f"| {label} | {' | '.join(cells)} | {'-' if r is None else f'{r:.2f}x'} | "
+                f"{target} | {met} |")
 
     pinning = "server on CPU 0, clients on CPU 1" if PIN else "not pinned"
     lines = [
@@ -348,47 +370,54 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
          f"loopback in a namespace, {pinning}, rounds={args.rounds}"
          f"{', quick mode' if args.quick else ''}."),
         "",
-        "| workload | netbootd | in.tftpd | dnsmasq | netbootd / in.tftpd | target | met |",
-        "|---|---|---|---|---|---|---|",
+        f"| workload | {' | '.join(cols)} | netbootd / in.tftpd | target | met |",
+        "|---|" + "---|" * (len(cols) + 3),
     ]
-    r1 = nb["lockstep"] / hpa["lockstep"]
-    lines.append(row("lock-step 32 MiB, blksize 1468 (curl)", "lockstep", "<= 1.05x", r1,
-                     r1 <= 1.05))
-    r2 = nb["window16"] / hpa["lockstep"]
-    lines.append(row("windowsize 16, 32 MiB (atftp); ratio vs in.tftpd lock-step", "window16",
-                     "<= 0.6x", r2, r2 <= 0.6))
-    lines.append(row("for scale: atftp lock-step, 32 MiB (no windowsize)", "atftp1", "-",
-                     nb["atftp1"] / hpa["atftp1"], True).replace("| yes |", "| - |"))
-    r3 = nb["concurrent"] / hpa["concurrent"]
-    lines.append(row("20 x 8 MiB concurrent (curl)", "concurrent", "<= 1.0x", r3, r3 <= 1.0))
-    st = {k: v["storm"] for k, v in results.items() if "storm" in v}
-    ok = st["netbootd"]["max_file_s"] < 30 and not st["netbootd"]["n_errors"] \
-        and not st["netbootd"]["bad"]
-    lines.append(
-        f"| storm of {args.pis} Pi 5s (33 MB each, probe-and-abort): slowest file | "
-        f"{st['netbootd']['max_file_s']:.1f} s | {st['in.tftpd']['max_file_s']:.1f} s | "
-        f"{st['dnsmasq']['max_file_s']:.1f} s | "
-        f"{st['netbootd']['max_file_s'] / max(st['in.tftpd']['max_file_s'], 1e-9):.2f}x | "
-        f"< 30 s | {'yes' if ok else 'NO'} |")
-    lines.append(
-        f"| storm: wall time for all Pis | {st['netbootd']['wall']:.1f} s | "
-        f"{st['in.tftpd']['wall']:.1f} s | {st['dnsmasq']['wall']:.1f} s | "
-        f"{st['netbootd']['wall'] / max(st['in.tftpd']['wall'], 1e-9):.2f}x | - | - |")
+    if "lockstep" in args.only:
+        lines.append(row("lock-step 32 MiB, blksize 1468 (curl)", "lockstep", "<= 1.05x",
+                         ratio("lockstep"), 1.05))
+    if "window16" in args.only:
+        lines.append(row("windowsize 16, 32 MiB (atftp); ratio vs in.tftpd lock-step",
+                         "window16", "<= 0.6x", ratio("window16", "lockstep"), 0.6))
+    if "atftp1" in args.only:
+        lines.append(row("for scale: atftp lock-step, 32 MiB (no windowsize)", "atftp1", "-",
+                         ratio("atftp1"), None))
+    if "concurrent" in args.only:
+        lines.append(row("20 x 8 MiB concurrent (curl)", "concurrent", "<= 1.0x",
+                         ratio("concurrent"), 1.0))
+    if "storm" in args.only:
+        st = nb.get("storm")
+        row_ = row(f"storm of {args.pis} Pi 5s (33 MB each, probe-and-abort): slowest file",
+                   "storm_max", "< 30 s", ratio("storm_max"), None, "{:.1f} s")
+        if st is not None:  # the target is absolute: under 30 s, no errors, no bad file
+            ok = st["max_file_s"] < 30 and not st["n_errors"] and not st["bad"]
+            row_ = row_[:row_.rindex("| - |")] + f"| {'yes' if ok else 'NO'} |"
+        lines.append(row_)
+        lines.append(row("storm: wall time for all Pis", "storm_wall", "-",
+                         ratio("storm_wall"), None, "{:.1f} s"))
     other_engines = {
+        "netbootd-pyworkers": ("`tftp.pump: false` (worker processes, blocks moved by the "
+                               "Python engine)"),
         "netbootd-thread": ("`tftp.workers: 0` (transfers on the daemon's engine thread, no "
                             "worker processes)"),
         "netbootd-asyncio": "`engine=\"asyncio\"` (transfers on the daemon's asyncio loop)",
     }
     for name, what in other_engines.items():
-        if name in results:
-            a = results[name]
-            lines += ["", (f"netbootd with {what}: lock-step "
-                           f"{a['lockstep']:.2f} s ({a['lockstep'] / hpa['lockstep']:.2f}x), "
-                           f"windowsize 16 {a['window16']:.2f} s, "
-                           f"20 x 8 MiB {a['concurrent']:.2f} s "
-                           f"({a['concurrent'] / hpa['concurrent']:.2f}x).")]
-    errs = {k: (v["n_errors"], v["bad"], v["errors"]) for k, v in st.items()
-            if v["n_errors"] or v["bad"]}
+        if name not in results:
+            continue
+        a, parts = results[name], []
+        for key, label in (("lockstep", "lock-step"), ("window16", "windowsize 16"),
+                           ("concurrent", "20 x 8 MiB")):
+            if key in a:
+                rel = f" ({a[key] / hpa[key]:.2f}x)" if key in hpa and key != "window16" else ""
+                parts.append(f"{label} {a[key]:.2f} s{rel}")
+        if "storm" in a:
+            parts.append(f"storm slowest file {a['storm_max']:.1f} s, wall "
+                         f"{a['storm_wall']:.1f} s")
+        lines += ["", f"netbootd with {what}: {', '.join(parts)}."]
+    errs = {k: (v["storm"]["n_errors"], v["storm"]["bad"], v["storm"]["errors"])
+            for k, v in results.items()
+            if "storm" in v and (v["storm"]["n_errors"] or v["storm"]["bad"])}
     if errs:
         lines += ["", f"Storm errors (count, bad files, samples): {errs}"]
     return "\n".join(lines)
@@ -405,6 +434,10 @@ def main() -> int:
                     help="pin servers to CPU 0 and clients to CPU 1 (see PIN)")
     ap.add_argument("--workers", type=int, default=2, help="client processes for the storm")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per timing (default 3)")
+    ap.add_argument("--only", action="append", choices=WORKLOADS,
+                    help="run only this workload (repeatable; default all)")
+    ap.add_argument("--servers", help="comma-separated servers to run (default all: "
+                    + ", ".join(PORTS) + ")")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--storm-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--image", type=Path, help=argparse.SUPPRESS)
@@ -424,6 +457,8 @@ def main() -> int:
     PIN = args.pin
     args.pis = args.pis or (20 if args.quick else 100)
     args.rounds = args.rounds or 3
+    args.only = args.only or list(WORKLOADS)
+    args.servers = [x.strip() for x in args.servers.split(",")] if args.servers else []
     if os.geteuid() != 0:
         print("needs root (network namespace for dnsmasq's fixed port 69)", file=sys.stderr)
         return 2

@@ -133,6 +133,14 @@ def test_containerfile_builds_and_serves_healthz(podman, netns, tmp_path):
             time.sleep(0.2)
         logs = podman("logs", cid, check=False).stdout + podman("logs", cid, check=False).stderr
         assert ok, f"healthz never answered; container log:\n{logs[-4000:]}"
+        # a real TFTP download: the image's iPXE binary, through a worker's C block loop
+        got = subprocess.run(["ip", "netns", "exec", netns, "curl", "-fsS", "--tftp-blksize",
+                              "1468", "-o", str(tmp_path / "undionly.kpxe"),
+                              "tftp://127.0.0.1/undionly.kpxe"],
+                             capture_output=True, text=True, check=False)
+        assert got.returncode == 0, got.stderr
+        assert (tmp_path / "undionly.kpxe").read_bytes() == \
+            Path("/usr/lib/ipxe/undionly.kpxe").read_bytes()
         t0 = time.monotonic()
         podman("stop", "-t", "10", cid)
         assert time.monotonic() - t0 < 5, "the daemon must stop on SIGTERM as PID 1"

@@ -142,19 +142,47 @@ async def test_foreign_tid_gets_error_5_and_changes_nothing(srv, image: Path):
         stranger.send(ack(1), tid)
         pkt, src = stranger.recv()
         assert error_code(pkt) == 5 and src == tid
-        got = data1[4:]
-        block = 1
-        while True:
+        assert finish_lockstep(p, tid, data1) == (image / "boot" / "small.bin").read_bytes()
+    finally:
+        p.close()
+        stranger.close()
+
+
+def finish_lockstep(p: Peer, tid: tuple[str, int], first: bytes) -> bytes:
+    """ACK block by block (512-byte blocks) from DATA 1 ``first`` to the end; the file."""
+    got, block = first[4:], 1
+    while True:
+        p.send(ack(block), tid)
+        pkt, src = p.recv()
+        assert src == tid
+        block += 1
+        assert struct.unpack(">H", pkt[2:4])[0] == block
+        got += pkt[4:]
+        if len(pkt) - 4 < 512:
             p.send(ack(block), tid)
-            pkt, src = p.recv()
-            assert src == tid
-            block += 1
-            assert struct.unpack(">H", pkt[2:4])[0] == block
-            got += pkt[4:]
-            if len(pkt) - 4 < 512:
-                p.send(ack(block), tid)
-                break
-        assert got == (image / "boot" / "small.bin").read_bytes()
+            return got
+
+
+async def test_garbage_on_a_transfer_port_is_dropped_and_counted(srv, image: Path):
+    """Garbage sent to a running transfer's port, by its client and by a stranger, is
+    dropped and counted; nobody gets an answer to it; the file still arrives whole."""
+    app, svc, server = srv
+    p, stranger = Peer(), Peer()
+    junk = [b"", b"\x00", b"\x07\x00\x00\x01", b"\x00\x09xx", b"\xff" * 600]
+    try:
+        before = malformed(app)
+        p.send(rrq("small.bin"), server)
+        data1, tid = p.recv()
+        for j in junk:
+            p.send(j, tid)
+            stranger.send(j, tid)
+        p.send(b"\x00\x03\x00\x01abc", tid)  # well-formed but meaningless: ignored
+        assert stranger.nothing_for(0.2)
+        assert finish_lockstep(p, tid, data1) == (image / "boot" / "small.bin").read_bytes()
+        await eventually(lambda: svc.active == 0)
+        await eventually(lambda: malformed(app) == before + 2 * len(junk))
+        ev = [e for e in app.events.recent() if e.kind == "tftp"][-1]
+        assert ev.fields["outcome"] == "ok"
     finally:
         p.close()
         stranger.close()

@@ -18,6 +18,7 @@ import pytest
 
 from netbootd.tftp.piclient import fetch
 from netbootd.tftp.testkit import eventually, make_app, running
+from netbootd.tftp.worker import load_pump
 
 MAC = "d8:3a:dd:00:00:01"
 
@@ -72,6 +73,36 @@ async def test_transfers_run_in_the_least_loaded_worker(image: Path, tmp_path: P
         finally:
             for p in peers:
                 p.close()
+
+
+def threads_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+@pytest.mark.parametrize("pump", [True, False])
+async def test_block_loop_c_thread_per_transfer_or_python(image: Path, tmp_path: Path,
+                                                          pump: bool):
+    """The default (``tftp.pump``): each transfer runs in a thread of its own in the C
+    loop. ``pump: false``: the worker's own Python loop runs them all in one thread."""
+    assert load_pump() is not None, "netbootd/tftp/_pump.c is not built (gcc, python3-dev)"
+    app = make_app(tmp_path / "w", image, tftp={"workers": 1, "pump": pump})
+    app.clients.learn("127.0.0.1", MAC)
+    server = ("127.0.0.1", app.settings.tftp.port)
+    async with running(app) as svc:
+        assert svc.health()["block_loop"] == ("C" if pump else "Python")
+        (w,) = svc.pool.live()
+        idle = threads_of(w.pid)
+        peers = [client() for _ in range(3)]
+        try:
+            for p in peers:  # nobody ACKs: all three stay open
+                p.sendto(rrq("mid.bin"), server)
+                assert p.recvfrom(600)[0][:4] == b"\x00\x03\x00\x01"
+            assert threads_of(w.pid) == idle + (3 if pump else 0)
+        finally:
+            for p in peers:
+                p.close()
+        res = await fetch(server, "big.bin", blksize=1468)
+        assert res.data == (image / "boot" / "big.bin").read_bytes()
 
 
 async def test_worker_death_is_accounted_and_the_worker_restarted(image: Path,
