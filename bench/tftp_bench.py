@@ -48,7 +48,7 @@ NS = f"nbd-tftpbench-{os.getpid()}"
 PORTS = {"netbootd": 7069, "netbootd-asyncio": 7070, "netbootd-thread": 7071,
          "netbootd-pyworkers": 7072, "in.tftpd": 6969, "dnsmasq": 69}
 #: netbootd rows -> TftpService engine ("netbootd" is what the daemon runs: workers, with
-#: the C block loop); "workers-python" = workers with ``tftp.pump: false``.
+#: C threads up to tftp.pump_threads); "workers-python" = workers with ``pump_threads: 0``.
 ENGINES = {"netbootd": "workers", "netbootd-thread": "thread", "netbootd-asyncio": "asyncio",
            "netbootd-pyworkers": "workers-python"}
 WORKLOADS = ("lockstep", "window16", "atftp1", "concurrent", "storm")
@@ -95,7 +95,7 @@ def pi_ip(i: int) -> str:
 def serve(image: Path, port: int, nodes: Path, engine: str, workers: int | None) -> None:
     """Child process: the TFTP service on 127.0.0.1:port with the bench's inventory.
     ``engine`` "workers-python": worker processes with the Python block loop."""
-    pump = engine != "workers-python"
+    pump_threads = 0 if engine == "workers-python" else None
     engine = "workers" if engine == "workers-python" else engine
     import logging
 
@@ -110,7 +110,8 @@ def serve(image: Path, port: int, nodes: Path, engine: str, workers: int | None)
             app = make_app(work, image, nodes_yaml=nodes.read_text(), policy="ignore",
                            tftp={"port": port, "max_transfers": 5000,
                                  "max_per_client": 5000, "workers": workers,
-                                 "pump": pump})
+                                 **({} if pump_threads is None
+                                    else {"pump_threads": pump_threads})})
             app.clients.learn("127.0.0.1", pi_mac(0))
             svc = TftpService(app, engine=engine)
             await svc.start()
@@ -396,8 +397,8 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
         lines.append(row("storm: wall time for all Pis", "storm_wall", "-",
                          ratio("storm_wall"), None, "{:.1f} s"))
     other_engines = {
-        "netbootd-pyworkers": ("`tftp.pump: false` (worker processes, blocks moved by the "
-                               "Python engine)"),
+        "netbootd-pyworkers": ("`tftp.pump_threads: 0` (worker processes, every block moved "
+                               "by the Python event loop)"),
         "netbootd-thread": ("`tftp.workers: 0` (transfers on the daemon's engine thread, no "
                             "worker processes)"),
         "netbootd-asyncio": "`engine=\"asyncio\"` (transfers on the daemon's asyncio loop)",

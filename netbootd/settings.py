@@ -84,10 +84,12 @@ class TftpSettings(_Section):
         None, ge=0, description="Worker processes that run TFTP transfers (the daemon hands "
         "each one its socket and file), so transfers use every CPU. Unset = one per CPU; "
         "0 = run transfers on the daemon's TFTP thread (debugging, tests).")
-    pump: bool = Field(
-        True, description="In worker processes, run each transfer's per-block loop in C "
-        "(netbootd/tftp/_pump.c, a thread per transfer) when that module is built; false = "
-        "the Python engine there too (slower: docs/tftp.md).")
+    pump_threads: int = Field(
+        16, ge=0, description="Per worker process: this many concurrent transfers each get a "
+        "thread of their own running the block loop in C (netbootd/tftp/_pump.c; lowest "
+        "latency per block); more transfers than that share the worker's event loop, which "
+        "batches (cheaper per block under load). 0 = the event loop only. Why 16: "
+        "docs/tftp.md.")
     ipxe_dir: Path = Field(Path("/usr/lib/ipxe"), description="Where the iPXE binaries "
                            "(undionly.kpxe, ipxe.efi, snponly.efi) live: Debian's ipxe package.")
     extra_ipxe_dirs: list[Path] = Field(

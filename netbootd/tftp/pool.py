@@ -67,11 +67,12 @@ class WorkerPool:
     transfer, when it ends (or its worker died)."""
 
     def __init__(self, loop: EngineLoop, size: int,
-                 on_report: Callable[[Report], None], *, pump: bool = True) -> None:
-        """``pump``: workers run transfers in the C loop (when built); False: in Python."""
+                 on_report: Callable[[Report], None], *, pump_threads: int = 0) -> None:
+        """``pump_threads``: transfers per worker that run in a C thread of their own
+        (``tftp.pump_threads``; 0 when the C module is not built)."""
         self.loop = loop
         self.size = size
-        self.pump = pump
+        self.pump_threads = pump_threads
         self.on_report = on_report
         self.slots: list[WorkerProcess | None] = [None] * size
         #: processes not reaped yet (a stopping worker stays here until close())
@@ -94,7 +95,7 @@ class WorkerPool:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "netbootd.tftp.worker", str(child.fileno()),
-                 "--log-level", str(level), *(() if self.pump else ("--python",))],
+                 "--log-level", str(level), "--pump-threads", str(self.pump_threads)],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         except OSError as exc:
             parent.close()

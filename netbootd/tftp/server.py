@@ -95,9 +95,9 @@ class TftpService:
             raise ValueError(f"unknown TFTP engine {engine!r}")
         if engine == "workers":
             self.workers = max(1, self.workers)
-        #: workers run transfers in the C block loop: configured, and built
-        self.pump = app.settings.tftp.pump and load_pump() is not None
-        if engine == "workers" and app.settings.tftp.pump and not self.pump:
+        #: transfers per worker in a C thread of their own (0: the C module is not built)
+        self.pump_threads = app.settings.tftp.pump_threads if load_pump() is not None else 0
+        if engine == "workers" and app.settings.tftp.pump_threads and not self.pump_threads:
             log.warning("tftp: the C block loop (netbootd/tftp/_pump.c) is not built, so "
                         "transfers run in Python, slower under load; install gcc and "
                         "python3-dev, then reinstall netbootd")
@@ -150,12 +150,13 @@ class TftpService:
             raise
         if isinstance(loop, EngineLoop):
             if self.engine == "workers":
-                self._pool = WorkerPool(loop, self.workers, self._finished, pump=self.pump)
+                self._pool = WorkerPool(loop, self.workers, self._finished,
+                                        pump_threads=self.pump_threads)
                 self._pool.start()
             loop.run_in_thread()  # readers are registered: no cross-thread race
         log.info("tftp: listening on %s (%s engine%s)", ", ".join(self.bound), self.engine,
-                 f", {self.workers} processes, {'C' if self.pump else 'Python'} block loop"
-                 if self._pool else "")
+                 f", {self.workers} processes, up to {self.pump_threads} transfers each in "
+                 "C threads" if self._pool else "")
 
     async def stop(self) -> None:
         """Abort every transfer (clients get ERROR 0), close the listeners, stop the
@@ -195,7 +196,7 @@ class TftpService:
                                "active": len(self._open)}
         if self._pool is not None:
             out["workers"] = len(self._pool.live())
-            out["block_loop"] = "C" if self.pump else "Python"
+            out["pump_threads"] = self.pump_threads
         return out
 
     @property

@@ -1,6 +1,6 @@
 """A TFTP worker process: runs the transfers the daemon hands it.
 
-    python -m netbootd.tftp.worker CONTROL_FD [--log-level LEVEL]
+    python -m netbootd.tftp.worker CONTROL_FD [--log-level LEVEL] [--pump-threads N]
 
 Why worker processes: a transfer's per-block work is CPython, so one thread moves
 blocks on one CPU, and it shares the GIL with the rest of the daemon. in.tftpd forks a
@@ -14,14 +14,17 @@ the transfer and the codec (~50 ms).
 
 What a worker does: it reads control messages (:mod:`netbootd.tftp.handoff`) on the
 descriptor it was started with, runs each handed-over transfer and reports how it
-ended. A transfer runs in a thread of its own in the C per-block loop
-(:mod:`netbootd.tftp._pump`, GIL released: one worker's threads use every CPU, and
-each blocked thread wakes next to its client; why, measured, in ``_pump.c``), or,
-when that module is not built or ``--python`` is given, with the same
-:class:`~netbootd.tftp.transfer.Transfer` and :class:`~netbootd.tftp.engine.EngineLoop`
-the daemon uses in-process. It opens no file and no
-socket of its own and writes nothing to disk: it only sends from sockets and reads
-from (read-only, or sealed) descriptors it was given. Policy, limits, events and
+ended. While fewer than ``--pump-threads`` transfers run that way, a new one gets a
+thread of its own in the C per-block loop (:mod:`netbootd.tftp._pump`, GIL released:
+one worker's threads use every CPU, and each blocked thread wakes next to its client);
+beyond that, or when the module is not built, it runs on the worker's event loop with
+the same :class:`~netbootd.tftp.transfer.Transfer` and
+:class:`~netbootd.tftp.engine.EngineLoop` the daemon uses in-process, which serves many
+transfers per wake-up. The first is the lowest latency per block, the second the least
+CPU per block when many transfers are busy at once (measured: docs/tftp.md). It opens no file and no
+socket of its own (only a pipe for its stop signal, and an epoll set per transfer) and
+writes nothing to disk: it only sends from sockets and reads from (read-only, or
+sealed) descriptors it was given. Policy, limits, events and
 metrics stay in the daemon.
 
 It stops when told (``stop``), on SIGTERM (both: clients get ERROR 0 "server
@@ -96,10 +99,13 @@ class Worker:
     """The control side of a worker: starts transfers, reports their end."""
 
     def __init__(self, loop: EngineLoop, chan: socket.socket,
-                 pump: ModuleType | None = None) -> None:
+                 pump: ModuleType | None = None, pump_threads: int = 0) -> None:
+        """``pump``: the C module (None: not built); up to ``pump_threads`` transfers
+        run in threads of their own in it, the rest on ``loop`` in Python."""
         self.loop = loop
         self.chan = chan
         self.pump = pump
+        self.pump_threads = pump_threads if pump is not None else 0
         self.jobs: dict[Transfer, _Job] = {}
         #: ids of transfers running in pump threads
         self.pumping: set[int] = set()
@@ -147,7 +153,7 @@ class Worker:
             peer = (str(msg["peer"][0]), int(msg["peer"][1]))
             sock.setblocking(False)
             stranger.setblocking(False)
-            if self.pump is not None:
+            if self.pump is not None and len(self.pumping) < self.pump_threads:
                 self._start_pump(job, sock, stranger, source, params, int(msg["retries"]))
                 return
             tr = Transfer(self.loop, sock, peer, source, params, retries=int(msg["retries"]),
@@ -168,8 +174,16 @@ class Worker:
     def _start_pump(self, job: _Job, sock: socket.socket, stranger: socket.socket,
                     source: MappedSource, params: Negotiated, retries: int) -> None:
         self.pumping.add(job.id)
-        threading.Thread(target=self._pump_thread, name=f"tftp-{job.id}", daemon=True,
-                         args=(job, sock, stranger, source, params, retries)).start()
+        try:
+            threading.Thread(target=self._pump_thread, name=f"tftp-{job.id}", daemon=True,
+                             args=(job, sock, stranger, source, params, retries)).start()
+        except RuntimeError as exc:  # "can't start new thread": out of memory or tasks
+            self.pumping.discard(job.id)
+            sock.close()
+            stranger.close()
+            source.close()
+            log.error("tftp worker: cannot start transfer %d: %s", job.id, exc)
+            self._report(Report(job.id, "error", f"worker cannot start: {exc}", seconds=0.0))
 
     def _pump_thread(self, job: _Job, sock: socket.socket, stranger: socket.socket,
                      source: MappedSource, params: Negotiated, retries: int) -> None:
@@ -234,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="netbootd TFTP worker (started by the daemon)")
     ap.add_argument("control_fd", type=int)
     ap.add_argument("--log-level", default="WARNING")
-    ap.add_argument("--python", action="store_true",
-                    help="run transfers on the Python engine even if the C pump is built")
+    ap.add_argument("--pump-threads", type=int, default=0,
+                    help="transfers that run in a C thread of their own (tftp.pump_threads); "
+                    "the rest run on this worker's event loop")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
@@ -245,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     chan = socket.socket(fileno=args.control_fd)
     chan.setblocking(False)
     loop = EngineLoop(name="netbootd-tftp-worker")
-    pump = None if args.python else load_pump()
+    pump = load_pump() if args.pump_threads > 0 else None
     if pump is not None:
         # SCHED_BATCH (inherited by the pump threads): a woken transfer thread does not
         # preempt the running task, it runs when that task sleeps or its slice ends. A
@@ -254,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         # slowest file 29.4 s -> 23.8 s, and no change for 20 x 8 MiB or lock-step,
         # where the client sleeps right after each ACK anyway (docs/tftp.md).
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    worker = Worker(loop, chan, pump)
+    worker = Worker(loop, chan, pump, args.pump_threads)
     signal.signal(signal.SIGTERM, lambda *_: loop.call_soon_threadsafe(worker.shutdown))
     loop.add_reader(chan.fileno(), worker.on_control)
     try:

@@ -79,25 +79,26 @@ def threads_of(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-@pytest.mark.parametrize("pump", [True, False])
-async def test_block_loop_c_thread_per_transfer_or_python(image: Path, tmp_path: Path,
-                                                          pump: bool):
-    """The default (``tftp.pump``): each transfer runs in a thread of its own in the C
-    loop. ``pump: false``: the worker's own Python loop runs them all in one thread."""
+@pytest.mark.parametrize("pump_threads", [2, 0])
+async def test_c_threads_up_to_pump_threads_then_the_event_loop(image: Path,
+                                                                 tmp_path: Path,
+                                                                 pump_threads: int):
+    """``tftp.pump_threads`` transfers per worker run in a C thread each; more share the
+    worker's event loop (no new thread); 0 = all on the event loop. All complete."""
     assert load_pump() is not None, "netbootd/tftp/_pump.c is not built (gcc, python3-dev)"
-    app = make_app(tmp_path / "w", image, tftp={"workers": 1, "pump": pump})
+    app = make_app(tmp_path / "w", image, tftp={"workers": 1, "pump_threads": pump_threads})
     app.clients.learn("127.0.0.1", MAC)
     server = ("127.0.0.1", app.settings.tftp.port)
     async with running(app) as svc:
-        assert svc.health()["block_loop"] == ("C" if pump else "Python")
+        assert svc.health()["pump_threads"] == pump_threads
         (w,) = svc.pool.live()
         idle = threads_of(w.pid)
-        peers = [client() for _ in range(3)]
+        peers = [client() for _ in range(4)]
         try:
-            for p in peers:  # nobody ACKs: all three stay open
+            for p in peers:  # nobody ACKs: all four stay open
                 p.sendto(rrq("mid.bin"), server)
                 assert p.recvfrom(600)[0][:4] == b"\x00\x03\x00\x01"
-            assert threads_of(w.pid) == idle + (3 if pump else 0)
+            assert threads_of(w.pid) == idle + pump_threads
         finally:
             for p in peers:
                 p.close()
