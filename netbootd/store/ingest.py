@@ -135,7 +135,14 @@ def _inside(path: str, root: str) -> bool:
 
 
 def _check_symlink(rel: str, target: str) -> None:
-    """Relative symlink targets must stay inside the build (lexically)."""
+    """Relative symlink targets must stay inside the build (lexically).
+
+    An empty target (or one with NUL) is refused too: ``os.symlink`` fails on it, and
+    tarfile then falls back to extracting the member the link "points to", found by name
+    in the archive and not passed through our filter: hypothesis found a ``"."`` symlink
+    to outside the build arriving that way as ``a -> ../../canary/a``."""
+    if not target or "\0" in target:
+        raise Rejected(f"symlink {rel!r} has an empty or invalid target {target!r}")
     if target.startswith("/"):
         return  # absolute: allowed only in a rootfs, checked against the manifest later
     joined = os.path.normpath(os.path.join(os.path.dirname(rel), target))
@@ -154,7 +161,9 @@ def _make_filter(dest: Path, allow_devices: bool, keep_owner: bool
             raise Rejected(f"absolute path in archive: {name!r}")
         parts = [p for p in name.split("/") if p not in ("", ".")]
         if not parts:
-            return None  # the "./" entry itself
+            if member.isdir():
+                return None  # the "./" entry itself
+            raise Rejected(f"member {name!r} is the build's root but not a directory")
         if ".." in parts:
             raise Rejected(f"path leaves the build: {name!r}")
         clean = "/".join(parts)
