@@ -265,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         # SCHED_BATCH (inherited by the pump threads): a woken transfer thread does not
         # preempt the running task, it runs when that task sleeps or its slice ends. A
         # thread per transfer otherwise costs a context switch per block per transfer
-        # on a busy CPU; measured in the 100-Pi storm (clients on the same 2 vCPUs):
-        # slowest file 29.4 s -> 23.8 s, and no change for 20 x 8 MiB or lock-step,
-        # where the client sleeps right after each ACK anyway (docs/tftp.md).
+        # on a busy CPU; measured in the 100-Pi storm (clients on the same 2 vCPUs),
+        # slowest file: 19.1-21.7 s -> 16.5-18.8 s (29.4 -> 23.8 s with a thread for
+        # every transfer); 20 x 8 MiB and lock-step do not change, a client sleeps
+        # right after each ACK anyway (docs/tftp.md).
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     worker = Worker(loop, chan, pump, args.pump_threads)
     signal.signal(signal.SIGTERM, lambda *_: loop.call_soon_threadsafe(worker.shutdown))
