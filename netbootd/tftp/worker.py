@@ -269,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         # slowest file: 19.1-21.7 s -> 16.5-18.8 s (29.4 -> 23.8 s with a thread for
         # every transfer); 20 x 8 MiB and lock-step do not change, a client sleeps
         # right after each ACK anyway (docs/tftp.md).
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError as exc:  # a seccomp filter may refuse it: slower, not broken
+            log.info("tftp worker: SCHED_BATCH refused (%s); running without it", exc)
     worker = Worker(loop, chan, pump, args.pump_threads)
     signal.signal(signal.SIGTERM, lambda *_: loop.call_soon_threadsafe(worker.shutdown))
     loop.add_reader(chan.fileno(), worker.on_control)
