@@ -49,6 +49,10 @@ class _FoldTallies:
         self.tallies: list[Tally] = []
         self._lock = threading.Lock()  # two concurrent scrapes must not fold twice
 
+    def add(self, tally: Tally) -> None:
+        with self._lock:
+            self.tallies.append(tally)
+
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             for t in self.tallies:
@@ -103,6 +107,5 @@ class Metrics:
     def tally(self, counter: Counter) -> Tally:
         """A lock-free hot-path view of ``counter`` (see :class:`Tally`)."""
         t = Tally(counter)
-        with self._fold._lock:
-            self._fold.tallies.append(t)
+        self._fold.add(t)
         return t
