@@ -295,7 +295,11 @@ static PyObject *pump_run(PyObject *self, PyObject *args)
     PyBuffer_Release(&data);
     if (oack.obj)
         PyBuffer_Release(&oack);
-    return Py_BuildValue("(ssLLLL)", outcome, x.reason, (long long)x.acked, x.payload_sent,
+    /* A client's ERROR text is whatever bytes it sent: decode leniently, as codec.py does. */
+    PyObject *reason = PyUnicode_DecodeUTF8(x.reason, (Py_ssize_t)strlen(x.reason), "replace");
+    if (reason == NULL)
+        return NULL;
+    return Py_BuildValue("(sNLLLL)", outcome, reason, (long long)x.acked, x.payload_sent,
                          x.packets_sent, x.malformed);
 }
 

@@ -223,14 +223,15 @@ async def test_retransmit_then_give_up(srv):
         p.close()
 
 
-async def test_client_error_after_oack_is_aborted_not_failure(srv):
+@pytest.mark.parametrize("message", [b"Early terminate\x00", b"\xff\xfe not UTF-8"])
+async def test_client_error_after_oack_is_aborted_not_failure(srv, message: bytes):
     app, svc, server = srv
     p = Peer()
     try:
         p.send(rrq("mid.bin", tsize="0", blksize="1468"), server)
         pkt, tid = p.recv()
         assert pkt[:2] == b"\x00\x06" and b"tsize\x00150000\x00" in pkt
-        p.send(b"\x00\x05\x00\x00Early terminate\x00", tid)
+        p.send(b"\x00\x05\x00\x00" + message, tid)  # the Pi's probe-and-abort
         await eventually(lambda: svc.active == 0)
         ev = [e for e in app.events.recent() if e.kind == "tftp"][-1]
         assert ev.fields["outcome"] == "aborted"
