@@ -147,11 +147,7 @@ class WorkerPool:
 
     def pick(self) -> WorkerProcess | None:
         """The worker with the fewest open transfers (None: no worker is running)."""
-        best: WorkerProcess | None = None
-        for w in self.slots:
-            if w is not None and not w.closed and (best is None or len(w.jobs) < len(best.jobs)):
-                best = w
-        return best
+        return min(self.live(), key=lambda w: len(w.jobs), default=None)
 
     def hand_off(self, w: WorkerProcess, job: int, msg: dict[str, Any],
                  fds: tuple[int, int, int]) -> bool:

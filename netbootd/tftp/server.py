@@ -37,7 +37,7 @@ from . import codec, handoff
 from .engine import EngineLoop
 from .handoff import Report
 from .pool import WorkerPool, WorkerProcess, default_size
-from .transfer import Negotiated, Transfer, negotiate, open_tid
+from .transfer import BLKSIZE_MAX, Negotiated, Transfer, negotiate, open_tid
 from .vfs import FileSource, Refused, VirtualTree
 from .worker import load_pump
 
@@ -50,7 +50,6 @@ SERVICE = "tftp"
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python 3.11 lacks the name
 _ANC_SIZE = socket.CMSG_SPACE(12)  # struct in_pktinfo
 _SIOCGIFMTU = 0x8921
-BLKSIZE_LIMIT = 65464  # RFC 2348
 #: netascii is converted in memory; bigger files must use octet (every boot ROM does).
 NETASCII_MAX = 16 * 1024 * 1024
 
@@ -401,11 +400,11 @@ class TftpService:
         a client asking for 1468 behind a smaller MTU (VPN, VLAN) gets no IP fragments
         (dnsmasq's tftp-mtu, done automatically). Cached for a minute per interface."""
         if ifindex <= 0:
-            return BLKSIZE_LIMIT
+            return BLKSIZE_MAX
         now = time.monotonic()
         hit = self._mtu_cache.get(ifindex)
         if hit is None or now - hit[1] > 60:
-            hit = (interface_blksize(ifindex) or BLKSIZE_LIMIT, now)
+            hit = (interface_blksize(ifindex) or BLKSIZE_MAX, now)
             self._mtu_cache[ifindex] = hit
         return hit[0]
 

@@ -228,9 +228,7 @@ class VirtualTree:
             base = b""
             target = _contained(boot, rel)
             if target is not None and target.is_file():
-                data, _, fd = open_file(target)
-                base = bytes(data)
-                FileSource(data, 0, rel, fd=fd).close()
+                base = target.read_bytes()
                 if base and not base.endswith(b"\n"):
                     base += b"\n"
             text = base + self.rendered("config.txt", plan, local_ip).encode()
