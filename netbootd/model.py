@@ -111,6 +111,9 @@ class ImageRef:
     channel: str | None = None
     pinned: bool = False
     artefacts: tuple[str, ...] = ()
+    #: The manifest's ``boards``: what the image boots on (``x86_64``, ``arm64``,
+    #: ``rpi5``, ...); the planner never plans a client onto an image for other boards.
+    boards: tuple[str, ...] = ()
     #: The manifest's ``boot`` section: kernel, initrd, cmdline, rootfs, boot_tree, disk.
     boot: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 

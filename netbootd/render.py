@@ -57,7 +57,19 @@ class ServerInfo:
     def base_url(self) -> str:
         if self.public_url:
             return self.public_url.rstrip("/")
-        return f"http://{self.ip}:{self.http_port}"
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip  # an IPv6 literal in a URL
+        return f"http://{host}:{self.http_port}"
+
+    @classmethod
+    def for_arrival(cls, settings: Settings, local_ip: str) -> ServerInfo:
+        """The one place that says how a node reaches us: ``network.advertise`` if set,
+        else the address its request arrived on; ``http.public_url`` overrides URLs.
+        DHCP, TFTP rendering and HTTP all build their ServerInfo here."""
+        ip = str(settings.network.advertise) if settings.network.advertise else local_ip
+        ip = ip.removeprefix("::ffff:")
+        if ip in ("", "0.0.0.0", "::"):
+            ip = "127.0.0.1"
+        return cls(ip=ip, http_port=settings.http.port, public_url=settings.http.public_url)
 
 
 class _Secrets:

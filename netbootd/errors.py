@@ -1,0 +1,24 @@
+"""Typed errors that cross the boundary between the core and the services.
+
+The API maps them to status codes by type (matchbox's sentinel errors), never by
+matching the text of a message. Each is a ``ValueError`` so older callers that catch
+``ValueError`` keep working.
+"""
+
+from __future__ import annotations
+
+
+class NetbootdError(ValueError):
+    """Base of every typed error the core raises to a service."""
+
+
+class NotFound(NetbootdError):
+    """The named thing (image, version, node, channel) does not exist. HTTP 404."""
+
+
+class Conflict(NetbootdError):
+    """The request clashes with the current state (e.g. delete an active version). 409."""
+
+
+class Invalid(NetbootdError):
+    """The request itself is malformed or breaks a rule (bad name, bad build). 400/422."""

@@ -1,0 +1,144 @@
+"""The narrow views a protocol service gets instead of the whole daemon ("one door").
+
+A service (dhcp/, tftp/, http/, nfs/, dns/) is constructed with exactly the views it
+needs, never the ``App``, the inventory or the store. A service that cannot reach past
+the plan cannot disagree with it: pixiecore's ``Booter``, smee's ``BackendReader`` and
+matchbox's ``storage.Store`` draw the same fence. ``tests/unit/test_fence.py`` keeps it.
+
+All views are ``typing.Protocol``: the daemon passes its real objects, tests may pass
+their own real objects with the same methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from .model import BootPlan, ClientFacts, ImageRef, NodeView
+from .render import ServerInfo
+
+
+class Plans(Protocol):
+    """The boot-session door (implemented by :class:`netbootd.planner.Planner`).
+
+    A *firmware* request (proxy-DHCP, TFTP, ``/ipxe``) calls :meth:`plan`; a request
+    that belongs to a boot already planned (``/files``, the beacon, cloud-init, events)
+    calls :meth:`current`. Both refresh the node's session; the plan never changes
+    inside a session.
+    """
+
+    def plan(self, facts: ClientFacts) -> BootPlan:
+        """The plan of this boot: the open firmware session's, or a new one."""
+        ...
+
+    def current(self, mac: str) -> BootPlan | None:
+        """The plan of the boot this MAC is in (firmware session, else the plan its OS
+        booted with), refreshed; None when it is in no boot."""
+        ...
+
+    def peek(self, facts: ClientFacts) -> BootPlan:
+        """What the machine would get if it booted now. No side effects at all."""
+        ...
+
+    def hold(self, mac: str) -> None:
+        """A transfer for this node started: its session cannot expire until release."""
+        ...
+
+    def release(self, mac: str) -> None:
+        """The transfer ended (any outcome); the session slides from now."""
+        ...
+
+    def handed_over(self, mac: str) -> None:
+        """The firmware started the kernel: the firmware session ends (the next
+        DISCOVER plans afresh) while the booted OS keeps seeing this plan."""
+        ...
+
+    def end(self, mac: str) -> None:
+        """The boot is over (a lifecycle event with proof): the next boot re-plans."""
+        ...
+
+
+class Renderer(Protocol):
+    """Per-node text for a plan (implemented by :class:`netbootd.render.Renderer`)."""
+
+    def render(self, artefact: str, plan: BootPlan, server: ServerInfo) -> str:
+        ...
+
+    def has_secrets(self, plan: BootPlan) -> bool:
+        ...
+
+
+class Artefacts(Protocol):
+    """The files of a planned version, and per-node rendered text."""
+
+    def open(self, image: ImageRef, path: str) -> Path | None:
+        """The file ``path`` of this version: a manifest artefact that resolves inside the
+        version directory, else None. The caller opens it (versions are immutable)."""
+        ...
+
+    def ref(self, image: str, version: str) -> ImageRef | None:
+        """A stored version by name (``/files/<image>/<version>/…`` URLs), else None."""
+        ...
+
+    def renderer(self) -> Renderer:
+        """The renderer in force (a config reload swaps it; identity marks a generation)."""
+        ...
+
+
+class Nodes(Protocol):
+    """A read-only view of who a machine is, with evidence."""
+
+    def view(self, facts: ClientFacts) -> NodeView:
+        """The inventory's answer (node entry or profile) for these facts."""
+        ...
+
+    def known(self, mac: str) -> bool:
+        """Is this MAC an inventory node?"""
+        ...
+
+    def mac_for_serial(self, serial: str) -> str | None:
+        ...
+
+    def says_pi(self, mac: str, serial: str | None) -> bool:
+        """Does the inventory know this MAC (or serial) as a Raspberry Pi?"""
+        ...
+
+    def hosts(self) -> Iterable[tuple[str, str, str | None]]:
+        """(hostname, mac, address) of every inventory node; the address is the static
+        one, else the one learnt with evidence, else None."""
+        ...
+
+    def facts_for(self, mac: str, ip: str | None = None) -> ClientFacts:
+        """Facts for a machine known only by MAC (cloud-init, API): a Pi is asked about
+        as a Pi, anything else as iPXE."""
+        ...
+
+    def generation(self) -> object:
+        """Changes (by identity) whenever the inventory is reloaded: memo invalidation."""
+        ...
+
+
+class Addresses(Protocol):
+    """IP <-> MAC with evidence (implemented by :class:`netbootd.neighbours.ClientAddresses`)."""
+
+    def learn(self, ip: str, mac: str) -> None:
+        ...
+
+    def mac_for(self, ip: str) -> str | None:
+        ...
+
+    def ip_for(self, mac: str) -> str | None:
+        ...
+
+
+class Recorder(Protocol):
+    """Where services say what they saw (implemented by :class:`netbootd.events.EventLog`)."""
+
+    def record(self, kind: str, mac: str | None = None, message: str = "",
+               **fields: Any) -> Any:
+        ...
+
+
+#: A callable the daemon gives a service so it hears about config reloads.
+OnReload = Callable[[Callable[[], None]], None]
