@@ -82,6 +82,29 @@ class Planner:
         #: mac -> [plan, last asked]: a list, so the hot path (proxy-DHCP asks per packet)
         #: slides the TTL in place instead of allocating a tuple per request.
         self._sessions: dict[str, list] = {}
+        #: mac -> transfers in progress (TFTP): such a session does not expire
+        self._held: dict[str, int] = {}
+
+    def _alive(self, mac: str, hit: list | None, now: float, ttl: float) -> bool:
+        return bool(hit) and (mac in self._held or now - hit[1] < ttl)
+
+    def hold(self, mac: str) -> None:
+        """A transfer for this node started: its session cannot expire until release."""
+        with self._lock:
+            self._held[mac] = self._held.get(mac, 0) + 1
+
+    def release(self, mac: str) -> None:
+        """The transfer ended (any outcome); the session slides from now."""
+        now = self._clock()
+        with self._lock:
+            n = self._held.get(mac, 0) - 1
+            if n > 0:
+                self._held[mac] = n
+                return
+            self._held.pop(mac, None)
+            hit = self._sessions.get(mac)
+            if hit:
+                hit[1] = now
 
     def plan(self, facts: ClientFacts) -> BootPlan:
         """The plan for this boot session; created on first ask, then fixed until it ends."""
@@ -89,7 +112,7 @@ class Planner:
         ttl = self._settings().boot.session_ttl
         with self._lock:
             hit = self._sessions.get(facts.mac)
-            if hit and now - hit[1] < ttl:
+            if self._alive(facts.mac, hit, now, ttl):
                 hit[1] = now
                 return hit[0]
         fresh = decide(facts, self._inventory(), self._settings(), self.images, now=now)
@@ -102,7 +125,7 @@ class Planner:
             return fresh
         with self._lock:
             hit = self._sessions.get(facts.mac)
-            if hit and now - hit[1] < ttl:  # another thread planned first: theirs stands
+            if self._alive(facts.mac, hit, now, ttl):  # another thread planned first
                 return hit[0]
             self._sessions[facts.mac] = [fresh, now]
             if len(self._sessions) > self.PRUNE_ABOVE:
@@ -114,7 +137,8 @@ class Planner:
     PRUNE_ABOVE = 4096
 
     def _prune(self, now: float, ttl: float) -> None:
-        for mac in [m for m, (_, t) in self._sessions.items() if now - t >= ttl]:
+        for mac in [m for m, (_, t) in self._sessions.items()
+                    if now - t >= ttl and m not in self._held]:
             del self._sessions[mac]
 
     def peek(self, facts: ClientFacts) -> BootPlan:
@@ -127,7 +151,7 @@ class Planner:
         now = self._clock()
         with self._lock:
             hit = self._sessions.get(mac)
-            if hit and now - hit[1] < self._settings().boot.session_ttl:
+            if self._alive(mac, hit, now, self._settings().boot.session_ttl):
                 return hit[0]
         return None
 

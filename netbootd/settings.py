@@ -85,11 +85,22 @@ class TftpSettings(_Section):
         "each one its socket and file), so transfers use every CPU. Unset = one per CPU; "
         "0 = run transfers on the daemon's TFTP thread (debugging, tests).")
     pump_threads: int = Field(
-        16, ge=0, description="Per worker process: this many concurrent transfers each get a "
-        "thread of their own running the block loop in C (netbootd/tftp/_pump.c; lowest "
-        "latency per block); more transfers than that share the worker's event loop, which "
-        "batches (cheaper per block under load). 0 = the event loop only. Why 16: "
-        "docs/tftp.md.")
+        16, ge=1, description="Per process that runs transfers: threads running the TFTP "
+        "block loop in C (netbootd/tftp/_pump.c). A new transfer goes to the least loaded "
+        "thread, so up to this many each get a thread of their own (lowest latency per "
+        "block) and more share them (each thread serves every ready transfer per wake-up, "
+        "cheaper per block under load). Why 16: docs/tftp.md.")
+    timeout_max: int = Field(
+        10, ge=1, le=255, description="Largest retransmit timeout a client may ask for with "
+        "the RFC 2349 'timeout' option, seconds; a larger value is refused (left out of the "
+        "OACK), so nobody makes a silent transfer hold a slot for minutes.")
+    stall_max: float = Field(
+        20.0, gt=0, description="Seconds a transfer may go without an ACK that moves it on, "
+        "whatever its timeout and retries, before it ends with ERROR 0 'Timeout'.")
+    listen_rcvbuf: int = Field(
+        4 * 1024 * 1024, ge=65536, description="Receive buffer of each TFTP listener, bytes "
+        "(SO_RCVBUFFORCE when running as root, else SO_RCVBUF up to net.core.rmem_max), so a "
+        "burst of requests (a rack powering on) waits in the kernel instead of being dropped.")
     ipxe_dir: Path = Field(Path("/usr/lib/ipxe"), description="Where the iPXE binaries "
                            "(undionly.kpxe, ipxe.efi, snponly.efi) live: Debian's ipxe package.")
     extra_ipxe_dirs: list[Path] = Field(

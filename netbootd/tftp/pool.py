@@ -67,13 +67,15 @@ class WorkerPool:
     transfer, when it ends (or its worker died)."""
 
     def __init__(self, loop: EngineLoop, size: int,
-                 on_report: Callable[[Report], None], *, pump_threads: int = 0) -> None:
-        """``pump_threads``: transfers per worker that run in a C thread of their own
-        (``tftp.pump_threads``; 0 when the C module is not built)."""
+                 on_report: Callable[[Report], None], *, pump_threads: int = 16,
+                 on_progress: Callable[[int], None] | None = None) -> None:
+        """``pump_threads``: block-loop threads per worker (``tftp.pump_threads``);
+        ``on_progress(id)``: a transfer's client acknowledged its first data block."""
         self.loop = loop
         self.size = size
         self.pump_threads = pump_threads
         self.on_report = on_report
+        self.on_progress = on_progress
         self.slots: list[WorkerProcess | None] = [None] * size
         #: processes not reaped yet (a stopping worker stays here until close())
         self._procs: list[subprocess.Popen] = []
@@ -163,6 +165,15 @@ class WorkerPool:
             return False
         return True
 
+    def abort(self, w: WorkerProcess, job: int, reason: str) -> None:
+        """End one of ``w``'s transfers early (ERROR 0 ``reason``); its report follows."""
+        if job not in w.jobs or w.closed:
+            return
+        try:
+            handoff.send(w.chan, {"op": "abort", "id": job, "reason": reason})
+        except ChannelClosed as exc:
+            self._lost(w, f"abort failed: {exc}")
+
     def _on_message(self, w: WorkerProcess) -> None:
         while not w.closed:
             try:
@@ -175,6 +186,11 @@ class WorkerPool:
             msg, fds = got
             for fd in fds:  # a worker has no business sending descriptors
                 os.close(fd)
+            if msg.get("op") == "progress":
+                job = msg.get("id")
+                if job in w.jobs and self.on_progress is not None:
+                    self.on_progress(job)
+                continue
             try:
                 if msg.get("op") != "done":
                     raise ValueError(f"unexpected message {msg.get('op')!r}")

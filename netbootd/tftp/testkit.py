@@ -2,7 +2,9 @@
 
 Only the *policy* is simplified (:class:`FixedImages` always resolves to one
 image directory, the honest fake of the store); the protocol side is the real
-engine on real sockets, talked to by real clients.
+service, built by the daemon's own factory (``server.create``) on real sockets and
+talked to by real clients. This module builds an App (it stands in for the daemon),
+so it is the one module under ``tftp/`` the fence test lets do that.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..neighbours import ClientAddresses
 from ..planner import Planner
 from ..render import Renderer
 from ..settings import load_settings
-from .server import TftpService
+from .server import TftpService, create
 
 CMDLINE_TEMPLATE = "console=serial0 root=/dev/nfs nfsroot={{ nfs.root_spec }} " \
                    "netbootd.mac={{ node.mac }} server={{ server.ip }} version={{ version }}\n"
@@ -93,8 +95,17 @@ def make_app(work: Path, image_root: Path, *, tftp: dict[str, Any] | None = None
 
 @asynccontextmanager
 async def running(app: App, *, engine: str | None = None) -> AsyncIterator[TftpService]:
-    """The TFTP service started on the app's settings; always stopped afterwards."""
-    svc = TftpService(app, engine=engine)
+    """The TFTP service started on the app's settings; always stopped afterwards.
+    ``engine``: ``workers`` (worker processes, the default) or ``inprocess``
+    (``tftp.workers: 0``: the pump threads run in this process)."""
+    if engine not in (None, "workers", "inprocess"):
+        raise ValueError(f"unknown engine {engine!r}")
+    if engine is not None:
+        t = app.settings.tftp
+        workers = 0 if engine == "inprocess" else (t.workers or None)
+        app.settings = app.settings.model_copy(
+            update={"tftp": t.model_copy(update={"workers": workers})})
+    svc = create(app)
     await svc.start()
     try:
         yield svc
