@@ -358,7 +358,7 @@ static void check_deadlines(Pump *p, double now)
             continue;
         if (now - x->last_progress >= x->stall_max) {
             send_error(x, 0, "Timeout");
-            snprintf(x->reason, sizeof x->reason, "no progress for %.0f s", x->stall_max);
+            snprintf(x->reason, sizeof x->reason, "no progress for %g s", x->stall_max);
             finish(p, x, "error", now);
             continue;
         }

@@ -28,6 +28,7 @@ from ..planner import Planner
 from ..render import Renderer
 from ..settings import load_settings
 from .server import TftpService, create
+from .vfs import VirtualTree
 
 CMDLINE_TEMPLATE = "console=serial0 root=/dev/nfs nfsroot={{ nfs.root_spec }} " \
                    "netbootd.mac={{ node.mac }} server={{ server.ip }} version={{ version }}\n"
@@ -91,6 +92,17 @@ def make_app(work: Path, image_root: Path, *, tftp: dict[str, Any] | None = None
               clients=ClientAddresses(use_kernel=False))
     app_box["app"] = app
     return app
+
+
+def virtual_tree(app: App) -> VirtualTree:
+    """The tree ``create(app)`` would build, for tests of name resolution alone."""
+    from ..views import InventoryNodes, StoreArtefacts
+
+    return VirtualTree(app.settings, plans=app.planner,
+                       artefacts=StoreArtefacts(lambda: app.store, lambda: app.render),
+                       nodes=InventoryNodes(lambda: app.inventory, app.clients,
+                                            lambda: app.settings),
+                       addresses=app.clients)
 
 
 @asynccontextmanager

@@ -41,7 +41,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(params=["workers", "thread", "asyncio"])
+@pytest.fixture(params=["workers", "inprocess"])
 async def server(request: pytest.FixtureRequest, image: Path, tmp_path: Path):
     app = make_app(tmp_path / "work", image)
     app.clients.learn("127.0.0.1", MAC)
