@@ -258,8 +258,9 @@ async def test_limits_per_client_and_global(image: Path, tmp_path: Path):
                     assert pkt[:4] == b"\x00\x03\x00\x01", i
                     p.send(ack(1), tid)  # progress: block 2 follows, never ACKed
                     assert p.recv()[0][:4] == b"\x00\x03\x00\x02"
-                    await eventually(lambda: sum(e.progressed for e in svc._open.values())
-                                     == min(i + 1, 3))
+                    want = min(i + 1, 3)
+                    await eventually(lambda want=want: want == sum(
+                        e.progressed for e in svc._open.values()))
                 else:  # third from 127.0.0.1 (per client), then fourth overall (global)
                     assert error_code(pkt) == 0 and b"busy" in pkt, i
             assert svc.active == 3

@@ -14,7 +14,6 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
