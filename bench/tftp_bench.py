@@ -222,15 +222,17 @@ class Bench:
     def start(self, server: str) -> subprocess.Popen:
         port = PORTS[server]
         if server.startswith("netbootd"):
-            script = __file__
-            if server == "netbootd-base":
-                script = str(self.args.baseline / "bench" / "tftp_bench.py")
+            # each checkout runs its own code, workers included (``python -m`` imports
+            # from the working directory and PYTHONPATH)
+            root = self.args.baseline if server == "netbootd-base" else REPO
+            script = str(root / "bench" / "tftp_bench.py")
+            env = {**os.environ, "PYTHONPATH": str(root)}
             argv = in_ns(*pin(0), sys.executable, script, "--serve", "--image",
                          str(self.image), "--port", str(port), "--nodes", str(self.nodes),
                          "--engine", ENGINES[server])
             if self.args.tftp_workers is not None:
                 argv += ["--tftp-workers", str(self.args.tftp_workers)]
-            p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+            p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
             self.procs.append(p)
             line = p.stdout.readline() if p.stdout else ""
             if "READY" not in line:
