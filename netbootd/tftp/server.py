@@ -21,10 +21,11 @@ engine thread (:mod:`netbootd.tftp.engine`).
 
 Admission under pressure (an attack run held all 2,000 slots for 30 minutes with 64
 never-ACKing requests per source from 32 spoofable sources): a transfer whose client
-never acknowledged a data block is *silent*. When the limits are reached, the oldest
-silent transfer (of the same client for ``max_per_client``, of anyone for
-``max_transfers``) is evicted, so a new client is refused only when every slot is
-moving data. Requests asking for long timeouts are refused the option
+never acknowledged a data block is *silent*. When the limits are reached, a silent
+transfer is evicted (the client's own oldest for ``max_per_client``; for
+``max_transfers`` the oldest of the source holding the most silent ones), so a new
+client is refused only when every slot is moving data, and a flood from few sources
+evicts itself before anyone else. Requests asking for long timeouts are refused the option
 (``tftp.timeout_max``), no transfer may go ``tftp.stall_max`` seconds without
 progress, and listeners get a receive buffer sized for bursts (``tftp.listen_rcvbuf``).
 
@@ -130,6 +131,8 @@ class TftpService:
         #: client ip -> open transfers not being evicted
         self._per_client: dict[str, int] = {}
         self._evicting = 0
+        #: client ip -> open transfers whose client has not acknowledged data yet
+        self._silent: dict[str, int] = {}
         #: (client ip, port, file name) of open transfers: a resent RRQ is not a new one.
         self._open_keys: set[tuple[str, int, str]] = set()
         self.bound: list[str] = []
@@ -333,17 +336,25 @@ class TftpService:
         self._start_transfer(src, params, addr, local_ip, key)
 
     def _evict_silent(self, client_ip: str | None = None) -> bool:
-        """Make room: end the oldest transfer (of ``client_ip``, or of anyone) whose
-        client never acknowledged a data block. False when there is none: every slot
-        is moving data, and the newcomer is refused."""
+        """Make room: end a transfer whose client never acknowledged a data block, the
+        oldest one of ``client_ip`` (its own limit), else the oldest one of the source
+        holding the most silent transfers. A flood from a few sources therefore evicts
+        its own transfers (one eviction each time it re-requests), never the one silent
+        transfer a real client has between its RRQ and its first ACK. False when there
+        is none: every slot is moving data, and the newcomer is refused."""
+        if client_ip is None:
+            if not self._silent:
+                return False
+            client_ip = max(self._silent, key=self._silent.__getitem__)
+        elif not self._silent.get(client_ip):
+            return False
         for job, entry in self._open.items():
-            if entry.progressed or entry.evicting:
-                continue
-            if client_ip is not None and entry.peer[0] != client_ip:
+            if entry.progressed or entry.evicting or entry.peer[0] != client_ip:
                 continue
             entry.evicting = True
             self._evicting += 1
             self._count_client(entry.peer[0], -1)
+            self._count_silent(entry.peer[0], -1)
             reason = "Server busy: no ACK, slot given to another client"
             if entry.worker is not None and self._pool is not None:
                 self._pool.abort(entry.worker, job, reason)
@@ -351,6 +362,13 @@ class TftpService:
                 self._pumps.abort(job, reason)
             return True
         return False
+
+    def _count_silent(self, ip: str, delta: int) -> None:
+        n = self._silent.get(ip, 0) + delta
+        if n > 0:
+            self._silent[ip] = n
+        else:
+            self._silent.pop(ip, None)
 
     def _count_client(self, ip: str, delta: int) -> None:
         n = self._per_client.get(ip, 0) + delta
@@ -374,6 +392,7 @@ class TftpService:
         self._open[job] = entry
         self._open_keys.add(key)
         self._count_client(addr[0], 1)
+        self._count_silent(addr[0], 1)
         self._active.inc()
         if src.mac is not None and src.image is not None:
             # a boot session must not expire under a long transfer of its own version
@@ -441,8 +460,10 @@ class TftpService:
 
     def _progressed(self, job: int) -> None:
         entry = self._open.get(job)
-        if entry is not None:
+        if entry is not None and not entry.progressed:
             entry.progressed = True
+            if not entry.evicting:
+                self._count_silent(entry.peer[0], -1)
 
     def _finished(self, rep: Report) -> None:
         """Accounting for one finished transfer: metrics, event, log, its boot session
@@ -481,6 +502,8 @@ class TftpService:
             self._evicting -= 1
         else:
             self._count_client(ip, -1)
+            if not entry.progressed:
+                self._count_silent(ip, -1)
         self._active.dec()
         del self._open[rep.id]
         self._open_keys.discard(entry.key)

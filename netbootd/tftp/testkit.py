@@ -63,11 +63,15 @@ def write_templates(directory: Path) -> Path:
 
 
 def make_app(work: Path, image_root: Path, *, tftp: dict[str, Any] | None = None,
-             nodes_yaml: str | None = None, policy: str = "default") -> App:
+             nodes_yaml: str | None = None, policy: str = "default",
+             images: Any = None, boot: dict[str, Any] | None = None,
+             clock: Callable[[], float] | None = None) -> App:
     """An App with ``image_root`` as the only image and settings for 127.0.0.1:<free port>.
 
     ``nodes_yaml`` (inventory text) is optional; without it the default profile
-    boots every machine (``policy.unknown = default``).
+    boots every machine (``policy.unknown = default``). ``images`` replaces the one
+    image (any ``ImageResolver``), ``boot`` overrides ``settings.boot`` and ``clock``
+    is the planner's clock (session expiry without waiting).
     """
     work.mkdir(parents=True, exist_ok=True)
     templates = write_templates(work / "templates")
@@ -76,6 +80,7 @@ def make_app(work: Path, image_root: Path, *, tftp: dict[str, Any] | None = None
         "paths": {"templates": str(templates), "state": str(work / "state"),
                   "images": str(work / "images")},
         "policy": {"unknown": policy},
+        **({"boot": boot} if boot else {}),
     }
     settings = load_settings(None, overrides, use_default_path=False)
     if nodes_yaml is not None:
@@ -86,7 +91,8 @@ def make_app(work: Path, image_root: Path, *, tftp: dict[str, Any] | None = None
         inventory = Inventory.empty()
     app_box: dict[str, App] = {}
     planner = Planner(lambda: app_box["app"].settings, lambda: app_box["app"].inventory,
-                      FixedImages(image_root))
+                      images or FixedImages(image_root),
+                      **({"clock": clock} if clock is not None else {}))
     app = App(settings=settings, inventory=inventory, planner=planner,
               render=Renderer(settings), events=EventLog(None), metrics=Metrics(),
               clients=ClientAddresses(use_kernel=False))
