@@ -8,8 +8,8 @@ A worker that dies (its channel reads EOF while the daemon is not stopping) is
 logged with its exit status, its transfers are reported as ``error`` ("TFTP worker
 died"), and its slot is started again: at once if it had lived a while, after
 :data:`RESTART_DELAY` if it died young (a worker that cannot even start must not turn
-into a fork loop). Until then new transfers go to the other workers, or run on the
-engine thread when none is left.
+into a fork loop). Until then new transfers go to the other workers, or run in the
+daemon's own pump threads when none is left.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The TFTP service: listeners on :69 (per served address), request admission, accounting.
 
-A listener only parses requests; each accepted RRQ becomes a
-:class:`~netbootd.tftp.transfer.Transfer` on its own ephemeral port (the TID,
-RFC 1350), bound to the local address the request arrived on, so replies come
+A listener only parses requests; each accepted RRQ becomes a transfer on its own
+ephemeral port (the TID, RFC 1350, :func:`~netbootd.tftp.transfer.open_tid`), bound to
+the local address the request arrived on, so replies come
 from the address the client talked to. With a wildcard bind that address comes
 from ``IP_PKTINFO``. Refusals (file not found, WRQ, limits) are sent from a fresh
 ephemeral port as well, as RFC 1350 asks.
