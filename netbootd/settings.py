@@ -82,8 +82,8 @@ class TftpSettings(_Section):
     max_per_client: int = Field(64, ge=1, description="Concurrent transfers per client IP.")
     workers: int | None = Field(
         None, ge=0, description="Worker processes that run TFTP transfers (the daemon hands "
-        "each one its socket and file), so transfers use every CPU. Unset = one per CPU; "
-        "0 = run transfers on the daemon's TFTP thread (debugging, tests).")
+        "each one its socket and file), so the daemon's own CPU and GIL stay free for DHCP and "
+        "HTTP. Unset = one per CPU; 0 = the block loop's threads run in the daemon itself.")
     pump_threads: int = Field(
         16, ge=1, description="Per process that runs transfers: threads running the TFTP "
         "block loop in C (netbootd/tftp/_pump.c). A new transfer goes to the least loaded "
