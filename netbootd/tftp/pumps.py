@@ -31,7 +31,8 @@ from .transfer import Negotiated
 log = logging.getLogger("netbootd.tftp")
 
 #: Stack of a pump thread: the C loop needs a few KiB; Python's default is 8 MiB of
-#: address space per thread.
+#: address space per thread. A worker process sets it for all its threads (it has no
+#: others); the daemon keeps the default (its other threads run arbitrary Python).
 PUMP_STACK = 256 * 1024
 
 
@@ -131,13 +132,9 @@ class Pumps:
 
     def _start_thread(self) -> _Thread:
         t = _Thread(self._mod.Pump())
-        old = threading.stack_size(PUMP_STACK)
-        try:
-            t.thread = threading.Thread(target=self._serve, args=(t,), daemon=True,
-                                        name=f"{self.name}-pump-{len(self._threads)}")
-            t.thread.start()
-        finally:
-            threading.stack_size(old)
+        t.thread = threading.Thread(target=self._serve, args=(t,), daemon=True,
+                                    name=f"{self.name}-pump-{len(self._threads)}")
+        t.thread.start()
         self._threads.append(t)
         return t
 

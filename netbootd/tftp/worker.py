@@ -37,11 +37,12 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 from . import handoff
 from .engine import EngineLoop
 from .handoff import ChannelClosed, Report
-from .pumps import Pumps
+from .pumps import PUMP_STACK, Pumps
 from .transfer import Negotiated
 
 log = logging.getLogger("netbootd.tftp.worker")
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
         format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.stack_size(PUMP_STACK)
     chan = socket.socket(fileno=args.control_fd)
     chan.setblocking(False)
     loop = EngineLoop(name="netbootd-tftp-worker")
