@@ -97,6 +97,14 @@ class Nodes(Protocol):
         """Is this MAC an inventory node?"""
         ...
 
+    def macs(self) -> list[str]:
+        """Every inventory node's MAC, in file order."""
+        ...
+
+    def static_ip(self, mac: str) -> str | None:
+        """The node's configured address (nodes.yaml ``ip``), if any."""
+        ...
+
     def mac_for_serial(self, serial: str) -> str | None:
         ...
 

@@ -32,6 +32,13 @@ class InventoryNodes:
     def known(self, mac: str) -> bool:
         return mac in self._inventory().nodes
 
+    def macs(self) -> list[str]:
+        return list(self._inventory().nodes)
+
+    def loaded(self) -> bool:
+        inv = self._inventory()
+        return inv.source is not None or bool(inv.nodes)
+
     def mac_for_serial(self, serial: str) -> str | None:
         return self._inventory().mac_for_serial(serial)
 
@@ -80,8 +87,8 @@ class StoreArtefacts:
         self._renderer = renderer
 
     def ref(self, image: str, version: str) -> ImageRef | None:
-        store = self._store()
-        return store.ref(image, version) if store is not None else None
+        ref = getattr(self._store(), "ref", None)
+        return ref(image, version) if ref is not None else None
 
     def open(self, image: ImageRef, path: str) -> Path | None:
         """A manifest artefact of this version that resolves inside the version."""

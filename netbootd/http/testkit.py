@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -108,14 +108,19 @@ class DirImages:
             (image, channel))
         if version is None:
             return None
+        ref = self.ref(image, version)
+        return replace(ref, channel=channel, pinned=bool(pin or (mac and mac in self.pins))) \
+            if ref is not None else None
+
+    def ref(self, image: str, version: str) -> ImageRef | None:
         root = self.images / "store" / image / version
         try:
             m = json.loads((root / "manifest.json").read_text())
         except OSError:
             return None
         return ImageRef(name=image, version=version, root=root, kind=m.get("kind", ""),
-                        channel=channel, pinned=bool(pin or (mac and mac in self.pins)),
-                        artefacts=tuple(a["path"] for a in m["artefacts"]), boot=m["boot"])
+                        artefacts=tuple(a["path"] for a in m["artefacts"]), boot=m["boot"],
+                        boards=tuple(m.get("boards", ())))
 
 
 def make_app(tmp: Path, *, http: dict[str, Any] | None = None, policy: str = "ignore",
@@ -182,10 +187,10 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def __enter__(self) -> Self:
-        from .app import HttpService
+        from .app import create
 
         self._thread.start()
-        self.service = HttpService(self.app)
+        self.service = create(self.app)
         self.call(self.service.start())
         self.app.services["http"] = self.service
         return self

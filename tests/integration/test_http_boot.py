@@ -115,26 +115,31 @@ def test_malformed_mac_is_400_and_counted(server):
     assert value >= 4
 
 
-def test_session_pins_the_version_until_booted_then_next_boot_replans(server):
+def test_session_pins_the_version_until_the_kernel_runs_then_next_boot_replans(server):
     app = server.app
     write_version(app.settings.paths.images, "demo", "2.0",
                   {"boot/vmlinuz": b"k2", "boot/initrd.img": b"i2", "disk.img": b"d2"})
     assert "demo 1.0" in curl(ipxe_url(server, NODE_A))[2].decode()
     app.planner.images.channels[("demo", "prod")] = "2.0"  # hot swap mid-boot
     assert "demo 1.0" in curl(ipxe_url(server, NODE_A))[2].decode()
-    # kernel handed over
     session = app.planner.current(NODE_A).session
+    # a beacon without the boot's own session is recorded but ends nothing
+    status, _, _ = curl(f"{server.url}/api/v1/beacon/{mac_dashes(NODE_A)}?session=bogus1")
+    assert status == 200
+    assert "demo 1.0" in curl(ipxe_url(server, NODE_A))[2].decode()
+    # kernel handed over: the firmware session ends, the OS keeps its plan
     status, _, body = curl(f"{server.url}/api/v1/beacon/{mac_dashes(NODE_A)}?session={session}")
     assert status == 200 and body == b"ok\n"
     assert app.events.nodes[NODE_A].phase == "kernel"
-    # booted callback (unauthenticated) ends the session
+    meta = curl(f"{server.url}/cloud-init/{mac_dashes(NODE_A)}/meta-data")[2].decode()
+    assert "demo-1.0" in meta, "the booted OS sees the version it booted"
     status, _, body = curl("-X", "POST", "-H", "Content-Type: application/json", "--data",
                            json.dumps({"mac": mac_dashes(NODE_A), "phase": "booted",
                                        "message": "up"}), f"{server.url}/api/v1/events")
     assert status == 200, body
     state = app.events.nodes[NODE_A]
     assert (state.phase, state.version, state.ip) == ("booted", "1.0", "127.0.0.1")
-    assert app.planner.current(NODE_A) is None
+    # a power cycle: the next firmware request plans afresh
     assert "demo 2.0" in curl(ipxe_url(server, NODE_A))[2].decode()
 
 
