@@ -241,7 +241,7 @@ async def rollback(request: web.Request) -> web.Response:
 async def gc(request: web.Request) -> web.Response:
     body: GcIn = await _body(request, GcIn)
     # Versions in open boot sessions are kept too: a boot in flight finishes on its version.
-    in_use = context(request).planner.versions_in_use()
+    in_use = context(request).plans.versions_in_use()
     victims = await _store(request, "gc", dry_run=body.dry_run, in_use=in_use)
     listed = [{"image": i, "version": v} for i, v in victims or []]
     return _json(Ok(message=f"{'would delete' if body.dry_run else 'deleted'} "
