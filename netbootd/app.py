@@ -54,6 +54,8 @@ class App:
     metrics: Metrics
     clients: ClientAddresses
     store: Any = None  #: netbootd.store.store.ImageStore once the store service is up
+    #: The provisioning lifecycle records (nodestate.NodeState); set by build_app.
+    node_state: Any = None
     services: dict[str, Service] = field(default_factory=dict)
     config_error: str | None = None  #: last rejected reload, shown on the status page
     #: Called after a successful reload (services that cache config-derived state).

@@ -19,6 +19,7 @@ from .events import EventLog
 from .inventory import Inventory
 from .metrics import Metrics
 from .neighbours import ClientAddresses
+from .nodestate import LocalNodeState
 from .planner import NoImages, Planner
 from .reload import reload_now, validate_config, watch_config
 from .render import Renderer
@@ -32,7 +33,9 @@ STOP_BUDGET = 1.5  # seconds for all services together; the contract is 2 s
 def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
     """The App for these settings; raises ``ConfigError`` if inventory/templates are bad."""
     holder: dict[str, Any] = {}
-    planner = Planner(lambda: holder["app"].settings, lambda: holder["app"].inventory, NoImages())
+    state = LocalNodeState(settings.lifecycle_dir, max_nodes=settings.provision.max_nodes)
+    planner = Planner(lambda: holder["app"].settings, lambda: holder["app"].inventory, NoImages(),
+                      state=state)
     app = App(
         settings=settings,
         inventory=inventory or Inventory.empty(),
@@ -43,6 +46,7 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
         clients=ClientAddresses(),
     )
     holder["app"] = app
+    app.node_state = state
     app.reload = lambda: reload_now(app)
     if inventory is None:
         app.inventory, app.render = validate_config(app)

@@ -58,6 +58,10 @@ class Plans(Protocol):
         """The boot is over (a lifecycle event with proof): the next boot re-plans."""
         ...
 
+    def forget(self, mac: str) -> None:
+        """Drop every session of this MAC (its lifecycle changed: re-plan at once)."""
+        ...
+
     def versions_in_use(self) -> set[tuple[str, str]]:
         """(image, version) of every open session and running OS: GC keeps these."""
         ...

@@ -116,6 +116,9 @@ class ImageRef:
     boards: tuple[str, ...] = ()
     #: The manifest's ``boot`` section: kernel, initrd, cmdline, rootfs, boot_tree, disk.
     boot: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    #: A disk image's ``disk`` section: path, compression, size, sha256,
+    #: uncompressed_size, uncompressed_sha256 (empty for other kinds).
+    disk: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def path(self, relative: str) -> Path:
         """Path of an artefact inside this version (caller has validated ``relative``)."""
@@ -140,6 +143,11 @@ class NodeView:
     labels: dict[str, str] = field(default_factory=dict)
     vars: dict[str, Any] = field(default_factory=dict)
     templates: dict[str, str] = field(default_factory=dict)
+    #: What to install when the action is ``install``: {image, channel, pin, installer}.
+    install: dict[str, str] = field(default_factory=dict)
+    #: The inventory's own action (None when neither node nor profile names one);
+    #: ``action`` above may be the lifecycle's (nodestate.py) once the planner decided.
+    desired: Action | None = None
 
 
 #: Actions that get an answer. A module constant: proxy-DHCP asks per packet, and two
@@ -162,6 +170,14 @@ class BootPlan:
     session: str
     created: float
     facts: ClientFacts | None = None
+    #: For ``install``: the disk image the installer (``image``) writes; for a node that
+    #: runs from its disk: the version installed there, when known.
+    disk: ImageRef | None = None
+    #: Proof of this boot: rendered only into the node's own boot files (cmdline), asked
+    #: back with every lifecycle report (installing/installed/booted/failed).
+    token: str = ""
+    #: The lifecycle stage the plan was made from ("" = none recorded).
+    stage: str = ""
 
     @property
     def mac(self) -> str:

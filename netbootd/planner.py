@@ -13,6 +13,7 @@ hot-swapped version, while a boot in flight never does.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 import uuid
@@ -21,7 +22,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .inventory import Inventory
-from .model import Action, BootPlan, ClientFacts, ClientKind, ImageRef
+from .model import Action, BootPlan, ClientFacts, ClientKind, ImageRef, NodeView
+from .nodestate import NodeRecord, NodeState, Stage
 from .settings import Settings
 
 
@@ -86,36 +88,98 @@ def incompatibility(facts: ClientFacts, image: ImageRef) -> str | None:
     return None
 
 
+def effective_action(node: NodeView, record: NodeRecord | None, *, retry_failed: bool = True
+                     ) -> tuple[Action, str]:
+    """The action a node gets: nodes.yaml's, unless its lifecycle says otherwise.
+
+    Precedence (docs/provisioning.md): an inventory ``ignore`` always wins. Otherwise a
+    lifecycle record written while nodes.yaml said what it says now wins: an install
+    that finished makes the node ``local`` (silence: it boots from its disk), an
+    unfinished or failed one installs again (unless ``provision.retry_failed`` is off),
+    an operator's ``netbootd nodes reinstall|local|netboot`` applies. An edit of the
+    node's action in nodes.yaml after that record starts over from the new action.
+    """
+    inventory = node.action or Action.NETBOOT
+    if inventory is Action.IGNORE or record is None:
+        return inventory, ""
+    desired = node.desired.value if node.desired is not None else None
+    if record.desired != desired:
+        return inventory, ""
+    stage = record.stage
+    if stage in (Stage.INSTALL, Stage.INSTALLING):
+        why = "install did not finish" if stage is Stage.INSTALLING else "install requested"
+        return Action.INSTALL, f"lifecycle {stage.value}: {why}"
+    if stage is Stage.FAILED:
+        if retry_failed:
+            return Action.INSTALL, f"lifecycle install-failed ({record.reason}): retrying"
+        return Action.LOCAL, f"lifecycle install-failed ({record.reason}): not retried"
+    if stage in (Stage.INSTALLED, Stage.LOCAL):
+        return Action.LOCAL, (f"lifecycle {stage.value}: {record.image or 'disk'} "
+                              f"{record.version or ''}".rstrip())
+    return Action.NETBOOT, "lifecycle netboot (operator)"
+
+
 def decide(facts: ClientFacts, inventory: Inventory, settings: Settings,
-           images: ImageResolver, *, now: float | None = None) -> BootPlan:
-    """The pure decision for one machine, without the cache."""
+           images: ImageResolver, *, now: float | None = None,
+           record: NodeRecord | None = None) -> BootPlan:
+    """The pure decision for one machine, without the cache. ``record`` is the node's
+    lifecycle record (nodestate.py), read by the caller."""
     now = time.time() if now is None else now
     node = inventory.view(facts)
     session = uuid.uuid4().hex[:12]
+    token = secrets.token_hex(12)
+    stage = record.stage.value if record is not None else ""
 
-    def plan(action: Action, reason: str, image: ImageRef | None = None) -> BootPlan:
+    def plan(action: Action, reason: str, image: ImageRef | None = None,
+             disk: ImageRef | None = None) -> BootPlan:
         return BootPlan(action=action, node=node, image=image, reason=reason, session=session,
-                        created=now, facts=facts)
+                        created=now, facts=facts, disk=disk, token=token, stage=stage)
 
     if not node.known and settings.policy.unknown == "ignore":
         return plan(Action.IGNORE, "unknown machine and policy.unknown is 'ignore'")
-    action = node.action or Action.NETBOOT
+    action, why_action = effective_action(node, record,
+                                          retry_failed=settings.provision.retry_failed)
     if action in (Action.LOCAL, Action.IGNORE):
-        src = "inventory" if node.known else f"profile {node.profile!r}"
-        return plan(action, f"action {action.value!r} from {src}")
-    image_name = node.image or settings.boot.default_image
+        src = why_action or ("inventory" if node.known else f"profile {node.profile!r}")
+        installed = None
+        if record is not None and record.image and record.version and action is Action.LOCAL:
+            installed = images.resolve(record.image, "", record.version, mac=None)
+        return plan(action, f"action {action.value!r} from {src}", disk=installed)
     channel = node.channel or settings.boot.default_channel
-    ref = images.resolve(image_name, channel, node.pin, mac=node.mac)
+    disk: ImageRef | None = None
+    if action is Action.INSTALL:
+        spec = node.install
+        if not spec.get("image"):
+            return plan(action, "action install but no install.image named (nodes.yaml)")
+        disk_channel = spec.get("channel") or channel
+        disk = images.resolve(spec["image"], disk_channel, spec.get("pin"), mac=None)
+        if disk is None:
+            what = f"version {spec['pin']!r}" if spec.get("pin") else f"channel {disk_channel!r}"
+            return plan(action, f"no version of disk image {spec['image']!r} for {what}")
+        if disk.kind != "disk" or not disk.disk:
+            return plan(Action.IGNORE, f"not answered: {disk.name} {disk.version} is kind "
+                        f"{disk.kind!r}, not a disk image")
+        image_name = spec.get("installer") or settings.provision.installer_image
+        ref = images.resolve(image_name, channel, None, mac=None)
+        pin_note = ""
+    else:
+        image_name = node.image or settings.boot.default_image
+        ref = images.resolve(image_name, channel, node.pin, mac=node.mac)
+        pin_note = f"pinned version {node.pin!r}" if node.pin else ""
     if ref is None:
-        what = f"pinned version {node.pin!r}" if node.pin else f"channel {channel!r}"
-        return plan(action, f"no version of image {image_name!r} for {what}")
+        return plan(action, f"no version of image {image_name!r} for "
+                    f"{pin_note or f'channel {channel!r}'}", disk=disk)
     why_not = incompatibility(facts, ref)
     if why_not is not None:
         # Silence, not a broken boot: the machine falls through to its next boot device
         # and the reason is in the log, the event timeline and ``netbootd plan``.
         return plan(Action.IGNORE, f"not answered: {why_not}")
     why = f"pinned to {ref.version}" if ref.pinned else f"{ref.version} active on {channel!r}"
-    return plan(action, f"{action.value} {image_name} {why}", ref)
+    if disk is not None:
+        why += f", writing {disk.name} {disk.version}"
+    if why_action:
+        why += f" ({why_action})"
+    return plan(action, f"{action.value} {image_name} {why}", ref, disk)
 
 
 class _Session:
@@ -151,10 +215,13 @@ class Planner:
     """
 
     def __init__(self, settings: Callable[[], Settings], inventory: Callable[[], Inventory],
-                 images: ImageResolver, *, clock: Callable[[], float] = time.time) -> None:
+                 images: ImageResolver, *, clock: Callable[[], float] = time.time,
+                 state: NodeState | None = None) -> None:
         self._settings = settings
         self._inventory = inventory
         self.images = images
+        #: The lifecycle records (nodestate.py); None = no provisioning state (tests).
+        self.state = state
         self._clock = clock
         self._lock = threading.Lock()
         #: mac -> firmware session, least recently asked first (eviction and expiry are
@@ -176,7 +243,7 @@ class Planner:
                 hit.last = now
                 self._sessions.move_to_end(facts.mac)
                 return hit.plan
-        fresh = decide(facts, self._inventory(), self._settings(), self.images, now=now)
+        fresh = self._decide(facts, now)
         if not fresh.answers or fresh.image is None:
             return fresh  # never sticky: the next request decides again
         with self._lock:
@@ -189,11 +256,28 @@ class Planner:
         self._mark_used(fresh)
         return fresh
 
+    def _decide(self, facts: ClientFacts, now: float) -> BootPlan:
+        record = None
+        if self.state is not None:
+            inventory = self._inventory()
+            found = inventory.node_for(facts)
+            record = self.state.get(found[0] if found else facts.mac)
+        return decide(facts, self._inventory(), self._settings(), self.images, now=now,
+                      record=record)
+
+    def forget(self, mac: str) -> None:
+        """Drop every session of this MAC (an operator changed its lifecycle)."""
+        with self._lock:
+            self._sessions.pop(mac, None)
+            self._booted.pop(mac, None)
+
     def _mark_used(self, plan: BootPlan) -> None:
         """Retention is recorded where a session starts, never when someone only asks."""
         mark = getattr(self.images, "mark_used", None)
-        if mark is not None and plan.image is not None:
-            mark(plan.image.name, plan.image.version)
+        if mark is not None:
+            for ref in (plan.image, plan.disk):
+                if ref is not None:
+                    mark(ref.name, ref.version)
 
     def _expire(self, table: OrderedDict[str, _Session], now: float, ttl: float,
                 limit: int) -> None:
@@ -265,8 +349,7 @@ class Planner:
     # -- no side effects -------------------------------------------------------------------------
     def peek(self, facts: ClientFacts) -> BootPlan:
         """What this machine would get if it booted now (CLI ``plan``, API); changes nothing."""
-        return decide(facts, self._inventory(), self._settings(), self.images,
-                      now=self._clock())
+        return self._decide(facts, self._clock())
 
     def reset(self) -> None:
         """Forget every session (after an inventory change an operator asked for)."""
@@ -285,4 +368,4 @@ class Planner:
             return [s.plan for s in (*self._sessions.values(), *self._booted.values())]
 
     def versions_in_use(self) -> set[tuple[str, str]]:
-        return {(p.image.name, p.image.version) for p in self.sessions() if p.image}
+        return {(r.name, r.version) for p in self.sessions() for r in (p.image, p.disk) if r}

@@ -186,6 +186,15 @@ class StoreSettings(_Section):
                                "in the daemon.")
 
 
+class ProvisionSettings(_Section):
+    installer_image: str = Field("installer", description="Image (kind installer) that "
+                                 "writes disk images; a node's install.installer overrides.")
+    retry_failed: bool = Field(True, description="After install-failed, the next network "
+                               "boot installs again; false = stay silent until "
+                               "`netbootd nodes reinstall`.")
+    max_nodes: int = Field(100_000, ge=1, description="Lifecycle records kept at most.")
+
+
 class NfsSettings(_Section):
     backend: Literal["none", "exportfs", "ganesha"] = Field(
         "none", description="How exports are applied.")
@@ -225,6 +234,7 @@ class Settings(BaseSettings):
     rpi: RpiSettings = Field(default_factory=RpiSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     nfs: NfsSettings = Field(default_factory=NfsSettings)
+    provision: ProvisionSettings = Field(default_factory=ProvisionSettings)
     secrets: dict[str, Path] = Field(
         default_factory=dict, description="Secret name -> file. Read at render time, only into "
         "the user-data of the node being served; never logged.")
@@ -261,6 +271,11 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # First wins: CLI flags (init) > NETBOOTD_* env > the YAML file > field defaults.
         return (init_settings, env_settings, _YamlDataSource(settings_cls))
+
+    @property
+    def lifecycle_dir(self) -> Path:
+        """Where the provisioning lifecycle of each node is kept (nodestate.py)."""
+        return self.paths.state / "lifecycle"
 
     @property
     def node_state_dir(self) -> Path:

@@ -20,7 +20,9 @@ from pydantic import BaseModel, ValidationError
 
 from .. import __version__
 from ..errors import Conflict, Invalid, NotFound
+from ..lifecycle import Verdict
 from ..model import Action, ClientFacts, ClientKind, NodeView, normalise_serial
+from ..planner import effective_action
 from ..render import RenderError
 from . import auth
 from .boot import beacon
@@ -34,6 +36,7 @@ from .models import (
     EventOut,
     GcIn,
     ImagesOut,
+    NodeActionIn,
     NodeDetail,
     NodeList,
     NodeOut,
@@ -152,13 +155,21 @@ def _expected_action(ctx: HttpContext, view: NodeView) -> str:
         return current.action.value
     if not view.known and ctx.settings.policy.unknown == "ignore":
         return Action.IGNORE.value
-    return (view.action or Action.NETBOOT).value
+    action, _ = effective_action(view, ctx.node_state.get(view.mac),
+                                 retry_failed=ctx.settings.provision.retry_failed)
+    return action.value
 
 
 def node_out(ctx: HttpContext, mac: str, cls: type[NodeOut] = NodeOut, **extra: Any) -> NodeOut:
     view = ctx.nodes.view(ctx.nodes.facts_for(mac))
     state = ctx.events.nodes.get(mac)
     ip = (state.ip if state else None) or ctx.nodes.static_ip(mac) or ctx.addresses.ip_for(mac)
+    rec = ctx.node_state.get(mac)
+    if rec is not None:
+        extra.setdefault("lifecycle", rec.stage.value)
+        extra.setdefault("progress", rec.progress)
+        if rec.image and rec.version:
+            extra.setdefault("installed", f"{rec.image} {rec.version}")
     return cls(
         mac=mac, hostname=view.hostname, known=view.known, profile=view.profile,
         role=view.role, action=_expected_action(ctx, view), ip=ip,
@@ -314,20 +325,54 @@ async def reload(request: web.Request) -> web.Response:
 
 # -- from the nodes ----------------------------------------------------------------------
 async def post_event(request: web.Request) -> web.Response:
-    """A node reports a phase. Unauthenticated (nodes have no token) but validated."""
-    ctx = context(request)
+    """A node reports a phase (JSON). Lifecycle phases need the boot's token and must
+    come from the node's own address; see lifecycle.py."""
     ev: EventIn = await _body(request, EventIn, limit=MAX_EVENT_BODY)
-    fields: dict[str, Any] = {"ip": request.remote, "image": ev.image, "version": ev.version,
-                              "outcome": "ok"}
-    current = ctx.plans.current(ev.mac)
-    if current is not None and current.image is not None and ev.image is None:
-        fields.update(image=current.image.name, version=current.image.version)
-    ctx.events.record(ev.phase, ev.mac, ev.message, **fields)
-    if ev.phase == "booted":
-        # The boot finished: the next boot of this machine plans afresh (hot swap).
-        ctx.plans.end_session(ev.mac)
+    return _report(request, ev)
+
+
+async def get_event(request: web.Request) -> web.Response:
+    """The same report as a GET with query parameters, for initrds whose only HTTP
+    client is busybox ``wget`` (no POST bodies worth the name)."""
+    q = request.query
+    raw = {k: q[k] for k in ("mac", "phase", "message", "image", "version", "token",
+                             "reason") if k in q}
+    if "progress" in q:
+        try:
+            raw["progress"] = int(q["progress"])
+        except ValueError:
+            raise _Refused(400, "progress must be a whole number 0..100") from None
+    try:
+        ev = EventIn.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[:3]
+        text = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'query'}: {e['msg']}"
+                         for e in first)
+        raise _Refused(400, f"invalid query: {text}") from None
+    return _report(request, ev)
+
+
+def _report(request: web.Request, ev: EventIn) -> web.Response:
+    ctx = context(request)
+    outcome = ctx.lifecycle.report(ev.mac, ev.phase, token=ev.token, ip=request.remote or "",
+                                   progress=ev.progress, reason=ev.reason, message=ev.message)
+    if outcome.verdict is Verdict.FORBIDDEN:
+        raise _Refused(403, outcome.message)
     ctx.metrics.requests.labels(SERVICE, "ok").inc()
-    return _json(Ok(message=f"{ev.phase} recorded for {ev.mac}"))
+    return _json(Ok(message=outcome.message))
+
+
+async def node_action(request: web.Request) -> web.Response:
+    """Operator verb: reinstall | local | netboot (the lifecycle, not nodes.yaml)."""
+    ctx = context(request)
+    mac = _mac_param(request)
+    body: NodeActionIn = await _body(request, NodeActionIn)
+    try:
+        rec = await asyncio.to_thread(ctx.lifecycle.operator, mac, body.action, by="api")
+    except ValueError as exc:
+        raise _Refused(status_for(exc), str(exc)) from None
+    return _json(Ok(message=f"{mac}: {body.action} (lifecycle {rec.stage.value})",
+                    detail={"lifecycle": rec.stage.value, "rev": rec.rev}))
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -384,7 +429,23 @@ OPS: list[Op] = [
     Op("POST", "/reload", reload, "Reload inventory and templates", auth="write",
        response=ReloadOut, errors=(409,), tags=("config",)),
     Op("POST", "/events", post_event, "A node reports a boot phase", auth="none", body=EventIn,
-       response=Ok, errors=(400, 413), tags=("nodes",)),
+       response=Ok, errors=(400, 403, 413), tags=("nodes",)),
+    Op("GET", "/events", get_event, "A node reports a boot phase (query form for initrds)",
+       auth="none", response=Ok, errors=(400, 403),
+       params=(Param("mac", "query", {"type": "string", "pattern": MAC_PATTERN}),
+               Param("phase", "query", {"type": "string"}),
+               Param("token", "query", {"type": "string", "maxLength": 64}, required=False),
+               Param("progress", "query", {"type": "integer", "minimum": 0, "maximum": 100},
+                     required=False),
+               Param("reason", "query", {"type": "string", "maxLength": 1000},
+                     required=False),
+               Param("message", "query", {"type": "string", "maxLength": 1000},
+                     required=False)),
+       tags=("nodes",)),
+    Op("POST", "/nodes/{mac}/action", node_action,
+       "Reinstall a node, hand it to its disk, or network-boot it", auth="write",
+       body=NodeActionIn, response=Ok, params=(_MAC,), errors=(400, 404, 409, 413),
+       tags=("nodes",)),
     Op("GET", "/beacon/{mac}", beacon, "Kernel handed over (fetched by iPXE)", auth="none",
        response_media="text/plain", params=(_MAC, Param("session", "query", {
            "type": "string", "pattern": "^[0-9A-Za-z]{0,64}$"}, required=False)),

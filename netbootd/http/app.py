@@ -136,19 +136,26 @@ def _fmt(addr: Any) -> str:
 def context_for(app: App) -> HttpContext:
     """The handlers' narrow views of this daemon (the only place that reads the App)."""
     from ..app import AppStatus
-    from ..views import InventoryNodes, StoreArtefacts
+    from ..lifecycle import Lifecycle
+    from ..views import InventoryNodes, StoreArtefacts, owns_address
 
     def settings() -> Settings:
         return app.settings
 
+    nodes = InventoryNodes(lambda: app.inventory, app.clients, settings)
+    lifecycle = Lifecycle(
+        app.node_state, app.planner, app.events,
+        node=lambda mac: nodes.view(nodes.facts_for(mac)),
+        owns=lambda mac, ip: owns_address(nodes, app.clients, mac, ip),
+        refused=app.metrics.requests.labels(SERVICE, "forbidden").inc)
     return HttpContext(
-        settings_of=settings, plans=app.planner,
-        nodes=InventoryNodes(lambda: app.inventory, app.clients, settings),
+        settings_of=settings, plans=app.planner, nodes=nodes,
         # Before the store is up (or in tests of HTTP alone) the planner's resolver names
         # the versions; both answer ``ref(image, version)``.
         artefacts=StoreArtefacts(lambda: app.store or app.planner.images, lambda: app.render),
         addresses=app.clients, events=app.events, metrics=app.metrics,
-        catalogue_of=lambda: app.store, daemon=AppStatus(app))
+        catalogue_of=lambda: app.store, daemon=AppStatus(app), lifecycle=lifecycle,
+        node_state=app.node_state)
 
 
 def create(app: App) -> HttpService:

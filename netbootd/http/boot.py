@@ -199,20 +199,36 @@ async def beacon(request: web.Request) -> web.Response:
 
 
 async def cloud_init(request: web.Request) -> web.Response:
-    """NoCloud seed for one node: meta-data, user-data, vendor-data, network-config.
-
-    Rendered from the plan of the boot the node is in (the version it runs), else from
-    what it would get now. Only a booted OS fetches these, so the firmware part of its
-    boot is over: the firmware session ends here for boot paths without a beacon (the
-    Raspberry Pi). Strict mode: user-data that reads
-    secrets goes only to the address DHCP / the neighbour table / the inventory ties
-    to that MAC; anyone else gets 403. The body is never logged.
-    """
-    ctx = context(request)
+    """NoCloud seed for one node: meta-data, user-data, vendor-data, network-config."""
     mac = parse_mac(request.match_info["mac"])
-    artefact = request.match_info["artefact"]
     if mac is None:
         return malformed(request, "not a MAC address")
+    return await _seed(request, mac, request.match_info["artefact"], by_address=False)
+
+
+async def cloud_init_by_address(request: web.Request) -> web.Response:
+    """The same seed, for a node that does not know its MAC-specific URL: a golden disk
+    image carries ``ds=nocloud;s=http://<server>/cloud-init/by-address/`` unchanged
+    for every node, and the requester's address says who it is (what DHCP learnt, the
+    kernel neighbour table, or nodes.yaml ``ip``)."""
+    ctx = context(request)
+    remote = request.remote or ""
+    mac = ctx.addresses.mac_for(remote) if remote else None
+    if mac is None:
+        ctx.metrics.requests.labels(SERVICE, "not_found").inc()
+        return web.json_response({"error": f"no machine known at {remote}"}, status=404)
+    return await _seed(request, mac, request.match_info["artefact"], by_address=True)
+
+
+async def _seed(request: web.Request, mac: str, artefact: str, *, by_address: bool
+                ) -> web.Response:
+    """Rendered from the plan of the boot the node is in (the version it runs), else
+    from what it would get now. Only a booted OS fetches these, so the firmware part
+    of its boot is over: the firmware session ends here for boot paths without a beacon
+    (the Raspberry Pi). Strict mode: user-data that reads secrets goes only to the
+    node's own address; anyone else gets 403. The body is never logged.
+    """
+    ctx = context(request)
     if artefact not in CLOUD_INIT:
         return malformed(request, f"unknown cloud-init file {artefact!r}", status=404)
     current = ctx.plans.current(mac)
@@ -221,14 +237,15 @@ async def cloud_init(request: web.Request) -> web.Response:
         ctx.metrics.requests.labels(SERVICE, "ignored").inc()
         return web.json_response({"error": "unknown machine"}, status=404)
     remote = request.remote or ""
+    owner = _owns(ctx, mac, remote)
+    where = f"/cloud-init/{'by-address' if by_address else mac_dashes(mac)}/{artefact}"
     if (artefact == "user-data" and ctx.settings.http.strict_user_data
-            and ctx.renderer.has_secrets(plan) and not _owns(ctx, mac, remote)):
+            and ctx.renderer.has_secrets(plan) and not owner):
         ctx.metrics.requests.labels(SERVICE, "forbidden").inc()
         # Recorded as a daemon event (mac=None): a stranger's attempt must not change the
         # node's own state (phase, IP, last seen) on the status page.
         ctx.events.record("http", None, f"user-data for {mac} refused to {remote} (strict)",
-                          node=mac, client=remote, outcome="error",
-                          file=f"/cloud-init/{mac_dashes(mac)}/user-data")
+                          node=mac, client=remote, outcome="error", file=where)
         log.warning("strict mode: user-data for %s refused to %s", mac, remote)
         return web.json_response(
             {"error": f"user-data for {mac} is only served to that machine's address"},
@@ -240,12 +257,14 @@ async def cloud_init(request: web.Request) -> web.Response:
         log.error("cloud-init %s render failed for %s: %s", artefact, mac, exc)
         return web.json_response({"error": f"configuration error rendering {artefact}"},
                                  status=503)
-    if current is not None and _owns(ctx, mac, remote):
-        ctx.plans.handed_over(mac)
+    if owner:
+        if current is not None:
+            ctx.plans.handed_over(mac)
+        ctx.lifecycle.seen_on_disk(mac)  # an installed node now runs from its disk
     ctx.metrics.requests.labels(SERVICE, "ok").inc()
     ctx.metrics.bytes_sent.labels(SERVICE).inc(len(text))
-    ctx.events.record("http", mac, f"cloud-init {artefact}", ip=remote,
-                      file=f"/cloud-init/{mac_dashes(mac)}/{artefact}", outcome="ok",
+    ctx.events.record("http", mac, f"cloud-init {artefact}", ip=remote, file=where,
+                      outcome="ok",
                       **({"image": plan.image.name, "version": plan.image.version}
                          if plan.image else {}))
     return web.Response(text=text, content_type=_TEXT, headers=_NO_STORE)
@@ -253,9 +272,7 @@ async def cloud_init(request: web.Request) -> web.Response:
 
 def _owns(ctx: HttpContext, mac: str, ip: str) -> bool:
     """Is ``ip`` the address of machine ``mac`` (DHCP/neighbours, or inventory ``ip``)?"""
-    if not ip:
-        return False
-    return ctx.addresses.mac_for(ip) == mac or ctx.nodes.static_ip(mac) == ip
+    return ctx.lifecycle.owns(mac, ip)
 
 
 def routes() -> list[web.RouteDef]:
@@ -264,6 +281,7 @@ def routes() -> list[web.RouteDef]:
         web.get("/ipxe", node_ipxe),
         web.get("/ipxe/{name}", ipxe_binary),
         web.get("/api/v1/beacon/{mac}", beacon),
+        web.get("/cloud-init/by-address/{artefact}", cloud_init_by_address),
         web.get("/cloud-init/{mac}/{artefact}", cloud_init),
     ]
 

@@ -14,7 +14,9 @@ from typing import Any, Protocol
 
 from ..events import EventLog
 from ..interfaces import Addresses, Artefacts, Nodes, Plans, Renderer
+from ..lifecycle import Lifecycle
 from ..metrics import Metrics
+from ..nodestate import NodeState
 from ..settings import Settings
 
 
@@ -50,6 +52,8 @@ class HttpContext:
     metrics: Metrics
     catalogue_of: Callable[[], Any]  #: the image store (interfaces.Catalogue) or None
     daemon: DaemonStatus
+    lifecycle: Lifecycle
+    node_state: NodeState
 
     @property
     def settings(self) -> Settings:

@@ -46,6 +46,7 @@ nodes:
   {NODE_B}:
     hostname: node-b
     action: install
+    install: {{image: gold}}
     vars:
       join: kubeadm
       kubeadm_endpoint: 10.0.0.10:6443
@@ -64,7 +65,8 @@ def free_port() -> int:
 
 def write_version(images: Path, name: str, version: str, files: dict[str, bytes],
                   boot: dict[str, str] | None = None, kind: str = "kernel+initrd",
-                  extra: dict[str, bytes] | None = None) -> Path:
+                  extra: dict[str, bytes] | None = None,
+                  disk: dict[str, Any] | None = None) -> Path:
     """Lay out ``store/<name>/<version>/`` with a manifest listing ``files``.
 
     ``extra`` files are written but *not* listed in the manifest (must never be served).
@@ -86,8 +88,20 @@ def write_version(images: Path, name: str, version: str, files: dict[str, bytes]
                 "boot": boot or {"kernel": "boot/vmlinuz", "initrd": "boot/initrd.img",
                                  "cmdline": "console=ttyS0", "disk": "disk.img"},
                 "artefacts": arts}
+    if disk is not None:
+        manifest["disk"] = disk
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+def write_disk_version(images: Path, name: str, version: str, payload: bytes) -> Path:
+    """A disk image version (kind disk, uncompressed) with its ``disk`` section."""
+    digest = hashlib.sha256(payload).hexdigest()
+    return write_version(images, name, version, {"disk.img": payload}, kind="disk", boot={},
+                         disk={"path": "disk.img", "compression": "none",
+                               "size": len(payload), "sha256": digest,
+                               "uncompressed_size": len(payload),
+                               "uncompressed_sha256": digest})
 
 
 @dataclass
@@ -120,7 +134,7 @@ class DirImages:
             return None
         return ImageRef(name=image, version=version, root=root, kind=m.get("kind", ""),
                         artefacts=tuple(a["path"] for a in m["artefacts"]), boot=m["boot"],
-                        boards=tuple(m.get("boards", ())))
+                        boards=tuple(m.get("boards", ())), disk=m.get("disk") or {})
 
 
 def make_app(tmp: Path, *, http: dict[str, Any] | None = None, policy: str = "ignore",
@@ -143,6 +157,11 @@ def make_app(tmp: Path, *, http: dict[str, Any] | None = None, policy: str = "ig
         "boot/initrd.img": os.urandom(4096),
         "disk.img": os.urandom(8192),
     }, extra={"boot/vmlinuz.gz": b"not the kernel", "secret.txt": b"not an artefact"})
+    write_version(images, "installer", "1.0", {
+        "boot/vmlinuz": os.urandom(4096), "boot/initrd.img": os.urandom(4096)},
+        kind="installer", boot={"kernel": "boot/vmlinuz", "initrd": "boot/initrd.img",
+                                "cmdline": "console=ttyS0"})
+    write_disk_version(images, "gold", "1.0", os.urandom(64 * 1024))
     http_settings = {"port": free_port(), "bind": "127.0.0.1",
                      "api_token_file": str(tmp / "api-token")}
     http_settings.update(http or {})
@@ -165,7 +184,8 @@ def make_app(tmp: Path, *, http: dict[str, Any] | None = None, policy: str = "ig
         app.store = store
         app.planner.images = store
     else:
-        app.planner.images = DirImages(images, channels={("demo", "prod"): "1.0"})
+        app.planner.images = DirImages(images, channels={
+            ("demo", "prod"): "1.0", ("installer", "prod"): "1.0", ("gold", "prod"): "1.0"})
     return app
 
 

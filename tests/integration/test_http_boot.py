@@ -88,8 +88,11 @@ def test_netboot_script_names_the_planned_version_and_the_beacon(server):
 
 def test_install_local_and_unknown_scripts(server):
     text = curl(ipxe_url(server, NODE_B))[2].decode()
-    assert f"netbootd.install={server.url}/files/demo/1.0/disk.img" in text
-    assert "installs demo 1.0" in text
+    assert f"netbootd.install={server.url}/files/gold/1.0/disk.img" in text
+    assert "installs gold 1.0" in text
+    assert f"kernel {server.url}/files/installer/1.0/boot/vmlinuz" in text
+    plan = server.app.planner.current(NODE_B)
+    assert f"netbootd.token={plan.token}" in text and plan.disk.disk["sha256"] in text
     text = curl(ipxe_url(server, NODE_C))[2].decode()
     assert "local disk" in text and text.rstrip().endswith("exit")
     status, _, body = curl(ipxe_url(server, UNKNOWN))
@@ -133,9 +136,11 @@ def test_session_pins_the_version_until_the_kernel_runs_then_next_boot_replans(s
     assert app.events.nodes[NODE_A].phase == "kernel"
     meta = curl(f"{server.url}/cloud-init/{mac_dashes(NODE_A)}/meta-data")[2].decode()
     assert "demo-1.0" in meta, "the booted OS sees the version it booted"
+    app.clients.learn("127.0.0.1", NODE_A)  # what DHCP learnt for the node
     status, _, body = curl("-X", "POST", "-H", "Content-Type: application/json", "--data",
                            json.dumps({"mac": mac_dashes(NODE_A), "phase": "booted",
-                                       "message": "up"}), f"{server.url}/api/v1/events")
+                                       "message": "up", "token": app.planner.current(
+                                           NODE_A).token}), f"{server.url}/api/v1/events")
     assert status == 200, body
     state = app.events.nodes[NODE_A]
     assert (state.phase, state.version, state.ip) == ("booted", "1.0", "127.0.0.1")

@@ -181,7 +181,7 @@ def test_handover_ends_the_firmware_session_but_not_the_os_plan(tmp_path):
 
 def test_peek_has_no_side_effects_and_retention_is_recorded_once_per_session(tmp_path):
     store = CountingStore()
-    planner, clock = planner_for(tmp_path, store)
+    planner, _clock = planner_for(tmp_path, store)
     a = ClientFacts(mac="aa:bb:cc:dd:ee:01")
     for _ in range(3):
         planner.peek(a)
@@ -207,7 +207,7 @@ def test_pi_is_not_planned_onto_an_image_without_a_pi_boot_tree(tmp_path):
 
 def test_session_table_is_bounded_and_evicts_oldest(tmp_path):
     store = CountingStore()
-    planner, clock = planner_for(tmp_path, store, max_sessions=16)
+    planner, _clock = planner_for(tmp_path, store, max_sessions=16)
     settings, inv = setup(tmp_path, unknown="default")
     planner._inventory = lambda: inv
     planner._settings = lambda: settings.model_copy(update={
