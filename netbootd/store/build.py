@@ -135,6 +135,8 @@ def disk_section(root: Path, path: str, *, progress: ProgressFn | None = None
             raw_size += len(chunk)
             if progress:
                 progress(f"decompress {path}", raw_size, None)
+        if progress:  # the raw size is known only now: the closing line says it
+            progress(f"decompress {path}", raw_size, raw_size)
         raw_sha = h.hexdigest()
     return {"path": path, "compression": compression, "size": size,
             "sha256": stored.hexdigest(), "uncompressed_size": raw_size,
