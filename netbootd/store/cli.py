@@ -18,7 +18,7 @@ from typing import Any
 
 from ..model import normalise_mac
 from ..settings import Settings
-from .errors import StoreError, StoreLocked
+from .errors import Invalid, StoreError, StoreLocked
 from .store import ImageStore
 
 
@@ -74,7 +74,7 @@ def _node(settings: Settings, node: str) -> tuple[str, str | None]:
                 prof = inv.profiles.get(n.profile or "default")
                 return m, n.image or (prof.image if prof else None)
     if mac is None:
-        raise StoreError(f"{node!r} is neither a MAC address nor an inventory hostname")
+        raise Invalid(f"{node!r} is neither a MAC address nor an inventory hostname")
     return mac, None
 
 
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             for r in [] if args.json else rows:
                 print(f"{r['when']}  {r['name']}: {r['reason']}")
         else:  # pragma: no cover - argparse prevents it
-            raise StoreError(f"unknown images command {cmd!r}")
+            raise Invalid(f"unknown images command {cmd!r}")
     except StoreLocked as exc:
         print(f"netbootd images {cmd}: {exc}; the daemon runs GC every store.gc_interval, "
               "POST /api/v1/images/gc runs it now")
