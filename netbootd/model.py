@@ -101,6 +101,22 @@ class ClientFacts:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskImage:
+    """The raw disk image of a ``disk`` build (manifest ``disk`` section): what an
+    installer streams to the node's disk, and what it checks the result against."""
+
+    path: str
+    #: ``none`` | ``zst`` | ``xz`` | ``gz``: how the stored file is compressed.
+    compression: str
+    #: Size and sha256 of the stored (possibly compressed) file.
+    size: int
+    sha256: str
+    #: Size and sha256 of the raw image once decompressed (declared by the builder).
+    uncompressed_size: int
+    uncompressed_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
 class ImageRef:
     """One immutable image version in the store, resolved once per boot session."""
 
@@ -116,9 +132,8 @@ class ImageRef:
     boards: tuple[str, ...] = ()
     #: The manifest's ``boot`` section: kernel, initrd, cmdline, rootfs, boot_tree, disk.
     boot: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
-    #: A disk image's ``disk`` section: path, compression, size, sha256,
-    #: uncompressed_size, uncompressed_sha256 (empty for other kinds).
-    disk: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    #: The disk image of a ``disk`` build, else None.
+    disk: DiskImage | None = None
 
     def path(self, relative: str) -> Path:
         """Path of an artefact inside this version (caller has validated ``relative``)."""

@@ -156,7 +156,7 @@ def decide(facts: ClientFacts, inventory: Inventory, settings: Settings,
         if disk is None:
             what = f"version {spec['pin']!r}" if spec.get("pin") else f"channel {disk_channel!r}"
             return plan(action, f"no version of disk image {spec['image']!r} for {what}")
-        if disk.kind != "disk" or not disk.disk:
+        if disk.kind != "disk" or disk.disk is None:
             return plan(Action.IGNORE, f"not answered: {disk.name} {disk.version} is kind "
                         f"{disk.kind!r}, not a disk image")
         image_name = spec.get("installer") or settings.provision.installer_image

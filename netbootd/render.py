@@ -134,9 +134,8 @@ class Renderer:
         cloud_init = f"{base}/cloud-init/{dashed}/"
         kernel_args = image.boot.get("cmdline", "") if image else ""
         disk = plan.disk
-        disk_url = ""
-        if disk is not None and disk.disk.get("path"):
-            disk_url = f"{base}/files/{disk.name}/{disk.version}/{disk.disk['path']}"
+        raw = disk.disk if disk is not None else None
+        disk_url = f"{base}/files/{disk.name}/{disk.version}/{raw.path}" if disk and raw else ""
         return {
             "node": node,
             "plan": plan,
@@ -166,12 +165,10 @@ class Renderer:
             #: Proof of this boot for lifecycle reports; only in this node's own files.
             "token": plan.token,
             "disk": {"image": disk.name if disk else "", "version": disk.version if disk else "",
-                     "url": disk_url, "compression": disk.disk.get("compression", "none")
-                     if disk else "", "size": disk.disk.get("size", 0) if disk else 0,
-                     "sha256": disk.disk.get("sha256", "") if disk else "",
-                     "uncompressed_size": disk.disk.get("uncompressed_size", 0) if disk else 0,
-                     "uncompressed_sha256": disk.disk.get("uncompressed_sha256", "")
-                     if disk else ""},
+                     "url": disk_url, "compression": raw.compression if raw else "",
+                     "size": raw.size if raw else 0, "sha256": raw.sha256 if raw else "",
+                     "uncompressed_size": raw.uncompressed_size if raw else 0,
+                     "uncompressed_sha256": raw.uncompressed_sha256 if raw else ""},
             "datasource": f"ds=nocloud;s={cloud_init}",
             "instance_id": f"{node.hostname}-{image.name}-{image.version}" if image else node.hostname,
             "vars": node.vars,

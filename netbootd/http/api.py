@@ -19,7 +19,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from .. import __version__
-from ..errors import Conflict, Invalid, NotFound
+from ..errors import Conflict, NotFound, TooLarge
 from ..lifecycle import Verdict
 from ..model import Action, ClientFacts, ClientKind, NodeView, normalise_serial
 from ..planner import effective_action
@@ -127,22 +127,11 @@ async def _store(request: web.Request, method: str, *args: Any, **kwargs: Any) -
 
 def status_for(exc: BaseException) -> int:
     """The HTTP status of a typed error (errors.py); any other ValueError is a 400."""
+    if isinstance(exc, TooLarge):
+        return 413
     if isinstance(exc, NotFound):
         return 404
     if isinstance(exc, Conflict):
-        return 409
-    if isinstance(exc, Invalid):
-        return 400
-    return _legacy_status(exc)
-
-
-def _legacy_status(exc: BaseException) -> int:
-    """Errors raised before the store's errors were typed carry no type: classify by text."""
-    text = str(exc).lower()
-    if text.startswith("unknown ") or "no image has" in text or "no longer in the store" in text:
-        return 404
-    if any(w in text for w in ("nothing to roll back", "is not pinned", "already pending",
-                               "no version of", "larger than")):
         return 409
     return 400
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from ..app import App
-from ..model import ImageRef
+from ..model import DiskImage, ImageRef
 from ..settings import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,7 +134,8 @@ class DirImages:
             return None
         return ImageRef(name=image, version=version, root=root, kind=m.get("kind", ""),
                         artefacts=tuple(a["path"] for a in m["artefacts"]), boot=m["boot"],
-                        boards=tuple(m.get("boards", ())), disk=m.get("disk") or {})
+                        boards=tuple(m.get("boards", ())),
+                        disk=DiskImage(**m["disk"]) if m.get("disk") else None)
 
 
 def make_app(tmp: Path, *, http: dict[str, Any] | None = None, policy: str = "ignore",

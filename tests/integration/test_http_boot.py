@@ -92,7 +92,7 @@ def test_install_local_and_unknown_scripts(server):
     assert "installs gold 1.0" in text
     assert f"kernel {server.url}/files/installer/1.0/boot/vmlinuz" in text
     plan = server.app.planner.current(NODE_B)
-    assert f"netbootd.token={plan.token}" in text and plan.disk.disk["sha256"] in text
+    assert f"netbootd.token={plan.token}" in text and plan.disk.disk.uncompressed_sha256 in text
     text = curl(ipxe_url(server, NODE_C))[2].decode()
     assert "local disk" in text and text.rstrip().endswith("exit")
     status, _, body = curl(ipxe_url(server, UNKNOWN))
