@@ -62,6 +62,27 @@ def _count_phase(app: App):
     return on_event
 
 
+async def follow_operator_verbs(app: App) -> None:
+    """An operator's ``netbootd nodes reinstall|local|netboot`` (another process) takes
+    effect at the node's next request: its open sessions are dropped. The daemon's own
+    writes (a node's reports, ``by: node``) must not drop the session they belong to."""
+    seen: dict[str, int] = {}
+    try:
+        async for mac in app.node_state.watch():
+            rec = app.node_state.get(mac)
+            if rec is None or rec.by == "node" or seen.get(mac) == rec.rev:
+                continue
+            if len(seen) > 10_000:
+                seen.clear()
+            seen[mac] = rec.rev
+            app.planner.forget(mac)
+            log.info("lifecycle of %s changed by %s: %s", mac, rec.by, rec.stage.value)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("lifecycle watch stopped")
+
+
 class Daemon:
     """Runs the enabled services of one App until stopped."""
 
@@ -89,6 +110,8 @@ class Daemon:
             log.info("service %s started", name)
         self._tasks.append(asyncio.create_task(watch_config(self.app, self._stop),
                                                name="config-watch"))
+        self._tasks.append(asyncio.create_task(follow_operator_verbs(self.app),
+                                               name="lifecycle-watch"))
 
     def request_stop(self) -> None:
         self._stop.set()

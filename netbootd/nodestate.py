@@ -103,9 +103,11 @@ class LocalNodeState:
 
     SUFFIX = ".json"
 
-    def __init__(self, directory: Path, *, max_nodes: int = 100_000) -> None:
+    def __init__(self, directory: Path, *, max_nodes: int = 100_000, create: bool = True
+                 ) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if create:  # readers (``netbootd plan``) leave no trace, not even a directory
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.max_nodes = max_nodes
         self._lock = threading.Lock()
         #: mac -> (mtime_ns, size, record): re-read only when the file changed.
@@ -158,6 +160,7 @@ class LocalNodeState:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """One writer at a time, across processes (daemon and CLI)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / ".lock", "a+b") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
