@@ -182,6 +182,33 @@ def decide(facts: ClientFacts, inventory: Inventory, settings: Settings,
     return plan(action, f"{action.value} {image_name} {why}", ref, disk)
 
 
+def fit_warnings(inventory: Inventory, settings: Settings, images: ImageResolver) -> list[str]:
+    """``netbootd check``: inventory nodes whose image cannot boot them, as far as the
+    inventory tells what they are (a Pi serial, a profile's kind or arch selector).
+    Warnings, not errors: the image may become fit before the node boots."""
+    out = []
+    for mac, node in inventory.nodes.items():
+        view = inventory.view(ClientFacts(mac=mac, serial=node.serial))
+        prof = inventory.profiles.get(view.profile)
+        sel = prof.selectors if prof is not None else None
+        kind = ClientKind.RPI if node.serial or (sel and sel.kind == "rpi") else None
+        if kind is None and sel is not None and sel.kind:
+            try:
+                kind = ClientKind(sel.kind)
+            except ValueError:
+                kind = None
+        arch = sel.arch if sel is not None else None
+        if kind is None and arch is None:
+            continue
+        facts = ClientFacts(mac=mac, serial=node.serial, kind=kind or ClientKind.OTHER,
+                            arch=arch)
+        plan = decide(facts, inventory, settings, images)
+        if plan.action is Action.IGNORE and plan.reason.startswith("not answered:"):
+            out.append(f"{view.hostname} ({mac}): {plan.reason.removeprefix('not answered: ')}"
+                       " -- it gets no answer")
+    return out
+
+
 class _Session:
     """One open boot session: the plan, when it was last asked about, open transfers."""
 

@@ -216,3 +216,20 @@ def test_session_table_is_bounded_and_evicts_oldest(tmp_path):
         planner.plan(ClientFacts(mac=f"02:00:00:00:01:{i:02x}"))
     assert len(planner.sessions()) == 16 and planner.evicted == 84
     assert planner.current("02:00:00:00:01:63") is not None  # the newest survive
+
+
+def test_check_warns_about_a_pi_on_an_image_without_a_pi_boot_tree(tmp_path):
+    from netbootd.planner import fit_warnings
+
+    (tmp_path / "nodes.yaml").write_text("""
+nodes:
+  d8:3a:dd:12:34:56: {hostname: pi1, serial: a1b2c3d4}
+  52:54:00:00:00:01: {hostname: pc1}
+""")
+    settings = load_settings(None, {"paths": {"inventory": str(tmp_path / "nodes.yaml")}},
+                             use_default_path=False)
+    inv = load_inventory(settings.paths.inventory)
+    warnings = fit_warnings(inv, settings, CountingStore(boards=("x86_64",)))
+    assert len(warnings) == 1 and "pi1" in warnings[0] and "no Raspberry Pi boot tree" \
+        in warnings[0]
+    assert fit_warnings(inv, settings, CountingStore(boards=("rpi5",))) == []
