@@ -1,12 +1,8 @@
-"""The daemon's real implementations of the narrow views in :mod:`netbootd.interfaces`.
+"""The daemon's implementations of the narrow service views in ``interfaces.py``.
 
-Only ``create(app)`` factories (and the daemon) build these: a service gets the view,
-never the App, the inventory or the store behind it. Each view takes *getters*, so a
-config reload or the store coming up later is seen on the next call without anyone
-re-wiring a service.
-
-Minimal version written with the TFTP service (it needs ``Nodes.mac_for_serial`` and
-``Artefacts``); the core's own version supersedes it.
+Each adapter reads the live object through a getter, so a config reload (a new
+``Inventory``, a new ``Renderer``) or the store coming up later is seen on the next
+call without re-wiring services. Services receive these, never the ``App``.
 """
 
 from __future__ import annotations
@@ -15,16 +11,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from .interfaces import Addresses, Renderer
 from .inventory import Inventory
 from .model import ClientFacts, ClientKind, ImageRef, NodeView
-from .render import Renderer
 from .settings import Settings
 
 
 class InventoryNodes:
-    """:class:`netbootd.interfaces.Nodes` over the inventory in force."""
+    """:class:`interfaces.Nodes` over the inventory in force and the address evidence."""
 
-    def __init__(self, inventory: Callable[[], Inventory], addresses: Any,
+    def __init__(self, inventory: Callable[[], Inventory], addresses: Addresses,
                  settings: Callable[[], Settings]) -> None:
         self._inventory = inventory
         self._addresses = addresses
@@ -36,57 +32,100 @@ class InventoryNodes:
     def known(self, mac: str) -> bool:
         return mac in self._inventory().nodes
 
+    def macs(self) -> list[str]:
+        return list(self._inventory().nodes)
+
+    def loaded(self) -> bool:
+        inv = self._inventory()
+        return inv.source is not None or bool(inv.nodes)
+
     def mac_for_serial(self, serial: str) -> str | None:
         return self._inventory().mac_for_serial(serial)
 
     def says_pi(self, mac: str, serial: str | None) -> bool:
+        """The inventory knows this MAC (or serial) as a Pi: the node has a serial, a
+        ``kind``/``board`` label starting with ``rpi``, or a profile selecting kind rpi."""
         inv = self._inventory()
-        node = inv.nodes.get(mac)
-        return bool((node is not None and node.serial)
-                    or (serial and inv.mac_for_serial(serial)))
+        found = inv.node_for(ClientFacts(mac=mac, serial=serial))
+        if not found:
+            return False
+        node = found[1]
+        if node.serial:
+            return True
+        if any(str(node.labels.get(k, "")).lower().startswith("rpi")
+               for k in ("kind", "board")):
+            return True
+        prof = inv.profiles.get(node.profile) if node.profile else None
+        return bool(prof and prof.selectors.kind == ClientKind.RPI.value)
 
     def hosts(self) -> Iterable[tuple[str, str, str | None]]:
         for mac, node in self._inventory().nodes.items():
-            ip = getattr(node, "ip", None)
-            yield (node.hostname or mac, mac,
-                   str(ip) if ip else self._addresses.ip_for(mac))
+            if node.hostname:
+                yield node.hostname, mac, node.ip or self._addresses.ip_for(mac)
+
+    def static_ip(self, mac: str) -> str | None:
+        node = self._inventory().nodes.get(mac)
+        return node.ip if node is not None else None
 
     def facts_for(self, mac: str, ip: str | None = None) -> ClientFacts:
         node = self._inventory().nodes.get(mac)
-        serial = node.serial if node is not None else None
-        kind = ClientKind.RPI if serial else ClientKind.IPXE
-        return ClientFacts(mac=mac, kind=kind, serial=serial, ip=ip)
+        ouis = {o.lower() for o in self._settings().rpi.ouis}
+        if (node is not None and node.serial) or mac[:8] in ouis:
+            return ClientFacts(mac=mac, kind=ClientKind.RPI, ip=ip,
+                               serial=node.serial if node else None)
+        return ClientFacts(mac=mac, kind=ClientKind.IPXE, ip=ip)
 
     def generation(self) -> object:
         return self._inventory()
 
 
 class StoreArtefacts:
-    """:class:`netbootd.interfaces.Artefacts` over the image store and the renderer in
-    force. Works before the store is up (every lookup then answers None)."""
+    """:class:`interfaces.Artefacts` over the image store and the renderer in force."""
 
     def __init__(self, store: Callable[[], Any], renderer: Callable[[], Renderer]) -> None:
         self._store = store
         self._renderer = renderer
 
-    def open(self, image: ImageRef, path: str) -> Path | None:
-        return contained_file(image.root, path)
-
     def ref(self, image: str, version: str) -> ImageRef | None:
-        store = self._store()
-        return None if store is None else store.ref(image, version)
+        ref = getattr(self._store(), "ref", None)
+        return ref(image, version) if ref is not None else None
+
+    def open(self, image: ImageRef, path: str) -> Path | None:
+        """A manifest artefact of this version that resolves inside the version."""
+        if path not in _artefact_set(image):
+            return None
+        try:
+            root = image.root.resolve(strict=True)
+            real = (image.root / path).resolve(strict=True)
+        except OSError:
+            return None
+        return real if real.is_relative_to(root) and real.is_file() else None
 
     def renderer(self) -> Renderer:
         return self._renderer()
 
 
-def contained_file(root: Path, path: str) -> Path | None:
-    """``root/path`` resolved (symlinks followed), if it is a regular file inside
-    ``root``; else None."""
-    try:
-        base = root.resolve()
-        target = (base / path).resolve()
-        target.relative_to(base)
-    except (ValueError, OSError, RuntimeError):
-        return None
-    return target if target.is_file() else None
+#: (image, version) -> (the ref's artefact tuple, the same as a set). The tuple is kept
+#: and compared by identity, so a version re-created under the same name is re-read.
+_SETS: dict[tuple[str, str], tuple[tuple[str, ...], frozenset[str]]] = {}
+
+
+def _artefact_set(image: ImageRef) -> frozenset[str]:
+    """``ImageRef.artefacts`` as a set, built once per stored version (a rootfs lists
+    tens of thousands of paths, and /files asks per request)."""
+    key = (image.name, image.version)
+    hit = _SETS.get(key)
+    if hit is None or hit[0] is not image.artefacts:
+        if len(_SETS) > 256:
+            _SETS.clear()
+        hit = _SETS[key] = (image.artefacts, frozenset(image.artefacts))
+    return hit[1]
+
+
+def owns_address(nodes: InventoryNodes, addresses: Addresses, mac: str, ip: str) -> bool:
+    """Is ``ip`` the address of machine ``mac``: learnt with evidence (DHCP, the kernel
+    neighbour table) or configured (nodes.yaml ``ip``)? The one check every secret and
+    every lifecycle report goes through."""
+    if not ip:
+        return False
+    return addresses.mac_for(ip) == mac or nodes.static_ip(mac) == ip

@@ -10,6 +10,8 @@ so it is the one module under ``tftp/`` the fence test lets do that.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import socket
 import textwrap
 import time
@@ -36,17 +38,28 @@ CONFIG_TEMPLATE = "# netbootd: {{ node.hostname }} {{ version }}\n"
 
 
 class FixedImages:
-    """An image resolver whose store holds exactly one version of one image."""
+    """An image resolver whose store holds exactly one version of one image. Its
+    artefacts (the manifest's file list, which ``Artefacts.open`` serves from) are the
+    regular files under ``root`` when a plan is made, so a test may add files."""
 
     def __init__(self, root: Path, *, name: str = "demo", version: str = "1",
                  boot_tree: str = "boot") -> None:
+        self.root = root
         self.ref = ImageRef(name=name, version=version, root=root, kind="pi-boot+rootfs",
                             channel="prod",
                             boot={"boot_tree": boot_tree, "rootfs": "rootfs"})
 
     def resolve(self, image: str, channel: str, pin: str | None, *, mac: str | None = None
                 ) -> ImageRef | None:
-        return self.ref
+        return dataclasses.replace(self.ref, artefacts=listing(self.root))
+
+
+def listing(root: Path) -> tuple[str, ...]:
+    """Every file under ``root`` (symlinked directories not followed), relative."""
+    out = []
+    for d, _, files in os.walk(root):
+        out += [os.path.relpath(os.path.join(d, f), root) for f in files]
+    return tuple(sorted(out))
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:

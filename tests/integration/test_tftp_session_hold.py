@@ -22,11 +22,11 @@ import pytest
 
 from netbootd.model import ImageRef
 from netbootd.tftp.piclient import fetch
-from netbootd.tftp.testkit import eventually, make_app, running
+from netbootd.tftp.testkit import eventually, listing, make_app, running
 
 PI_MAC, SERIAL = "d8:3a:dd:00:00:01", "00c0ffee"
 NODES = f"nodes:\n  {PI_MAC}: {{hostname: pi, serial: '{SERIAL}'}}\n"
-TTL = 30.0
+TTL = 300.0
 
 
 class Swappable:
@@ -34,7 +34,8 @@ class Swappable:
 
     def __init__(self, roots: dict[str, Path]) -> None:
         self.refs = {v: ImageRef(name="demo", version=v, root=r, kind="pi-boot+rootfs",
-                                 channel="prod", boot={"boot_tree": "boot"})
+                                 channel="prod", boot={"boot_tree": "boot"},
+                                 artefacts=listing(r))
                      for v, r in roots.items()}
         self.active = "1"
 
