@@ -307,12 +307,13 @@ class LossyRelay:
     """
 
     def __init__(self, server: tuple[str, int], loss: float, seed: int = 7, *,
-                 spare_handshake: bool = False) -> None:
-        """``spare_handshake``: never drop the RRQ, the OACK or ACK 0 (see the atftp
-        test for why)."""
+                 spare_handshake: bool = False, to_client_only: bool = False) -> None:
+        """``spare_handshake``: never drop the RRQ, the OACK or ACK 0;
+        ``to_client_only``: drop only what the server sends (see the atftp test)."""
         self.server = server
         self.loss = loss
         self.spare_handshake = spare_handshake
+        self.to_client_only = to_client_only
         self.rng = random.Random(seed)
         self.loop = asyncio.get_running_loop()
         self.front = self._sock(self._on_front)
@@ -328,7 +329,9 @@ class LossyRelay:
         self.loop.add_reader(s.fileno(), cb, s, *args)
         return s
 
-    def _drop(self, data: bytes) -> bool:
+    def _drop(self, data: bytes, to_client: bool = False) -> bool:
+        if self.to_client_only and not to_client:
+            return False
         if self.spare_handshake and (data[:2] in (b"\x00\x01", b"\x00\x06")
                                      or data[:4] == b"\x00\x04\x00\x00"):
             return False
@@ -349,7 +352,7 @@ class LossyRelay:
         key = (client, tid)
         if key not in self.face:
             self.face[key] = self._sock(self._on_face, client, tid)
-        if not self._drop(data):
+        if not self._drop(data, to_client=True):
             self.face[key].sendto(data, client)
 
     def _on_face(self, s: socket.socket, client: tuple, tid: tuple) -> None:
@@ -383,9 +386,14 @@ async def test_ten_percent_loss_both_directions(image: Path, tmp_path: Path):
 @pytest.mark.slow
 async def test_ten_percent_loss_atftp_windowsize(image: Path, tmp_path: Path):
     """RFC 7440 recovery under loss: a lost block makes the client ACK the last good one
-    and the server restarts the window there. The option handshake is spared: atftp
-    0.8.0 aborts ("unexpected OACK") when its ACK 0 is lost and the server resends the
-    OACK, as RFC 2347 has it; that is atftp's quirk, not what this test is about."""
+    and the server restarts the window there. Only the server's datagrams are dropped,
+    and never the OACK, because of two atftp 0.8.0 quirks that are not what this test
+    is about: it aborts ("unexpected OACK") when its ACK 0 is lost and the server
+    resends the OACK, as RFC 2347 has it; and when an ACK of a window is lost, it
+    ignores the resent window ("got wrong block") and re-ACKs only after its own
+    timeout, which each resent datagram restarts, so the transfer stalls until the
+    server gives up (main's code and this one alike, 3 of 5 runs each). Lost ACKs are
+    covered with the emulated Pi above."""
     if shutil.which("atftp") is None:
         pytest.skip("atftp not installed")
     app = make_app(tmp_path / "w", image, tftp={"retransmit_timeout": 0.1, "retries": 12})
@@ -393,7 +401,7 @@ async def test_ten_percent_loss_atftp_windowsize(image: Path, tmp_path: Path):
     want = (image / "boot" / "loss.bin").read_bytes()
     async with running(app):
         relay = LossyRelay(("127.0.0.1", app.settings.tftp.port), 0.10,
-                           spare_handshake=True)
+                           spare_handshake=True, to_client_only=True)
         try:
             proc = await asyncio.create_subprocess_exec(
                 "atftp", "--tftp-timeout", "1", "--option", "windowsize 8", "--option",
@@ -403,6 +411,7 @@ async def test_ten_percent_loss_atftp_windowsize(image: Path, tmp_path: Path):
             out, _ = await asyncio.wait_for(proc.communicate(), 120)
             assert proc.returncode == 0, out.decode()
             assert (tmp_path / "atftp.out").read_bytes() == want
+            assert relay.dropped > 5
         finally:
             relay.close()
 
