@@ -65,6 +65,9 @@ PACKAGES = [
     "linux-image-cloud-amd64", "systemd", "systemd-sysv", "udev", "dbus",
     "cloud-init", "cloud-guest-utils", "openssh-server", "sudo",
     "ifupdown", "isc-dhcp-client", "iproute2", "netbase", "e2fsprogs", "ca-certificates",
+    # debootstrap does not resolve virtual packages: python3-cryptography (cloud-init)
+    # depends on python3-cffi-backend-api-*, which only this package provides.
+    "python3-cffi-backend",
 ]
 #: Bumped whenever the steps that make the cached tree change (part of the cache key).
 RECIPE = "1"
@@ -173,6 +176,10 @@ def debootstrap_tree(cache: Path, mirror: str, packages: list[str]) -> Path:
                 env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     except (OSError, subprocess.CalledProcessError) as exc:
         tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+        inner = tmp / "debootstrap" / "debootstrap.log"
+        if inner.exists():
+            shutil.copy2(inner, log.with_suffix(".dpkg.log"))
+            tail.append(f"(dpkg's log: {log.with_suffix('.dpkg.log')})")
         remove_tree(tmp)
         raise BuildError(f"debootstrap failed ({exc}); log {log}:\n" + "\n".join(tail)) from exc
     if mounts_under(tmp):
