@@ -44,6 +44,7 @@ LOCK = "/tmp/netbootd-bench.lock"
 NGINX_CONF = """
 worker_processes 1;
 daemon off;
+{user}
 pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
 events {{ worker_connections 256; }}
@@ -137,7 +138,8 @@ def main() -> int:
         progress(f"image {usize >> 20} MiB -> {size / 1e6:.0f} MB zst")
         port = free_port()
         rate = args.rate_mbit * 1000 * 1000 // 8
-        (tmp / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp, port=port, rate=rate))
+        (tmp / "nginx.conf").write_text(NGINX_CONF.format(
+            dir=tmp, port=port, rate=rate, user="user root;" if os.geteuid() == 0 else ""))
         nginx = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-p", str(tmp),
                                   "-c", str(tmp / "nginx.conf")], stderr=subprocess.DEVNULL)
         wait_port(port)

@@ -345,7 +345,7 @@ def make_disk(disk: Path, stage: Path, *, kernel: Path, initrd: Path, root_uuid:
     # Root file system: straight into the image at its partition's offset.
     progress("mkfs.ext4 -d (root file system from the tree)")
     root_off = ALIGN + boot_bytes
-    run(["mkfs.ext4", "-q", "-F", "-L", "root", "-U", root_uuid,
+    run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "root", "-U", root_uuid,
          "-E", f"offset={root_off},hash_seed={root_uuid}", "-d", str(stage),
          str(disk), f"{root_bytes // 4096}"], capture_output=True,
         env={**os.environ, "MKE2FS_CONFIG": "/etc/mke2fs.conf"})
