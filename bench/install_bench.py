@@ -122,6 +122,7 @@ def main() -> int:
     fcntl.flock(lockf, fcntl.LOCK_EX)
     tmp = Path(tempfile.mkdtemp(prefix="install-bench-", dir="/var/tmp"))
     nginx = None
+    shm = None
     try:
         (tmp / "www").mkdir()
         (tmp / "nginx-tmp").mkdir()
@@ -144,7 +145,9 @@ def main() -> int:
                                   "-c", str(tmp / "nginx.conf")], stderr=subprocess.DEVNULL)
         wait_port(port)
         out = tmp / "written.img"
-        env = {**os.environ, "NBD_TMP": str(tmp)}
+        # chunks live in RAM in the installer (its initrd is a tmpfs): here too
+        shm = Path(tempfile.mkdtemp(prefix="install-bench-", dir="/dev/shm"))
+        env = {**os.environ, "NBD_TMP": str(shm)}
         results: dict[tuple[str, str], list[float]] = {}
         for loc in ("full", "link"):
             url = f"http://127.0.0.1:{port}/{loc}/disk.img.zst"
@@ -156,21 +159,28 @@ def main() -> int:
                 if out.stat().st_size != usize:
                     raise RuntimeError("installer wrote the wrong number of bytes")
                 out.unlink()
+                t_null = timed(["busybox", "sh", "-c", script.replace(str(out), "/dev/null")],
+                               env=env)
                 results.setdefault((loc, "curl"), []).append(t_curl)
                 results.setdefault((loc, "installer"), []).append(t_inst)
-                progress(f"{loc} round {r + 1}: curl {t_curl:.2f}s, installer {t_inst:.2f}s")
+                results.setdefault((loc, "null"), []).append(t_null)
+                progress(f"{loc} round {r + 1}: curl {t_curl:.2f}s, installer {t_inst:.2f}s "
+                         f"(to /dev/null {t_null:.2f}s)")
         print(f"\nmachine: {platform.node()} {os.cpu_count()} CPUs, "
               f"{platform.platform()}; image {usize >> 20} MiB, {size / 1e6:.0f} MB zst; "
               f"median of {args.rounds}\n")
-        print("| server | curl -o /dev/null | installer pipeline | ratio (curl time / installer time) |")
-        print("|---|---|---|---|")
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}\n")
+        print("| server | curl -o /dev/null | installer pipeline, to a file | ratio | "
+              "installer pipeline, to /dev/null | ratio |")
+        print("|---|---|---|---|---|---|")
         for loc, label in (("full", "nginx, unthrottled (loopback)"),
                            ("link", f"nginx, limit_rate {args.rate_mbit} Mbit/s")):
             c = statistics.median(results[(loc, "curl")])
             i = statistics.median(results[(loc, "installer")])
+            n = statistics.median(results[(loc, "null")])
             print(f"| {label} | {c:.2f} s ({size / c / 1e6:.0f} MB/s) | {i:.2f} s "
                   f"({size / i / 1e6:.0f} MB/s zst, {usize / i / 1e6:.0f} MB/s written) "
-                  f"| {c / i:.2f}x |")
+                  f"| {c / i:.2f}x | {n:.2f} s | {c / n:.2f}x |")
     finally:
         if nginx is not None:
             nginx.terminate()
@@ -180,6 +190,8 @@ def main() -> int:
                 nginx.kill()
                 nginx.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+        if shm is not None:
+            shutil.rmtree(shm, ignore_errors=True)
         fcntl.flock(lockf, fcntl.LOCK_UN)
         lockf.close()
     return 0

@@ -133,7 +133,7 @@ def test_golden_partitions_bootloader_and_root_fs(golden: tuple[Path, dict, Path
 
     bootfs = _extract(raw, boot, tmp_path / "boot.fat")
     env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
-    listing = subprocess.run(["mdir", "-b", "-i", str(bootfs), "::"], env=env, check=True,
+    listing = subprocess.run(["mdir", "-a", "-b", "-i", str(bootfs), "::"], env=env, check=True,
                              capture_output=True, text=True).stdout
     for name in ("VMLINUZ", "INITRD.IMG", "SYSLINUX.CFG", "LDLINUX.SYS", "LDLINUX.C32"):
         assert name.lower() in listing.lower(), listing
