@@ -117,7 +117,7 @@ def main() -> int:
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             progress(f"{tool} not found")
             return 2
-    lockf = open(LOCK, "w")
+    lockf = open(LOCK, "w")  # noqa: SIM115 (held until the finally below)
     progress(f"waiting for {LOCK}")
     fcntl.flock(lockf, fcntl.LOCK_EX)
     tmp = Path(tempfile.mkdtemp(prefix="install-bench-", dir="/var/tmp"))

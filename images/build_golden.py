@@ -52,7 +52,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from build_image import (  # noqa: E402  (a sibling script, not a package)
+from build_image import (
     BuildError,
     _fsync_tree,
     default_version,
@@ -105,7 +105,7 @@ def apt_mirror() -> str:
             continue
         if f.suffix == ".sources":
             for stanza in re.split(r"\n\s*\n", text):
-                fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.M))
+                fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.MULTILINE))
                 suites = fields.get("Suites", "").split()
                 if SUITE in suites and "deb" in fields.get("Types", "").split():
                     return fields.get("URIs", "").split()[0]

@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -143,10 +142,10 @@ def test_golden_partitions_bootloader_and_root_fs(golden: tuple[Path, dict, Path
     assert m and "console=ttyS0" in m.group(1), cfg
 
     rootfs = _extract(raw, root, tmp_path / "root.ext4")
-    fsck = subprocess.run(["e2fsck", "-f", "-n", str(rootfs)], capture_output=True, text=True)
+    fsck = subprocess.run(["e2fsck", "-f", "-n", str(rootfs)], capture_output=True, text=True, check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     uuid = re.search(r"Filesystem UUID:\s*(\S+)", subprocess.run(
-        ["dumpe2fs", "-h", str(rootfs)], capture_output=True, text=True).stdout).group(1)
+        ["dumpe2fs", "-h", str(rootfs)], capture_output=True, text=True, check=True).stdout).group(1)
     assert f"root=UUID={uuid}" in m.group(1)
 
     def cat(path: str) -> str:
@@ -161,7 +160,7 @@ def test_golden_partitions_bootloader_and_root_fs(golden: tuple[Path, dict, Path
     assert "sshd_config" in ssh and "ssh_host_" not in ssh
     for path in ("/usr/bin/cloud-init", "/usr/sbin/sshd", "/lib/systemd/systemd"):
         stat = subprocess.run(["debugfs", "-R", f"stat {path}", str(rootfs)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
         assert "Inode:" in stat.stdout, f"{path} missing"
 
 
@@ -276,7 +275,7 @@ class RangeServer:
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> RangeServer:
+    def __enter__(self) -> RangeServer:  # noqa: PYI034
         self.thread.start()
         return self
 
@@ -305,7 +304,7 @@ def small_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def run_lib(script: str, tmp: Path, **env: str) -> subprocess.CompletedProcess:
     full = {**os.environ, "NBD_TMP": str(tmp), "NBD_BACKOFF_MAX": "1", **env}
     return subprocess.run(["busybox", "sh", "-c", f". {LIB}\n{script}"], env=full,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_installer_pipeline_resumes_after_a_dropped_connection(
@@ -349,7 +348,7 @@ def test_installer_pipeline_refuses_a_wrong_sha256(small_image: tuple[Path, Path
         res.stdout + res.stderr
     phases = [e["phase"] for e in srv.events()]
     assert "failed" in phases and "installed" not in phases
-    failed = [e for e in srv.events() if e["phase"] == "failed"][0]
+    failed = next(e for e in srv.events() if e["phase"] == "failed")
     assert failed["reason"].startswith("sha256 mismatch")
 
 
