@@ -32,7 +32,7 @@ def recover(layout: Layout, versions: Versions, channels: Channels) -> list[str]
         if e.name.startswith(DONE_PREFIX) or is_upload_leftover(e.name):
             remove_tree(e)
             done.append(f"removed leftover {e.name}")
-    for d in [layout.channels, layout.state_dir,
+    for d in [layout.channels, layout.state_dir, layout.rejected,
               *(x for x in layout.channels.iterdir() if x.is_dir())]:
         for e in list(d.iterdir()):
             if e.name.startswith(".") and e.name.endswith(".tmp"):
