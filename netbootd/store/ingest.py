@@ -180,10 +180,10 @@ class Budget:
         self.written += n
         self._over(what)
         self._since_check += n
-        if n and self.min_free and self.where is not None:
-            if self._since_check >= SPACE_CHECK_EVERY or n >= SPACE_CHECK_EVERY:
-                self._since_check = 0
-                self.check_space(n)
+        if n and self.min_free and self.where is not None \
+                and (self._since_check >= SPACE_CHECK_EVERY or n >= SPACE_CHECK_EVERY):
+            self._since_check = 0
+            self.check_space(n)
 
     def check_space(self, coming: int = 0) -> None:
         if not self.min_free or self.where is None:

@@ -158,8 +158,7 @@ async def test_disk_full_fails_the_build_once_with_a_reason(tmp_path) -> None:
     work = tmp_path / "ci"
     src = work / "big"
     sample_build(src, "demo", "3")
-    with open(src / "boot" / "initrd.img", "r+b") as fh:  # sparse: nothing on disk
-        fh.truncate(256 << 20)
+    os.truncate(src / "boot" / "initrd.img", 256 << 20)  # sparse: nothing on disk
     from netbootd.store.build import write_manifest
     write_manifest(src, "demo", "3", "kernel+initrd", boards=["x86_64"],
                    boot={"kernel": "boot/vmlinuz", "initrd": "boot/initrd.img"})
@@ -341,6 +340,11 @@ def stored_matches_manifest(st: ImageStore, image: str, version: str) -> None:
         assert len(data) == a["size"]
 
 
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    with open(path, "r+b") as fh:  # what CI did: same inode, new bytes
+        fh.write(data)
+
+
 async def test_rewriting_the_source_after_a_directory_drop_changes_nothing(watched,
                                                                           tmp_path) -> None:
     """CI builds in out/, drops a hard-linked copy (``cp -al out incoming/.x.tmp && mv``)
@@ -351,19 +355,16 @@ async def test_rewriting_the_source_after_a_directory_drop_changes_nothing(watch
     L = watched.store.layout
     tmp = L.incoming_entry(".demo-8.tmp")
     shutil.copytree(out, tmp, copy_function=os.link)
-    held = open(tmp / "boot" / "vmlinuz", "r+b")  # noqa: SIM115 - closed below
+    held = os.open(tmp / "boot" / "vmlinuz", os.O_RDWR)  # CI keeps a file open
     try:
         os.rename(tmp, L.incoming_entry("demo-8"))
         await until(lambda: watched.results, timeout=60)
         assert watched.results[0].accepted, watched.results[0].reason
-        with open(out / "boot" / "initrd.img", "r+b") as fh:
-            fh.write(b"REWRITTEN")
-        held.seek(0)
-        held.write(b"X" * 4096)
-        held.flush()
-        os.fsync(held.fileno())
+        await asyncio.to_thread(rewrite_in_place, out / "boot" / "initrd.img", b"REWRITTEN")
+        os.pwrite(held, b"X" * 4096, 0)
+        os.fsync(held)
     finally:
-        held.close()
+        os.close(held)
     stored_matches_manifest(watched.store, "demo", "8")
     for p in ("boot/initrd.img", "boot/vmlinuz"):
         assert os.stat(L.version_dir("demo", "8") / p).st_nlink == 1
