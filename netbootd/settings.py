@@ -184,6 +184,17 @@ class StoreSettings(_Section):
                                   "seconds (builds written in place always wait for the marker).")
     gc_interval: float = Field(600.0, gt=0, description="Seconds between retention GC runs "
                                "in the daemon.")
+    # -- hostile and careless builds (docs/store.md, "Limits") --
+    max_unpacked_bytes: int = Field(64 << 30, ge=1, description="Most bytes one build may "
+                                    "unpack or copy into staging; a build past it (a zip bomb) "
+                                    "is rejected while it is written. The manifest's declared "
+                                    "sizes bound it further.")
+    min_free_bytes: int = Field(512 << 20, ge=0, description="Free space the store keeps on "
+                                "its file system: an upload or ingest that would pass it stops "
+                                "and fails (checked with statvfs while writing).")
+    keep_rejected_max_bytes: int = Field(256 << 20, ge=0, description="A rejected build larger "
+                                         "than this is deleted; rejected/ keeps only its "
+                                         "reason and manifest.")
 
 
 class ProvisionSettings(_Section):

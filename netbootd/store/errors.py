@@ -15,8 +15,25 @@ from .manifest import check_name
 #: Every mistake the store reports (kept for callers written before the typed errors).
 StoreError = NetbootdError
 
-__all__ = ["Conflict", "Invalid", "NotFound", "StoreError", "StoreLocked", "TooLarge", "valid_mac",
-           "valid_name"]
+__all__ = ["Conflict", "Invalid", "NotFound", "StoreError", "StoreFull", "StoreLocked",
+           "TooLarge", "valid_mac", "valid_name"]
+
+
+class StoreFull(TooLarge):
+    """An upload stopped before it passed the store's free-space reserve (or the disk
+    was full). A :class:`TooLarge` (the API answers 413): this much did not fit.
+
+    ``limit`` is the number of bytes that were written when it stopped; ``free`` and
+    ``reserve`` are what ``statvfs`` said and ``store.min_free_bytes``.
+    """
+
+    def __init__(self, written: int, free: int, reserve: int) -> None:
+        self.limit = written
+        self.free = free
+        self.reserve = reserve
+        Invalid.__init__(self, f"upload stopped after {written} bytes: the image store's "
+                         f"file system has {free} bytes free and keeps "
+                         f"store.min_free_bytes = {reserve} in reserve")
 
 
 class StoreLocked(Conflict):
