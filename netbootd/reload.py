@@ -76,22 +76,32 @@ def read_sources(app: App) -> Sources:
     return Sources(inventory=text, templates=template_sources(tdir), stamps=tuple(stamps))
 
 
-def settled_sources(app: App, *, on_wait: threading.Event | None = None) -> Sources:
-    """Sources that stayed identical over ``reload.settle_seconds``.
+@dataclass
+class SettleProbe:
+    """What the settling step is doing, for tests that finish a write while the daemon
+    waits for it (``waiting_on``: the nodes.yaml text being settled on)."""
 
-    ``on_wait`` is set when a change was seen while settling (tests use it to finish a
-    write the daemon must not have loaded half-way)."""
+    waiting_on: str | None = None
+    changed: threading.Event = field(default_factory=threading.Event)
+
+
+def settled_sources(app: App, *, probe: SettleProbe | None = None) -> Sources:
+    """Sources that stayed identical over ``reload.settle_seconds``."""
     window = app.settings.reload.settle_seconds
     first = read_sources(app)
     if window <= 0:
         return first
     for _ in range(SETTLE_ROUNDS):
+        if probe is not None:
+            probe.waiting_on = first.inventory
         time.sleep(window)
         again = read_sources(app)
         if again == first:
+            if probe is not None:
+                probe.waiting_on = None
             return again
-        if on_wait is not None:
-            on_wait.set()
+        if probe is not None:
+            probe.changed.set()
         first = again
     raise ConfigError.single(app.settings.paths.inventory, 0, "",
                              f"still changing after {SETTLE_ROUNDS * window:.0f} s; "
@@ -134,10 +144,10 @@ def shrink_problem(app: App, old: Inventory, new: Inventory) -> Problem | None:
                    "once the reload is in force)")
 
 
-def reload_now(app: App, *, on_wait: threading.Event | None = None) -> str | None:
+def reload_now(app: App, *, probe: SettleProbe | None = None) -> str | None:
     """Reload once. Returns None on success, else the error text (old config kept)."""
     try:
-        inventory, renderer = validate_config(app, settled_sources(app, on_wait=on_wait))
+        inventory, renderer = validate_config(app, settled_sources(app, probe=probe))
         shrink = shrink_problem(app, app.inventory, inventory)
         if shrink is not None:
             raise ConfigError([shrink])
@@ -176,7 +186,7 @@ def _relevant(change: watchfiles.Change, path: str) -> bool:
 
 
 async def watch_config(app: App, stop: asyncio.Event,
-                       on_wait: threading.Event | None = None) -> None:
+                       probe: SettleProbe | None = None) -> None:
     """Reload whenever something in the config or template directories changes."""
     dirs = watched_dirs(app)
     if not dirs:
@@ -184,4 +194,4 @@ async def watch_config(app: App, stop: asyncio.Event,
     loop = asyncio.get_running_loop()
     async for _changes in watchfiles.awatch(*dirs, watch_filter=_relevant, stop_event=stop,
                                            debounce=200, step=50, recursive=True):
-        await loop.run_in_executor(None, lambda: reload_now(app, on_wait=on_wait))
+        await loop.run_in_executor(None, lambda: reload_now(app, probe=probe))
