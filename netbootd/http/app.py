@@ -103,23 +103,37 @@ class CappedSite(web.TCPSite):
 
     The cap is applied where the connection is accepted (the protocol factory), so a
     connection beyond it costs one write and a close, and never a request handler.
+    The count is kept here, not read from aiohttp's connection list: asyncio accepts a
+    whole backlog of connections, calling the factory for each, before any of them is
+    registered there.
     """
 
     def __init__(self, runner: web.BaseRunner, host: str | None, port: int, *, cap: int,
                  backlog: int = 1024) -> None:
         super().__init__(runner, host, port, reuse_address=True, backlog=backlog)
         self.cap = cap
+        self.open = 0  #: connections admitted and not yet closed
         self.refused = 0
 
     def _protocol(self) -> asyncio.BaseProtocol:
         server = self._runner.server
         assert server is not None
-        if len(server.connections) >= self.cap:
+        if self.open >= self.cap:
             self.refused += 1
             return _Refuse()
+        self.open += 1
         return server()
 
     async def start(self) -> None:
+        server = self._runner.server
+        assert server is not None
+        lost = server.connection_lost
+
+        def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+            self.open = max(0, self.open - 1)
+            lost(handler, exc)
+
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
         self._runner._reg_site(self)  # BaseSite.start; TCPSite's own would bind unguarded
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -138,8 +152,8 @@ class _ConnectionMetrics:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        site, runner = self._service.site, self._service._runner
-        open_now = len(runner.server.connections) if runner and runner.server else 0
+        site = self._service.site
+        open_now = site.open if site else 0
         yield GaugeMetricFamily("netbootd_http_connections", "Open HTTP connections",
                                 value=open_now)
         yield CounterMetricFamily(
