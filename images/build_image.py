@@ -198,7 +198,7 @@ json_escape() { $bb printf '%s' "$1" | $bb sed 's/\\/\\\\/g; s/"/\\"/g'; }
 report() { # report PHASE MESSAGE
     echo "NETBOOTD-TEST: $1 version=$VERSION image=$IMAGE mac=$MAC message=$2"
     [ -n "$EVENTS" ] || { echo "NETBOOTD-TEST: no netbootd.events= on the cmdline"; return 0; }
-    body="{\"mac\":\"$MAC\",\"phase\":\"$1\",\"message\":\"$(json_escape "$2")\",\"version\":\"$VERSION\",\"image\":\"$IMAGE\"}"
+    body="{\"mac\":\"$MAC\",\"phase\":\"$1\",\"message\":\"$(json_escape "$2")\",\"version\":\"$VERSION\",\"image\":\"$IMAGE\",\"token\":\"$(arg netbootd.token)\"}"
     i=0
     while [ $i -lt 5 ]; do
         # busybox 1.35's `wget -T` segfaults (Debian 12 busybox-static): use `timeout`.

@@ -20,6 +20,7 @@ from .events import EventLog, EventTableCollector
 from .inventory import Inventory
 from .metrics import Metrics
 from .neighbours import ClientAddresses
+from .nodestate import LocalNodeState
 from .planner import NoImages, Planner
 from .reload import reload_now, validate_config, watch_config
 from .render import Renderer
@@ -33,7 +34,9 @@ STOP_BUDGET = 1.5  # seconds for all services together; the contract is 2 s
 def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
     """The App for these settings; raises ``ConfigError`` if inventory/templates are bad."""
     holder: dict[str, Any] = {}
-    planner = Planner(lambda: holder["app"].settings, lambda: holder["app"].inventory, NoImages())
+    state = LocalNodeState(settings.lifecycle_dir, max_nodes=settings.provision.max_nodes)
+    planner = Planner(lambda: holder["app"].settings, lambda: holder["app"].inventory, NoImages(),
+                      state=state)
     app = App(
         settings=settings,
         inventory=inventory or Inventory.empty(),
@@ -49,6 +52,7 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
     # who is in the fleet: inventory nodes, or every machine when unknown ones are booted
     app.events.fleet = lambda mac: (app.settings.policy.unknown == "default"
                                     or mac in app.inventory.nodes)
+    app.node_state = state
     app.reload = lambda: reload_now(app)
     if inventory is None:
         app.inventory, app.render = validate_config(app)
@@ -62,6 +66,27 @@ def _count_phase(app: App):
         if ev.kind in phases and ev.fields.get("outcome", "ok") == "ok":
             app.metrics.boots.labels(ev.kind).inc()
     return on_event
+
+
+async def follow_operator_verbs(app: App) -> None:
+    """An operator's ``netbootd nodes reinstall|local|netboot`` (another process) takes
+    effect at the node's next request: its open sessions are dropped. The daemon's own
+    writes (a node's reports, ``by: node``) must not drop the session they belong to."""
+    seen: dict[str, int] = {}
+    try:
+        async for mac in app.node_state.watch():
+            rec = app.node_state.get(mac)
+            if rec is None or rec.by == "node" or seen.get(mac) == rec.rev:
+                continue
+            if len(seen) > 10_000:
+                seen.clear()
+            seen[mac] = rec.rev
+            app.planner.forget(mac)
+            log.info("lifecycle of %s changed by %s: %s", mac, rec.by, rec.stage.value)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("lifecycle watch stopped")
 
 
 class Daemon:
@@ -91,6 +116,8 @@ class Daemon:
             log.info("service %s started", name)
         self._tasks.append(asyncio.create_task(watch_config(self.app, self._stop),
                                                name="config-watch"))
+        self._tasks.append(asyncio.create_task(follow_operator_verbs(self.app),
+                                               name="lifecycle-watch"))
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -49,6 +49,20 @@ class Selectors(BaseModel):
         return out
 
 
+class InstallSpec(BaseModel):
+    """What ``action: install`` writes to the node's disk, and with which installer."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(description="Disk image (kind disk) to install.")
+    channel: str | None = Field(None, description="Its channel (default: the node's).")
+    pin: str | None = Field(None, description="Install exactly this version.")
+    installer: str | None = Field(None, description="Installer image (default: "
+                                  "provision.installer_image).")
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class Profile(BaseModel):
     """Defaults for every machine it matches; node entries override them."""
 
@@ -58,6 +72,7 @@ class Profile(BaseModel):
     role: str | None = None
     image: str | None = None
     channel: str | None = None
+    install: InstallSpec | None = None
     templates: dict[str, str] = Field(default_factory=dict, description=(
         "artefact -> template file, e.g. {ipxe: custom.ipxe.j2, user-data: k3s.yaml.j2}"))
     vars: dict[str, Any] = Field(default_factory=dict)
@@ -76,6 +91,7 @@ class Node(BaseModel):
     image: str | None = None
     pin: str | None = Field(None, description="Image version this node stays on.")
     action: Action | None = None
+    install: InstallSpec | None = None
     ip: str | None = Field(None, description="Expected address (strict cloud-init, exports).")
     labels: dict[str, str] = Field(default_factory=dict)
     vars: dict[str, Any] = Field(default_factory=dict)
@@ -176,6 +192,8 @@ class Inventory:
             labels={**prof.labels, **labels},
             vars={**prof.vars, **(node.vars if node else {})},
             templates={**prof.templates, **(node.templates if node else {})},
+            install=(pick("install", None).as_dict() if pick("install", None) else {}),
+            desired=pick("action", None),
         )
 
 

@@ -239,6 +239,9 @@ class Renderer:
         nfs_opts = "vers=3,tcp,nolock" if s.nfs.vers == "3" else f"vers={s.nfs.vers},proto=tcp"
         cloud_init = f"{base}/cloud-init/{dashed}/"
         kernel_args = image.boot.get("cmdline", "") if image else ""
+        disk = plan.disk
+        raw = disk.disk if disk is not None else None
+        disk_url = f"{base}/files/{disk.name}/{disk.version}/{raw.path}" if disk and raw else ""
         return {
             "node": node,
             "plan": plan,
@@ -250,7 +253,7 @@ class Renderer:
                 "files": files,
                 "kernel": f"{files}/{image.boot['kernel']}" if image and image.boot.get("kernel") else "",
                 "initrd": f"{files}/{image.boot['initrd']}" if image and image.boot.get("initrd") else "",
-                "disk": f"{files}/{image.boot['disk']}" if image and image.boot.get("disk") else "",
+                "disk": disk_url,
                 "cloud_init": cloud_init,
                 "events": f"{base}/api/v1/events",
                 "beacon": f"{base}/api/v1/beacon/{dashed}?session={plan.session}",
@@ -265,6 +268,13 @@ class Renderer:
                 "vers": s.nfs.vers,
             },
             "kernel_args": kernel_args,
+            #: Proof of this boot for lifecycle reports; only in this node's own files.
+            "token": plan.token,
+            "disk": {"image": disk.name if disk else "", "version": disk.version if disk else "",
+                     "url": disk_url, "compression": raw.compression if raw else "",
+                     "size": raw.size if raw else 0, "sha256": raw.sha256 if raw else "",
+                     "uncompressed_size": raw.uncompressed_size if raw else 0,
+                     "uncompressed_sha256": raw.uncompressed_sha256 if raw else ""},
             "datasource": f"ds=nocloud;s={cloud_init}",
             "instance_id": f"{node.hostname}-{image.name}-{image.version}" if image else node.hostname,
             "vars": node.vars,

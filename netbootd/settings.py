@@ -15,7 +15,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .yamlfile import ConfigError, LineDict, load_yaml
@@ -182,6 +182,11 @@ class BootSettings(_Section):
                                "machine: a boot that started on version N finishes on N.")
     default_image: str = Field("demo", description="Image used when a node/profile names none.")
     default_channel: str = Field("prod", description="Channel used when none is named.")
+    os_plan_ttl: float = Field(86400.0, gt=0, description="Seconds the plan a booted OS "
+                               "booted with stays known after its last request (its "
+                               "cloud-init and events see that version).")
+    max_sessions: int = Field(65536, ge=16, description="Boot sessions kept at most (and as "
+                              "many booted-OS plans); the least recently seen are evicted.")
 
 
 class RpiSettings(_Section):
@@ -216,6 +221,15 @@ class StoreSettings(_Section):
                                   "seconds (builds written in place always wait for the marker).")
     gc_interval: float = Field(600.0, gt=0, description="Seconds between retention GC runs "
                                "in the daemon.")
+
+
+class ProvisionSettings(_Section):
+    installer_image: str = Field("installer", description="Image (kind installer) that "
+                                 "writes disk images; a node's install.installer overrides.")
+    retry_failed: bool = Field(True, description="After install-failed, the next network "
+                               "boot installs again; false = stay silent until "
+                               "`netbootd nodes reinstall`.")
+    max_nodes: int = Field(100_000, ge=1, description="Lifecycle records kept at most.")
 
 
 class NfsSettings(_Section):
@@ -259,6 +273,7 @@ class Settings(BaseSettings):
     nfs: NfsSettings = Field(default_factory=NfsSettings)
     reload: ReloadSettings = Field(default_factory=ReloadSettings)
     events: EventSettings = Field(default_factory=EventSettings)
+    provision: ProvisionSettings = Field(default_factory=ProvisionSettings)
     secrets: dict[str, Path] = Field(
         default_factory=dict, description="Secret name -> file. Read at render time, only into "
         "the user-data of the node being served; never logged.")
@@ -273,6 +288,20 @@ class Settings(BaseSettings):
                 raise ValueError(f"secret name {k!r} must be an identifier (used in templates)")
         return v
 
+    @model_validator(mode="after")
+    def _session_outlives_silence(self) -> Settings:
+        # A boot session slides with every request and is held open by a running transfer;
+        # between two files a client may be silent for as long as a transfer may stay
+        # silent before it is given up (resends x timeout). A shorter TTL would let the
+        # next file be planned afresh and mix versions.
+        silent = self.tftp.retransmit_timeout * (self.tftp.retries + 1)
+        if self.boot.session_ttl < 2 * silent:
+            raise ValueError(
+                f"boot.session_ttl ({self.boot.session_ttl:g} s) must be at least twice the "
+                f"longest silence of a TFTP transfer (tftp.retransmit_timeout x "
+                f"(tftp.retries + 1) = {silent:g} s)")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -281,6 +310,11 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # First wins: CLI flags (init) > NETBOOTD_* env > the YAML file > field defaults.
         return (init_settings, env_settings, _YamlDataSource(settings_cls))
+
+    @property
+    def lifecycle_dir(self) -> Path:
+        """Where the provisioning lifecycle of each node is kept (nodestate.py)."""
+        return self.paths.state / "lifecycle"
 
     @property
     def node_state_dir(self) -> Path:

@@ -1,9 +1,10 @@
 """The HTTP service: one aiohttp Application with the boot chain, files, cloud-init,
 the REST API, metrics/health and the status page.
 
-``create(app)`` is the factory the daemon calls (SERVICE_FACTORIES). The
-Application itself is built by :func:`build_web_app`, so tests can also drive it
-with aiohttp's test client.
+``create(app)`` is the factory the daemon calls (SERVICE_FACTORIES), and the one
+place in this package that reads the daemon's ``App``: it builds the handlers'
+narrow ``HttpContext`` from it. The Application itself is built by
+:func:`build_web_app` from that context.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ import asyncio
 import logging
 import resource
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..app import App
+from ..settings import Settings
 from . import boot, files
-from .util import APP_KEY, SERVICE, json_error
+from .context import HttpContext
+from .util import CONTEXT_KEY, SERVICE, json_error
+
+if TYPE_CHECKING:
+    from ..app import App
 
 log = logging.getLogger("netbootd.http")
 
@@ -34,15 +39,15 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
 
     API paths answer errors as JSON ``{"error": ...}`` (also aiohttp's own 404/405).
     """
-    app = request.app[APP_KEY]
+    ctx = request.app[CONTEXT_KEY]
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         if exc.status in (400, 404, 405, 411, 413, 414, 415, 431):
-            app.metrics.malformed.labels(SERVICE).inc()
-        app.metrics.requests.labels(SERVICE, "client_error").inc()
+            ctx.metrics.malformed.labels(SERVICE).inc()
+        ctx.metrics.requests.labels(SERVICE, "client_error").inc()
         if request.path.startswith("/api/"):
             resp = json_error(exc.status, exc.reason or "error")
             if "Allow" in exc.headers:  # 405 must say what is allowed (RFC 9110)
@@ -52,19 +57,19 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
     except (ConnectionError, TimeoutError):  # client went away mid-answer: not our bug
         raise
     except Exception:
-        app.metrics.errors.labels(SERVICE).inc()
-        app.metrics.requests.labels(SERVICE, "error").inc()
+        ctx.metrics.errors.labels(SERVICE).inc()
+        ctx.metrics.requests.labels(SERVICE, "error").inc()
         log.exception("http handler failed: %s %s", request.method, request.path)
         return json_error(500, "internal error (logged)")
 
 
-def build_web_app(app: App) -> web.Application:
+def build_web_app(ctx: HttpContext) -> web.Application:
     """The aiohttp Application for one daemon."""
     from . import api, metrics, ui  # late: these import pydantic/jinja2 machinery
 
     web_app = web.Application(middlewares=[guard], client_max_size=CLIENT_MAX_SIZE)
-    web_app[APP_KEY] = app
-    web_app[files.INDEX_KEY] = files.ManifestIndex()
+    web_app[CONTEXT_KEY] = ctx
+    web_app[files.REFS_KEY] = files.RefCache()
     web_app[boot.SCRIPTS_KEY] = boot.ScriptCache()
     web_app.add_routes(boot.routes())
     web_app.add_routes(files.routes())
@@ -170,8 +175,8 @@ class HttpService:
 
     name = SERVICE
 
-    def __init__(self, app: App) -> None:
-        self.app = app
+    def __init__(self, ctx: HttpContext) -> None:
+        self.ctx = ctx
         self._runner: web.AppRunner | None = None
         self.site: CappedSite | None = None
         self.bound: list[str] = []
@@ -179,12 +184,12 @@ class HttpService:
         self._collector: _ConnectionMetrics | None = None
 
     async def start(self) -> None:
-        s = self.app.settings.http
+        s = self.ctx.settings.http
         # The access log costs nothing unless "netbootd.http.access" is enabled at INFO.
         # keepalive_timeout: aiohttp closes a connection that has no complete request head
         # this long after it opened or after its last response, which covers idle
         # keep-alive connections and clients trickling their headers (slow-header).
-        runner = web.AppRunner(build_web_app(self.app), handle_signals=False,
+        runner = web.AppRunner(build_web_app(self.ctx), handle_signals=False,
                                access_log=logging.getLogger("netbootd.http.access"),
                                shutdown_timeout=SHUTDOWN_TIMEOUT,
                                keepalive_timeout=s.idle_timeout)
@@ -199,7 +204,7 @@ class HttpService:
         self._runner, self.site = runner, site
         if self._collector is None:
             self._collector = _ConnectionMetrics(self)
-            self.app.metrics.registry.register(self._collector)
+            self.ctx.metrics.registry.register(self._collector)
         self.bound = [_fmt(sock.getsockname()) for sock in _sockets(runner)]
         log.info("http listening on %s (at most %d connections)", ", ".join(self.bound),
                  site.cap)
@@ -231,5 +236,30 @@ def _fmt(addr: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def context_for(app: App) -> HttpContext:
+    """The handlers' narrow views of this daemon (the only place that reads the App)."""
+    from ..app import AppStatus
+    from ..lifecycle import Lifecycle
+    from ..views import InventoryNodes, StoreArtefacts, owns_address
+
+    def settings() -> Settings:
+        return app.settings
+
+    nodes = InventoryNodes(lambda: app.inventory, app.clients, settings)
+    lifecycle = Lifecycle(
+        app.node_state, app.planner, app.events,
+        node=lambda mac: nodes.view(nodes.facts_for(mac)),
+        owns=lambda mac, ip: owns_address(nodes, app.clients, mac, ip),
+        refused=app.metrics.requests.labels(SERVICE, "forbidden").inc)
+    return HttpContext(
+        settings_of=settings, plans=app.planner, nodes=nodes,
+        # Before the store is up (or in tests of HTTP alone) the planner's resolver names
+        # the versions; both answer ``ref(image, version)``.
+        artefacts=StoreArtefacts(lambda: app.store or app.planner.images, lambda: app.render),
+        addresses=app.clients, events=app.events, metrics=app.metrics,
+        catalogue_of=lambda: app.store, daemon=AppStatus(app), lifecycle=lifecycle,
+        node_state=app.node_state)
+
+
 def create(app: App) -> HttpService:
-    return HttpService(app)
+    return HttpService(context_for(app))

@@ -380,17 +380,8 @@ def check_kind(m: Manifest, files: set[str], dirs: set[str]) -> None:
         if value not in dirs:
             raise Rejected(f"missing required directory {value!r} (boot.{key})")
 
-    if m.kind in ("kernel+initrd", "installer"):
-        need_file("kernel", b.kernel)
-        need_file("initrd", b.initrd)
-    elif m.kind == "rootfs":
-        need_dir("rootfs", b.rootfs)
-    elif m.kind == "disk-image":
-        need_file("disk", b.disk)
-    elif m.kind == "pi-boot+rootfs":
-        tree = b.boot_tree or "boot"
+    def need_pi_tree(tree: str) -> None:
         need_dir("boot_tree", tree)
-        need_dir("rootfs", b.rootfs)
         top = {f[len(tree) + 1:] for f in files if f.startswith(tree + "/")}
         if "config.txt" not in top:
             raise Rejected(f"missing required file {tree}/config.txt")
@@ -398,6 +389,24 @@ def check_kind(m: Manifest, files: set[str], dirs: set[str]) -> None:
             raise Rejected(f"missing required file {tree}/kernel_2712.img (or kernel8.img)")
         if not any(f.startswith("bcm27") and f.endswith(".dtb") and "/" not in f for f in top):
             raise Rejected(f"missing required device tree {tree}/bcm27*.dtb")
+
+    if m.kind in ("kernel+initrd", "installer"):
+        need_file("kernel", b.kernel)
+        need_file("initrd", b.initrd)
+        if m.kind == "installer" and b.boot_tree:  # the installer also boots Pis
+            need_pi_tree(b.boot_tree)
+    elif m.kind == "rootfs":
+        need_dir("rootfs", b.rootfs)
+    elif m.kind == "disk":
+        if m.disk is None:  # the manifest model checked the section against artefacts
+            raise Rejected("disk build needs a disk section in the manifest "
+                           "(path, compression, size, sha256, uncompressed_size, "
+                           "uncompressed_sha256)")
+        if m.disk.path not in files:
+            raise Rejected(f"missing required file {m.disk.path!r} (disk.path)")
+    elif m.kind == "pi-boot+rootfs":
+        need_pi_tree(b.boot_tree or "boot")
+        need_dir("rootfs", b.rootfs)
 
 
 def validate_build(root: Path, *, require_signature: bool = False, keys: list[Any] | None = None,

@@ -63,7 +63,11 @@ async def test_twenty_http_downloads_of_n_survive_activation_of_n_plus_1(tmp_pat
             == "1", "the boot in flight stays on N"
         assert app.planner.plan(ClientFacts(mac=MAC_B, kind=ClientKind.IPXE)).image.version \
             == "2", "a new boot gets N+1"
-        app.planner.end_session(MAC_A)
+        app.planner.end(MAC_A)  # booted: the OS now runs version 1 (e.g. its NFS root)
+        assert await store_svc.run_gc() == [], "a running OS's version is kept"
+        reboot = app.planner.plan(ClientFacts(mac=MAC_A, kind=ClientKind.IPXE))
+        assert reboot.image.version == "2", "the next boot gets N+1"
+        app.planner.handed_over(MAC_A)
         assert await store_svc.run_gc() == [("demo", "1")]
     finally:
         await http.stop()
