@@ -119,6 +119,9 @@ class InventoryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     profiles: dict[str, Profile] = Field(default_factory=dict)
     nodes: dict[str, Node] = Field(default_factory=dict)
+    #: This file may drop more nodes than ``reload.max_node_loss`` allows (or all of
+    #: them) on a hot reload. Remove it again once the shrink is in force.
+    allow_shrink: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class Inventory:
     profiles: dict[str, Profile]
     by_serial: dict[str, str]
     source: Path | None = None
+    allow_shrink: bool = False  #: the file says a reload may drop many nodes
 
     @classmethod
     def empty(cls) -> Inventory:
@@ -193,9 +197,10 @@ class Inventory:
         )
 
 
-def load_inventory(path: Path) -> Inventory:
-    """Parse and validate ``nodes.yaml``; every problem names file, line and field."""
-    data = load_yaml(path)
+def load_inventory(path: Path, text: str | None = None) -> Inventory:
+    """Parse and validate ``nodes.yaml`` (or ``text``, its content as already read);
+    every problem names file, line and field."""
+    data = load_yaml(path, text)
     if not isinstance(data, dict):
         raise ConfigError.single(path, 1, "", "top level must be a mapping with nodes/profiles")
     problems: list[Problem] = []
@@ -250,7 +255,7 @@ def load_inventory(path: Path) -> Inventory:
     if problems:
         raise ConfigError(problems)
     return Inventory(nodes=dict(parsed.nodes), profiles=profiles, by_serial=by_serial,
-                     source=path)
+                     source=path, allow_shrink=parsed.allow_shrink)
 
 
 def _relined(data: Any, nodes_in: LineDict) -> Any:

@@ -8,7 +8,7 @@ to 409 and :class:`~netbootd.errors.Invalid` to 400; the CLI prints the message 
 
 from __future__ import annotations
 
-from ..errors import Conflict, Invalid, NetbootdError, NotFound, TooLarge
+from ..errors import Conflict, DiskFull, Invalid, NetbootdError, NotFound, TooLarge
 from ..model import normalise_mac
 from .manifest import check_name
 
@@ -19,9 +19,9 @@ __all__ = ["Conflict", "Invalid", "NotFound", "StoreError", "StoreFull", "StoreL
            "TooLarge", "valid_mac", "valid_name"]
 
 
-class StoreFull(TooLarge):
+class StoreFull(DiskFull):
     """An upload stopped before it passed the store's free-space reserve (or the disk
-    was full). A :class:`TooLarge` (the API answers 413): this much did not fit.
+    was full). A :class:`DiskFull` (the API answers 507): this much did not fit.
 
     ``limit`` is the number of bytes that were written when it stopped; ``free`` and
     ``reserve`` are what ``statvfs`` said and ``store.min_free_bytes``.
