@@ -65,7 +65,7 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
 
 def build_web_app(ctx: HttpContext) -> web.Application:
     """The aiohttp Application for one daemon."""
-    from . import api, metrics, ui  # late: these import pydantic/jinja2 machinery
+    from . import api, matchbox, metrics, ui  # late: these import pydantic/jinja2 machinery
 
     web_app = web.Application(middlewares=[guard], client_max_size=CLIENT_MAX_SIZE)
     web_app[CONTEXT_KEY] = ctx
@@ -73,6 +73,7 @@ def build_web_app(ctx: HttpContext) -> web.Application:
     web_app[boot.SCRIPTS_KEY] = boot.ScriptCache()
     web_app.add_routes(boot.routes())
     web_app.add_routes(files.routes())
+    web_app.add_routes(matchbox.routes())
     web_app.add_routes(api.routes())
     web_app.add_routes(metrics.routes())
     ui.setup(web_app)
