@@ -33,14 +33,16 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
     """The App for these settings; raises ``ConfigError`` if inventory/templates are bad."""
     holder: dict[str, Any] = {}
     planner = Planner(lambda: holder["app"].settings, lambda: holder["app"].inventory, NoImages())
+    metrics = Metrics()
     app = App(
         settings=settings,
         inventory=inventory or Inventory.empty(),
         planner=planner,
         render=Renderer(settings),
         events=EventLog(settings.paths.state),
-        metrics=Metrics(),
-        clients=ClientAddresses(),
+        metrics=metrics,
+        clients=ClientAddresses(max_entries=settings.network.max_addresses,
+                                evicted=metrics.table_evictions.labels("addresses").inc),
     )
     holder["app"] = app
     app.reload = lambda: reload_now(app)
