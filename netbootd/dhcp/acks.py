@@ -120,13 +120,18 @@ def parse_server_ack(frame: bytes, servers: frozenset[str] = frozenset()) -> Ser
 def open_ack_socket() -> socket.socket:
     """A non-blocking packet socket that receives (incoming and outgoing) frames carrying
     DHCP server->client datagrams, on every interface. Raises OSError (no CAP_NET_RAW)."""
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: no frames yet
+    # Unbound, with a protocol: IPv4 frames of every interface, present and future.
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
     try:
         program = ctypes.create_string_buffer(_FILTER, len(_FILTER))
         fprog = struct.pack("HL", _FILTER_LEN, ctypes.addressof(program))
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-        sock.bind(("", socket.htons(ETH_P_IP)))  # every interface, IPv4 frames
         sock.setblocking(False)
+        while True:  # frames queued before the filter was attached: not ours to read
+            try:
+                sock.recv(1)
+            except BlockingIOError:
+                break
     except OSError:
         sock.close()
         raise
