@@ -48,7 +48,7 @@ def sample(app, name: str, labels: dict) -> float:
 
 # -- (a) a serial names a node only with that node's MAC ----------------------------------
 def test_unlisted_mac_with_a_known_pis_serial_gets_nothing(tmp_path):
-    app, r = make(tmp_path, f"nodes:\n  {PI_MAC}: {{serial: {PI_SERIAL:08x}}}\n")
+    _app, r = make(tmp_path, f"nodes:\n  {PI_MAC}: {{serial: {PI_SERIAL:08x}}}\n")
     assert ask(r, c.pi_discover(STRANGER, 1, PI_SERIAL)) is None
     assert ask(r, c.pi_discover(PI_MAC, 2, PI_SERIAL)) is not None  # the real Pi
 
@@ -60,13 +60,13 @@ def test_match_serial_lets_the_serial_alone_identify_the_board(tmp_path, where):
     else:
         nodes = (f"profiles:\n  cm5: {{match: serial}}\n"
                  f"nodes:\n  {PI_MAC}: {{serial: {PI_SERIAL:08x}, profile: cm5}}\n")
-    app, r = make(tmp_path, nodes)
+    _app, r = make(tmp_path, nodes)
     out = ask(r, c.pi_discover(STRANGER, 1, PI_SERIAL))
     assert out is not None and b"Raspberry Pi Boot" in bytes(out.payload)
 
 
 def test_serial_repeated_form_from_another_mac_is_not_that_pi(tmp_path):
-    app, r = make(tmp_path, f"nodes:\n  02:00:00:00:5e:01: {{serial: {PI_SERIAL:08x}}}\n")
+    _app, r = make(tmp_path, f"nodes:\n  02:00:00:00:5e:01: {{serial: {PI_SERIAL:08x}}}\n")
     other = "02:00:00:00:5e:02"  # no Pi OUI: only the inventory could make it a Pi
     assert ask(r, c.pi_discover(other, 1, machine_id=c.pi_serial_only_id(PI_SERIAL))) is None
 
