@@ -6,9 +6,9 @@ yiaddr A. What a proxy can observe of those (docs/security.md spells it out):
 
 * ACKs sent to the broadcast address (the client set the broadcast flag, or the
   server broadcasts anyway) reach every port of the segment, so us too;
-* ACKs unicast to the client reach us only if the switch floods them, we sit on a
-  mirror port, or the site server runs on this host (then they leave through our
-  interface and the packet socket sees them going out);
+* ACKs unicast to the client reach us only if the switch floods them or we sit on a
+  mirror port (frames this host *sends*, e.g. from a site server running here, are
+  not seen: the socket is registered for received IPv4 frames only);
 * behind a relay, the server answers the relay, never us: no evidence at all (use a
   static ``ip`` in nodes.yaml for such nodes).
 
@@ -38,7 +38,6 @@ log = logging.getLogger("netbootd.dhcp")
 
 ETH_P_IP = 0x0800
 SO_ATTACH_FILTER = 26
-PACKET_OUTGOING = 4
 #: Frames read per wake-up before yielding to the loop.
 DRAIN_BATCH = 64
 _ETH = 14
@@ -118,8 +117,8 @@ def parse_server_ack(frame: bytes, servers: frozenset[str] = frozenset()) -> Ser
 
 
 def open_ack_socket() -> socket.socket:
-    """A non-blocking packet socket that receives (incoming and outgoing) frames carrying
-    DHCP server->client datagrams, on every interface. Raises OSError (no CAP_NET_RAW)."""
+    """A non-blocking packet socket that receives the frames carrying DHCP server->client
+    datagrams that arrive on any interface. Raises OSError (no CAP_NET_RAW)."""
     # Unbound, with a protocol: IPv4 frames of every interface, present and future.
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
     try:
