@@ -91,8 +91,9 @@ class ClientAddresses:
     # -- evidence ---------------------------------------------------------------------------
     def learn(self, ip: str, mac: str, *, lease: float | None = None) -> bool:
         """Record evidence that ``mac`` holds ``ip`` (the site server ACKed it), valid for
-        ``lease`` seconds (capped at the table's ttl). One address per MAC: a new one
-        replaces the old. True when the binding is new or moved (subscribers are told)."""
+        ``lease`` seconds (capped at the table's ttl). A MAC's newest address is the one
+        :meth:`ip_for` names (older ones stay attributable until they expire or are given
+        to another MAC). True when the binding is new or moved (subscribers are told)."""
         if not ip or not usable_ipv4(ip) and not ip.startswith("127."):
             return False
         mac = normalise_mac(mac)
@@ -107,9 +108,6 @@ class ClientAddresses:
                 return False
             if old is not None and self._by_mac.get(old.mac) == ip:
                 del self._by_mac[old.mac]
-            prev = self._by_mac.get(mac)
-            if prev is not None and prev != ip:
-                self._by_ip.pop(prev, None)
             self._by_ip[ip] = _Binding(mac, now, expires)
             self._by_ip.move_to_end(ip)
             self._by_mac[mac] = ip
