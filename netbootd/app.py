@@ -1,9 +1,9 @@
 """The application context every service receives, and the service registry.
 
 No global state: one ``App`` per daemon (tests run several in one process).
-Services never read files or the inventory themselves; they use ``app.planner``
-for decisions, ``app.render`` for per-node text, ``app.events`` and
-``app.metrics`` for what they saw.
+Services never receive the App: each service's ``create(app)`` factory builds it
+from the narrow views in ``interfaces.py`` (planner, node view, artefacts,
+addresses, events, metrics), so a service cannot reach past the plan.
 """
 
 from __future__ import annotations
@@ -54,12 +54,40 @@ class App:
     metrics: Metrics
     clients: ClientAddresses
     store: Any = None  #: netbootd.store.store.ImageStore once the store service is up
+    #: The provisioning lifecycle records (nodestate.NodeState); set by build_app.
+    node_state: Any = None
     services: dict[str, Service] = field(default_factory=dict)
     config_error: str | None = None  #: last rejected reload, shown on the status page
     #: Called after a successful reload (services that cache config-derived state).
     on_reload: list[Callable[[], None]] = field(default_factory=list)
     #: Reload config now (API, SIGHUP); returns None or the error text (old config kept).
     reload: Callable[[], str | None] = lambda: None
+
+
+class AppStatus:
+    """The daemon-wide facts services may show (``http.context.DaemonStatus``)."""
+
+    def __init__(self, app: App) -> None:
+        self._app = app
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for name, svc in list(self._app.services.items()):
+            try:
+                out[name] = dict(svc.health())
+            except Exception as exc:  # noqa: BLE001 - a broken health() is itself a reason
+                out[name] = {"ok": False, "error": f"health() failed: {exc}"}
+        return out
+
+    def config_error(self) -> str | None:
+        return self._app.config_error
+
+    def inventory_loaded(self) -> bool:
+        inv = self._app.inventory
+        return inv.source is not None or bool(inv.nodes)
+
+    def reload(self) -> str | None:
+        return self._app.reload()
 
 
 #: Service name -> "module:factory". A factory takes the App and returns a Service.

@@ -86,16 +86,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate settings, inventory and every template for every node."""
     from .inventory import load_inventory
+    from .planner import fit_warnings
     from .render import Renderer
 
     settings = _settings(args)
     inventory = load_inventory(settings.paths.inventory)
-    problems = Renderer(settings).check(inventory, _resolver(settings))
+    images = _resolver(settings)
+    problems = Renderer(settings).check(inventory, images)
     problems += [Problem(str(settings.config_file or "-"), 0, f"secrets.{k}",
                          f"file not found: {p}")
                  for k, p in settings.secrets.items() if not p.exists()]
     if problems:
         raise ConfigError(problems)
+    for warning in fit_warnings(inventory, settings, images):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {settings.config_file or 'defaults'}; {len(inventory.nodes)} nodes, "
           f"{len(inventory.profiles)} profiles, templates in {settings.paths.templates}")
     return 0
@@ -115,12 +119,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     inventory = load_inventory(settings.paths.inventory)
-    plan = decide(_facts(args), inventory, settings, _resolver(settings))
+    facts = _facts(args)
+    found = inventory.node_for(facts)
+    record = _node_state(settings).get(found[0] if found else facts.mac)
+    plan = decide(facts, inventory, settings, _resolver(settings), record=record)
     out: dict[str, Any] = {
         "mac": plan.mac, "hostname": plan.node.hostname, "known": plan.node.known,
         "action": plan.action.value, "profile": plan.node.profile,
         "image": plan.image.name if plan.image else None,
         "version": plan.image.version if plan.image else None, "reason": plan.reason,
+        "lifecycle": record.stage.value if record else None,
+        "disk": f"{plan.disk.name} {plan.disk.version}" if plan.disk else None,
     }
     if plan.answers and plan.image is not None:
         r = Renderer(settings)
@@ -131,7 +140,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    for key in ("mac", "hostname", "known", "action", "profile", "image", "version", "reason"):
+    for key in ("mac", "hostname", "known", "action", "profile", "image", "version", "reason",
+                "lifecycle", "disk"):
+        if key in ("lifecycle", "disk") and out[key] is None:
+            continue
         print(f"{key + ':':10} {out[key]}")
     if "cmdline" in out:
         print(f"\ncmdline.txt:\n  {out['cmdline']}\n\niPXE script:")
@@ -139,8 +151,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_state(settings: Any) -> Any:
+    """The lifecycle records, read-only here (LocalNodeState makes its directory)."""
+    from .nodestate import LocalNodeState
+
+    return LocalNodeState(settings.lifecycle_dir, create=False)
+
+
 def cmd_nodes(args: argparse.Namespace) -> int:
-    """The inventory with what each node would get and its last known state."""
+    """The inventory with what each node would get and its last known state; or an
+    operator verb (reinstall | local | netboot) for one node."""
+    if getattr(args, "verb", None):
+        return _node_verb(args)
     from .events import EventLog
     from .inventory import load_inventory
     from .planner import decide
@@ -148,6 +170,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     settings = _settings(args)
     inventory = load_inventory(settings.paths.inventory)
     resolver = _resolver(settings)
+    lifecycle = _node_state(settings)
     state = EventLog(None)
     events_file = settings.paths.state / "events.jsonl"
     if events_file.exists():
@@ -155,15 +178,56 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         state.close()
     rows = []
     for mac, node in inventory.nodes.items():
-        plan = decide(ClientFacts(mac=mac, serial=node.serial), inventory, settings, resolver)
+        record = lifecycle.get(mac)
+        plan = decide(ClientFacts(mac=mac, serial=node.serial), inventory, settings, resolver,
+                      record=record)
         st = state.nodes.get(mac)
+        stage = "-"
+        if record is not None:
+            stage = record.stage.value + (f" {record.progress}%" if record.stage.value ==
+                                          "installing" and record.progress is not None else "")
+        shown = plan.image or plan.disk
         rows.append((plan.node.hostname, mac, plan.node.profile, plan.action.value,
-                     plan.image.version if plan.image else "-",
+                     shown.version if shown else "-", stage,
                      st.phase if st else "-", (st.ip or "-") if st else "-"))
-    header = ("HOSTNAME", "MAC", "PROFILE", "ACTION", "VERSION", "PHASE", "IP")
+    header = ("HOSTNAME", "MAC", "PROFILE", "ACTION", "VERSION", "LIFECYCLE", "PHASE", "IP")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _node_verb(args: argparse.Namespace) -> int:
+    """``netbootd nodes reinstall|local|netboot NODE`` (MAC or hostname). Writes the
+    lifecycle record; a running daemon follows it at the node's next request."""
+    from .inventory import load_inventory
+    from .nodestate import NodeRecord, Stage
+
+    if not args.node:
+        print(f"netbootd: nodes {args.verb} needs a NODE (MAC or hostname)", file=sys.stderr)
+        return 2
+    settings = _settings(args)
+    inventory = load_inventory(settings.paths.inventory)
+    mac = None
+    try:
+        mac = normalise_mac(args.node)
+    except ValueError:
+        mac = next((m for m, n in inventory.nodes.items() if n.hostname == args.node.lower()),
+                   None)
+    if mac is None or mac not in inventory.nodes:
+        print(f"netbootd: no node {args.node!r} in {settings.paths.inventory}", file=sys.stderr)
+        return 2
+    view = inventory.view(ClientFacts(mac=mac))
+    stage = {"reinstall": Stage.INSTALL, "local": Stage.LOCAL, "netboot": Stage.NETBOOT}[
+        args.verb]
+    state = _node_state(settings)
+    current = state.get(mac)
+    rec = state.put(NodeRecord(mac=mac, stage=stage, by="cli",
+                               desired=view.desired.value if view.desired else None,
+                               image=current.image if current else None,
+                               version=current.version if current else None))
+    print(f"{view.hostname} ({mac}): lifecycle {rec.stage.value} (rev {rec.rev}); "
+          "takes effect at its next network boot")
     return 0
 
 
@@ -233,8 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
 
-    sub.add_parser("nodes", help="list the inventory and node state").set_defaults(
-        func=cmd_nodes)
+    nd = sub.add_parser("nodes", help="list the inventory and node state; or reinstall | "
+                        "local | netboot NODE")
+    nd.add_argument("verb", nargs="?", choices=["reinstall", "local", "netboot"],
+                    help="reinstall: install at the next network boot; local: boot from "
+                    "disk, netbootd stays silent; netboot: network boots")
+    nd.add_argument("node", nargs="?", help="MAC or hostname")
+    nd.set_defaults(func=cmd_nodes)
     cf = sub.add_parser("config", help="print the effective configuration (secrets redacted)")
     cf.add_argument("--reference", action="store_true", help="print every setting as markdown")
     cf.set_defaults(func=cmd_config)

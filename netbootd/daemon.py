@@ -12,13 +12,15 @@ import asyncio
 import gc
 import logging
 import signal
+import time
 from typing import Any
 
 from .app import App, enabled_services, load_factory
-from .events import EventLog
+from .events import EventLog, EventTableCollector
 from .inventory import Inventory
 from .metrics import Metrics
 from .neighbours import ClientAddresses
+from .nodestate import LocalNodeState
 from .planner import NoImages, Planner
 from .reload import reload_now, validate_config, watch_config
 from .render import Renderer
@@ -32,19 +34,27 @@ STOP_BUDGET = 1.5  # seconds for all services together; the contract is 2 s
 def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
     """The App for these settings; raises ``ConfigError`` if inventory/templates are bad."""
     holder: dict[str, Any] = {}
-    planner = Planner(lambda: holder["app"].settings, lambda: holder["app"].inventory, NoImages())
+    state = LocalNodeState(settings.lifecycle_dir, max_nodes=settings.provision.max_nodes)
+    planner = Planner(lambda: holder["app"].settings, lambda: holder["app"].inventory, NoImages(),
+                      state=state)
     metrics = Metrics()
     app = App(
         settings=settings,
         inventory=inventory or Inventory.empty(),
         planner=planner,
         render=Renderer(settings),
-        events=EventLog(settings.paths.state),
+        events=EventLog(settings.paths.state, max_nodes=settings.events.max_nodes,
+                        ignored_sample=settings.events.ignored_sample),
         metrics=metrics,
         clients=ClientAddresses(max_entries=settings.network.max_addresses,
                                 evicted=metrics.table_evictions.labels("addresses").inc),
     )
     holder["app"] = app
+    app.metrics.registry.register(EventTableCollector(app.events))
+    # who is in the fleet: inventory nodes, or every machine when unknown ones are booted
+    app.events.fleet = lambda mac: (app.settings.policy.unknown == "default"
+                                    or mac in app.inventory.nodes)
+    app.node_state = state
     app.reload = lambda: reload_now(app)
     if inventory is None:
         app.inventory, app.render = validate_config(app)
@@ -58,6 +68,27 @@ def _count_phase(app: App):
         if ev.kind in phases and ev.fields.get("outcome", "ok") == "ok":
             app.metrics.boots.labels(ev.kind).inc()
     return on_event
+
+
+async def follow_operator_verbs(app: App) -> None:
+    """An operator's ``netbootd nodes reinstall|local|netboot`` (another process) takes
+    effect at the node's next request: its open sessions are dropped. The daemon's own
+    writes (a node's reports, ``by: node``) must not drop the session they belong to."""
+    seen: dict[str, int] = {}
+    try:
+        async for mac in app.node_state.watch():
+            rec = app.node_state.get(mac)
+            if rec is None or rec.by == "node" or seen.get(mac) == rec.rev:
+                continue
+            if len(seen) > 10_000:
+                seen.clear()
+            seen[mac] = rec.rev
+            app.planner.forget(mac)
+            log.info("lifecycle of %s changed by %s: %s", mac, rec.by, rec.stage.value)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("lifecycle watch stopped")
 
 
 class Daemon:
@@ -87,6 +118,8 @@ class Daemon:
             log.info("service %s started", name)
         self._tasks.append(asyncio.create_task(watch_config(self.app, self._stop),
                                                name="config-watch"))
+        self._tasks.append(asyncio.create_task(follow_operator_verbs(self.app),
+                                               name="lifecycle-watch"))
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -143,10 +176,48 @@ def settle_heap() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
+class QuietExceptionHandler:
+    """The loop's exception handler, logging each kind of message at most once per
+    ``interval`` seconds with a count of what it held back.
+
+    Why: when descriptors run out, asyncio reports every failed ``accept()`` through
+    the loop's handler with a traceback; slow HTTP clients once made that 204,793
+    tracebacks in 18 s, which cost more than the flood itself and buried everything
+    else in the log.
+    """
+
+    def __init__(self, interval: float = 10.0, clock: Any = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        key = f"{context.get('message', '')}|{type(exc).__name__ if exc else ''}"
+        key += f"|{getattr(exc, 'errno', '')}"
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        if len(self._last) > 1024:  # bounded: old kinds are forgotten
+            self._last.clear()
+            self._held.clear()
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            context = dict(context)
+            context["message"] = (f"{context.get('message', '')} (and {held} more like it "
+                                  f"in the last {self.interval:.0f} s, not logged)")
+        loop.default_exception_handler(context)
+
+
 async def serve(app: App) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the config."""
     daemon = Daemon(app)
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(QuietExceptionHandler())
     loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
     loop.add_signal_handler(signal.SIGINT, daemon.request_stop)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)

@@ -22,3 +22,15 @@ class Conflict(NetbootdError):
 
 class Invalid(NetbootdError):
     """The request itself is malformed or breaks a rule (bad name, bad build). 400/422."""
+
+
+class TooLarge(Invalid):
+    """Something went past its size limit (an upload: the API answers 413)."""
+
+    def __init__(self, limit: int, what: str = "upload") -> None:
+        self.limit = limit
+        super().__init__(f"{what} larger than {limit} bytes")
+
+
+class DiskFull(TooLarge):
+    """It would not fit on the disk (a reserve of free space is kept). HTTP 507."""

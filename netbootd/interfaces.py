@@ -58,6 +58,14 @@ class Plans(Protocol):
         """The boot is over (a lifecycle event with proof): the next boot re-plans."""
         ...
 
+    def forget(self, mac: str) -> None:
+        """Drop every session of this MAC (its lifecycle changed: re-plan at once)."""
+        ...
+
+    def versions_in_use(self) -> set[tuple[str, str]]:
+        """(image, version) of every open session and running OS: GC keeps these."""
+        ...
+
 
 class Renderer(Protocol):
     """Per-node text for a plan (implemented by :class:`netbootd.render.Renderer`)."""
@@ -97,6 +105,14 @@ class Nodes(Protocol):
         """Is this MAC an inventory node?"""
         ...
 
+    def macs(self) -> list[str]:
+        """Every inventory node's MAC, in file order."""
+        ...
+
+    def static_ip(self, mac: str) -> str | None:
+        """The node's configured address (nodes.yaml ``ip``), if any."""
+        ...
+
     def mac_for_serial(self, serial: str) -> str | None:
         ...
 
@@ -120,10 +136,6 @@ class Nodes(Protocol):
 
     def members(self) -> Iterable[tuple[str, str, str | None]]:
         """(hostname, mac, static ip or None) of every inventory node."""
-        ...
-
-    def static_ip(self, mac: str) -> str | None:
-        """The node's ``ip`` from nodes.yaml (configured evidence), else None."""
         ...
 
     def owns(self, mac: str, ip: str) -> bool:
@@ -188,3 +200,97 @@ OnReload = Callable[[Callable[[], None]], None]
 #: Register a callback; returns the function that unregisters it (reload hooks, store
 #: changes, address changes: a service that stops must leave nothing behind).
 Subscribe = Callable[[Callable[[], None]], Callable[[], None]]
+
+
+class Catalogue(Protocol):
+    """The image store as the API, the CLI, the status page and NFS see it (implemented by
+    :class:`netbootd.store.store.ImageStore`).
+
+    Mistakes are typed (:mod:`netbootd.errors`): ``NotFound`` (unknown image or version,
+    404), ``Conflict`` (nothing to roll back to, not pinned, upload pending, another
+    process is the store's writer: 409), ``Invalid`` (bad name or MAC, ambiguous pin,
+    upload too large: 400; ``TooLarge`` is the 413 case). ``resolve`` records nothing;
+    ``mark_used`` is how a started boot session keeps its version from GC.
+    """
+
+    @property
+    def on_change(self) -> list[Callable[[], None]]:
+        """Listeners called after every change (any thread); append to register."""
+        ...
+
+    def images(self) -> list[str]:
+        ...
+
+    def versions(self, image: str) -> list[str]:
+        """Oldest first (manifest ``created``)."""
+        ...
+
+    def ref(self, image: str, version: str) -> ImageRef | None:
+        ...
+
+    def all_refs(self) -> list[ImageRef]:
+        """Every stored version (NFS exports each rootfs)."""
+        ...
+
+    def channels(self, image: str) -> dict[str, str]:
+        """channel -> active version."""
+        ...
+
+    def active(self, image: str, channel: str) -> str | None:
+        ...
+
+    def history(self, image: str | None = None) -> list[dict]:
+        ...
+
+    def pins(self) -> dict[str, dict]:
+        """MAC -> {version, image, by, when}."""
+        ...
+
+    def rejected(self) -> list[dict]:
+        """Refused builds, newest first: {name, reason, when, image?, version?}."""
+        ...
+
+    def list_images(self) -> list[dict]:
+        """JSON-able overview: channels, versions, where active, pins, recent history."""
+        ...
+
+    def resolve(self, image: str, channel: str, pin: str | None, *, mac: str | None = None
+                ) -> ImageRef | None:
+        """Inventory pin, else store pin for ``mac``, else the channel. No side effects."""
+        ...
+
+    def mark_used(self, image: str, version: str) -> None:
+        """A boot session on this version started: retention keeps it for a while."""
+        ...
+
+    def activate(self, image: str, version: str, channel: str, *, by: str = "cli",
+                 why: str = "") -> None:
+        ...
+
+    def rollback(self, image: str, channel: str, *, by: str = "cli") -> str:
+        """Back to the previously active version; returns it."""
+        ...
+
+    def pin(self, mac: str, version: str, image: str | None = None, *, by: str = "cli"
+            ) -> None:
+        ...
+
+    def unpin(self, mac: str) -> None:
+        ...
+
+    def gc(self, *, dry_run: bool = False, in_use: set[tuple[str, str]] = frozenset()
+           ) -> list[tuple[str, str]]:
+        """Delete (or with ``dry_run`` list) the versions retention does not keep."""
+        ...
+
+    def prune_rejected(self, keep: int, *, dry_run: bool = False) -> list[str]:
+        ...
+
+    def prune_history(self, keep: int, *, dry_run: bool = False) -> int:
+        ...
+
+    async def ingest_upload(self, name: str, version: str, stream: Any, *,
+                            max_bytes: int | None = None) -> dict[str, Any]:
+        """``PUT /api/v1/images/<name>/<version>``: store the body, ingest it, return the
+        ingest result as a dict (``accepted``, ``reason``, ``activated``...)."""
+        ...

@@ -49,6 +49,20 @@ class Selectors(BaseModel):
         return out
 
 
+class InstallSpec(BaseModel):
+    """What ``action: install`` writes to the node's disk, and with which installer."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(description="Disk image (kind disk) to install.")
+    channel: str | None = Field(None, description="Its channel (default: the node's).")
+    pin: str | None = Field(None, description="Install exactly this version.")
+    installer: str | None = Field(None, description="Installer image (default: "
+                                  "provision.installer_image).")
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class Profile(BaseModel):
     """Defaults for every machine it matches; node entries override them."""
 
@@ -58,6 +72,7 @@ class Profile(BaseModel):
     role: str | None = None
     image: str | None = None
     channel: str | None = None
+    install: InstallSpec | None = None
     templates: dict[str, str] = Field(default_factory=dict, description=(
         "artefact -> template file, e.g. {ipxe: custom.ipxe.j2, user-data: k3s.yaml.j2}"))
     vars: dict[str, Any] = Field(default_factory=dict)
@@ -79,6 +94,7 @@ class Node(BaseModel):
     image: str | None = None
     pin: str | None = Field(None, description="Image version this node stays on.")
     action: Action | None = None
+    install: InstallSpec | None = None
     ip: str | None = Field(None, description="Expected address (strict cloud-init, exports).")
     match: Literal["mac", "serial"] | None = Field(None, description=(
         "serial: this node's Pi serial alone identifies it, whatever MAC asks (default "
@@ -109,6 +125,9 @@ class InventoryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     profiles: dict[str, Profile] = Field(default_factory=dict)
     nodes: dict[str, Node] = Field(default_factory=dict)
+    #: This file may drop more nodes than ``reload.max_node_loss`` allows (or all of
+    #: them) on a hot reload. Remove it again once the shrink is in force.
+    allow_shrink: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +138,7 @@ class Inventory:
     profiles: dict[str, Profile]
     by_serial: dict[str, str]
     source: Path | None = None
+    allow_shrink: bool = False  #: the file says a reload may drop many nodes
 
     @classmethod
     def empty(cls) -> Inventory:
@@ -189,12 +209,15 @@ class Inventory:
             labels={**prof.labels, **labels},
             vars={**prof.vars, **(node.vars if node else {})},
             templates={**prof.templates, **(node.templates if node else {})},
+            install=(pick("install", None).as_dict() if pick("install", None) else {}),
+            desired=pick("action", None),
         )
 
 
-def load_inventory(path: Path) -> Inventory:
-    """Parse and validate ``nodes.yaml``; every problem names file, line and field."""
-    data = load_yaml(path)
+def load_inventory(path: Path, text: str | None = None) -> Inventory:
+    """Parse and validate ``nodes.yaml`` (or ``text``, its content as already read);
+    every problem names file, line and field."""
+    data = load_yaml(path, text)
     if not isinstance(data, dict):
         raise ConfigError.single(path, 1, "", "top level must be a mapping with nodes/profiles")
     problems: list[Problem] = []
@@ -249,7 +272,7 @@ def load_inventory(path: Path) -> Inventory:
     if problems:
         raise ConfigError(problems)
     return Inventory(nodes=dict(parsed.nodes), profiles=profiles, by_serial=by_serial,
-                     source=path)
+                     source=path, allow_shrink=parsed.allow_shrink)
 
 
 def _relined(data: Any, nodes_in: LineDict) -> Any:

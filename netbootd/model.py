@@ -101,6 +101,22 @@ class ClientFacts:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskImage:
+    """The raw disk image of a ``disk`` build (manifest ``disk`` section): what an
+    installer streams to the node's disk, and what it checks the result against."""
+
+    path: str
+    #: ``none`` | ``zst`` | ``xz`` | ``gz``: how the stored file is compressed.
+    compression: str
+    #: Size and sha256 of the stored (possibly compressed) file.
+    size: int
+    sha256: str
+    #: Size and sha256 of the raw image once decompressed (declared by the builder).
+    uncompressed_size: int
+    uncompressed_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
 class ImageRef:
     """One immutable image version in the store, resolved once per boot session."""
 
@@ -116,6 +132,8 @@ class ImageRef:
     boards: tuple[str, ...] = ()
     #: The manifest's ``boot`` section: kernel, initrd, cmdline, rootfs, boot_tree, disk.
     boot: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    #: The disk image of a ``disk`` build, else None.
+    disk: DiskImage | None = None
 
     def path(self, relative: str) -> Path:
         """Path of an artefact inside this version (caller has validated ``relative``)."""
@@ -140,6 +158,11 @@ class NodeView:
     labels: dict[str, str] = field(default_factory=dict)
     vars: dict[str, Any] = field(default_factory=dict)
     templates: dict[str, str] = field(default_factory=dict)
+    #: What to install when the action is ``install``: {image, channel, pin, installer}.
+    install: dict[str, str] = field(default_factory=dict)
+    #: The inventory's own action (None when neither node nor profile names one);
+    #: ``action`` above may be the lifecycle's (nodestate.py) once the planner decided.
+    desired: Action | None = None
 
 
 #: Actions that get an answer. A module constant: proxy-DHCP asks per packet, and two
@@ -162,6 +185,14 @@ class BootPlan:
     session: str
     created: float
     facts: ClientFacts | None = None
+    #: For ``install``: the disk image the installer (``image``) writes; for a node that
+    #: runs from its disk: the version installed there, when known.
+    disk: ImageRef | None = None
+    #: Proof of this boot: rendered only into the node's own boot files (cmdline), asked
+    #: back with every lifecycle report (installing/installed/booted/failed).
+    token: str = ""
+    #: The lifecycle stage the plan was made from ("" = none recorded).
+    stage: str = ""
 
     @property
     def mac(self) -> str:

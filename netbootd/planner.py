@@ -13,14 +13,17 @@ hot-swapped version, while a boot in flight never does.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
 from .inventory import Inventory
-from .model import Action, BootPlan, ClientFacts, ImageRef
+from .model import Action, BootPlan, ClientFacts, ClientKind, ImageRef, NodeView
+from .nodestate import NodeRecord, NodeState, Stage
 from .settings import Settings
 
 
@@ -30,7 +33,8 @@ class ImageResolver(Protocol):
     def resolve(self, image: str, channel: str, pin: str | None, *, mac: str | None = None
                 ) -> ImageRef | None:
         """The version a node gets: the inventory pin, else a pin the store keeps for
-        ``mac`` (``netbootd images pin``), else the channel's active version."""
+        ``mac`` (``netbootd images pin``), else the channel's active version. Pure: asking
+        changes nothing (``netbootd plan`` must not change what GC keeps)."""
         ...
 
 
@@ -42,112 +46,353 @@ class NoImages:
         return None
 
 
+#: DHCP client architectures (RFC 4578 / IANA) by the board family they boot.
+_X86_ARCHES = frozenset({0, 6, 7, 9})
+_ARM64_ARCHES = frozenset({11, 19, 22})
+#: Board names an image's manifest may use for each family.
+X86_BOARDS = frozenset({"x86_64", "amd64", "x86", "i386", "pc"})
+ARM64_BOARDS = frozenset({"arm64", "aarch64"})
+
+
+def pi_boards(boards: tuple[str, ...]) -> bool:
+    return any(b.lower().startswith(("rpi", "raspberrypi", "pi")) for b in boards)
+
+
+def incompatibility(facts: ClientFacts, image: ImageRef) -> str | None:
+    """Why ``image`` cannot boot this client, or None when it can (or we cannot tell).
+
+    A Raspberry Pi needs a Pi boot tree; a PXE/iPXE client needs a kernel for its CPU.
+    An image without ``boards`` (older tests, synthetic stores) is not judged.
+    """
+    boards = tuple(b.lower() for b in image.boards)
+    if not boards:
+        return None
+    what = f"image {image.name} {image.version} (kind {image.kind}, boards {', '.join(boards)})"
+    if facts.kind is ClientKind.RPI:
+        if image.kind == "pi-boot+rootfs" or image.boot.get("boot_tree") or pi_boards(boards):
+            return None
+        return f"{what} has no Raspberry Pi boot tree"
+    if facts.kind is ClientKind.OTHER and facts.arch is None:
+        return None
+    if image.kind == "disk":
+        return f"{what} is a disk image: it is installed, not netbooted"
+    arch = facts.arch
+    if facts.kind in (ClientKind.PXE_BIOS, ClientKind.PXE_UEFI_X64):
+        arch = 7 if arch is None else arch
+    if facts.kind is ClientKind.PXE_UEFI_ARM64:
+        arch = 11 if arch is None else arch
+    if arch in _X86_ARCHES and not set(boards) & X86_BOARDS:
+        return f"{what} does not boot x86 machines (client arch {arch})"
+    if arch in _ARM64_ARCHES and not set(boards) & ARM64_BOARDS:
+        return f"{what} does not boot arm64 machines (client arch {arch})"
+    return None
+
+
+def effective_action(node: NodeView, record: NodeRecord | None, *, retry_failed: bool = True
+                     ) -> tuple[Action, str]:
+    """The action a node gets: nodes.yaml's, unless its lifecycle says otherwise.
+
+    Precedence (docs/provisioning.md): an inventory ``ignore`` always wins. Otherwise a
+    lifecycle record written while nodes.yaml said what it says now wins: an install
+    that finished makes the node ``local`` (silence: it boots from its disk), an
+    unfinished or failed one installs again (unless ``provision.retry_failed`` is off),
+    an operator's ``netbootd nodes reinstall|local|netboot`` applies. An edit of the
+    node's action in nodes.yaml after that record starts over from the new action.
+    """
+    inventory = node.action or Action.NETBOOT
+    if inventory is Action.IGNORE or record is None:
+        return inventory, ""
+    desired = node.desired.value if node.desired is not None else None
+    if record.desired != desired:
+        return inventory, ""
+    stage = record.stage
+    if stage in (Stage.INSTALL, Stage.INSTALLING):
+        why = "install did not finish" if stage is Stage.INSTALLING else "install requested"
+        return Action.INSTALL, f"lifecycle {stage.value}: {why}"
+    if stage is Stage.FAILED:
+        if retry_failed:
+            return Action.INSTALL, f"lifecycle install-failed ({record.reason}): retrying"
+        return Action.LOCAL, f"lifecycle install-failed ({record.reason}): not retried"
+    if stage in (Stage.INSTALLED, Stage.LOCAL):
+        return Action.LOCAL, (f"lifecycle {stage.value}: {record.image or 'disk'} "
+                              f"{record.version or ''}".rstrip())
+    return Action.NETBOOT, "lifecycle netboot (operator)"
+
+
 def decide(facts: ClientFacts, inventory: Inventory, settings: Settings,
-           images: ImageResolver, *, now: float | None = None) -> BootPlan:
-    """The pure decision for one machine, without the cache."""
+           images: ImageResolver, *, now: float | None = None,
+           record: NodeRecord | None = None) -> BootPlan:
+    """The pure decision for one machine, without the cache. ``record`` is the node's
+    lifecycle record (nodestate.py), read by the caller."""
     now = time.time() if now is None else now
     node = inventory.view(facts)
     session = uuid.uuid4().hex[:12]
+    token = secrets.token_hex(12)
+    stage = record.stage.value if record is not None else ""
 
-    def plan(action: Action, reason: str, image: ImageRef | None = None) -> BootPlan:
+    def plan(action: Action, reason: str, image: ImageRef | None = None,
+             disk: ImageRef | None = None) -> BootPlan:
         return BootPlan(action=action, node=node, image=image, reason=reason, session=session,
-                        created=now, facts=facts)
+                        created=now, facts=facts, disk=disk, token=token, stage=stage)
 
     if not node.known and settings.policy.unknown == "ignore":
         return plan(Action.IGNORE, "unknown machine and policy.unknown is 'ignore'")
-    action = node.action or Action.NETBOOT
+    action, why_action = effective_action(node, record,
+                                          retry_failed=settings.provision.retry_failed)
     if action in (Action.LOCAL, Action.IGNORE):
-        src = "inventory" if node.known else f"profile {node.profile!r}"
-        return plan(action, f"action {action.value!r} from {src}")
-    image_name = node.image or settings.boot.default_image
+        src = why_action or ("inventory" if node.known else f"profile {node.profile!r}")
+        installed = None
+        if record is not None and record.image and record.version and action is Action.LOCAL:
+            installed = images.resolve(record.image, "", record.version, mac=None)
+        return plan(action, f"action {action.value!r} from {src}", disk=installed)
     channel = node.channel or settings.boot.default_channel
-    ref = images.resolve(image_name, channel, node.pin, mac=node.mac)
+    disk: ImageRef | None = None
+    if action is Action.INSTALL:
+        spec = node.install
+        if not spec.get("image"):
+            return plan(action, "action install but no install.image named (nodes.yaml)")
+        disk_channel = spec.get("channel") or channel
+        disk = images.resolve(spec["image"], disk_channel, spec.get("pin"), mac=None)
+        if disk is None:
+            what = f"version {spec['pin']!r}" if spec.get("pin") else f"channel {disk_channel!r}"
+            return plan(action, f"no version of disk image {spec['image']!r} for {what}")
+        if disk.kind != "disk" or disk.disk is None:
+            return plan(Action.IGNORE, f"not answered: {disk.name} {disk.version} is kind "
+                        f"{disk.kind!r}, not a disk image")
+        image_name = spec.get("installer") or settings.provision.installer_image
+        ref = images.resolve(image_name, channel, None, mac=None)
+        pin_note = ""
+    else:
+        image_name = node.image or settings.boot.default_image
+        ref = images.resolve(image_name, channel, node.pin, mac=node.mac)
+        pin_note = f"pinned version {node.pin!r}" if node.pin else ""
     if ref is None:
-        what = f"pinned version {node.pin!r}" if node.pin else f"channel {channel!r}"
-        return plan(action, f"no version of image {image_name!r} for {what}")
+        return plan(action, f"no version of image {image_name!r} for "
+                    f"{pin_note or f'channel {channel!r}'}", disk=disk)
+    why_not = incompatibility(facts, ref)
+    if why_not is not None:
+        # Silence, not a broken boot: the machine falls through to its next boot device
+        # and the reason is in the log, the event timeline and ``netbootd plan``.
+        return plan(Action.IGNORE, f"not answered: {why_not}")
     why = f"pinned to {ref.version}" if ref.pinned else f"{ref.version} active on {channel!r}"
-    return plan(action, f"{action.value} {image_name} {why}", ref)
+    if disk is not None:
+        why += f", writing {disk.name} {disk.version}"
+    if why_action:
+        why += f" ({why_action})"
+    return plan(action, f"{action.value} {image_name} {why}", ref, disk)
+
+
+def fit_warnings(inventory: Inventory, settings: Settings, images: ImageResolver) -> list[str]:
+    """``netbootd check``: inventory nodes whose image cannot boot them, as far as the
+    inventory tells what they are (a Pi serial, a profile's kind or arch selector).
+    Warnings, not errors: the image may become fit before the node boots."""
+    out = []
+    for mac, node in inventory.nodes.items():
+        view = inventory.view(ClientFacts(mac=mac, serial=node.serial))
+        prof = inventory.profiles.get(view.profile)
+        sel = prof.selectors if prof is not None else None
+        kind = ClientKind.RPI if node.serial or (sel and sel.kind == "rpi") else None
+        if kind is None and sel is not None and sel.kind:
+            try:
+                kind = ClientKind(sel.kind)
+            except ValueError:
+                kind = None
+        arch = sel.arch if sel is not None else None
+        if kind is None and arch is None:
+            continue
+        facts = ClientFacts(mac=mac, serial=node.serial, kind=kind or ClientKind.OTHER,
+                            arch=arch)
+        plan = decide(facts, inventory, settings, images)
+        if plan.action is Action.IGNORE and plan.reason.startswith("not answered:"):
+            out.append(f"{view.hostname} ({mac}): {plan.reason.removeprefix('not answered: ')}"
+                       " -- it gets no answer")
+    return out
+
+
+class _Session:
+    """One open boot session: the plan, when it was last asked about, open transfers."""
+
+    __slots__ = ("holds", "last", "plan")
+
+    def __init__(self, plan: BootPlan, now: float) -> None:
+        self.plan = plan
+        self.last = now
+        self.holds = 0
 
 
 class Planner:
-    """``decide`` plus the boot-session cache. Thread-safe (TFTP/HTTP threads ask too)."""
+    """``decide`` plus the boot-session table. Thread-safe (TFTP/HTTP threads ask too).
+
+    What starts a new boot, in one place:
+
+    - A *firmware* request (proxy-DHCP, TFTP, ``/ipxe``: :meth:`plan`) continues the
+      node's open firmware session, or starts one. Each request of the boot (also
+      ``/files``, the beacon, cloud-init, events: :meth:`current`) slides the session by
+      ``boot.session_ttl``; a transfer in progress (:meth:`hold`) keeps it open however
+      long it takes. The plan never changes inside a session.
+    - When the firmware hands over to the kernel (iPXE's beacon, or the booted OS's
+      first request), or the node reports a lifecycle event with proof, the firmware
+      session ends (:meth:`handed_over`, :meth:`end`): the next firmware request, e.g.
+      after a power cycle, plans afresh and gets a hot-swapped version. The plan the OS
+      booted with is kept (``boot.os_plan_ttl``), so its cloud-init and events see the
+      version it runs.
+    - Plans that boot nothing (no image, ``local``, ``ignore``) are never held: the
+      node's next request decides again, so a Pi that asked before its image was active
+      boots as soon as it is.
+    """
 
     def __init__(self, settings: Callable[[], Settings], inventory: Callable[[], Inventory],
-                 images: ImageResolver, *, clock: Callable[[], float] = time.time) -> None:
+                 images: ImageResolver, *, clock: Callable[[], float] = time.time,
+                 state: NodeState | None = None) -> None:
         self._settings = settings
         self._inventory = inventory
         self.images = images
+        #: The lifecycle records (nodestate.py); None = no provisioning state (tests).
+        self.state = state
         self._clock = clock
         self._lock = threading.Lock()
-        #: mac -> [plan, last asked]: a list, so the hot path (proxy-DHCP asks per packet)
-        #: slides the TTL in place instead of allocating a tuple per request.
-        self._sessions: dict[str, list] = {}
+        #: mac -> firmware session, least recently asked first (eviction and expiry are
+        #: O(1) from the front: a flood of new MACs never rescans the table).
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        #: mac -> the plan its running OS booted with, oldest first.
+        self._booted: OrderedDict[str, _Session] = OrderedDict()
+        #: Sessions dropped because the table was full (a metric; a flood of MACs).
+        self.evicted = 0
 
+    # -- firmware requests -------------------------------------------------------------------
     def plan(self, facts: ClientFacts) -> BootPlan:
         """The plan for this boot session; created on first ask, then fixed until it ends."""
         now = self._clock()
-        ttl = self._settings().boot.session_ttl
+        boot = self._settings().boot
         with self._lock:
             hit = self._sessions.get(facts.mac)
-            if hit and now - hit[1] < ttl:
-                hit[1] = now
-                return hit[0]
-        fresh = decide(facts, self._inventory(), self._settings(), self.images, now=now)
-        if not fresh.answers:
-            # Nothing is in flight for a machine we stay silent for (local, ignore): don't
-            # hold a session, so an inventory change reaches it on its very next request
-            # instead of after the session TTL. (A plan without an image does hold one: the
-            # DHCP hot path reuses its prepared reply; HTTP ends it once the "nothing to
-            # boot" script is sent.)
-            return fresh
+            if hit is not None and (hit.holds or now - hit.last < boot.session_ttl):
+                hit.last = now
+                self._sessions.move_to_end(facts.mac)
+                return hit.plan
+        fresh = self._decide(facts, now)
+        if not fresh.answers or fresh.image is None:
+            return fresh  # never sticky: the next request decides again
         with self._lock:
             hit = self._sessions.get(facts.mac)
-            if hit and now - hit[1] < ttl:  # another thread planned first: theirs stands
-                return hit[0]
-            self._sessions[facts.mac] = [fresh, now]
-            if len(self._sessions) > self.PRUNE_ABOVE:
-                self._prune(now, ttl)
+            if hit is not None and (hit.holds or now - hit.last < boot.session_ttl):
+                return hit.plan  # another thread planned first: theirs stands
+            self._sessions[facts.mac] = _Session(fresh, now)
+            self._sessions.move_to_end(facts.mac)
+            self._expire(self._sessions, now, boot.session_ttl, boot.max_sessions)
+        self._mark_used(fresh)
         return fresh
 
-    #: Expired sessions are dropped when the table grows past this, so a flood of random
-    #: MACs cannot grow memory between the GC's calls to ``sessions()``.
-    PRUNE_ABOVE = 4096
+    def _decide(self, facts: ClientFacts, now: float) -> BootPlan:
+        record = None
+        if self.state is not None:
+            inventory = self._inventory()
+            found = inventory.node_for(facts)
+            record = self.state.get(found[0] if found else facts.mac)
+        return decide(facts, self._inventory(), self._settings(), self.images, now=now,
+                      record=record)
 
-    def _prune(self, now: float, ttl: float) -> None:
-        for mac in [m for m, (_, t) in self._sessions.items() if now - t >= ttl]:
-            del self._sessions[mac]
-
-    def peek(self, facts: ClientFacts) -> BootPlan:
-        """What this machine would get if it booted now (CLI ``plan``, API); not cached."""
-        return decide(facts, self._inventory(), self._settings(), self.images,
-                      now=self._clock())
-
-    def current(self, mac: str) -> BootPlan | None:
-        """The live session's plan for a MAC, if one is open (no new plan is made)."""
-        now = self._clock()
-        with self._lock:
-            hit = self._sessions.get(mac)
-            if hit and now - hit[1] < self._settings().boot.session_ttl:
-                return hit[0]
-        return None
-
-    def end_session(self, mac: str) -> None:
-        """The boot finished (``booted`` callback): the next boot plans afresh."""
+    def forget(self, mac: str) -> None:
+        """Drop every session of this MAC (an operator changed its lifecycle)."""
         with self._lock:
             self._sessions.pop(mac, None)
+            self._booted.pop(mac, None)
+
+    def _mark_used(self, plan: BootPlan) -> None:
+        """Retention is recorded where a session starts, never when someone only asks."""
+        mark = getattr(self.images, "mark_used", None)
+        if mark is not None:
+            for ref in (plan.image, plan.disk):
+                if ref is not None:
+                    mark(ref.name, ref.version)
+
+    def _expire(self, table: OrderedDict[str, _Session], now: float, ttl: float,
+                limit: int) -> None:
+        """Drop expired entries from the front, then the oldest beyond ``limit``."""
+        while table:
+            mac, s = next(iter(table.items()))
+            if s.holds or now - s.last < ttl:
+                break
+            del table[mac]
+        while len(table) > limit:
+            table.popitem(last=False)
+            self.evicted += 1
+
+    # -- requests of a boot already planned ----------------------------------------------------
+    def current(self, mac: str) -> BootPlan | None:
+        """The plan of the boot this MAC is in: its firmware session, else the plan its
+        OS booted with. Refreshes it. None when the MAC is in no boot."""
+        now = self._clock()
+        boot = self._settings().boot
+        with self._lock:
+            for table, ttl in ((self._sessions, boot.session_ttl),
+                               (self._booted, boot.os_plan_ttl)):
+                hit = table.get(mac)
+                if hit is not None and (hit.holds or now - hit.last < ttl):
+                    hit.last = now
+                    table.move_to_end(mac)
+                    return hit.plan
+        return None
+
+    def hold(self, mac: str) -> None:
+        """A transfer for this node started: the session stays open until release."""
+        with self._lock:
+            hit = self._sessions.get(mac) or self._booted.get(mac)
+            if hit is not None:
+                hit.holds += 1
+
+    def release(self, mac: str) -> None:
+        """A transfer ended; the session slides from now."""
+        now = self._clock()
+        with self._lock:
+            for table in (self._sessions, self._booted):
+                hit = table.get(mac)
+                if hit is not None and hit.holds:
+                    hit.holds -= 1
+                    hit.last = now
+                    return
+
+    def handed_over(self, mac: str) -> None:
+        """The firmware started the kernel: end the firmware session, keep its plan for
+        the OS that is now running."""
+        now = self._clock()
+        boot = self._settings().boot
+        with self._lock:
+            hit = self._sessions.pop(mac, None)
+            if hit is None:
+                return
+            hit.last = now
+            self._booted[mac] = hit
+            self._booted.move_to_end(mac)
+            self._expire(self._booted, now, boot.os_plan_ttl, boot.max_sessions)
+
+    def end(self, mac: str) -> None:
+        """The boot is over (``booted``/``installed`` with proof): the next boot plans
+        afresh; the OS keeps seeing the plan it booted with."""
+        self.handed_over(mac)
+
+    end_session = end
+
+    # -- no side effects -------------------------------------------------------------------------
+    def peek(self, facts: ClientFacts) -> BootPlan:
+        """What this machine would get if it booted now (CLI ``plan``, API); changes nothing."""
+        return self._decide(facts, self._clock())
 
     def reset(self) -> None:
         """Forget every session (after an inventory change an operator asked for)."""
         with self._lock:
             self._sessions.clear()
+            self._booted.clear()
 
     def sessions(self) -> list[BootPlan]:
-        """Open boot sessions; the store's GC and exports keep what these use."""
+        """Open boot sessions and the plans running OSes booted with; the store's GC and
+        the NFS exports keep what these use."""
         now = self._clock()
-        ttl = self._settings().boot.session_ttl
+        boot = self._settings().boot
         with self._lock:
-            self._prune(now, ttl)
-            return [p for p, _ in self._sessions.values()]
+            self._expire(self._sessions, now, boot.session_ttl, boot.max_sessions)
+            self._expire(self._booted, now, boot.os_plan_ttl, boot.max_sessions)
+            return [s.plan for s in (*self._sessions.values(), *self._booted.values())]
 
     def versions_in_use(self) -> set[tuple[str, str]]:
-        return {(p.image.name, p.image.version) for p in self.sessions() if p.image}
+        return {(r.name, r.version) for p in self.sessions() for r in (p.image, p.disk) if r}

@@ -15,7 +15,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .yamlfile import ConfigError, LineDict, load_yaml
@@ -131,6 +131,38 @@ class HttpSettings(_Section):
     strict_user_data: bool = Field(
         True, description="Serve user-data that carries secrets only to the IP tied to that "
         "MAC by DHCP or the neighbour table; others get 403.")
+    # -- slow clients and disk (docs/security.md) --
+    idle_timeout: float = Field(
+        15.0, gt=0, description="Seconds a connection may sit without a complete request "
+        "head: an idle keep-alive connection, or a client still trickling its request line "
+        "and headers (slow-header attack), is closed after this.")
+    max_connections: int = Field(
+        2000, ge=1, description="Concurrent HTTP connections at most; more are closed at "
+        "once and counted (netbootd_http_connections_refused). Capped at half the process's "
+        "open-file limit, so slow clients cannot take the descriptors TFTP needs.")
+
+
+class ReloadSettings(_Section):
+    settle_seconds: float = Field(
+        0.5, ge=0, description="A changed nodes.yaml or template is read only once it has "
+        "stayed the same (size, mtime and content) for this long: a file still being written "
+        "is never loaded half-way.")
+    max_node_loss: float = Field(
+        0.5, ge=0, le=1, description="A hot reload that would drop more than this share of "
+        "the nodes (or all of them) is refused, unless the new nodes.yaml says "
+        "`allow_shrink: true` at its top level (docs/configuration.md).")
+
+
+class EventSettings(_Section):
+    max_nodes: int = Field(
+        10000, ge=1, description="Machines kept in the node state table and their event "
+        "timelines (also when replaying the event files at start); beyond it the "
+        "least recently seen machine is evicted and counted "
+        "(netbootd_event_nodes_evicted). Bounds memory under a flood of random MACs.")
+    ignored_sample: int = Field(
+        32, ge=0, description="Machines the daemon ignored (not in the fleet) are counted, "
+        "not given a node row each; this many of the most recent are kept as a sample for "
+        "the status page and API.")
 
 
 class DnsSettings(_Section):
@@ -161,6 +193,11 @@ class BootSettings(_Section):
                                "machine: a boot that started on version N finishes on N.")
     default_image: str = Field("demo", description="Image used when a node/profile names none.")
     default_channel: str = Field("prod", description="Channel used when none is named.")
+    os_plan_ttl: float = Field(86400.0, gt=0, description="Seconds the plan a booted OS "
+                               "booted with stays known after its last request (its "
+                               "cloud-init and events see that version).")
+    max_sessions: int = Field(65536, ge=16, description="Boot sessions kept at most (and as "
+                              "many booted-OS plans); the least recently seen are evicted.")
 
 
 class RpiSettings(_Section):
@@ -195,6 +232,26 @@ class StoreSettings(_Section):
                                   "seconds (builds written in place always wait for the marker).")
     gc_interval: float = Field(600.0, gt=0, description="Seconds between retention GC runs "
                                "in the daemon.")
+    # -- hostile and careless builds (docs/store.md, "Limits") --
+    max_unpacked_bytes: int = Field(64 << 30, ge=1, description="Most bytes one build may "
+                                    "unpack or copy into staging; a build past it (a zip bomb) "
+                                    "is rejected while it is written. The manifest's declared "
+                                    "sizes bound it further.")
+    min_free_bytes: int = Field(512 << 20, ge=0, description="Free space the store keeps on "
+                                "its file system: an upload or ingest that would pass it stops "
+                                "and fails (checked with statvfs while writing).")
+    keep_rejected_max_bytes: int = Field(256 << 20, ge=0, description="A rejected build larger "
+                                         "than this is deleted; rejected/ keeps only its "
+                                         "reason and manifest.")
+
+
+class ProvisionSettings(_Section):
+    installer_image: str = Field("installer", description="Image (kind installer) that "
+                                 "writes disk images; a node's install.installer overrides.")
+    retry_failed: bool = Field(True, description="After install-failed, the next network "
+                               "boot installs again; false = stay silent until "
+                               "`netbootd nodes reinstall`.")
+    max_nodes: int = Field(100_000, ge=1, description="Lifecycle records kept at most.")
 
 
 class NfsSettings(_Section):
@@ -240,6 +297,9 @@ class Settings(BaseSettings):
     rpi: RpiSettings = Field(default_factory=RpiSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     nfs: NfsSettings = Field(default_factory=NfsSettings)
+    reload: ReloadSettings = Field(default_factory=ReloadSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
+    provision: ProvisionSettings = Field(default_factory=ProvisionSettings)
     secrets: dict[str, Path] = Field(
         default_factory=dict, description="Secret name -> file. Read at render time, only into "
         "the user-data of the node being served; never logged.")
@@ -254,6 +314,20 @@ class Settings(BaseSettings):
                 raise ValueError(f"secret name {k!r} must be an identifier (used in templates)")
         return v
 
+    @model_validator(mode="after")
+    def _session_outlives_silence(self) -> Settings:
+        # A boot session slides with every request and is held open by a running transfer;
+        # between two files a client may be silent for as long as a transfer may stay
+        # silent before it is given up (resends x timeout). A shorter TTL would let the
+        # next file be planned afresh and mix versions.
+        silent = self.tftp.retransmit_timeout * (self.tftp.retries + 1)
+        if self.boot.session_ttl < 2 * silent:
+            raise ValueError(
+                f"boot.session_ttl ({self.boot.session_ttl:g} s) must be at least twice the "
+                f"longest silence of a TFTP transfer (tftp.retransmit_timeout x "
+                f"(tftp.retries + 1) = {silent:g} s)")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -262,6 +336,11 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # First wins: CLI flags (init) > NETBOOTD_* env > the YAML file > field defaults.
         return (init_settings, env_settings, _YamlDataSource(settings_cls))
+
+    @property
+    def lifecycle_dir(self) -> Path:
+        """Where the provisioning lifecycle of each node is kept (nodestate.py)."""
+        return self.paths.state / "lifecycle"
 
     @property
     def node_state_dir(self) -> Path:

@@ -33,6 +33,13 @@ class InventoryNodes:
     def known(self, mac: str) -> bool:
         return mac in self._inventory().nodes
 
+    def macs(self) -> list[str]:
+        return list(self._inventory().nodes)
+
+    def loaded(self) -> bool:
+        inv = self._inventory()
+        return inv.source is not None or bool(inv.nodes)
+
     def mac_for_serial(self, serial: str) -> str | None:
         return self._inventory().mac_for_serial(serial)
 
@@ -100,8 +107,8 @@ class StoreArtefacts:
         self._renderer = renderer
 
     def ref(self, image: str, version: str) -> ImageRef | None:
-        store = self._store()
-        return store.ref(image, version) if store is not None else None
+        ref = getattr(self._store(), "ref", None)
+        return ref(image, version) if ref is not None else None
 
     def open(self, image: ImageRef, path: str) -> Path | None:
         """A manifest artefact of this version that resolves inside the version."""
@@ -172,3 +179,12 @@ def _artefact_set(image: ImageRef) -> frozenset[str]:
             _SETS.clear()
         hit = _SETS[key] = (image.artefacts, frozenset(image.artefacts))
     return hit[1]
+
+
+def owns_address(nodes: InventoryNodes, addresses: Addresses, mac: str, ip: str) -> bool:
+    """Is ``ip`` the address of machine ``mac``: learnt with evidence (DHCP, the kernel
+    neighbour table) or configured (nodes.yaml ``ip``)? The one check every secret and
+    every lifecycle report goes through."""
+    if not ip:
+        return False
+    return addresses.mac_for(ip) == mac or nodes.static_ip(mac) == ip

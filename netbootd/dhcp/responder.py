@@ -333,8 +333,10 @@ class Responder:
         if not server_ip:
             self._ignored(info, "no-address", "arrival interface has no IPv4 address")
             return None
-        # The client's content is fixed by the memo key; the rest the reply depends on:
-        key = (plan.session, server_ip, pxe_port)
+        # The client's content is fixed by the memo key; the rest the reply depends on.
+        # A plan without an image is made afresh per request (never sticky), so it
+        # shares one prepared reply instead of one per throwaway session.
+        key = (plan.session if plan.image is not None else "", server_ip, pxe_port)
         prepared = client.prepared.get(key)
         if prepared is None:
             answer = answer_for(info, server_ip, self.settings, pxe_request=pxe_port,

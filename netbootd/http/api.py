@@ -19,10 +19,14 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from .. import __version__
+from ..errors import Conflict, DiskFull, NotFound, TooLarge
+from ..lifecycle import Verdict
 from ..model import Action, ClientFacts, ClientKind, NodeView, normalise_serial
+from ..planner import effective_action
 from ..render import RenderError
 from . import auth
 from .boot import beacon
+from .context import HttpContext
 from .models import (
     MAC_PATTERN,
     NAME_PATTERN,
@@ -32,6 +36,7 @@ from .models import (
     EventOut,
     GcIn,
     ImagesOut,
+    NodeActionIn,
     NodeDetail,
     NodeList,
     NodeOut,
@@ -42,7 +47,7 @@ from .models import (
     RollbackIn,
 )
 from .openapi import Op, Param, document
-from .util import SERVICE, guess_facts, json_error, parse_mac, server_info, the_app, valid_name
+from .util import SERVICE, context, json_error, parse_mac, server_info, valid_name
 
 log = logging.getLogger("netbootd.http.api")
 
@@ -107,8 +112,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 async def _store(request: web.Request, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Call the image store in a thread; map its errors (StoreError) to 400/404/409."""
-    store = the_app(request).store
+    """Call the image store in a thread; map its typed errors to 404/409/400."""
+    store = context(request).catalogue
     fn: Callable[..., Any] | None = getattr(store, method, None) if store is not None else None
     if fn is None:
         raise _Refused(409, "the image store is not running")
@@ -116,73 +121,82 @@ async def _store(request: web.Request, method: str, *args: Any, **kwargs: Any) -
         if asyncio.iscoroutinefunction(fn):
             return await fn(*args, **kwargs)
         return await asyncio.to_thread(fn, *args, **kwargs)
-    except ValueError as exc:  # StoreError is a ValueError: a user mistake, never a 500
-        raise _Refused(_store_status(exc), str(exc)) from None
+    except ValueError as exc:  # every store error is a ValueError: a user mistake, not a 500
+        raise _Refused(status_for(exc), str(exc)) from None
 
 
-def _store_status(exc: BaseException) -> int:
-    """StoreError carries no code; its messages are stable enough to classify."""
-    text = str(exc).lower()
-    if text.startswith("unknown ") or "no image has" in text or "no longer in the store" in text:
+def status_for(exc: BaseException) -> int:
+    """The HTTP status of a typed error (errors.py); any other ValueError is a 400."""
+    if isinstance(exc, DiskFull):
+        return 507
+    if isinstance(exc, TooLarge):
+        return 413
+    if isinstance(exc, NotFound):
         return 404
-    if any(w in text for w in ("nothing to roll back", "is not pinned", "already pending",
-                               "no version of", "larger than")):
+    if isinstance(exc, Conflict):
         return 409
     return 400
 
 
 # -- nodes -------------------------------------------------------------------------------
-def _expected_action(app: Any, view: NodeView) -> str:
+def _expected_action(ctx: HttpContext, view: NodeView) -> str:
     """The action a machine gets, without resolving images (cheap enough for a list)."""
-    current = app.planner.current(view.mac)
+    current = ctx.plans.current(view.mac)
     if current is not None:
         return current.action.value
-    if not view.known and app.settings.policy.unknown == "ignore":
+    if not view.known and ctx.settings.policy.unknown == "ignore":
         return Action.IGNORE.value
-    return (view.action or Action.NETBOOT).value
+    action, _ = effective_action(view, ctx.node_state.get(view.mac),
+                                 retry_failed=ctx.settings.provision.retry_failed)
+    return action.value
 
 
-def node_out(app: Any, mac: str, cls: type[NodeOut] = NodeOut, **extra: Any) -> NodeOut:
-    facts = guess_facts(app, mac)
-    view = app.inventory.view(facts)
-    state = app.events.nodes.get(mac)
-    inv = app.inventory.nodes.get(mac)
-    ip = (state.ip if state else None) or (inv.ip if inv else None) or app.clients.ip_for(mac)
+def node_out(ctx: HttpContext, mac: str, cls: type[NodeOut] = NodeOut, **extra: Any) -> NodeOut:
+    view = ctx.nodes.view(ctx.nodes.facts_for(mac))
+    state = ctx.events.nodes.get(mac)
+    ip = (state.ip if state else None) or ctx.nodes.static_ip(mac) or ctx.addresses.ip_for(mac)
+    rec = ctx.node_state.get(mac)
+    if rec is not None:
+        extra.setdefault("lifecycle", rec.stage.value)
+        extra.setdefault("progress", rec.progress)
+        if rec.image and rec.version:
+            extra.setdefault("installed", f"{rec.image} {rec.version}")
     return cls(
         mac=mac, hostname=view.hostname, known=view.known, profile=view.profile,
-        role=view.role, action=_expected_action(app, view), ip=ip,
+        role=view.role, action=_expected_action(ctx, view), ip=ip,
         phase=state.phase if state else "unknown", image=state.image if state else None,
         version=state.version if state else None,
         last_seen=state.last_seen if state and state.last_seen else None,
         message=state.message if state else "", **extra)
 
 
-def all_nodes(app: Any) -> list[NodeOut]:
-    macs = list(app.inventory.nodes)
-    macs += [m for m in list(app.events.nodes) if m not in app.inventory.nodes]
-    return [node_out(app, m) for m in macs]
+def all_nodes(ctx: HttpContext) -> list[NodeOut]:
+    macs = ctx.nodes.macs()
+    known = set(macs)
+    macs += [m for m in list(ctx.events.nodes) if m not in known]
+    return [node_out(ctx, m) for m in macs]
 
 
 async def list_nodes(request: web.Request) -> web.Response:
-    return _json(NodeList(nodes=all_nodes(the_app(request))))
+    return _json(NodeList(nodes=all_nodes(context(request))))
 
 
 async def get_node(request: web.Request) -> web.Response:
-    app = the_app(request)
+    ctx = context(request)
     mac = _mac_param(request)
-    if mac not in app.inventory.nodes and mac not in app.events.nodes:
+    if not ctx.nodes.known(mac) and mac not in ctx.events.nodes:
         raise _Refused(404, f"no node {mac} (not in the inventory, never seen)")
     timeline = [EventOut(ts=e.ts, kind=e.kind, message=e.message, fields=_jsonable(e.fields))
-                for e in app.events.timeline(mac)]
-    return _json(node_out(app, mac, NodeDetail, timeline=timeline))
+                for e in ctx.events.timeline(mac)]
+    return _json(node_out(ctx, mac, NodeDetail, timeline=timeline))
 
 
 async def pin_node(request: web.Request) -> web.Response:
-    app = the_app(request)
+    ctx = context(request)
     mac = _mac_param(request)
     body: PinIn = await _body(request, PinIn)
-    image = body.image or app.inventory.view(guess_facts(app, mac)).image \
-        or app.settings.boot.default_image
+    image = body.image or ctx.nodes.view(ctx.nodes.facts_for(mac)).image \
+        or ctx.settings.boot.default_image
     await _store(request, "pin", mac, body.version, image, by="api")
     return _json(Ok(message=f"{mac} pinned to {image} {body.version}"))
 
@@ -196,7 +210,7 @@ async def unpin_node(request: web.Request) -> web.Response:
 # -- images ------------------------------------------------------------------------------
 async def list_images(request: web.Request) -> web.Response:
     images = _jsonable(await _store(request, "list_images"))
-    rejected_fn = getattr(the_app(request).store, "rejected", None)
+    rejected_fn = getattr(context(request).catalogue, "rejected", None)
     rejected = _jsonable(await _store(request, "rejected")) if rejected_fn else []
     return _json(ImagesOut(images=[_as_dict(i) for i in images or []],
                            rejected=[_as_dict(r) for r in rejected or []]))
@@ -229,7 +243,7 @@ async def rollback(request: web.Request) -> web.Response:
 async def gc(request: web.Request) -> web.Response:
     body: GcIn = await _body(request, GcIn)
     # Versions in open boot sessions are kept too: a boot in flight finishes on its version.
-    in_use = the_app(request).planner.versions_in_use()
+    in_use = context(request).plans.versions_in_use()
     victims = await _store(request, "gc", dry_run=body.dry_run, in_use=in_use)
     listed = [{"image": i, "version": v} for i, v in victims or []]
     return _json(Ok(message=f"{'would delete' if body.dry_run else 'deleted'} "
@@ -241,14 +255,55 @@ async def upload(request: web.Request) -> web.Response:
 
     The body is never held in memory: the store writes it to a dot-file in incoming/
     (invisible to the watcher), renames it into place and ingests it at once.
+
+    ``max_upload_bytes`` is a size limit, not a disk limit: the upload must also leave
+    ``store.min_free_bytes`` free on the store's filesystem, checked against the
+    Content-Length before a byte is written and every 64 MiB while it streams (chunked
+    uploads have no length), so a big upload is refused with 507 (Insufficient
+    Storage) and its partial file removed before the disk is full.
     """
+    import os
+
+    class DiskReserve(Exception):  # not a ValueError: the store must not map it to 4xx
+        pass
+
     name = _name_param(request, "name")
     version = _name_param(request, "version")
-    limit = the_app(request).settings.http.max_upload_bytes
+    settings = context(request).settings
+    limit = settings.http.max_upload_bytes
+    reserve = settings.store.min_free_bytes
     if request.content_length is not None and request.content_length > limit:
         raise _Refused(413, f"upload larger than http.max_upload_bytes ({limit} bytes)")
-    result = await _store(request, "ingest_upload", name, version,
-                          request.content.iter_chunked(1 << 20), max_bytes=limit)
+    where = settings.paths.images
+
+    def free_bytes() -> int:
+        st = os.statvfs(where if where.exists() else where.parent)
+        return st.f_bavail * st.f_frsize
+
+    def refusal(free: int, more: int) -> str:
+        return (f"not enough disk space: {free} bytes free on the image store, the upload "
+                f"needs {more} more and must leave store.min_free_bytes ({reserve}) free")
+
+    free = await asyncio.to_thread(free_bytes)
+    if free - (request.content_length or 0) < reserve:
+        raise _Refused(507, refusal(free, request.content_length or 0))
+
+    async def guarded() -> Any:
+        since_check = 0
+        async for chunk in request.content.iter_chunked(1 << 20):
+            since_check += len(chunk)
+            if since_check >= 64 << 20:
+                since_check = 0
+                left = await asyncio.to_thread(free_bytes)
+                if left < reserve:
+                    raise DiskReserve(refusal(left, 0))
+            yield chunk
+
+    try:
+        result = await _store(request, "ingest_upload", name, version, guarded(),
+                              max_bytes=limit)
+    except DiskReserve as exc:
+        raise _Refused(507, str(exc)) from None
     detail = _detail(result)
     if not detail.get("accepted", True):
         raise _Refused(400, f"build rejected: {detail.get('reason') or 'invalid'}")
@@ -257,7 +312,7 @@ async def upload(request: web.Request) -> web.Response:
 
 # -- plan, reload ------------------------------------------------------------------------
 async def plan(request: web.Request) -> web.Response:
-    app = the_app(request)
+    ctx = context(request)
     q = request.query
     mac = parse_mac(q.get("mac", ""))
     if mac is None:
@@ -270,10 +325,10 @@ async def plan(request: web.Request) -> web.Response:
         raise _Refused(400, str(exc)) from None
     if arch is not None and not 0 <= arch <= 0xFFFF:
         raise _Refused(400, "arch must be 0..65535")
-    base = guess_facts(app, mac)
+    base = ctx.nodes.facts_for(mac)
     facts = ClientFacts(mac=mac, kind=kind or (ClientKind.RPI if serial else base.kind),
                         serial=serial or base.serial, arch=arch)
-    p = await asyncio.to_thread(app.planner.peek, facts)
+    p = await asyncio.to_thread(ctx.plans.peek, facts)
     out = PlanOut(mac=mac, action=p.action.value, hostname=p.node.hostname, known=p.node.known,
                   profile=p.node.profile, reason=p.reason,
                   image=p.image.name if p.image else None,
@@ -286,15 +341,15 @@ async def plan(request: web.Request) -> web.Response:
             if artefact == "cmdline.txt" and p.image is None:
                 continue
             try:
-                setattr(out, attr, app.render.render(artefact, p, server))
+                setattr(out, attr, ctx.renderer.render(artefact, p, server))
             except RenderError as exc:
                 out.render_errors.append(str(exc))
     return _json(out)
 
 
 async def reload(request: web.Request) -> web.Response:
-    app = the_app(request)
-    error = await asyncio.to_thread(app.reload)
+    ctx = context(request)
+    error = await asyncio.to_thread(ctx.daemon.reload)
     if error:
         return web.json_response(ReloadOut(ok=False, error=error).model_dump(), status=409)
     return _json(ReloadOut(ok=True))
@@ -302,20 +357,54 @@ async def reload(request: web.Request) -> web.Response:
 
 # -- from the nodes ----------------------------------------------------------------------
 async def post_event(request: web.Request) -> web.Response:
-    """A node reports a phase. Unauthenticated (nodes have no token) but validated."""
-    app = the_app(request)
+    """A node reports a phase (JSON). Lifecycle phases need the boot's token and must
+    come from the node's own address; see lifecycle.py."""
     ev: EventIn = await _body(request, EventIn, limit=MAX_EVENT_BODY)
-    fields: dict[str, Any] = {"ip": request.remote, "image": ev.image, "version": ev.version,
-                              "outcome": "ok"}
-    current = app.planner.current(ev.mac)
-    if current is not None and current.image is not None and ev.image is None:
-        fields.update(image=current.image.name, version=current.image.version)
-    app.events.record(ev.phase, ev.mac, ev.message, **fields)
-    if ev.phase == "booted":
-        # The boot finished: the next boot of this machine plans afresh (hot swap).
-        app.planner.end_session(ev.mac)
-    app.metrics.requests.labels(SERVICE, "ok").inc()
-    return _json(Ok(message=f"{ev.phase} recorded for {ev.mac}"))
+    return _report(request, ev)
+
+
+async def get_event(request: web.Request) -> web.Response:
+    """The same report as a GET with query parameters, for initrds whose only HTTP
+    client is busybox ``wget`` (no POST bodies worth the name)."""
+    q = request.query
+    raw = {k: q[k] for k in ("mac", "phase", "message", "image", "version", "token",
+                             "reason") if k in q}
+    if "progress" in q:
+        try:
+            raw["progress"] = int(q["progress"])
+        except ValueError:
+            raise _Refused(400, "progress must be a whole number 0..100") from None
+    try:
+        ev = EventIn.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[:3]
+        text = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'query'}: {e['msg']}"
+                         for e in first)
+        raise _Refused(400, f"invalid query: {text}") from None
+    return _report(request, ev)
+
+
+def _report(request: web.Request, ev: EventIn) -> web.Response:
+    ctx = context(request)
+    outcome = ctx.lifecycle.report(ev.mac, ev.phase, token=ev.token, ip=request.remote or "",
+                                   progress=ev.progress, reason=ev.reason, message=ev.message)
+    if outcome.verdict is Verdict.FORBIDDEN:
+        raise _Refused(403, outcome.message)
+    ctx.metrics.requests.labels(SERVICE, "ok").inc()
+    return _json(Ok(message=outcome.message))
+
+
+async def node_action(request: web.Request) -> web.Response:
+    """Operator verb: reinstall | local | netboot (the lifecycle, not nodes.yaml)."""
+    ctx = context(request)
+    mac = _mac_param(request)
+    body: NodeActionIn = await _body(request, NodeActionIn)
+    try:
+        rec = await asyncio.to_thread(ctx.lifecycle.operator, mac, body.action, by="api")
+    except ValueError as exc:
+        raise _Refused(status_for(exc), str(exc)) from None
+    return _json(Ok(message=f"{mac}: {body.action} (lifecycle {rec.stage.value})",
+                    detail={"lifecycle": rec.stage.value, "rev": rec.rev}))
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -359,7 +448,7 @@ OPS: list[Op] = [
        auth="write", body_media="application/octet-stream", response=Ok,
        # "activate"/"rollback" are sub-resources, not versions one can upload
        route_path="/images/{name}/{version:(?!activate$|rollback$)[^/]+}",
-       params=(_NAME, _VERSION), errors=(400, 404, 409), tags=("images",)),
+       params=(_NAME, _VERSION), errors=(400, 404, 409, 413, 507), tags=("images",)),
     Op("GET", "/plan", plan, "What a machine would get if it booted now", response=PlanOut,
        params=(Param("mac", "query", {"type": "string", "pattern": MAC_PATTERN}),
                Param("serial", "query", {"type": "string", "pattern": SERIAL_PATTERN},
@@ -372,7 +461,23 @@ OPS: list[Op] = [
     Op("POST", "/reload", reload, "Reload inventory and templates", auth="write",
        response=ReloadOut, errors=(409,), tags=("config",)),
     Op("POST", "/events", post_event, "A node reports a boot phase", auth="none", body=EventIn,
-       response=Ok, errors=(400, 413), tags=("nodes",)),
+       response=Ok, errors=(400, 403, 413), tags=("nodes",)),
+    Op("GET", "/events", get_event, "A node reports a boot phase (query form for initrds)",
+       auth="none", response=Ok, errors=(400, 403),
+       params=(Param("mac", "query", {"type": "string", "pattern": MAC_PATTERN}),
+               Param("phase", "query", {"type": "string"}),
+               Param("token", "query", {"type": "string", "maxLength": 64}, required=False),
+               Param("progress", "query", {"type": "integer", "minimum": 0, "maximum": 100},
+                     required=False),
+               Param("reason", "query", {"type": "string", "maxLength": 1000},
+                     required=False),
+               Param("message", "query", {"type": "string", "maxLength": 1000},
+                     required=False)),
+       tags=("nodes",)),
+    Op("POST", "/nodes/{mac}/action", node_action,
+       "Reinstall a node, hand it to its disk, or network-boot it", auth="write",
+       body=NodeActionIn, response=Ok, params=(_MAC,), errors=(400, 404, 409, 413),
+       tags=("nodes",)),
     Op("GET", "/beacon/{mac}", beacon, "Kernel handed over (fetched by iPXE)", auth="none",
        response_media="text/plain", params=(_MAC, Param("session", "query", {
            "type": "string", "pattern": "^[0-9A-Za-z]{0,64}$"}, required=False)),
@@ -389,7 +494,7 @@ def _wrap(op: Op) -> Callable[[web.Request], Any]:
         try:
             return await op.handler(request)
         except _Refused as exc:
-            metrics = the_app(request).metrics
+            metrics = context(request).metrics
             if exc.status in (400, 413):
                 metrics.malformed.labels(SERVICE).inc()
             metrics.requests.labels(SERVICE, "client_error").inc()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .util import json_error, the_app
+from .util import context, json_error
 
 log = logging.getLogger("netbootd.http.auth")
 
@@ -44,17 +44,17 @@ def check(request: web.Request, *, mutating: bool) -> web.Response | None:
     Read-only calls are open when ``http.read_open``; mutating calls always need the
     token, and are refused (403) outright when no token is configured.
     """
-    app = the_app(request)
-    if not mutating and app.settings.http.read_open:
+    ctx = context(request)
+    if not mutating and ctx.settings.http.read_open:
         return None
-    token = read_token(app.settings.http.api_token_file)
+    token = read_token(ctx.settings.http.api_token_file)
     if token is None:
-        app.metrics.requests.labels("http", "unauthorized").inc()
+        ctx.metrics.requests.labels("http", "unauthorized").inc()
         return json_error(403, "API token not configured (http.api_token_file); "
                           "mutating calls are disabled")
     given = presented(request)
     if given is None or not hmac.compare_digest(given.encode(), token.encode()):
-        app.metrics.requests.labels("http", "unauthorized").inc()
+        ctx.metrics.requests.labels("http", "unauthorized").inc()
         resp = json_error(401, "missing or wrong bearer token")
         resp.headers["WWW-Authenticate"] = 'Bearer realm="netbootd"'
         return resp

@@ -8,18 +8,18 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..app import App
 from . import auth
-from .util import the_app
+from .context import HttpContext
+from .util import context
 
 
 async def metrics(request: web.Request) -> web.Response:
     denied = auth.check(request, mutating=False)
     if denied is not None:
         return denied
-    app = the_app(request)
+    ctx = context(request)
     # generate_latest walks every collector; off the loop so a big registry never stalls it.
-    body = await asyncio.to_thread(generate_latest, app.metrics.registry)
+    body = await asyncio.to_thread(generate_latest, ctx.metrics.registry)
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
@@ -30,7 +30,7 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
-def readiness(app: App) -> tuple[bool, dict[str, Any]]:
+def readiness(ctx: HttpContext) -> tuple[bool, dict[str, Any]]:
     """Ready = inventory loaded and every running service reports ok.
 
     A rejected reload does not make the daemon unready: the previous config still
@@ -38,23 +38,19 @@ def readiness(app: App) -> tuple[bool, dict[str, Any]]:
     """
     reasons: list[str] = []
     services: dict[str, Any] = {}
-    if app.inventory.source is None and not app.inventory.nodes:
+    if not ctx.daemon.inventory_loaded():
         reasons.append("no inventory loaded")
-    for name, svc in list(app.services.items()):
-        try:
-            h = dict(svc.health())
-        except Exception as exc:  # noqa: BLE001 - a broken health() is itself a reason
-            h = {"ok": False, "error": f"health() failed: {exc}"}
+    for name, h in ctx.daemon.health().items():
         services[name] = h
         if not h.get("ok"):
             reasons.append(f"{name}: {h.get('error') or 'not ok'}")
     body = {"ready": not reasons, "reasons": reasons, "services": services,
-            "config_error": app.config_error}
+            "config_error": ctx.daemon.config_error()}
     return not reasons, body
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ok, body = readiness(the_app(request))
+    ok, body = readiness(context(request))
     return web.json_response(body, status=200 if ok else 503)
 
 

@@ -16,7 +16,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
 #: MAC notations the API documents (normalise_mac accepts a few more, e.g. Cisco dots).
 MAC_PATTERN = r"^[0-9A-Fa-f]{2}([:-]?[0-9A-Fa-f]{2}){5}$"
 SERIAL_PATTERN = r"^(0x)?[0-9A-Fa-f]{1,16}$"
-Phase = Literal["booted", "provisioned", "joined", "failed", "installed"]
+Phase = Literal["booted", "provisioned", "joined", "failed", "installed", "installing"]
 
 
 class _In(BaseModel):
@@ -36,6 +36,11 @@ class EventIn(BaseModel):
                          "page; never put secrets here).")
     image: str | None = Field(None, pattern=NAME_PATTERN, description="Image it runs.")
     version: str | None = Field(None, pattern=NAME_PATTERN, description="Version it runs.")
+    token: str = Field("", max_length=64, description="The boot's token (``netbootd.token=`` "
+                       "on its kernel command line); required for installing, installed, "
+                       "booted and failed, which also must come from the node's address.")
+    progress: int | None = Field(None, ge=0, le=100, description="Percent, with installing.")
+    reason: str = Field("", max_length=1000, description="Why, with failed.")
 
     @field_validator("mac")
     @classmethod
@@ -94,6 +99,17 @@ class NodeOut(BaseModel):
     version: str | None = None
     last_seen: float | None = Field(None, description="Unix time of the last event.")
     message: str = ""
+    lifecycle: str | None = Field(None, description="Provisioning stage: install, installing, "
+                                  "installed, local, install-failed, netboot (none: never "
+                                  "provisioned).")
+    progress: int | None = Field(None, description="Install progress in percent.")
+    installed: str | None = Field(None, description="Disk image and version installed.")
+
+
+class NodeActionIn(_In):
+    action: Literal["reinstall", "local", "netboot"] = Field(
+        description="reinstall: install at the next network boot; local: boot from disk "
+        "(netbootd stays silent); netboot: network boots whatever nodes.yaml says.")
 
 
 class NodeDetail(NodeOut):

@@ -13,12 +13,12 @@ import json
 import os
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
 
 from ..app import App
-from ..model import ImageRef
+from ..model import DiskImage, ImageRef
 from ..settings import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +46,7 @@ nodes:
   {NODE_B}:
     hostname: node-b
     action: install
+    install: {{image: gold}}
     vars:
       join: kubeadm
       kubeadm_endpoint: 10.0.0.10:6443
@@ -64,7 +65,8 @@ def free_port() -> int:
 
 def write_version(images: Path, name: str, version: str, files: dict[str, bytes],
                   boot: dict[str, str] | None = None, kind: str = "kernel+initrd",
-                  extra: dict[str, bytes] | None = None) -> Path:
+                  extra: dict[str, bytes] | None = None,
+                  disk: dict[str, Any] | None = None) -> Path:
     """Lay out ``store/<name>/<version>/`` with a manifest listing ``files``.
 
     ``extra`` files are written but *not* listed in the manifest (must never be served).
@@ -86,8 +88,20 @@ def write_version(images: Path, name: str, version: str, files: dict[str, bytes]
                 "boot": boot or {"kernel": "boot/vmlinuz", "initrd": "boot/initrd.img",
                                  "cmdline": "console=ttyS0", "disk": "disk.img"},
                 "artefacts": arts}
+    if disk is not None:
+        manifest["disk"] = disk
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+def write_disk_version(images: Path, name: str, version: str, payload: bytes) -> Path:
+    """A disk image version (kind disk, uncompressed) with its ``disk`` section."""
+    digest = hashlib.sha256(payload).hexdigest()
+    return write_version(images, name, version, {"disk.img": payload}, kind="disk", boot={},
+                         disk={"path": "disk.img", "compression": "none",
+                               "size": len(payload), "sha256": digest,
+                               "uncompressed_size": len(payload),
+                               "uncompressed_sha256": digest})
 
 
 @dataclass
@@ -108,14 +122,20 @@ class DirImages:
             (image, channel))
         if version is None:
             return None
+        ref = self.ref(image, version)
+        return replace(ref, channel=channel, pinned=bool(pin or (mac and mac in self.pins))) \
+            if ref is not None else None
+
+    def ref(self, image: str, version: str) -> ImageRef | None:
         root = self.images / "store" / image / version
         try:
             m = json.loads((root / "manifest.json").read_text())
         except OSError:
             return None
         return ImageRef(name=image, version=version, root=root, kind=m.get("kind", ""),
-                        channel=channel, pinned=bool(pin or (mac and mac in self.pins)),
-                        artefacts=tuple(a["path"] for a in m["artefacts"]), boot=m["boot"])
+                        artefacts=tuple(a["path"] for a in m["artefacts"]), boot=m["boot"],
+                        boards=tuple(m.get("boards", ())),
+                        disk=DiskImage(**m["disk"]) if m.get("disk") else None)
 
 
 def make_app(tmp: Path, *, http: dict[str, Any] | None = None, policy: str = "ignore",
@@ -138,6 +158,11 @@ def make_app(tmp: Path, *, http: dict[str, Any] | None = None, policy: str = "ig
         "boot/initrd.img": os.urandom(4096),
         "disk.img": os.urandom(8192),
     }, extra={"boot/vmlinuz.gz": b"not the kernel", "secret.txt": b"not an artefact"})
+    write_version(images, "installer", "1.0", {
+        "boot/vmlinuz": os.urandom(4096), "boot/initrd.img": os.urandom(4096)},
+        kind="installer", boot={"kernel": "boot/vmlinuz", "initrd": "boot/initrd.img",
+                                "cmdline": "console=ttyS0"})
+    write_disk_version(images, "gold", "1.0", os.urandom(64 * 1024))
     http_settings = {"port": free_port(), "bind": "127.0.0.1",
                      "api_token_file": str(tmp / "api-token")}
     http_settings.update(http or {})
@@ -160,7 +185,8 @@ def make_app(tmp: Path, *, http: dict[str, Any] | None = None, policy: str = "ig
         app.store = store
         app.planner.images = store
     else:
-        app.planner.images = DirImages(images, channels={("demo", "prod"): "1.0"})
+        app.planner.images = DirImages(images, channels={
+            ("demo", "prod"): "1.0", ("installer", "prod"): "1.0", ("gold", "prod"): "1.0"})
     return app
 
 
@@ -182,10 +208,10 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def __enter__(self) -> Self:
-        from .app import HttpService
+        from .app import create
 
         self._thread.start()
-        self.service = HttpService(self.app)
+        self.service = create(self.app)
         self.call(self.service.start())
         self.app.services["http"] = self.service
         return self

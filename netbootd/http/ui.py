@@ -17,11 +17,11 @@ import jinja2
 from aiohttp import web
 
 from .. import __version__
-from ..app import App
 from . import auth
 from .api import all_nodes
+from .context import HttpContext
 from .metrics import readiness
-from .util import the_app
+from .util import context
 
 HERE = Path(__file__).parent
 #: Event kinds drawn as dots of the boot timeline, in boot order.
@@ -59,10 +59,10 @@ def human_size(n: Any) -> str:
     return f"{size:.1f} GiB"
 
 
-def timeline(app: App, mac: str, limit: int = 8) -> list[dict[str, Any]]:
+def timeline(ctx: HttpContext, mac: str, limit: int = 8) -> list[dict[str, Any]]:
     """The node's last phases, consecutive repeats folded (one dot per step of a boot)."""
     dots: list[dict[str, Any]] = []
-    for ev in app.events.timeline(mac):
+    for ev in ctx.events.timeline(mac):
         if ev.kind not in PHASES or ev.fields.get("outcome") in ("aborted", "ignored"):
             continue
         if dots and dots[-1]["kind"] == ev.kind:
@@ -72,8 +72,8 @@ def timeline(app: App, mac: str, limit: int = 8) -> list[dict[str, Any]]:
     return dots[-limit:]
 
 
-def _images(app: App) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
-    store = app.store
+def _images(ctx: HttpContext) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
+    store = ctx.catalogue
     if store is None:
         return [], [], "image store not running"
     try:
@@ -84,34 +84,30 @@ def _images(app: App) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str |
     return images, rejected, None
 
 
-def _services(app: App) -> list[dict[str, Any]]:
+def _services(ctx: HttpContext) -> list[dict[str, Any]]:
     out = []
-    for name, svc in list(app.services.items()):
-        try:
-            h = dict(svc.health())
-        except Exception as exc:  # noqa: BLE001
-            h = {"ok": False, "error": str(exc)}
+    for name, h in ctx.daemon.health().items():
         detail = h.get("error") or ", ".join(str(b) for b in h.get("bound", []) or [])
         out.append({"name": name, "ok": bool(h.get("ok")), "detail": detail})
     return out
 
 
-def page_context(app: App) -> dict[str, Any]:
+def page_context(ctx: HttpContext) -> dict[str, Any]:
     now = time.time()
     nodes = []
-    for n in sorted(all_nodes(app), key=lambda n: (not n.known, n.hostname)):
+    for n in sorted(all_nodes(ctx), key=lambda n: (not n.known, n.hostname)):
         d = n.model_dump()
         d["seen"] = relative(n.last_seen, now)
-        d["timeline"] = [dict(t, ago=relative(t["ts"], now)) for t in timeline(app, n.mac)]
+        d["timeline"] = [dict(t, ago=relative(t["ts"], now)) for t in timeline(ctx, n.mac)]
         nodes.append(d)
-    images, rejected, store_error = _images(app)
-    ready, _ = readiness(app)
+    images, rejected, store_error = _images(ctx)
+    ready, _ = readiness(ctx)
     counts = {p: sum(1 for n in nodes if n["phase"] == p) for p in ("booted", "joined", "failed")}
     return {
         "version": __version__, "host": socket.gethostname(), "now": now,
         "generated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
         "nodes": nodes, "images": images, "rejected": rejected, "store_error": store_error,
-        "services": _services(app), "ready": ready, "config_error": app.config_error,
+        "services": _services(ctx), "ready": ready, "config_error": ctx.daemon.config_error(),
         "counts": counts, "relative": lambda ts: relative(ts, now),
     }
 
@@ -120,9 +116,8 @@ async def index(request: web.Request) -> web.Response:
     denied = auth.check(request, mutating=False)
     if denied is not None:
         return denied
-    app = the_app(request)
-    ctx = await asyncio.to_thread(page_context, app)  # store reads: off the loop
-    html = request.app[_ENV_KEY].get_template("status.html.j2").render(ctx)
+    page = await asyncio.to_thread(page_context, context(request))  # store reads: off the loop
+    html = request.app[_ENV_KEY].get_template("status.html.j2").render(page)
     return web.Response(text=html, content_type="text/html",
                         headers={"Cache-Control": "no-store"})
 

@@ -1,4 +1,4 @@
-"""Small helpers every HTTP handler module shares: the App key, errors, addresses.
+"""Small helpers every HTTP handler module shares: the context key, errors, addresses.
 
 Kept apart from ``app.py`` so handler modules do not import the service (no cycle).
 """
@@ -11,12 +11,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ..app import App
-from ..model import ClientFacts, ClientKind, normalise_mac
+from ..model import normalise_mac
 from ..render import ServerInfo
+from .context import HttpContext
 
-#: The netbootd App inside the aiohttp Application (typed key, no global state).
-APP_KEY: web.AppKey[App] = web.AppKey("netbootd_app", App)
+#: The handlers' narrow views inside the aiohttp Application (typed key, no global state).
+CONTEXT_KEY: web.AppKey[HttpContext] = web.AppKey("netbootd_http", HttpContext)
 
 SERVICE = "http"
 
@@ -26,8 +26,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
 
-def the_app(request: web.Request) -> App:
-    return request.app[APP_KEY]
+def context(request: web.Request) -> HttpContext:
+    return request.app[CONTEXT_KEY]
 
 
 def json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -37,7 +37,7 @@ def json_error(status: int, message: str, **extra: Any) -> web.Response:
 
 def malformed(request: web.Request, message: str, status: int = 400) -> web.Response:
     """Count a bad input (metrics) and answer it; a bad request never raises."""
-    the_app(request).metrics.malformed.labels(SERVICE).inc()
+    context(request).metrics.malformed.labels(SERVICE).inc()
     return json_error(status, message)
 
 
@@ -54,25 +54,13 @@ def valid_name(text: str) -> bool:
 
 def local_ip(request: web.Request) -> str:
     """The address this request arrived on: what the node can reach us at."""
-    app = the_app(request)
-    if app.settings.network.advertise:
-        return str(app.settings.network.advertise)
     sock = request.transport.get_extra_info("sockname") if request.transport else None
-    ip = str(sock[0]) if sock else "127.0.0.1"
-    ip = ip.removeprefix("::ffff:")
-    if ip in ("0.0.0.0", "::", ""):
-        ip = "127.0.0.1"
-    return ip
+    return str(sock[0]) if sock else ""
 
 
 def server_info(request: web.Request) -> ServerInfo:
-    """ServerInfo for rendering: arrival address, configured port, public URL if set."""
-    app = the_app(request)
-    ip = local_ip(request)
-    public = app.settings.http.public_url
-    if public is None and ":" in ip:  # IPv6 literal needs brackets in a URL
-        public = f"http://[{ip}]:{app.settings.http.port}"
-    return ServerInfo(ip=ip, http_port=app.settings.http.port, public_url=public)
+    """ServerInfo for rendering (``ServerInfo.for_arrival``: the one place for it)."""
+    return ServerInfo.for_arrival(context(request).settings, local_ip(request))
 
 
 def base_url(request: web.Request) -> str:
@@ -80,28 +68,13 @@ def base_url(request: web.Request) -> str:
 
     The Host header is validated before use: it ends up inside an iPXE script.
     """
-    app = the_app(request)
-    if app.settings.http.public_url:
-        return app.settings.http.public_url.rstrip("/")
+    ctx = context(request)
+    if ctx.settings.http.public_url:
+        return ctx.settings.http.public_url.rstrip("/")
     host = request.headers.get("Host", "")
     if host and _HOST_RE.fullmatch(host):
         return f"http://{host}"
     return server_info(request).base_url
-
-
-def guess_facts(app: App, mac: str, ip: str | None = None) -> ClientFacts:
-    """Facts for a machine we only know by MAC (cloud-init, API).
-
-    The planner picks profiles by client kind, so a Pi must not be asked about as
-    an iPXE client: a node with a serial in the inventory, or a Raspberry Pi OUI,
-    is treated as a Pi; anything else as iPXE.
-    """
-    node = app.inventory.nodes.get(mac)
-    ouis = {o.lower() for o in app.settings.rpi.ouis}
-    if (node is not None and node.serial) or mac[:8] in ouis:
-        return ClientFacts(mac=mac, kind=ClientKind.RPI, ip=ip,
-                           serial=node.serial if node else None)
-    return ClientFacts(mac=mac, kind=ClientKind.IPXE, ip=ip)
 
 
 def is_ip(text: str) -> bool:

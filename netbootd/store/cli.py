@@ -2,8 +2,10 @@
 
 Works on the store on disk, not through the daemon: every change is the same
 atomic pointer/pins rewrite the daemon does, and a running daemon sees it on
-its next resolve (pointer files are re-read when their inode changes). The CLI
-never runs start-up recovery (the daemon may be ingesting into staging/).
+its next resolve (pointer files are re-read when their inode changes). Reading
+and pointer/pin edits work while a daemon runs; ``gc`` needs the store's writer
+lock, so it is refused while a daemon owns the store (the daemon's GC knows the
+open boot sessions, the CLI does not). The CLI never runs start-up recovery.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any
 
 from ..model import normalise_mac
 from ..settings import Settings
-from .store import ImageStore, StoreError
+from .errors import Invalid, StoreError, StoreLocked
+from .store import ImageStore
 
 
 def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
@@ -71,7 +74,7 @@ def _node(settings: Settings, node: str) -> tuple[str, str | None]:
                 prof = inv.profiles.get(n.profile or "default")
                 return m, n.image or (prof.image if prof else None)
     if mac is None:
-        raise StoreError(f"{node!r} is neither a MAC address nor an inventory hostname")
+        raise Invalid(f"{node!r} is neither a MAC address nor an inventory hostname")
     return mac, None
 
 
@@ -139,7 +142,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             for r in [] if args.json else rows:
                 print(f"{r['when']}  {r['name']}: {r['reason']}")
         else:  # pragma: no cover - argparse prevents it
-            raise StoreError(f"unknown images command {cmd!r}")
+            raise Invalid(f"unknown images command {cmd!r}")
+    except StoreLocked as exc:
+        print(f"netbootd images {cmd}: {exc}; the daemon runs GC every store.gc_interval, "
+              "POST /api/v1/images/gc runs it now")
+        return 2
     except StoreError as exc:
         print(f"netbootd images {cmd}: {exc}")
         return 2

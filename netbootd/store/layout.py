@@ -10,6 +10,10 @@
     <state>/store/history.jsonl      activation history (JSON lines, append + fsync)
     <state>/store/pins.json          per-MAC pins (atomic rewrite)
     <state>/store/booted.json        last time each version was planned for a boot
+    <state>/store/writer.lock        flock: the one process that may ingest, recover, GC
+    <state>/store/edits.lock         flock: serialises pointer and pin edits across processes
+
+Only this module builds store paths: every other module asks a :class:`Layout`.
 
 Every durable change is "write a temp file, fsync it, rename it over the old one,
 fsync the directory": a crash leaves the old or the new content, never a mix.
@@ -21,9 +25,13 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -77,16 +85,98 @@ class Layout:
     def booted_file(self) -> Path:
         return self.state_dir / "booted.json"
 
+    @property
+    def writer_lock(self) -> Path:
+        return self.state_dir / "writer.lock"
+
+    @property
+    def edits_lock(self) -> Path:
+        return self.state_dir / "edits.lock"
+
+    def image_dir(self, image: str) -> Path:
+        return self.store / image
+
     def version_dir(self, image: str, version: str) -> Path:
         return self.store / image / version
 
+    def channel_dir(self, image: str) -> Path:
+        return self.channels / image
+
     def pointer(self, image: str, channel: str) -> Path:
         return self.channels / image / channel
+
+    def incoming_entry(self, name: str) -> Path:
+        return self.incoming / name
+
+    def ready_marker(self, name: str) -> Path:
+        return self.incoming / (name + READY_SUFFIX)
+
+    def done_entry(self, name: str) -> Path:
+        """Where a promoted incoming entry goes to die (a dot name the watcher ignores)."""
+        return self.incoming / f"{DONE_PREFIX}{name}-{os.getpid()}-{time.time_ns()}"
+
+    def upload_temp(self, image: str, version: str) -> Path:
+        """An HTTP upload in progress (``.partial``: never taken for a build)."""
+        return self.incoming / f".upload-{image}-{version}-{os.getpid()}-{time.time_ns()}.partial"
+
+    def rejected_entry(self, name: str) -> Path:
+        return self.rejected / name
+
+    def reason_file(self, name: str) -> Path:
+        return self.rejected / (name + ".reason")
+
+    def rejected_manifest(self, name: str) -> Path:
+        """The manifest of a rejected build whose payload was too large to keep."""
+        return self.rejected / (name + ".manifest.json")
+
+    def new_stage(self, prefix: str) -> Path:
+        """A fresh private directory in staging/ (same file system as store/)."""
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.staging))
 
     def ensure(self) -> None:
         for d in (self.incoming, self.staging, self.store, self.channels, self.rejected,
                   self.state_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+
+def is_upload_leftover(name: str) -> bool:
+    """An upload a crash interrupted (see :meth:`Layout.upload_temp`)."""
+    return name.startswith(".upload-") and name.endswith(".partial")
+
+
+def entry_size(path: Path) -> int:
+    """Bytes of an incoming entry: a file's size, or every regular file of a tree."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size
+    total = 0
+    for cur, _dirs, files in os.walk(path, followlinks=False):
+        for f in files:
+            try:
+                fst = os.lstat(os.path.join(cur, f))
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(fst.st_mode):
+                total += fst.st_size
+    return total
+
+
+def now_iso(ts: float | None = None) -> str:
+    """UTC time as history and reason files write it (``2026-11-23T13:31:00Z``)."""
+    return datetime.fromtimestamp(time.time() if ts is None else ts, UTC) \
+        .isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def stat_key(path: Path) -> tuple[int, int, int] | None:
+    """Identity of a file's current content (inode, mtime, size): re-read on change only."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def is_ignored_name(name: str) -> bool:
@@ -155,6 +245,33 @@ def locked_file(path: Path) -> Iterator[BinaryIO]:
         yield fh
     finally:
         fh.close()  # releases the lock
+
+
+@contextlib.contextmanager
+def flocked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` of ``path`` (a file that is never replaced) for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a file or a whole tree, also one with read-only directories (a build may
+    contain 0555 directories, and rmtree as non-root needs u+w on them)."""
+    if path.is_dir() and not path.is_symlink():
+        if os.geteuid() != 0:
+            for cur, dirs, _files in os.walk(path):
+                for d in dirs:
+                    with contextlib.suppress(OSError):
+                        os.chmod(os.path.join(cur, d), 0o700)
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def append_line(path: Path, line: str) -> None:

@@ -25,12 +25,25 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MANIFEST = "manifest.json"
 DETACHED_SIG = "manifest.json.sig"
 
-Kind = Literal["kernel+initrd", "pi-boot+rootfs", "rootfs", "disk-image", "installer"]
+Kind = Literal["kernel+initrd", "pi-boot+rootfs", "rootfs", "disk", "installer"]
+#: Older spellings of a kind, accepted and normalised (``disk-image`` was the first name).
+KIND_ALIASES = {"disk-image": "disk"}
+Compression = Literal["none", "zst", "xz", "gz"]
+#: File name suffix of a disk image -> its compression (the only names a disk may have).
+DISK_SUFFIXES: dict[str, str] = {".img": "none", ".img.zst": "zst", ".img.xz": "xz",
+                                 ".img.gz": "gz"}
 
 #: Image names and versions become directory names: one safe path component each.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
@@ -104,6 +117,45 @@ class BootSection(BaseModel):
         return check_relpath(v) if v is not None else None
 
 
+def disk_compression(path: str) -> str | None:
+    """The compression a disk image's file name says (``x.img.zst`` -> ``zst``), or None
+    when the name is not ``*.img``, ``*.img.zst``, ``*.img.xz`` or ``*.img.gz``."""
+    for suffix, comp in sorted(DISK_SUFFIXES.items(), key=lambda kv: -len(kv[0])):
+        if path.endswith(suffix) and len(path) > len(suffix) and not path.endswith("/" + suffix):
+            return comp
+    return None
+
+
+class DiskSection(BaseModel):
+    """The disk image of a ``disk`` build: one raw image file, maybe compressed.
+
+    ``size``/``sha256`` describe the stored file (they must equal its artefact entry);
+    the ``uncompressed_*`` figures are the builder's word for the raw image, which the
+    installer checks after writing it (the store never decompresses a build).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    compression: Compression
+    size: int = Field(ge=0)
+    sha256: str
+    uncompressed_size: int = Field(ge=0)
+    uncompressed_sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return check_relpath(v)
+
+    @field_validator("sha256", "uncompressed_sha256")
+    @classmethod
+    def _sha(cls, v: str) -> str:
+        v = v.lower()
+        if not _HEX64.fullmatch(v):
+            raise ValueError("sha256 must be 64 hex digits")
+        return v
+
+
 class Manifest(BaseModel):
     """The schema of ``manifest.json`` (documented in docs/store.md)."""
 
@@ -115,7 +167,13 @@ class Manifest(BaseModel):
     boards: list[str] = Field(min_length=1)
     boot: BootSection = Field(default_factory=BootSection)
     artefacts: list[Artefact]
+    disk: DiskSection | None = None
     signature: str | None = None
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind(cls, v: object) -> object:
+        return KIND_ALIASES.get(v, v) if isinstance(v, str) else v
 
     @field_validator("image")
     @classmethod
@@ -137,13 +195,42 @@ class Manifest(BaseModel):
             seen.add(a.path)
         return v
 
+    @model_validator(mode="after")
+    def _disk(self) -> Manifest:
+        """The disk section agrees with the artefacts and the file name (pure checks;
+        that the file is really there and hashes right is ingest's job)."""
+        d = self.disk
+        if d is None:
+            return self
+        if self.kind != "disk":
+            raise ValueError(f"a disk section needs kind disk, not {self.kind}")
+        art = next((a for a in self.artefacts if a.path == d.path), None)
+        if art is None:
+            raise ValueError(f"disk.path {d.path!r} is not an artefact")
+        if (art.size, art.sha256) != (d.size, d.sha256):
+            raise ValueError(f"disk size/sha256 differ from the artefact entry of {d.path!r}")
+        suffix = disk_compression(d.path)
+        if suffix is None:
+            raise ValueError(f"disk.path {d.path!r} must end in "
+                             f"{', '.join(DISK_SUFFIXES)}")
+        if suffix != d.compression:
+            raise ValueError(f"disk.compression {d.compression!r} does not match "
+                             f"{d.path!r} (expected {suffix!r})")
+        if self.boot.disk is not None and self.boot.disk != d.path:
+            raise ValueError(f"boot.disk {self.boot.disk!r} differs from disk.path {d.path!r}")
+        return self
+
     @property
     def total_size(self) -> int:
         return sum(a.size for a in self.artefacts)
 
     def boot_dict(self) -> dict[str, str]:
-        """The ``boot`` section as ImageRef.boot wants it (only keys that are set)."""
-        return {k: str(v) for k, v in self.boot.model_dump().items() if v is not None}
+        """The ``boot`` section as ImageRef.boot wants it (only keys that are set);
+        ``disk`` is the disk section's path when there is one."""
+        out = {k: str(v) for k, v in self.boot.model_dump().items() if v is not None}
+        if self.disk is not None:
+            out["disk"] = self.disk.path
+        return out
 
 
 def parse_manifest(data: bytes) -> Manifest:

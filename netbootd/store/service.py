@@ -42,9 +42,15 @@ class StoreService:
         # file event is noise in a daemon log; our own log says what was ingested.
         logging.getLogger("watchfiles.main").setLevel(logging.WARNING)
         s = self.app.settings
+        # The daemon is the store's one writer for its whole life: a second daemon on the
+        # same images directory fails here (StoreLocked names this one's pid).
         store = ImageStore(s.paths.images, s.paths.state, s.store, events=self.app.events,
-                           metrics=self.app.metrics)
-        self._recovered = await asyncio.to_thread(store.recover)
+                           metrics=self.app.metrics, writer=True)
+        try:
+            self._recovered = await asyncio.to_thread(store.recover)
+        except BaseException:
+            store.close()
+            raise
         self.store = store
         self.app.store = store
         self.app.planner.images = store
@@ -73,6 +79,7 @@ class StoreService:
         if self.store is not None:
             with contextlib.suppress(OSError):
                 self.store.flush_booted()
+            self.store.close()
 
     def health(self) -> dict[str, Any]:
         st = self.store
@@ -97,7 +104,7 @@ class StoreService:
             return
         image, version = ev.fields.get("image"), ev.fields.get("version")
         if image and version:
-            self.store.mark_booted(str(image), str(version))
+            self.store.mark_used(str(image), str(version))
 
     def in_use(self) -> set[tuple[str, str]]:
         """Versions GC must keep besides its own rules: open boot sessions and

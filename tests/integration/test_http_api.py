@@ -91,15 +91,23 @@ def test_read_only_calls_open_by_default_and_closed_when_configured(tmp_path):
         # nodes must reach these without a token
         assert call(srv, "GET", "/api/v1/openapi.json")[0] == 200
         assert call(srv, "GET", "/healthz")[0] == 200
-        status, _ = call(srv, "POST", "/api/v1/events", {"mac": NODE_A, "phase": "booted"})
+        status, _ = call(srv, "POST", "/api/v1/events", {"mac": NODE_A, "phase": "joined"})
         assert status == 200
 
 
 def test_nodes_list_and_detail_with_timeline(server):
     call(server, "GET", f"/ipxe?mac={mac_dashes(NODE_A)}")
-    call(server, "POST", "/api/v1/events", {"mac": NODE_A, "phase": "booted", "message": "up"})
-    call(server, "POST", "/api/v1/events", {"mac": UNKNOWN, "phase": "failed",
-                                            "message": "disk on fire"})
+    server.app.clients.learn("127.0.0.1", NODE_A)  # what DHCP learnt for the node
+    token = server.app.planner.current(NODE_A).token
+    status, _ = call(server, "POST", "/api/v1/events",
+                     {"mac": NODE_A, "phase": "booted", "message": "up", "token": token})
+    assert status == 200
+    # a machine policy ignores can report nothing (no proof, no row of its own) ...
+    status, _ = call(server, "POST", "/api/v1/events", {"mac": UNKNOWN, "phase": "failed",
+                                                        "message": "disk on fire"})
+    assert status == 403
+    # ... but what netbootd saw of it is listed
+    server.app.events.record("dhcp", UNKNOWN, "proxy offer sent", outcome="ok")
     status, resp = call(server, "GET", "/api/v1/nodes")
     assert status == 200
     by_mac = {n["mac"]: n for n in resp["nodes"]}
@@ -110,7 +118,7 @@ def test_nodes_list_and_detail_with_timeline(server):
     assert by_mac[NODE_C]["action"] == "local"
     u = by_mac[UNKNOWN]
     assert (u["known"], u["phase"], u["action"], u["message"]) == \
-        (False, "failed", "ignore", "disk on fire")
+        (False, "dhcp", "ignore", "proxy offer sent")
     status, node = call(server, "GET", f"/api/v1/nodes/{mac_dashes(NODE_A)}")
     assert status == 200
     kinds = [e["kind"] for e in node["timeline"]]

@@ -50,7 +50,9 @@ async def test_twenty_http_downloads_of_n_survive_activation_of_n_plus_1(tmp_pat
 
         async with aiohttp.ClientSession() as session:
             downloads = [asyncio.create_task(slow_download(session)) for _ in range(20)]
-            await asyncio.sleep(0.5)  # every download is under way
+            gauge = {"service": "http"}
+            await until(lambda: (app.metrics.registry.get_sample_value(
+                "netbootd_active_transfers", gauge) or 0) >= len(downloads), timeout=120)
             drop_build(app, tmp_path, "demo", "2", payload=KERNEL)
             await until(lambda: store.active("demo", "dev") == "2")
             assert not any(d.done() for d in downloads), "the swap must land mid-transfer"
@@ -61,7 +63,11 @@ async def test_twenty_http_downloads_of_n_survive_activation_of_n_plus_1(tmp_pat
             == "1", "the boot in flight stays on N"
         assert app.planner.plan(ClientFacts(mac=MAC_B, kind=ClientKind.IPXE)).image.version \
             == "2", "a new boot gets N+1"
-        app.planner.end_session(MAC_A)
+        app.planner.end(MAC_A)  # booted: the OS now runs version 1 (e.g. its NFS root)
+        assert await store_svc.run_gc() == [], "a running OS's version is kept"
+        reboot = app.planner.plan(ClientFacts(mac=MAC_A, kind=ClientKind.IPXE))
+        assert reboot.image.version == "2", "the next boot gets N+1"
+        app.planner.handed_over(MAC_A)
         assert await store_svc.run_gc() == [("demo", "1")]
     finally:
         await http.stop()

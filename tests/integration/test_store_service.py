@@ -179,3 +179,22 @@ async def test_incoming_removed_under_the_daemon_is_recreated(running, tmp_path)
     sample_build(src, "demo", "2")
     os.rename(src, store.layout.incoming / "demo-2")
     await until(lambda: store.active("demo", "dev") == "2")
+
+
+async def test_a_second_daemon_on_the_same_store_is_refused(running, tmp_path) -> None:
+    """Two store services on one images directory: the second fails to start, naming the
+    first's pid; the first keeps its store; after it stops, a new one starts."""
+    from netbootd.store.errors import StoreLocked
+
+    app, svc = running
+    other = StoreService(make_app(tmp_path))
+    with pytest.raises(StoreLocked, match=f"pid {os.getpid()} \\(daemon\\)") as err:
+        await other.start()
+    other.app.events.close()
+    assert err.value.pid == os.getpid()
+    assert other.store is None and app.store is svc.store and svc.health()["ok"]
+    await svc.stop()
+    again = StoreService(make_app(tmp_path))
+    await again.start()
+    await again.stop()
+    again.app.events.close()

@@ -109,3 +109,127 @@ def test_session_expires_after_idle_ttl(tmp_path):
     assert planner.current(a.mac) is None
     assert planner.plan(a).image.version == "2"
     assert planner.peek(a).session != planner.plan(a).session  # peek never caches
+
+
+class CountingStore(SwitchableStore):
+    """SwitchableStore that counts what the planner records as used (retention)."""
+
+    def __init__(self, active: str | None = "1", boards: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.active = active
+        self.boards = boards
+        self.used: list[tuple[str, str]] = []
+
+    def resolve(self, image, channel, pin, *, mac=None):
+        if self.active is None and not pin:
+            return None
+        ref = super().resolve(image, channel, pin, mac=mac)
+        return ImageRef(name=ref.name, version=ref.version, root=ref.root, channel=channel,
+                        pinned=ref.pinned, boards=self.boards)
+
+    def mark_used(self, image, version):
+        self.used.append((image, version))
+
+
+def planner_for(tmp_path, store, **boot):
+    settings, inv = setup(tmp_path)
+    if boot:
+        settings = settings.model_copy(update={
+            "boot": settings.boot.model_copy(update=boot)})
+    clock = Clock()
+    return Planner(lambda: settings, lambda: inv, store, clock=clock), clock
+
+
+def test_plan_without_image_is_never_sticky(tmp_path):
+    store = CountingStore(active=None)
+    planner, clock = planner_for(tmp_path, store)
+    pi = ClientFacts(mac="aa:bb:cc:dd:ee:01")
+    assert planner.plan(pi).image is None
+    clock.now += 0.4
+    store.active = "1"  # the image goes live while the machine keeps retrying
+    assert planner.plan(pi).image.version == "1"
+
+
+def test_transfer_in_progress_holds_the_session(tmp_path):
+    store = CountingStore()
+    planner, clock = planner_for(tmp_path, store)
+    a = ClientFacts(mac="aa:bb:cc:dd:ee:01")
+    planner.plan(a)
+    planner.hold(a.mac)  # a long initramfs transfer starts
+    store.active = "2"
+    clock.now += 400  # longer than session_ttl (60)
+    assert planner.plan(a).image.version == "1", "the next file of the boot stays on N"
+    planner.release(a.mac)
+    clock.now += 59
+    assert planner.current(a.mac).image.version == "1"
+    clock.now += 61
+    assert planner.plan(a).image.version == "2"
+
+
+def test_handover_ends_the_firmware_session_but_not_the_os_plan(tmp_path):
+    store = CountingStore()
+    planner, clock = planner_for(tmp_path, store)
+    a = ClientFacts(mac="aa:bb:cc:dd:ee:01")
+    planner.plan(a)
+    planner.handed_over(a.mac)  # iPXE's beacon: the kernel runs
+    store.active = "2"
+    clock.now += 400
+    assert planner.current(a.mac).image.version == "1", "the OS's cloud-init sees N"
+    assert planner.plan(a).image.version == "2", "a power cycle plans afresh"
+    assert planner.current(a.mac).image.version == "2", "the new firmware session wins"
+
+
+def test_peek_has_no_side_effects_and_retention_is_recorded_once_per_session(tmp_path):
+    store = CountingStore()
+    planner, _clock = planner_for(tmp_path, store)
+    a = ClientFacts(mac="aa:bb:cc:dd:ee:01")
+    for _ in range(3):
+        planner.peek(a)
+    assert store.used == [] and planner.sessions() == []
+    planner.plan(a)
+    planner.plan(a)
+    assert store.used == [("demo", "1")]
+
+
+def test_pi_is_not_planned_onto_an_image_without_a_pi_boot_tree(tmp_path):
+    store = CountingStore(boards=("x86_64",))
+    planner, _ = planner_for(tmp_path, store)
+    pi = ClientFacts(mac="aa:bb:cc:dd:ee:01", kind=ClientKind.RPI, serial="a1b2c3d4")
+    p = planner.plan(pi)
+    assert p.action == Action.IGNORE and not p.answers
+    assert "no Raspberry Pi boot tree" in p.reason
+    pc = ClientFacts(mac="aa:bb:cc:dd:ee:01", kind=ClientKind.PXE_BIOS, arch=0)
+    assert planner.plan(pc).image.version == "1"
+    arm = ClientFacts(mac="aa:bb:cc:dd:ee:05", kind=ClientKind.PXE_UEFI_ARM64, arch=11)
+    settings, inv = setup(tmp_path, unknown="default")
+    assert "does not boot arm64" in decide(arm, inv, settings, store).reason
+
+
+def test_session_table_is_bounded_and_evicts_oldest(tmp_path):
+    store = CountingStore()
+    planner, _clock = planner_for(tmp_path, store, max_sessions=16)
+    settings, inv = setup(tmp_path, unknown="default")
+    planner._inventory = lambda: inv
+    planner._settings = lambda: settings.model_copy(update={
+        "boot": settings.boot.model_copy(update={"max_sessions": 16})})
+    for i in range(100):
+        planner.plan(ClientFacts(mac=f"02:00:00:00:01:{i:02x}"))
+    assert len(planner.sessions()) == 16 and planner.evicted == 84
+    assert planner.current("02:00:00:00:01:63") is not None  # the newest survive
+
+
+def test_check_warns_about_a_pi_on_an_image_without_a_pi_boot_tree(tmp_path):
+    from netbootd.planner import fit_warnings
+
+    (tmp_path / "nodes.yaml").write_text("""
+nodes:
+  d8:3a:dd:12:34:56: {hostname: pi1, serial: a1b2c3d4}
+  52:54:00:00:00:01: {hostname: pc1}
+""")
+    settings = load_settings(None, {"paths": {"inventory": str(tmp_path / "nodes.yaml")}},
+                             use_default_path=False)
+    inv = load_inventory(settings.paths.inventory)
+    warnings = fit_warnings(inv, settings, CountingStore(boards=("x86_64",)))
+    assert len(warnings) == 1 and "pi1" in warnings[0] and "no Raspberry Pi boot tree" \
+        in warnings[0]
+    assert fit_warnings(inv, settings, CountingStore(boards=("rpi5",))) == []

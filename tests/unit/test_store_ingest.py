@@ -15,9 +15,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from netbootd.errors import Conflict, Invalid
 from netbootd.settings import StoreSettings
 from netbootd.store.build import pack, sample_build, write_manifest
-from netbootd.store.store import ImageStore, StoreError
+from netbootd.store.errors import TooLarge
+from netbootd.store.store import ImageStore
 
 
 @pytest.fixture
@@ -315,8 +317,15 @@ async def test_http_upload(store, tmp_path) -> None:
     with open(tmp_path / "u2.tar", "rb") as fh:  # noqa: ASYNC230 - a test
         res = await store.ingest_upload("demo", "6", fh)
     assert not res["accepted"] and "manifest says demo/5" in res["reason"]
-    with pytest.raises(StoreError):
+    with pytest.raises(Invalid):
         await store.ingest_upload("../x", "1", [b""])
+    with pytest.raises(TooLarge) as err:
+        await store.ingest_upload("demo", "7", [b"x" * 600, b"x" * 600], max_bytes=1000)
+    assert err.value.limit == 1000 and isinstance(err.value, Invalid)
+    assert not list(store.layout.incoming.iterdir()), "the partial upload is gone"
+    (store.layout.incoming / "demo-8.tar.zst").write_bytes(b"")  # an upload is pending
+    with pytest.raises(Conflict, match="already pending"):
+        await store.ingest_upload("demo", "8", [data])
 
 
 def test_progress_is_logged_for_large_builds(caplog) -> None:

@@ -114,3 +114,61 @@ def test_signature_required_but_missing_or_untrusted(tmp_path) -> None:
     signed = json.dumps(sign_manifest(good(), Ed25519PrivateKey.generate())).encode()
     with pytest.raises(ManifestError, match="does not verify"):
         verify_signature(signed, None, [load_public_key(kf)])
+
+
+def disk(**change) -> dict:
+    d = {"path": "disk.img.zst", "compression": "zst", "size": 5, "sha256": SHA,
+         "uncompressed_size": 100, "uncompressed_sha256": "b" * 64}
+    return {"image": "os", "version": "1", "created": "2026-11-23T13:00:00Z", "kind": "disk",
+            "boards": ["rpi5"], "artefacts": [{"path": "disk.img.zst", "size": 5,
+                                               "sha256": SHA}],
+            "disk": {**d, **change}}
+
+
+def test_disk_section_parses_and_fills_boot_disk() -> None:
+    m = parse_manifest(json.dumps(disk()).encode())
+    assert m.kind == "disk" and m.disk.compression == "zst"
+    assert m.disk.uncompressed_size == 100 and m.boot_dict() == {"disk": "disk.img.zst"}
+
+
+def test_disk_image_is_the_old_name_of_disk() -> None:
+    raw = disk()
+    raw["kind"] = "disk-image"
+    assert parse_manifest(json.dumps(raw).encode()).kind == "disk"
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"path": "other.img.zst"}, "not an artefact"),
+    ({"compression": "xz"}, "does not match"),
+    ({"size": 6}, "differ from the artefact"),
+    ({"sha256": "c" * 64}, "differ from the artefact"),
+    ({"uncompressed_sha256": "nothex"}, "64 hex"),
+    ({"uncompressed_size": -1}, "uncompressed_size"),
+    ({"compression": "bz2"}, "compression"),
+    ({"extra": 1}, "extra"),
+])
+def test_disk_section_rules(change, needle) -> None:
+    with pytest.raises(ManifestError, match=needle):
+        parse_manifest(json.dumps(disk(**change)).encode())
+
+
+@pytest.mark.parametrize("name, comp", [("a.img", "none"), ("d/a.img.zst", "zst"),
+                                        ("a.img.xz", "xz"), ("a.img.gz", "gz")])
+def test_disk_compression_follows_the_suffix(name, comp) -> None:
+    raw = disk(path=name, compression=comp)
+    raw["artefacts"][0]["path"] = name
+    assert parse_manifest(json.dumps(raw).encode()).disk.compression == comp
+
+
+def test_disk_file_must_be_named_as_an_image() -> None:
+    raw = disk(path="disk.raw", compression="none")
+    raw["artefacts"][0]["path"] = "disk.raw"
+    with pytest.raises(ManifestError, match="must end in"):
+        parse_manifest(json.dumps(raw).encode())
+
+
+def test_disk_section_only_on_disk_builds() -> None:
+    raw = {**good(), "disk": disk()["disk"]}
+    raw["artefacts"].append(disk()["artefacts"][0])
+    with pytest.raises(ManifestError, match="needs kind disk"):
+        parse_manifest(json.dumps(raw).encode())

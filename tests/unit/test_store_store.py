@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from netbootd.errors import Conflict, Invalid, NetbootdError, NotFound
 from netbootd.settings import StoreSettings
 from netbootd.store.build import sample_build
 from netbootd.store.store import ImageStore, StoreError
@@ -57,23 +58,36 @@ def test_activate_rollback_history(store) -> None:
     assert store.resolve("demo", "prod", None).version == "2"
 
 
-def test_user_mistakes_raise_store_error(store) -> None:
-    with pytest.raises(StoreError, match="unknown version '9'"):
+def test_user_mistakes_raise_typed_errors(store) -> None:
+    with pytest.raises(NotFound, match="unknown version '9'"):
         store.activate("demo", "9", "prod")
-    with pytest.raises(StoreError, match="unknown image 'nope'"):
+    with pytest.raises(NotFound, match="unknown image 'nope'"):
         store.activate("nope", "1", "prod")
-    with pytest.raises(StoreError, match="channel"):
+    with pytest.raises(Invalid, match="channel"):
         store.activate("demo", "1", "../x")
-    with pytest.raises(StoreError, match="no version"):
+    with pytest.raises(Invalid, match="version"):
+        store.activate("demo", "../1", "prod")
+    with pytest.raises(Conflict, match="no version"):
         store.rollback("demo", "staging")
     store.activate("demo", "1", "prod")
-    with pytest.raises(StoreError, match="nothing to roll back"):
+    with pytest.raises(Conflict, match="nothing to roll back"):
         store.rollback("demo", "prod")
-    with pytest.raises(StoreError, match="not a MAC"):
+    with pytest.raises(Invalid, match="not a MAC"):
         store.pin("zz", "1")
-    with pytest.raises(StoreError, match="not pinned"):
+    with pytest.raises(Conflict, match="not pinned"):
         store.unpin(MAC)
-    assert isinstance(StoreError("x"), ValueError)
+    with pytest.raises(Invalid):
+        store.unpin("zz")
+    store.activate("demo", "2", "prod")
+    store.activate("demo", "3", "prod")
+    (store.layout.version_dir("demo", "2") / "manifest.json").unlink()
+    store.catalogue.forget("demo", "2")
+    with pytest.raises(NotFound, match="no longer in the store"):
+        store.rollback("demo", "prod")
+    # every typed error is a StoreError (old callers) and a ValueError (older ones)
+    assert StoreError is NetbootdError
+    for cls in (NotFound, Conflict, Invalid):
+        assert issubclass(cls, StoreError) and issubclass(cls, ValueError)
 
 
 def test_pointer_is_one_file_replaced_atomically(store) -> None:
@@ -112,9 +126,9 @@ def test_resolve_order_inventory_pin_then_store_pin_then_channel(store) -> None:
 
 def test_pin_infers_image_or_asks(store) -> None:
     add(store, "2", image="other")
-    with pytest.raises(StoreError, match="name the image"):
+    with pytest.raises(Invalid, match="name the image"):
         store.pin(MAC, "2")
-    with pytest.raises(StoreError, match="no image has"):
+    with pytest.raises(NotFound, match="no image has"):
         store.pin(MAC, "77")
     store.pin(MAC, "3")
     assert store.pins()[MAC]["image"] == "demo"
@@ -143,7 +157,7 @@ def test_gc_keeps_newest_active_pinned_in_use_and_booted(tmp_path) -> None:
         add(st, str(v))
     st.activate("demo", "1", "prod")
     st.pin(MAC, "2", "demo")
-    st.mark_booted("demo", "4")
+    st.mark_used("demo", "4")
     st.flush_booted()
     plan = st.gc(dry_run=True, in_use={("demo", "3")})
     assert plan == [("demo", "5"), ("demo", "6")]
@@ -246,3 +260,61 @@ def test_history_append_waiting_on_a_prune_lands_in_the_live_file(store) -> None
     writer.join(5)
     assert [h["version"] for h in store.history()] == ["1", "2"], \
         "the waiting append must reopen the new file, not write into the replaced one"
+
+
+def test_resolve_records_nothing_so_gc_keeps_the_same(tmp_path) -> None:
+    """Asking what a machine would get (CLI plan, API, peek) must not keep a version."""
+    st = make_store(tmp_path, keep=1, keep_booted_hours=1)
+    for v in ("1", "2", "3", "4"):
+        add(st, v)
+    st.activate("demo", "1", "prod")
+    st.pin(MAC, "2", "demo")
+    st.unpin(MAC)
+
+    def ask() -> None:
+        assert st.resolve("demo", "prod", "3").version == "3"  # inventory pin
+        assert st.resolve("demo", "prod", None, mac=MAC).version == "1"
+        assert st.resolve("demo", "prod", None).version == "1"
+
+    ask()
+    plan = st.gc_plan()
+    assert plan == [("demo", "2"), ("demo", "3")]
+    ask()
+    assert not st.booted_dirty and not st.layout.booted_file.exists()
+    assert st.gc() == plan, "resolve between plan and gc changed nothing"
+    assert st.versions("demo") == ["1", "4"]
+
+
+def test_mark_used_keeps_a_version_through_the_window(tmp_path) -> None:
+    st = make_store(tmp_path, keep=1, keep_booted_hours=1)
+    for v in ("1", "2", "3"):
+        add(st, v)
+    st.mark_used("demo", "1")  # a boot session on 1 started
+    assert st.booted_dirty
+    assert st.gc_plan() == [("demo", "2")]
+    st.flush_booted()
+    other = ImageStore(tmp_path / "images", tmp_path / "state",
+                       StoreSettings(keep=1, keep_booted_hours=1))  # the CLI, later
+    assert other.gc_plan() == [("demo", "2")]
+
+
+def test_ref_carries_the_manifest_boards(store) -> None:
+    add(store, "1", image="pi", kind="pi-boot+rootfs")
+    assert store.ref("pi", "1").boards == ("rpi5",)
+    assert store.ref("demo", "1").boards == ("x86_64",)
+    store.activate("demo", "1", "prod")
+    assert store.resolve("demo", "prod", None).boards == ("x86_64",)
+
+
+def test_only_layout_builds_store_paths() -> None:
+    """The directory layout is defined in one place: no other store module joins paths
+    onto the layout's directories itself."""
+    import re
+
+    import netbootd.store as pkg
+
+    pattern = re.compile(r"layout\.(images|state|incoming|staging|store|channels|rejected|"
+                         r"state_dir)\s*/")
+    for f in Path(pkg.__file__).parent.glob("*.py"):
+        if f.name != "layout.py":
+            assert not pattern.search(f.read_text()), f"{f.name} builds a store path"
