@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 from netbootd.daemon import build_app
 from netbootd.dhcp import clients as c
 from netbootd.dhcp.netif import Interface, Interfaces
+from netbootd.dhcp.responder import Responder
 from netbootd.dhcp.testkit import responder_for
 from netbootd.events import EventLog
 from netbootd.inventory import load_inventory
