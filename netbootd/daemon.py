@@ -37,6 +37,7 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
     state = LocalNodeState(settings.lifecycle_dir, max_nodes=settings.provision.max_nodes)
     planner = Planner(lambda: holder["app"].settings, lambda: holder["app"].inventory, NoImages(),
                       state=state)
+    metrics = Metrics()
     app = App(
         settings=settings,
         inventory=inventory or Inventory.empty(),
@@ -44,8 +45,9 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
         render=Renderer(settings),
         events=EventLog(settings.paths.state, max_nodes=settings.events.max_nodes,
                         ignored_sample=settings.events.ignored_sample),
-        metrics=Metrics(),
-        clients=ClientAddresses(),
+        metrics=metrics,
+        clients=ClientAddresses(max_entries=settings.network.max_addresses,
+                                evicted=metrics.table_evictions.labels("addresses").inc),
     )
     holder["app"] = app
     app.metrics.registry.register(EventTableCollector(app.events))

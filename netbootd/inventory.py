@@ -81,6 +81,9 @@ class Profile(BaseModel):
         "artefact -> template file, e.g. {ipxe: custom.ipxe.j2, user-data: k3s.yaml.j2}"))
     vars: dict[str, Any] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
+    match: Literal["mac", "serial"] | None = Field(None, description=(
+        "serial: the Pi serial alone identifies its nodes (a board whose NIC MAC is not "
+        "the one in nodes.yaml); default mac: a serial counts only with the node's MAC"))
 
 
 class Node(BaseModel):
@@ -98,6 +101,9 @@ class Node(BaseModel):
     install: InstallSpec | None = None
     ip: str | None = Field(None, description="Expected address (strict cloud-init, exports).")
     uuid: str | None = Field(None, description="SMBIOS UUID (matchbox-style `/metadata?uuid=`).")
+    match: Literal["mac", "serial"] | None = Field(None, description=(
+        "serial: this node's Pi serial alone identifies it, whatever MAC asks (default "
+        "mac: a request carrying the serial must also come from the node's MAC)"))
     labels: dict[str, str] = Field(default_factory=dict)
     vars: dict[str, Any] = Field(default_factory=dict)
     templates: dict[str, str] = Field(default_factory=dict)
@@ -144,13 +150,24 @@ class Inventory:
         return cls(nodes={}, profiles={DEFAULT_PROFILE: Profile()}, by_serial={})
 
     def node_for(self, facts: ClientFacts) -> tuple[str, Node] | None:
-        """Find a node by MAC, else by Pi serial."""
+        """Find a node by MAC, else by Pi serial when the node says its serial alone
+        identifies it (``match: serial``, on the node or its profile). A serial is
+        just bytes in option 97: anyone can send a known Pi's serial from another MAC."""
         if facts.mac in self.nodes:
             return facts.mac, self.nodes[facts.mac]
         if facts.serial and facts.serial in self.by_serial:
             mac = self.by_serial[facts.serial]
-            return mac, self.nodes[mac]
+            node = self.nodes[mac]
+            if self.serial_identifies(node):
+                return mac, node
         return None
+
+    def serial_identifies(self, node: Node) -> bool:
+        """``match: serial`` on the node, else on its named profile."""
+        if node.match is not None:
+            return node.match == "serial"
+        prof = self.profiles.get(node.profile) if node.profile else None
+        return bool(prof is not None and prof.match == "serial")
 
     def mac_for_serial(self, serial: str) -> str | None:
         return self.by_serial.get(serial)

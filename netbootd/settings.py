@@ -48,6 +48,10 @@ class NetworkSettings(_Section):
     advertise: IPv4Address | None = Field(
         None, description="Server IPv4 put in replies (option 54, siaddr, URLs). "
         "Default: the address of the interface the request arrived on.")
+    max_addresses: int = Field(
+        4096, ge=16, description="Client address bindings remembered (learnt from the site "
+        "DHCP server's ACKs); beyond it the least recently confirmed is forgotten (counted "
+        "in netbootd_table_evictions_total{table=\"addresses\"}).")
 
 
 class DhcpSettings(_Section):
@@ -64,6 +68,18 @@ class DhcpSettings(_Section):
     rate_limit_per_mac: float = Field(
         10.0, gt=0, description="Replies per second per MAC at most; a looping client "
         "beyond it is dropped (and counted) so it cannot flood the daemon or the log.")
+    memo_entries: int = Field(
+        16384, ge=16, description="Distinct requests remembered with their classification "
+        "and prepared replies; the oldest is forgotten beyond it (counted).")
+    max_clients: int = Field(
+        65536, ge=16, description="MACs tracked for rate limiting and event coalescing; "
+        "the oldest is forgotten beyond it (counted), so random MACs cannot grow memory.")
+    learn_from_acks: bool = Field(
+        True, description="Learn client addresses from the site DHCP server's ACKs seen on "
+        "the wire (needs CAP_NET_RAW; docs/security.md says what a proxy can observe).")
+    site_servers: list[IPv4Address] = Field(
+        default_factory=list, description="Only ACKs from these DHCP servers are evidence "
+        "of an address (empty: any server whose server identifier is the ACK's source).")
 
 
 class TftpSettings(_Section):
@@ -254,6 +270,10 @@ class NfsSettings(_Section):
     ganesha_pidfile: Path | None = Field(None, description="ganesha backend: when no reload "
                                          "command is set, SIGHUP the pid in this file "
                                          "(ganesha >= 2.8 re-reads EXPORT blocks on SIGHUP).")
+    state_settle_seconds: float = Field(
+        10.0, ge=0, description="A node's read-write state export follows an address only "
+        "after the address was confirmed (site server ACK + kernel neighbour table) and "
+        "unchanged this long; a static nodes.yaml ip is used at once.")
     exportfs_command: list[str] = Field(default_factory=lambda: ["exportfs"],
                                         description="exportfs backend: the exportfs binary "
                                         "(called with -ra to apply, -s to check).")

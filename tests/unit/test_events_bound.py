@@ -16,6 +16,7 @@ from netbootd.daemon import build_app
 from netbootd.dhcp import clients as c
 from netbootd.dhcp.netif import Interface, Interfaces
 from netbootd.dhcp.responder import Responder
+from netbootd.dhcp.testkit import responder_for
 from netbootd.events import EventLog
 from netbootd.inventory import load_inventory
 from netbootd.settings import load_settings
@@ -36,7 +37,7 @@ def make(tmp_path: Path, policy: str):
     app = build_app(settings, inventory=load_inventory(tmp_path / "nodes.yaml"))
     ifs = Interfaces()
     ifs.by_index = {IFINDEX: Interface(IFINDEX, "veth0", [(SERVER, 24)])}
-    return app, Responder(app, ifs, available=frozenset({"undionly.kpxe", "ipxe.efi"}))
+    return app, responder_for(app, ifs, available=frozenset({"undionly.kpxe", "ipxe.efi"}))
 
 
 def random_mac() -> str:
