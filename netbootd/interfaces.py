@@ -109,8 +109,9 @@ class Nodes(Protocol):
         """Every inventory node's MAC, in file order."""
         ...
 
-    def find(self, *, uuid: str | None = None, hostname: str | None = None) -> str | None:
-        """The MAC of the inventory node with this SMBIOS UUID or hostname."""
+    def find(self, *, uuid: str | None = None, hostname: str | None = None,
+             ip: str | None = None) -> str | None:
+        """The MAC of the inventory node with this SMBIOS UUID, hostname or static ip."""
         ...
 
     def static_ip(self, mac: str) -> str | None:

@@ -172,9 +172,12 @@ class Inventory:
     def mac_for_serial(self, serial: str) -> str | None:
         return self.by_serial.get(serial)
 
-    def find(self, *, uuid: str | None = None, hostname: str | None = None) -> str | None:
-        """The MAC of the node with this SMBIOS UUID or hostname (matchbox selectors)."""
+    def find(self, *, uuid: str | None = None, hostname: str | None = None,
+             ip: str | None = None) -> str | None:
+        """The MAC of the node with this SMBIOS UUID, hostname or static address."""
         for mac, node in self.nodes.items():
+            if ip and node.ip == ip:
+                return mac
             if uuid and node.uuid and node.uuid.lower() == uuid.lower():
                 return mac
             if hostname and node.hostname == hostname.lower():

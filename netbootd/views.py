@@ -33,8 +33,9 @@ class InventoryNodes:
     def known(self, mac: str) -> bool:
         return mac in self._inventory().nodes
 
-    def find(self, *, uuid: str | None = None, hostname: str | None = None) -> str | None:
-        return self._inventory().find(uuid=uuid, hostname=hostname)
+    def find(self, *, uuid: str | None = None, hostname: str | None = None,
+             ip: str | None = None) -> str | None:
+        return self._inventory().find(uuid=uuid, hostname=hostname, ip=ip)
 
     def macs(self) -> list[str]:
         return list(self._inventory().nodes)
@@ -182,12 +183,3 @@ def _artefact_set(image: ImageRef) -> frozenset[str]:
             _SETS.clear()
         hit = _SETS[key] = (image.artefacts, frozenset(image.artefacts))
     return hit[1]
-
-
-def owns_address(nodes: InventoryNodes, addresses: Addresses, mac: str, ip: str) -> bool:
-    """Is ``ip`` the address of machine ``mac``: learnt with evidence (DHCP, the kernel
-    neighbour table) or configured (nodes.yaml ``ip``)? The one check every secret and
-    every lifecycle report goes through."""
-    if not ip:
-        return False
-    return addresses.mac_for(ip) == mac or nodes.static_ip(mac) == ip

@@ -241,7 +241,7 @@ def context_for(app: App) -> HttpContext:
     """The handlers' narrow views of this daemon (the only place that reads the App)."""
     from ..app import AppStatus
     from ..lifecycle import Lifecycle
-    from ..views import InventoryNodes, StoreArtefacts, owns_address
+    from ..views import InventoryNodes, StoreArtefacts
 
     def settings() -> Settings:
         return app.settings
@@ -250,7 +250,7 @@ def context_for(app: App) -> HttpContext:
     lifecycle = Lifecycle(
         app.node_state, app.planner, app.events,
         node=lambda mac: nodes.view(nodes.facts_for(mac)),
-        owns=lambda mac, ip: owns_address(nodes, app.clients, mac, ip),
+        owns=nodes.owns,
         refused=app.metrics.requests.labels(SERVICE, "forbidden").inc)
     return HttpContext(
         settings_of=settings, plans=app.planner, nodes=nodes,

@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from ..model import ImageRef
-from .util import SERVICE, context, malformed, valid_name
+from .util import SERVICE, context, malformed, valid_name, who_is
 
 log = logging.getLogger("netbootd.http.files")
 
@@ -120,7 +120,7 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
     remote = request.remote or ""
     method = request.method
     # A download of a node in a boot refreshes its session and holds it open while it runs.
-    mac = ctx.addresses.mac_for(remote) if remote else None
+    mac = who_is(ctx, remote)
     if mac is not None and ctx.plans.current(mac) is None:
         mac = None
 
@@ -140,7 +140,7 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
             ctx.metrics.bytes_sent.labels(SERVICE).inc(sent)
             ctx.metrics.transfer_seconds.labels(SERVICE).observe(seconds)
         if status in (200, 206) and method != "HEAD":
-            ctx.events.record("http", mac or (ctx.addresses.mac_for(remote) if remote else None),
+            ctx.events.record("http", mac or who_is(ctx, remote),
                               f"served {image}/{version}/{rel}", ip=remote or None,
                               file=f"/files/{image}/{version}/{rel}", bytes=sent,
                               seconds=round(seconds, 3), image=image, version=version,
