@@ -268,6 +268,10 @@ class Planner:
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         #: mac -> the plan its running OS booted with, oldest first.
         self._booted: OrderedDict[str, _Session] = OrderedDict()
+        #: mac -> (a plan that boots nothing, when made): reused for BRIEF seconds only, so
+        #: a machine retrying many times a second (or a DHCP flood) does not run the whole
+        #: decision per packet, while an image that goes live is seen within a second.
+        self._brief: OrderedDict[str, tuple[BootPlan, float]] = OrderedDict()
         #: Sessions dropped because the table was full (a metric; a flood of MACs).
         self.evicted = 0
 
@@ -282,9 +286,19 @@ class Planner:
                 hit.last = now
                 self._sessions.move_to_end(facts.mac)
                 return hit.plan
+            brief = self._brief.get(facts.mac)
+            if brief is not None and 0 <= now - brief[1] < self.BRIEF and \
+                    brief[0].facts == facts:
+                return brief[0]
         fresh = self._decide(facts, now)
         if not fresh.answers or fresh.image is None:
-            return fresh  # never sticky: the next request decides again
+            # Never sticky: no session is held, and this answer is reused only briefly.
+            with self._lock:
+                self._brief[facts.mac] = (fresh, now)
+                self._brief.move_to_end(facts.mac)
+                while len(self._brief) > boot.max_sessions:
+                    self._brief.popitem(last=False)
+            return fresh
         with self._lock:
             hit = self._sessions.get(facts.mac)
             if hit is not None and (hit.holds or now - hit.last < boot.session_ttl):
@@ -294,6 +308,15 @@ class Planner:
             self._expire(self._sessions, now, boot.session_ttl, boot.max_sessions)
         self._mark_used(fresh)
         return fresh
+
+    #: Seconds a plan that boots nothing is reused for the same question (at most: any
+    #: change of images or inventory drops it at once, see :meth:`changed`).
+    BRIEF = 1.0
+
+    def changed(self) -> None:
+        """Images or inventory changed: plans that boot nothing are decided again."""
+        with self._lock:
+            self._brief.clear()
 
     def _decide(self, facts: ClientFacts, now: float) -> BootPlan:
         record = None
@@ -309,6 +332,7 @@ class Planner:
         with self._lock:
             self._sessions.pop(mac, None)
             self._booted.pop(mac, None)
+            self._brief.pop(mac, None)
 
     def _mark_used(self, plan: BootPlan) -> None:
         """Retention is recorded where a session starts, never when someone only asks."""
@@ -395,6 +419,7 @@ class Planner:
         with self._lock:
             self._sessions.clear()
             self._booted.clear()
+            self._brief.clear()
 
     def sessions(self) -> list[BootPlan]:
         """Open boot sessions and the plans running OSes booted with; the store's GC and

@@ -146,8 +146,23 @@ def test_plan_without_image_is_never_sticky(tmp_path):
     pi = ClientFacts(mac="aa:bb:cc:dd:ee:01")
     assert planner.plan(pi).image is None
     clock.now += 0.4
+    assert planner.plan(pi).image is None
     store.active = "1"  # the image goes live while the machine keeps retrying
+    planner.changed()  # what the store service does on every activation
+    clock.now += 0.4
     assert planner.plan(pi).image.version == "1"
+
+
+def test_a_plan_that_boots_nothing_is_reused_only_briefly(tmp_path):
+    store = CountingStore(active=None)
+    planner, clock = planner_for(tmp_path, store)
+    pc = ClientFacts(mac="aa:bb:cc:dd:ee:01")
+    first = planner.plan(pc)
+    clock.now += 0.5
+    assert planner.plan(pc) is first, "a retry within the second is not decided again"
+    store.active = "1"  # activated without telling the planner: seen within a second
+    clock.now += 0.6
+    assert planner.plan(pc).image.version == "1"
 
 
 def test_transfer_in_progress_holds_the_session(tmp_path):
