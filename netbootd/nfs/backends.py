@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..settings import Settings
-from ..store.layout import read_json, write_atomic, write_json_atomic
 from .exports import Export, assign_ids, render_exportfs, render_ganesha
+from .files import read_json, write_atomic, write_json_atomic
 
 log = logging.getLogger("netbootd.nfs")
 

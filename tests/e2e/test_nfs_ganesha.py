@@ -13,7 +13,7 @@ import pytest
 
 from netbootd.lab.netns import Topology
 from netbootd.model import ClientFacts, ClientKind
-from netbootd.nfs.service import NfsService
+from netbootd.nfs.service import create as create_nfs
 from netbootd.store.service import StoreService
 from tests.storekit import ONE_VERSION, drop_build, store_app, until
 
@@ -59,7 +59,7 @@ async def test_ganesha_exports_follow_store_and_sessions(netlab, lab_nfs, lab_ou
                      "nfs": {"backend": "ganesha", "ganesha_config": str(include),
                              "ganesha_reload": nfs_server.reload_argv(),
                              "clients": "0.0.0.0/0" if everyone else netlab.network}})
-    store_svc, nfs = StoreService(app), NfsService(app)
+    store_svc, nfs = StoreService(app), create_nfs(app)
     await store_svc.start()
     await nfs.start()
     try:

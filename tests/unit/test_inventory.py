@@ -98,7 +98,13 @@ nodes:
     assert i.view(ClientFacts(mac="aa:bb:cc:dd:ee:04")).profile == "default"
 
 
-def test_node_found_by_serial(tmp_path):
+def test_node_found_by_serial_only_with_match_serial(tmp_path):
+    """A serial from another MAC names the node only when it says ``match: serial``
+    (option 97 is bytes anyone can send; docs/dhcp.md)."""
+    facts = ClientFacts(mac="ff:ff:ff:00:00:01", serial="deadbeef", kind=ClientKind.RPI)
     i = inv(tmp_path, "nodes:\n  aa:bb:cc:dd:ee:01: {serial: 10000000deadbeef, hostname: p1}\n")
-    v = i.view(ClientFacts(mac="ff:ff:ff:00:00:01", serial="deadbeef", kind=ClientKind.RPI))
+    assert not i.view(facts).known
+    i = inv(tmp_path, "nodes:\n  aa:bb:cc:dd:ee:01: {serial: 10000000deadbeef, hostname: p1, "
+               "match: serial}\n")
+    v = i.view(facts)
     assert v.known and v.hostname == "p1" and v.mac == "aa:bb:cc:dd:ee:01"
