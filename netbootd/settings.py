@@ -331,12 +331,14 @@ class Settings(BaseSettings):
         # between two files a client may be silent for as long as a transfer may stay
         # silent before it is given up (resends x timeout). A shorter TTL would let the
         # next file be planned afresh and mix versions.
-        silent = self.tftp.retransmit_timeout * (self.tftp.retries + 1)
+        t = self.tftp
+        silent = min(t.stall_max, max(t.retransmit_timeout, t.timeout_max) * (t.retries + 1))
         if self.boot.session_ttl < 2 * silent:
             raise ValueError(
                 f"boot.session_ttl ({self.boot.session_ttl:g} s) must be at least twice the "
-                f"longest silence of a TFTP transfer (tftp.retransmit_timeout x "
-                f"(tftp.retries + 1) = {silent:g} s)")
+                f"longest silence of a TFTP transfer (min(tftp.stall_max, max("
+                f"tftp.retransmit_timeout, tftp.timeout_max) x (tftp.retries + 1)) = "
+                f"{silent:g} s)")
         return self
 
     @classmethod
