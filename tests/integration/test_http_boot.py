@@ -351,6 +351,7 @@ def test_nothing_to_boot_is_not_kept_as_a_session_so_the_retry_sees_a_new_image(
     assert "nothing to boot" in text and "chain --autofree" in text
     assert app.planner.current(NODE_A) is None
     app.planner.images.channels[("demo", "prod")] = "1.0"  # an image arrives
+    app.planner.changed()  # what the store tells the planner on every activation
     assert "boots demo 1.0" in curl(ipxe_url(server, NODE_A))[2].decode()
 
 
