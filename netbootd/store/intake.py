@@ -32,6 +32,7 @@ from .ingest import (
     unpack_archive,
     validate_build,
 )
+from .importer import import_image, looks_like_disk_image, name_version
 from .layout import READY_SUFFIX, Layout, fsync_dir, is_ignored_name, remove_tree
 from .manifest import MANIFEST, Manifest, ManifestError, load_public_key, parse_manifest
 from .pointers import Channels
@@ -97,6 +98,10 @@ class Intake:
                 if src.is_dir() and not src.is_symlink():
                     copy_tree(src, unpacked, allow_devices=self.settings.allow_devices,
                               cancel=self.cancel)
+                elif looks_like_disk_image(src):  # a Raspberry Pi OS .img[.xz] drop
+                    image, version = name_version(src.name, src.stat().st_mtime)
+                    import_image(src, unpacked, image=image, version=version,
+                                 cancel=self.cancel, scratch=stage)
                 elif src.is_file() and not src.is_symlink():
                     unpack_archive(src, unpacked, allow_devices=self.settings.allow_devices,
                                    cancel=self.cancel)
