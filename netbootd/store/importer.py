@@ -447,8 +447,12 @@ def import_image(src: Path, build: Path, *, image: str, version: str,
     fit_rootfs(build / "rootfs")
     boards = boards_of(boot)
     say("writing manifest.json (hashing every file)")
+    # created = the image file's time: importing the same file again gives the same
+    # manifest, which the store recognises as already present (not a conflict)
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(src.stat().st_mtime))
     m = write_manifest(build, image, version, "pi-boot+rootfs", boards=boards,
-                       boot={"boot_tree": "boot", "rootfs": "rootfs", "cmdline": args})
+                       boot={"boot_tree": "boot", "rootfs": "rootfs", "cmdline": args},
+                       created=created)
     total = sum(a["size"] for a in m["artefacts"])
     return Imported(image=image, version=version, boards=boards, files=len(m["artefacts"]),
                     bytes=total, modes_fixed=counts["fixed"],
