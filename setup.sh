@@ -76,15 +76,21 @@ venv_install() {
 }
 
 demo_image() {
-  # The embedded demo image: built from Debian packages by images/build_image.py and dropped
-  # into images/incoming/, where the running daemon ingests and activates it.
-  if [ -n "$(ls -A images/store/demo 2>/dev/null)" ] || compgen -G "images/incoming/demo-*" >/dev/null; then
-    return 0  # built already (ingested, or waiting in incoming/ for the daemon)
-  fi
-  if [ -f images/build_image.py ]; then
+  # The embedded demo images, built from Debian packages by images/build_image.py and dropped
+  # into images/incoming/, where the running daemon ingests and activates them:
+  #   demo     kernel + initrd + NFS rootfs, boots x86 machines (and the lab's QEMU guests);
+  #   pi-demo  a synthetic Raspberry Pi 5 boot tree (the real file names and sizes; it does
+  #            not boot a real Pi: import Raspberry Pi OS for that, see README.md).
+  [ -f images/build_image.py ] || return 0
+  if [ -z "$(ls -A images/store/demo 2>/dev/null)" ] && ! compgen -G "images/incoming/demo-*" >/dev/null; then
     log "building the demo image (Debian cloud kernel + busybox initrd)"
     "$VENV/bin/python" images/build_image.py --name demo --incoming images/incoming \
       || log "demo image build failed: the daemon still runs; see images/README.md"
+  fi
+  if [ -z "$(ls -A images/store/pi-demo 2>/dev/null)" ] && ! compgen -G "images/incoming/pi-demo-*" >/dev/null; then
+    log "building the Raspberry Pi 5 demo boot tree"
+    "$VENV/bin/python" images/build_image.py --pi --name pi-demo --incoming images/incoming \
+      || log "Pi demo build failed: the daemon still runs; see images/README.md"
   fi
 }
 

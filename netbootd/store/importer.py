@@ -144,9 +144,9 @@ def _decompress(src: Path, dest: Path, kind: str, progress: ProgressFn | None,
     reader: BinaryIO
     proc = None
     if kind == "xz":
-        reader = lzma.open(src, "rb")
+        reader = lzma.open(src, "rb")  # noqa: SIM115 - closed by the with below
     elif kind == "gz":
-        reader = gzip.open(src, "rb")
+        reader = gzip.open(src, "rb")  # noqa: SIM115 - closed by the with below
     else:
         try:
             import zstandard
@@ -191,7 +191,8 @@ def _run(argv: list[str], what: str) -> str:
     if shutil.which(argv[0]) is None:
         raise Rejected(f"{what} needs the {argv[0]!r} program "
                        f"(Debian package {'mtools' if argv[0].startswith('m') else 'e2fsprogs'})")
-    proc = subprocess.run(argv, capture_output=True, text=True, errors="replace")
+    proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                          check=False)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise Rejected(f"{what} failed ({argv[0]} exit {proc.returncode}): {' | '.join(tail)}")
@@ -273,10 +274,9 @@ def restore_modes(target: str, dest: Path) -> dict[str, int]:
         st = os.lstat(path)
         if is_root and (st.st_uid, st.st_gid) != (uid, gid):
             os.lchown(path, uid, gid)  # clears setuid: the chmod comes after
-        if stat.S_IMODE(st.st_mode) != stat.S_IMODE(mode) or is_root:
-            if stat.S_IMODE(os.lstat(path).st_mode) != stat.S_IMODE(mode):
-                os.chmod(path, stat.S_IMODE(mode))
-                counts["fixed"] += 1
+        if stat.S_IMODE(os.lstat(path).st_mode) != stat.S_IMODE(mode):
+            os.chmod(path, stat.S_IMODE(mode))
+            counts["fixed"] += 1
     return counts
 
 
@@ -365,9 +365,8 @@ def fit_rootfs(rootfs: Path) -> None:
         os.symlink("/etc/systemd/system/netbootd-state.service", link)
     (rootfs / STATE_MOUNT.lstrip("/")).mkdir(parents=True, exist_ok=True)
     # Raspberry Pi OS resizes the SD card's root on first boot; there is no card here.
-    for name in ("etc/init.d/resize2fs_once",
-                 "etc/rc3.d/S01resize2fs_once", "etc/systemd/system/multi-user.target.wants/"
-                 "rpi-resizerootfs.service"):
+    for name in ("etc/init.d/resize2fs_once", "etc/rc3.d/S01resize2fs_once",
+                 "etc/systemd/system/multi-user.target.wants/rpi-resizerootfs.service"):
         p = rootfs / name
         if os.path.lexists(p):
             p.unlink()

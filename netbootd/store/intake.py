@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 from ..settings import StoreSettings
 from .catalogue import Versions
 from .errors import Conflict, TooLarge, valid_name
+from .importer import import_image, looks_like_disk_image, name_version
 from .ingest import (
     Cancelled,
     IngestResult,
@@ -32,7 +33,6 @@ from .ingest import (
     unpack_archive,
     validate_build,
 )
-from .importer import import_image, looks_like_disk_image, name_version
 from .layout import READY_SUFFIX, Layout, fsync_dir, is_ignored_name, remove_tree
 from .manifest import MANIFEST, Manifest, ManifestError, load_public_key, parse_manifest
 from .pointers import Channels

@@ -175,7 +175,7 @@ def test_daemon_ingests_dropped_image_and_a_pi_boots_it_over_tftp(
         got = log.files[name]
         if name == "cmdline.txt":
             text = got.decode()
-            assert f"nfsroot=" in text and f"{version_dir / 'rootfs'}" in text, text
+            assert "nfsroot=" in text and f"{version_dir / 'rootfs'}" in text, text
             assert "root=/dev/nfs" in text and "PARTUUID" not in text
             assert "cfg80211.ieee80211_regdom=GB" in text  # the image's own arguments
             assert text.count("\n") == 1
