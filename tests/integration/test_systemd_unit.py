@@ -95,8 +95,8 @@ def test_daemon_with_the_units_capabilities_keeps_rootfs_owners(config_dir: Path
                 time.sleep(0.05)
             assert proc.poll() is None, log_path.read_text()
             status = Path(f"/proc/{proc.pid}/status").read_text()
-            eff = int(re.search(r"^CapEff:\s+([0-9a-f]+)", status, re.M).group(1), 16)
-            bnd = int(re.search(r"^CapBnd:\s+([0-9a-f]+)", status, re.M).group(1), 16)
+            eff = int(re.search(r"^CapEff:\s+([0-9a-f]+)", status, re.MULTILINE).group(1), 16)
+            bnd = int(re.search(r"^CapBnd:\s+([0-9a-f]+)", status, re.MULTILINE).group(1), 16)
             assert eff == mask and bnd == mask, (hex(eff), hex(bnd), hex(mask))
 
             images = tmp_path / "images"
