@@ -198,7 +198,7 @@ def cmd_ingest(store: ImageStore, path: Path, timeout: float) -> int:
         return USAGE
     path = path.resolve()
     name = _entry_name(store, path.name)
-    staged = store.layout.incoming / f".cli-{name}-{os.getpid()}.tmp"
+    staged = store.layout.cli_temp(name)
     _say(f"copying {path} into {store.layout.incoming}")
     try:
         if path.is_dir():
@@ -232,7 +232,7 @@ def cmd_import(store: ImageStore, path: Path, name: str | None, version: str | N
         _say("not root: files in the root file system will belong to you, not to their "
              "owners (root, the system users); run as root for a usable rootfs")
     entry = _entry_name(store, f"{name}-{version}")
-    staged = store.layout.incoming / f".cli-{entry}-{os.getpid()}.tmp"
+    staged = store.layout.cli_temp(entry)
     try:
         t0 = time.monotonic()
         try:
