@@ -187,11 +187,18 @@ def _decompress(src: Path, dest: Path, kind: str, progress: ProgressFn | None,
         raise Rejected(f"cannot decompress {src.name}: zstd exit {proc.returncode}")
 
 
+def _tool(name: str) -> str | None:
+    """The program, also from the sbin directories a non-login PATH may lack."""
+    path = os.environ.get("PATH", os.defpath) + ":/usr/sbin:/sbin"
+    return shutil.which(name, path=path)
+
+
 def _run(argv: list[str], what: str) -> str:
-    if shutil.which(argv[0]) is None:
+    exe = _tool(argv[0])
+    if exe is None:
         raise Rejected(f"{what} needs the {argv[0]!r} program "
                        f"(Debian package {'mtools' if argv[0].startswith('m') else 'e2fsprogs'})")
-    proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+    proc = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, errors="replace",
                           check=False)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

@@ -127,7 +127,9 @@ def test_containerfile_builds_and_serves_healthz(podman, netns, tmp_path):
         assert (tmp_path / "undionly.kpxe").read_bytes() == \
             Path("/usr/lib/ipxe/undionly.kpxe").read_bytes()
         # the importer's tools are in the image
-        tools = podman("exec", cid, "sh", "-c", "command -v mcopy debugfs")
+        tools = podman("exec", cid, "/opt/venv/bin/python", "-c",
+                       "from netbootd.store.importer import _tool; "
+                       "print(_tool('mcopy'), _tool('debugfs'))")
         assert "mcopy" in tools.stdout and "debugfs" in tools.stdout
         t0 = time.monotonic()
         podman("stop", "-t", "10", cid)
