@@ -103,17 +103,7 @@ def fetch_kernel(cache: Path) -> Path:
     if (kdir / "vmlinuz").exists() and (kdir / "modules").is_dir():
         progress(f"kernel {pkg}: cached")
         return kdir
-    debs = sorted(cache.glob(f"{pkg}_*.deb"))
-    if not debs:
-        progress(f"downloading {pkg} (apt-get download, ~27 MB)")
-        try:
-            subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", pkg], cwd=cache, check=True,
-                           stdout=subprocess.DEVNULL)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            raise BuildError(f"apt-get download {pkg} failed: {exc}") from exc
-        debs = sorted(cache.glob(f"{pkg}_*.deb"))
-        if not debs:
-            raise BuildError(f"apt-get download {pkg} produced no .deb in {cache}")
+    debs = download_kernel_deb(cache, pkg)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".extract-") as tmp:
         progress(f"extracting {debs[-1].name}")
         subprocess.run(["dpkg-deb", "-x", str(debs[-1]), tmp], check=True)
@@ -135,6 +125,23 @@ def fetch_kernel(cache: Path) -> Path:
     for deb in debs:  # the extracted subset is all we keep
         deb.unlink()
     return kdir
+
+
+def download_kernel_deb(cache: Path, pkg: str) -> list[Path]:
+    """The kernel package's .deb(s) in ``cache``, downloaded now if none is there.
+    The caller extracts what it needs and deletes them."""
+    debs = sorted(cache.glob(f"{pkg}_*.deb"))
+    if not debs:
+        progress(f"downloading {pkg} (apt-get download, ~27 MB)")
+        try:
+            subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", pkg], cwd=cache, check=True,
+                           stdout=subprocess.DEVNULL)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise BuildError(f"apt-get download {pkg} failed: {exc}") from exc
+        debs = sorted(cache.glob(f"{pkg}_*.deb"))
+        if not debs:
+            raise BuildError(f"apt-get download {pkg} produced no .deb in {cache}")
+    return debs
 
 
 def _find_module(moddir: Path, name: str) -> Path:

@@ -86,16 +86,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate settings, inventory and every template for every node."""
     from .inventory import load_inventory
+    from .planner import fit_warnings
     from .render import Renderer
 
     settings = _settings(args)
     inventory = load_inventory(settings.paths.inventory)
-    problems = Renderer(settings).check(inventory, _resolver(settings))
+    images = _resolver(settings)
+    problems = Renderer(settings).check(inventory, images)
     problems += [Problem(str(settings.config_file or "-"), 0, f"secrets.{k}",
                          f"file not found: {p}")
                  for k, p in settings.secrets.items() if not p.exists()]
     if problems:
         raise ConfigError(problems)
+    for warning in fit_warnings(inventory, settings, images):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {settings.config_file or 'defaults'}; {len(inventory.nodes)} nodes, "
           f"{len(inventory.profiles)} profiles, templates in {settings.paths.templates}")
     return 0

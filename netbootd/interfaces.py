@@ -109,6 +109,10 @@ class Nodes(Protocol):
         """Every inventory node's MAC, in file order."""
         ...
 
+    def find(self, *, uuid: str | None = None, hostname: str | None = None) -> str | None:
+        """The MAC of the inventory node with this SMBIOS UUID or hostname."""
+        ...
+
     def static_ip(self, mac: str) -> str | None:
         """The node's configured address (nodes.yaml ``ip``), if any."""
         ...

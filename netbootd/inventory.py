@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -58,6 +58,10 @@ class InstallSpec(BaseModel):
     pin: str | None = Field(None, description="Install exactly this version.")
     installer: str | None = Field(None, description="Installer image (default: "
                                   "provision.installer_image).")
+    upgrade: Literal["manual", "auto"] = Field(
+        "manual", description="auto: an installed node installs again at its next network "
+        "boot when its channel (or pin) names another version than the one on its disk "
+        "(upgrades and rollbacks); manual: only `netbootd nodes reinstall` does.")
 
     def as_dict(self) -> dict[str, str]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -93,6 +97,7 @@ class Node(BaseModel):
     action: Action | None = None
     install: InstallSpec | None = None
     ip: str | None = Field(None, description="Expected address (strict cloud-init, exports).")
+    uuid: str | None = Field(None, description="SMBIOS UUID (matchbox-style `/metadata?uuid=`).")
     labels: dict[str, str] = Field(default_factory=dict)
     vars: dict[str, Any] = Field(default_factory=dict)
     templates: dict[str, str] = Field(default_factory=dict)
@@ -119,6 +124,9 @@ class InventoryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     profiles: dict[str, Profile] = Field(default_factory=dict)
     nodes: dict[str, Node] = Field(default_factory=dict)
+    #: This file may drop more nodes than ``reload.max_node_loss`` allows (or all of
+    #: them) on a hot reload. Remove it again once the shrink is in force.
+    allow_shrink: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,7 @@ class Inventory:
     profiles: dict[str, Profile]
     by_serial: dict[str, str]
     source: Path | None = None
+    allow_shrink: bool = False  #: the file says a reload may drop many nodes
 
     @classmethod
     def empty(cls) -> Inventory:
@@ -145,6 +154,15 @@ class Inventory:
 
     def mac_for_serial(self, serial: str) -> str | None:
         return self.by_serial.get(serial)
+
+    def find(self, *, uuid: str | None = None, hostname: str | None = None) -> str | None:
+        """The MAC of the node with this SMBIOS UUID or hostname (matchbox selectors)."""
+        for mac, node in self.nodes.items():
+            if uuid and node.uuid and node.uuid.lower() == uuid.lower():
+                return mac
+            if hostname and node.hostname == hostname.lower():
+                return mac
+        return None
 
     def choose_profile(self, facts: ClientFacts, labels: dict[str, str]) -> str:
         """The matching profile with the most selectors; ``default`` when none match."""
@@ -193,9 +211,10 @@ class Inventory:
         )
 
 
-def load_inventory(path: Path) -> Inventory:
-    """Parse and validate ``nodes.yaml``; every problem names file, line and field."""
-    data = load_yaml(path)
+def load_inventory(path: Path, text: str | None = None) -> Inventory:
+    """Parse and validate ``nodes.yaml`` (or ``text``, its content as already read);
+    every problem names file, line and field."""
+    data = load_yaml(path, text)
     if not isinstance(data, dict):
         raise ConfigError.single(path, 1, "", "top level must be a mapping with nodes/profiles")
     problems: list[Problem] = []
@@ -250,7 +269,7 @@ def load_inventory(path: Path) -> Inventory:
     if problems:
         raise ConfigError(problems)
     return Inventory(nodes=dict(parsed.nodes), profiles=profiles, by_serial=by_serial,
-                     source=path)
+                     source=path, allow_shrink=parsed.allow_shrink)
 
 
 def _relined(data: Any, nodes_in: LineDict) -> Any:

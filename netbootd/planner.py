@@ -88,8 +88,8 @@ def incompatibility(facts: ClientFacts, image: ImageRef) -> str | None:
     return None
 
 
-def effective_action(node: NodeView, record: NodeRecord | None, *, retry_failed: bool = True
-                     ) -> tuple[Action, str]:
+def effective_action(node: NodeView, record: NodeRecord | None, *, retry_failed: bool = True,
+                     wanted: ImageRef | None = None) -> tuple[Action, str]:
     """The action a node gets: nodes.yaml's, unless its lifecycle says otherwise.
 
     Precedence (docs/provisioning.md): an inventory ``ignore`` always wins. Otherwise a
@@ -98,6 +98,9 @@ def effective_action(node: NodeView, record: NodeRecord | None, *, retry_failed:
     unfinished or failed one installs again (unless ``provision.retry_failed`` is off),
     an operator's ``netbootd nodes reinstall|local|netboot`` applies. An edit of the
     node's action in nodes.yaml after that record starts over from the new action.
+    With ``install.upgrade: auto``, an installed node whose disk image channel (or pin)
+    now names another version (``wanted``) than the one on its disk installs again:
+    that is how activation and rollback reach installed nodes.
     """
     inventory = node.action or Action.NETBOOT
     if inventory is Action.IGNORE or record is None:
@@ -113,6 +116,11 @@ def effective_action(node: NodeView, record: NodeRecord | None, *, retry_failed:
         if retry_failed:
             return Action.INSTALL, f"lifecycle install-failed ({record.reason}): retrying"
         return Action.LOCAL, f"lifecycle install-failed ({record.reason}): not retried"
+    if stage in (Stage.INSTALLED, Stage.LOCAL) and node.install.get("upgrade") == "auto" \
+            and wanted is not None and record.version and (wanted.name, wanted.version) != \
+            (record.image, record.version):
+        return Action.INSTALL, (f"upgrade: {record.image} {record.version} on disk, "
+                                f"{wanted.name} {wanted.version} wanted")
     if stage in (Stage.INSTALLED, Stage.LOCAL):
         return Action.LOCAL, (f"lifecycle {stage.value}: {record.image or 'disk'} "
                               f"{record.version or ''}".rstrip())
@@ -137,7 +145,13 @@ def decide(facts: ClientFacts, inventory: Inventory, settings: Settings,
 
     if not node.known and settings.policy.unknown == "ignore":
         return plan(Action.IGNORE, "unknown machine and policy.unknown is 'ignore'")
-    action, why_action = effective_action(node, record,
+    channel = node.channel or settings.boot.default_channel
+    spec = node.install
+    wanted = None
+    if record is not None and spec.get("upgrade") == "auto" and spec.get("image"):
+        wanted = images.resolve(spec["image"], spec.get("channel") or channel, spec.get("pin"),
+                                mac=None)
+    action, why_action = effective_action(node, record, wanted=wanted,
                                           retry_failed=settings.provision.retry_failed)
     if action in (Action.LOCAL, Action.IGNORE):
         src = why_action or ("inventory" if node.known else f"profile {node.profile!r}")
@@ -145,10 +159,8 @@ def decide(facts: ClientFacts, inventory: Inventory, settings: Settings,
         if record is not None and record.image and record.version and action is Action.LOCAL:
             installed = images.resolve(record.image, "", record.version, mac=None)
         return plan(action, f"action {action.value!r} from {src}", disk=installed)
-    channel = node.channel or settings.boot.default_channel
     disk: ImageRef | None = None
     if action is Action.INSTALL:
-        spec = node.install
         if not spec.get("image"):
             return plan(action, "action install but no install.image named (nodes.yaml)")
         disk_channel = spec.get("channel") or channel
@@ -180,6 +192,33 @@ def decide(facts: ClientFacts, inventory: Inventory, settings: Settings,
     if why_action:
         why += f" ({why_action})"
     return plan(action, f"{action.value} {image_name} {why}", ref, disk)
+
+
+def fit_warnings(inventory: Inventory, settings: Settings, images: ImageResolver) -> list[str]:
+    """``netbootd check``: inventory nodes whose image cannot boot them, as far as the
+    inventory tells what they are (a Pi serial, a profile's kind or arch selector).
+    Warnings, not errors: the image may become fit before the node boots."""
+    out = []
+    for mac, node in inventory.nodes.items():
+        view = inventory.view(ClientFacts(mac=mac, serial=node.serial))
+        prof = inventory.profiles.get(view.profile)
+        sel = prof.selectors if prof is not None else None
+        kind = ClientKind.RPI if node.serial or (sel and sel.kind == "rpi") else None
+        if kind is None and sel is not None and sel.kind:
+            try:
+                kind = ClientKind(sel.kind)
+            except ValueError:
+                kind = None
+        arch = sel.arch if sel is not None else None
+        if kind is None and arch is None:
+            continue
+        facts = ClientFacts(mac=mac, serial=node.serial, kind=kind or ClientKind.OTHER,
+                            arch=arch)
+        plan = decide(facts, inventory, settings, images)
+        if plan.action is Action.IGNORE and plan.reason.startswith("not answered:"):
+            out.append(f"{view.hostname} ({mac}): {plan.reason.removeprefix('not answered: ')}"
+                       " -- it gets no answer")
+    return out
 
 
 class _Session:

@@ -7,10 +7,19 @@ every artefact for every node, never a 500 in the middle of a boot.
 Secrets (cluster join tokens, SSH keys) are read from the files named in
 ``settings.secrets`` only while rendering ``user-data``; no other artefact can
 see them, and they are never logged.
+
+The templates in force are the ones that were validated: a ``Renderer`` reads every
+template source into memory when it is built (``template_sources``) and renders only
+from that snapshot, so a broken edit on disk that a reload rejected never goes live.
+Validation (``check``) renders secrets as placeholders, and every error text leaving
+this module has secret values replaced by ``<secret:NAME>`` (``scrub``): a template
+error ends up in ``config_error``, which /readyz, the status page, the log and the
+event files publish.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,11 +81,52 @@ class ServerInfo:
         return cls(ip=ip, http_port=settings.http.port, public_url=settings.http.public_url)
 
 
-class _Secrets:
-    """Lazy secret lookup: a file is read only when a template asks for that name."""
+def secret_values(settings: Settings) -> dict[str, str]:
+    """Every secret value the daemon knows of, by name: the files named under
+    ``secrets`` and the API token. Unreadable or empty files are left out."""
+    files: dict[str, Path] = dict(settings.secrets)
+    if settings.http.api_token_file is not None:
+        files.setdefault("api_token", settings.http.api_token_file)
+    out: dict[str, str] = {}
+    for name, path in files.items():
+        try:
+            value = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        if value.strip():
+            out[name] = value
+    return out
 
-    def __init__(self, files: dict[str, Path]) -> None:
+
+def scrub(text: str, settings: Settings) -> str:
+    """``text`` with every secret value replaced by ``<secret:NAME>``.
+
+    Both the value as templates see it (stripped) and as Python's repr escapes it
+    (an exception message quoting it with ``'...'``) are replaced, longest first, so a
+    secret that contains another is never half-replaced.
+    """
+    if not text:
+        return text
+    forms: list[tuple[str, str]] = []
+    for name, raw in secret_values(settings).items():
+        for v in {raw, raw.strip(), repr(raw.strip())[1:-1], repr(raw)[1:-1]}:
+            if v:
+                forms.append((v, f"<secret:{name}>"))
+    for value, mark in sorted(forms, key=lambda f: -len(f[0])):
+        text = text.replace(value, mark)
+    return text
+
+
+class _Secrets:
+    """Lazy secret lookup: a file is read only when a template asks for that name.
+
+    ``placeholders``: answer ``<secret:NAME>`` instead of the value (validation), after
+    checking the file is readable, so a check never has a secret in hand to leak.
+    """
+
+    def __init__(self, files: dict[str, Path], *, placeholders: bool = False) -> None:
         self._files = files
+        self._placeholders = placeholders
         self.read: set[str] | None = None  #: names asked for, when tracking
 
     def __getattr__(self, name: str) -> str:
@@ -91,6 +141,10 @@ class _Secrets:
             return "<secret>"
         if path is None:
             raise jinja2.UndefinedError(f"secret {name!r} is not configured (settings.secrets)")
+        if self._placeholders:
+            if not os.access(path, os.R_OK) or not path.is_file():
+                raise jinja2.UndefinedError(f"secret {name!r}: cannot read {path}")
+            return f"<secret:{name}>"
         try:
             return path.read_text(encoding="utf-8").strip()
         except OSError as exc:
@@ -100,17 +154,69 @@ class _Secrets:
         return name in self._files
 
 
-class Renderer:
-    """Renders artefacts for a plan. Templates are re-read when they change on disk."""
+def is_source_name(name: str) -> bool:
+    """Files in the template directory that are templates (not editor droppings)."""
+    return not (name.startswith(".") or name.endswith(("~", ".swp", ".tmp")))
 
-    def __init__(self, settings: Settings) -> None:
+
+def template_sources(directory: Path) -> dict[str, str]:
+    """Every template under ``directory`` as ``{relative/posix/name: source}``."""
+    out: dict[str, str] = {}
+    if not directory.is_dir():
+        return out
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for n in sorted(names):
+            if not is_source_name(n):
+                continue
+            path = Path(root) / n
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue  # vanished meanwhile: a template that is used is then "not found"
+            out[path.relative_to(directory).as_posix()] = data.decode("utf-8", "replace")
+    return out
+
+
+class _SnapshotLoader(jinja2.BaseLoader):
+    """Template sources from memory, named by their path in the template directory (so
+    errors and ``_template_line`` still name the file); never stale, never re-read."""
+
+    def __init__(self, directory: Path, sources: dict[str, str]) -> None:
+        self._dir = directory
+        self._sources = sources
+
+    def get_source(self, environment: jinja2.Environment, template: str
+                   ) -> tuple[str, str, Any]:
+        try:
+            source = self._sources[template]
+        except KeyError:
+            raise jinja2.TemplateNotFound(template) from None
+        return source, str(self._dir / template), lambda: True
+
+    def list_templates(self) -> list[str]:
+        return sorted(self._sources)
+
+
+class Renderer:
+    """Renders artefacts for a plan from the template sources it was built with.
+
+    ``sources`` (name -> text) is the snapshot a reload validated; when omitted, the
+    template directory is read once, now. Nothing is read from disk afterwards: an
+    edit takes effect only through a reload that validates it.
+    """
+
+    def __init__(self, settings: Settings, sources: dict[str, str] | None = None) -> None:
         self.settings = settings
+        if sources is None:
+            sources = template_sources(settings.paths.templates)
+        self.sources: dict[str, str] = dict(sources)
         self.env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(str(settings.paths.templates)),
+            loader=_SnapshotLoader(settings.paths.templates, self.sources),
             undefined=jinja2.StrictUndefined,
             keep_trailing_newline=True,
             autoescape=False,
-            auto_reload=True,
+            auto_reload=False,
         )
         self.env.filters["shquote"] = shlex.quote
         self.env.filters["mac_dashes"] = mac_dashes
@@ -120,8 +226,8 @@ class Renderer:
             raise RenderError(artefact, "-", f"unknown artefact {artefact!r}")
         return plan.node.templates.get(artefact, DEFAULT_TEMPLATES[artefact])
 
-    def context(self, plan: BootPlan, server: ServerInfo, *, secrets: bool = False
-                ) -> dict[str, Any]:
+    def context(self, plan: BootPlan, server: ServerInfo, *, secrets: bool = False,
+                placeholders: bool = False) -> dict[str, Any]:
         """Everything a template may use; see docs/templates.md."""
         s = self.settings
         node, image = plan.node, plan.image
@@ -172,22 +278,34 @@ class Renderer:
             "datasource": f"ds=nocloud;s={cloud_init}",
             "instance_id": f"{node.hostname}-{image.name}-{image.version}" if image else node.hostname,
             "vars": node.vars,
-            "secrets": _Secrets(s.secrets if secrets else {}),
+            "secrets": _Secrets(s.secrets if secrets else {}, placeholders=placeholders),
         }
 
-    def render(self, artefact: str, plan: BootPlan, server: ServerInfo) -> str:
-        """Render one artefact; raises ``RenderError`` naming template, line and artefact."""
+    def render(self, artefact: str, plan: BootPlan, server: ServerInfo, *,
+               placeholders: bool = False) -> str:
+        """Render one artefact; raises ``RenderError`` naming template, line and artefact.
+
+        ``placeholders``: secrets render as ``<secret:NAME>`` (validation). The error
+        text never carries a secret's value (``scrub``).
+        """
         name = self.template_name(artefact, plan)
         try:
             template = self.env.get_template(name)
-            text = template.render(self.context(plan, server, secrets=artefact == "user-data"))
+            text = template.render(self.context(plan, server, secrets=artefact == "user-data",
+                                                placeholders=placeholders))
         except jinja2.TemplateNotFound as exc:
-            raise RenderError(artefact, name, f"template not found: {exc.name}") from exc
+            raise RenderError(artefact, name, f"template not found: {exc.name}") from None
         except jinja2.TemplateSyntaxError as exc:
-            raise RenderError(artefact, exc.filename or name, exc.message or "syntax error",
-                              exc.lineno) from exc
-        except (jinja2.UndefinedError, TypeError, ValueError, KeyError) as exc:
-            raise RenderError(artefact, name, str(exc), _template_line(exc, name)) from exc
+            raise RenderError(artefact, exc.filename or name,
+                              scrub(exc.message or "syntax error", self.settings),
+                              exc.lineno) from None
+        except Exception as exc:  # noqa: BLE001 - any template failure is a config problem
+            known = isinstance(exc, (jinja2.UndefinedError, TypeError, ValueError, KeyError))
+            message = str(exc) if known else f"{type(exc).__name__}: {exc}"
+            # ``from None``: the original exception (whose message may quote a secret)
+            # must not ride along into a traceback in the log.
+            raise RenderError(artefact, name, scrub(message, self.settings),
+                              _template_line(exc, name)) from None
         if artefact == "cmdline.txt":  # the Pi reads exactly one line
             text = " ".join(text.split()) + "\n"
         return text
@@ -230,7 +348,7 @@ class Renderer:
                 plan = _with_placeholder_image(plan)
             for artefact in ARTEFACTS:
                 try:
-                    self.render(artefact, plan, server)
+                    self.render(artefact, plan, server, placeholders=True)
                 except RenderError as exc:
                     key = (exc.template, str(exc))
                     if key in seen:

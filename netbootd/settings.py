@@ -115,6 +115,38 @@ class HttpSettings(_Section):
     strict_user_data: bool = Field(
         True, description="Serve user-data that carries secrets only to the IP tied to that "
         "MAC by DHCP or the neighbour table; others get 403.")
+    # -- slow clients and disk (docs/security.md) --
+    idle_timeout: float = Field(
+        15.0, gt=0, description="Seconds a connection may sit without a complete request "
+        "head: an idle keep-alive connection, or a client still trickling its request line "
+        "and headers (slow-header attack), is closed after this.")
+    max_connections: int = Field(
+        2000, ge=1, description="Concurrent HTTP connections at most; more are closed at "
+        "once and counted (netbootd_http_connections_refused). Capped at half the process's "
+        "open-file limit, so slow clients cannot take the descriptors TFTP needs.")
+
+
+class ReloadSettings(_Section):
+    settle_seconds: float = Field(
+        0.5, ge=0, description="A changed nodes.yaml or template is read only once it has "
+        "stayed the same (size, mtime and content) for this long: a file still being written "
+        "is never loaded half-way.")
+    max_node_loss: float = Field(
+        0.5, ge=0, le=1, description="A hot reload that would drop more than this share of "
+        "the nodes (or all of them) is refused, unless the new nodes.yaml says "
+        "`allow_shrink: true` at its top level (docs/configuration.md).")
+
+
+class EventSettings(_Section):
+    max_nodes: int = Field(
+        10000, ge=1, description="Machines kept in the node state table and their event "
+        "timelines (also when replaying the event files at start); beyond it the "
+        "least recently seen machine is evicted and counted "
+        "(netbootd_event_nodes_evicted). Bounds memory under a flood of random MACs.")
+    ignored_sample: int = Field(
+        32, ge=0, description="Machines the daemon ignored (not in the fleet) are counted, "
+        "not given a node row each; this many of the most recent are kept as a sample for "
+        "the status page and API.")
 
 
 class DnsSettings(_Section):
@@ -184,6 +216,17 @@ class StoreSettings(_Section):
                                   "seconds (builds written in place always wait for the marker).")
     gc_interval: float = Field(600.0, gt=0, description="Seconds between retention GC runs "
                                "in the daemon.")
+    # -- hostile and careless builds (docs/store.md, "Limits") --
+    max_unpacked_bytes: int = Field(64 << 30, ge=1, description="Most bytes one build may "
+                                    "unpack or copy into staging; a build past it (a zip bomb) "
+                                    "is rejected while it is written. The manifest's declared "
+                                    "sizes bound it further.")
+    min_free_bytes: int = Field(512 << 20, ge=0, description="Free space the store keeps on "
+                                "its file system: an upload or ingest that would pass it stops "
+                                "and fails (checked with statvfs while writing).")
+    keep_rejected_max_bytes: int = Field(256 << 20, ge=0, description="A rejected build larger "
+                                         "than this is deleted; rejected/ keeps only its "
+                                         "reason and manifest.")
 
 
 class ProvisionSettings(_Section):
@@ -234,6 +277,8 @@ class Settings(BaseSettings):
     rpi: RpiSettings = Field(default_factory=RpiSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     nfs: NfsSettings = Field(default_factory=NfsSettings)
+    reload: ReloadSettings = Field(default_factory=ReloadSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
     provision: ProvisionSettings = Field(default_factory=ProvisionSettings)
     secrets: dict[str, Path] = Field(
         default_factory=dict, description="Secret name -> file. Read at render time, only into "

@@ -32,6 +32,9 @@ class InventoryNodes:
     def known(self, mac: str) -> bool:
         return mac in self._inventory().nodes
 
+    def find(self, *, uuid: str | None = None, hostname: str | None = None) -> str | None:
+        return self._inventory().find(uuid=uuid, hostname=hostname)
+
     def macs(self) -> list[str]:
         return list(self._inventory().nodes)
 

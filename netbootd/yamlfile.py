@@ -128,12 +128,14 @@ def line_of(data: Any, loc: tuple) -> int:
     return line
 
 
-def load_yaml(path: Path) -> Any:
-    """Parse a YAML file; syntax errors become a ``ConfigError`` with the line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError.single(path, 0, "", f"cannot read: {exc.strerror or exc}") from exc
+def load_yaml(path: Path, text: str | None = None) -> Any:
+    """Parse a YAML file (or ``text``, its content as already read, for errors named
+    after ``path``); syntax errors become a ``ConfigError`` with the line."""
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError.single(path, 0, "", f"cannot read: {exc.strerror or exc}") from exc
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:

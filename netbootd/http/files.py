@@ -149,5 +149,34 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
     return ArtefactResponse(real, done, start, headers={"Cache-Control": IMMUTABLE})
 
 
+#: The path segment that names a channel instead of a version (never a version name).
+CHANNELS = "channels"
+
+
+async def channel_file(request: web.Request) -> web.StreamResponse:
+    """``/files/<image>/channels/<channel>/<path>``: a stable URL for "the current prod
+    image" (CI, upgrade scripts, nodes that upgrade themselves). It answers 302 to the
+    immutable versioned URL, never the bytes themselves: caches keep versioned bytes
+    only, and a client that resumes a download uses the Location it was sent, so a
+    channel that moves meanwhile cannot splice two versions into one file."""
+    ctx = context(request)
+    image = request.match_info["image"]
+    channel = request.match_info["channel"]
+    rel = request.match_info["path"]
+    if not (valid_name(image) and valid_name(channel)):
+        return malformed(request, "not found", status=404)
+    catalogue = ctx.catalogue
+    version = await asyncio.to_thread(catalogue.active, image, channel) \
+        if catalogue is not None else None
+    if version is None:
+        ctx.metrics.requests.labels(SERVICE, "not_found").inc()
+        return web.json_response({"error": f"no version of {image} active on {channel}"},
+                                 status=404)
+    ctx.metrics.requests.labels(SERVICE, "redirect").inc()
+    raise web.HTTPFound(f"/files/{image}/{version}/{rel}",
+                        headers={"Cache-Control": "no-store"})
+
+
 def routes() -> list[web.RouteDef]:
-    return [web.get("/files/{image}/{version}/{path:.+}", serve_file)]
+    return [web.get(f"/files/{{image}}/{CHANNELS}/{{channel}}/{{path:.+}}", channel_file),
+            web.get("/files/{image}/{version}/{path:.+}", serve_file)]

@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -129,6 +130,10 @@ class Layout:
     def reason_file(self, name: str) -> Path:
         return self.rejected / (name + ".reason")
 
+    def rejected_manifest(self, name: str) -> Path:
+        """The manifest of a rejected build whose payload was too large to keep."""
+        return self.rejected / (name + ".manifest.json")
+
     def new_stage(self, prefix: str) -> Path:
         """A fresh private directory in staging/ (same file system as store/)."""
         return Path(tempfile.mkdtemp(prefix=prefix, dir=self.staging))
@@ -142,6 +147,26 @@ class Layout:
 def is_upload_leftover(name: str) -> bool:
     """An upload a crash interrupted (see :meth:`Layout.upload_temp`)."""
     return name.startswith(".upload-") and name.endswith(".partial")
+
+
+def entry_size(path: Path) -> int:
+    """Bytes of an incoming entry: a file's size, or every regular file of a tree."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size
+    total = 0
+    for cur, _dirs, files in os.walk(path, followlinks=False):
+        for f in files:
+            try:
+                fst = os.lstat(os.path.join(cur, f))
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(fst.st_mode):
+                total += fst.st_size
+    return total
 
 
 def now_iso(ts: float | None = None) -> str:

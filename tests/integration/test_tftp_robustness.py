@@ -50,7 +50,7 @@ def ack(n: int) -> bytes:
 class Peer:
     """A plain UDP socket with a receive timeout."""
 
-    def __init__(self, ip: str = "127.0.0.1", timeout: float = 2.0) -> None:
+    def __init__(self, ip: str = "127.0.0.1", timeout: float = 30.0) -> None:
         self.s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.s.bind((ip, 0))
         self.s.settimeout(timeout)
@@ -69,7 +69,7 @@ class Peer:
         except TimeoutError:
             return True
         finally:
-            self.s.settimeout(2.0)
+            self.s.settimeout(30.0)
 
     def close(self) -> None:
         self.s.close()

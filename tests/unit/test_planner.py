@@ -216,3 +216,67 @@ def test_session_table_is_bounded_and_evicts_oldest(tmp_path):
         planner.plan(ClientFacts(mac=f"02:00:00:00:01:{i:02x}"))
     assert len(planner.sessions()) == 16 and planner.evicted == 84
     assert planner.current("02:00:00:00:01:63") is not None  # the newest survive
+
+
+def test_check_warns_about_a_pi_on_an_image_without_a_pi_boot_tree(tmp_path):
+    from netbootd.planner import fit_warnings
+
+    (tmp_path / "nodes.yaml").write_text("""
+nodes:
+  d8:3a:dd:12:34:56: {hostname: pi1, serial: a1b2c3d4}
+  52:54:00:00:00:01: {hostname: pc1}
+""")
+    settings = load_settings(None, {"paths": {"inventory": str(tmp_path / "nodes.yaml")}},
+                             use_default_path=False)
+    inv = load_inventory(settings.paths.inventory)
+    warnings = fit_warnings(inv, settings, CountingStore(boards=("x86_64",)))
+    assert len(warnings) == 1 and "pi1" in warnings[0] and "no Raspberry Pi boot tree" \
+        in warnings[0]
+    assert fit_warnings(inv, settings, CountingStore(boards=("rpi5",))) == []
+
+
+class DiskStore:
+    """Channels of a disk image ``gold`` and an installer, switchable by the test."""
+
+    def __init__(self) -> None:
+        self.gold = "1"
+
+    def resolve(self, image, channel, pin, *, mac=None):
+        from netbootd.model import DiskImage
+
+        if image == "installer":
+            return ImageRef(name=image, version="i1", root=Path("/s/installer/i1"),
+                            kind="installer", channel=channel)
+        version = pin or self.gold
+        return ImageRef(name=image, version=version, root=Path(f"/s/gold/{version}"),
+                        kind="disk", channel=channel, pinned=bool(pin),
+                        disk=DiskImage(path="d.img.zst", compression="zst", size=1,
+                                       sha256="0" * 64, uncompressed_size=2,
+                                       uncompressed_sha256="1" * 64))
+
+
+def test_installed_nodes_with_upgrade_auto_follow_their_disk_channel(tmp_path):
+    from netbootd.nodestate import NodeRecord, Stage
+
+    (tmp_path / "nodes.yaml").write_text("""
+nodes:
+  aa:bb:cc:dd:ee:01: {hostname: auto, action: install, install: {image: gold, upgrade: auto}}
+  aa:bb:cc:dd:ee:02: {hostname: manual, action: install, install: {image: gold}}
+""")
+    settings = load_settings(None, {"paths": {"inventory": str(tmp_path / "nodes.yaml")}},
+                             use_default_path=False)
+    inv = load_inventory(settings.paths.inventory)
+    store = DiskStore()
+
+    def plan(mac):
+        rec = NodeRecord(mac=mac, stage=Stage.LOCAL, image="gold", version="1",
+                         desired="install")
+        return decide(ClientFacts(mac=mac, kind=ClientKind.IPXE), inv, settings, store,
+                      record=rec)
+
+    assert plan("aa:bb:cc:dd:ee:01").action == Action.LOCAL, "on disk = wanted: silence"
+    store.gold = "2"  # a newer disk image activated (or a rollback to an older one)
+    up = plan("aa:bb:cc:dd:ee:01")
+    assert up.action == Action.INSTALL and up.disk.version == "2"
+    assert "upgrade: gold 1 on disk, gold 2 wanted" in up.reason
+    assert plan("aa:bb:cc:dd:ee:02").action == Action.LOCAL, "manual nodes wait for reinstall"

@@ -61,3 +61,20 @@ def test_user_mistakes_exit_2_with_a_message(cfg, capsys) -> None:
     assert cli(cfg, "pin", "no-such-host", "1") == 2
     assert "neither a MAC" in capsys.readouterr().out
     assert cli(cfg, "rollback", "demo", "--channel", "prod") == 2
+
+
+def test_plan_twice_around_a_gc_leaves_the_gc_result_unchanged(cfg, capsys) -> None:
+    """Asking what a machine would get is no use of a version: GC is not swayed by it."""
+    assert cli(cfg, "activate", "demo", "3", "--channel", "prod") == 0
+    templates = Path(__file__).resolve().parents[2] / "config" / "templates"
+    cfg.write_text(cfg.read_text().replace("paths:\n", f"paths:\n  templates: {templates}\n"))
+    store = ImageStore(cfg.parent / "images", cfg.parent / "state", StoreSettings(
+        keep=1, keep_booted_hours=24))
+    before = store.gc_plan()
+    for _ in range(2):
+        assert main(["-c", str(cfg), "plan", MAC, "--kind", "ipxe"]) == 0
+        assert "demo 3 active" in capsys.readouterr().out
+    after = ImageStore(cfg.parent / "images", cfg.parent / "state", StoreSettings(
+        keep=1, keep_booted_hours=24)).gc_plan()
+    assert before == after and ("demo", "3") not in after
+    assert not (cfg.parent / "state" / "lifecycle").exists(), "plan writes nothing"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from netbootd.render import Renderer
 from netbootd.tftp import codec
 from netbootd.tftp.testkit import make_app
 from netbootd.tftp.vfs import SMALL_FILE, Refused, VirtualTree, normalise
@@ -113,6 +114,7 @@ def test_cmdline_is_rendered_with_local_address(tmp_path: Path, image: Path):
 def test_render_error_is_a_refusal(tmp_path: Path, image: Path):
     app = make_app(tmp_path / "work", image, nodes_yaml=NODES)
     (app.settings.paths.templates / "rpi" / "cmdline.txt.j2").write_text("{{ nope.x }}")
+    app.render = Renderer(app.settings)  # templates take effect when a renderer reads them
     with pytest.raises(Refused) as exc:
         VirtualTree(app).open(f"{PI_SERIAL}/cmdline.txt", "10.0.0.7", "10.0.0.1")
     assert exc.value.code == codec.ERR_UNDEFINED

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Installer throughput: the installer's streaming pipeline vs ``curl -o /dev/null``, same
+URL, same server, same run.
+
+    python3 bench/install_bench.py [--mib 1024] [--rounds 3] [--rate-mbit 1000]
+
+A ~``--mib`` MiB disk image (deterministic: 40 % incompressible data, the rest text-like
+and zero runs, roughly what a Debian root file system compresses like) is compressed with
+``zstd -T0`` and served by nginx on 127.0.0.1 (Range requests, sendfile). Then, alternating,
+``--rounds`` times each:
+
+* ``curl -o /dev/null`` of the compressed file: the wire's speed;
+* the installer: ``busybox sh`` sourcing images/installer/install-lib.sh and calling
+  ``nbd_write_image`` (chunked Range fetches with busybox wget, one zstd, tee to a file and
+  to sha256, verification) — the same functions the installer's /init runs.
+
+Twice: unthrottled (loopback; CPU-bound on both sides), and with nginx's ``limit_rate``
+at ``--rate-mbit`` (a node's real link; the question the target asks: does the installer
+keep up with the wire?). The ratio is curl's time / the installer's time (>= 0.9 = target).
+Holds ``flock /tmp/netbootd-bench.lock`` while measuring. Needs nginx, curl, busybox, zstd,
+openssl. Progress on stderr, the markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LIB = REPO / "images" / "installer" / "install-lib.sh"
+LOCK = "/tmp/netbootd-bench.lock"
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+{user}
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  default_type application/octet-stream;
+  client_body_temp_path {dir}/nginx-tmp;
+  proxy_temp_path {dir}/nginx-tmp;
+  fastcgi_temp_path {dir}/nginx-tmp;
+  uwsgi_temp_path {dir}/nginx-tmp;
+  scgi_temp_path {dir}/nginx-tmp;
+  server {{
+    listen 127.0.0.1:{port};
+    location /full/ {{ alias {dir}/www/; }}
+    location /link/ {{ alias {dir}/www/; limit_rate {rate}; }}
+  }}
+}}
+"""
+
+
+def progress(msg: str) -> None:
+    print(f"[install-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def make_image(path: Path, mib: int) -> None:
+    """Deterministic content: per MiB, 40 % random, 40 % text-like, 20 % zeros."""
+    rng = random.Random(20261205)
+    words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz_/.") for _ in range(rng.randint(3, 12)))
+             for _ in range(4096)]
+    with path.open("wb") as f:
+        for _ in range(mib):
+            rand = rng.randbytes(400 * 1024)
+            text = b" ".join(rng.choice(words) for _ in range(60000))[:400 * 1024]
+            text += b"\n" * (400 * 1024 - len(text))
+            f.write(rand + text + bytes(224 * 1024))
+
+
+def timed(cmd: list[str], env: dict | None = None) -> float:
+    t0 = time.monotonic()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.monotonic() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mib", type=int, default=1024, help="uncompressed image size")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rate-mbit", type=int, default=1000, help="link rate for the throttled run")
+    args = ap.parse_args()
+    for tool in ("nginx", "curl", "busybox", "zstd", "openssl"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            progress(f"{tool} not found")
+            return 2
+    lockf = open(LOCK, "w")  # noqa: SIM115 (held until the finally below)
+    progress(f"waiting for {LOCK}")
+    fcntl.flock(lockf, fcntl.LOCK_EX)
+    tmp = Path(tempfile.mkdtemp(prefix="install-bench-", dir="/var/tmp"))
+    nginx = None
+    shm = None
+    try:
+        (tmp / "www").mkdir()
+        (tmp / "nginx-tmp").mkdir()
+        raw = tmp / "disk.img"
+        progress(f"writing a {args.mib} MiB image")
+        make_image(raw, args.mib)
+        usize = raw.stat().st_size
+        sha = subprocess.run(["openssl", "dgst", "-sha256", "-r", str(raw)], check=True,
+                             capture_output=True, text=True).stdout.split()[0]
+        zst = tmp / "www" / "disk.img.zst"
+        subprocess.run(["zstd", "-q", "-T0", "-3", "-o", str(zst), str(raw)], check=True)
+        raw.unlink()
+        size = zst.stat().st_size
+        progress(f"image {usize >> 20} MiB -> {size / 1e6:.0f} MB zst")
+        port = free_port()
+        rate = args.rate_mbit * 1000 * 1000 // 8
+        (tmp / "nginx.conf").write_text(NGINX_CONF.format(
+            dir=tmp, port=port, rate=rate, user="user root;" if os.geteuid() == 0 else ""))
+        nginx = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-p", str(tmp),
+                                  "-c", str(tmp / "nginx.conf")], stderr=subprocess.DEVNULL)
+        wait_port(port)
+        out = tmp / "written.img"
+        # chunks live in RAM in the installer (its initrd is a tmpfs): here too
+        shm = Path(tempfile.mkdtemp(prefix="install-bench-", dir="/dev/shm"))
+        env = {**os.environ, "NBD_TMP": str(shm)}
+        results: dict[tuple[str, str], list[float]] = {}
+        for loc in ("full", "link"):
+            url = f"http://127.0.0.1:{port}/{loc}/disk.img.zst"
+            for r in range(args.rounds):
+                t_curl = timed(["curl", "-sf", "-o", "/dev/null", url])
+                script = (f". {LIB}; nbd_write_image {url} {size} {usize} {sha} zst {out} "
+                          "2>/dev/null")
+                t_inst = timed(["busybox", "sh", "-c", script], env=env)
+                if out.stat().st_size != usize:
+                    raise RuntimeError("installer wrote the wrong number of bytes")
+                out.unlink()
+                t_null = timed(["busybox", "sh", "-c", script.replace(str(out), "/dev/null")],
+                               env=env)
+                results.setdefault((loc, "curl"), []).append(t_curl)
+                results.setdefault((loc, "installer"), []).append(t_inst)
+                results.setdefault((loc, "null"), []).append(t_null)
+                progress(f"{loc} round {r + 1}: curl {t_curl:.2f}s, installer {t_inst:.2f}s "
+                         f"(to /dev/null {t_null:.2f}s)")
+        print(f"\nmachine: {platform.node()} {os.cpu_count()} CPUs, "
+              f"{platform.platform()}; image {usize >> 20} MiB, {size / 1e6:.0f} MB zst; "
+              f"median of {args.rounds}\n")
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}\n")
+        print("| server | curl -o /dev/null | installer pipeline, to a file | ratio | "
+              "installer pipeline, to /dev/null | ratio |")
+        print("|---|---|---|---|---|---|")
+        for loc, label in (("full", "nginx, unthrottled (loopback)"),
+                           ("link", f"nginx, limit_rate {args.rate_mbit} Mbit/s")):
+            c = statistics.median(results[(loc, "curl")])
+            i = statistics.median(results[(loc, "installer")])
+            n = statistics.median(results[(loc, "null")])
+            print(f"| {label} | {c:.2f} s ({size / c / 1e6:.0f} MB/s) | {i:.2f} s "
+                  f"({size / i / 1e6:.0f} MB/s zst, {usize / i / 1e6:.0f} MB/s written) "
+                  f"| {c / i:.2f}x | {n:.2f} s | {c / n:.2f}x |")
+    finally:
+        if nginx is not None:
+            nginx.terminate()
+            try:
+                nginx.wait(5)
+            except subprocess.TimeoutExpired:
+                nginx.kill()
+                nginx.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if shm is not None:
+            shutil.rmtree(shm, ignore_errors=True)
+        fcntl.flock(lockf, fcntl.LOCK_UN)
+        lockf.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
