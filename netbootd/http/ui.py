@@ -182,6 +182,9 @@ def page_context(ctx: HttpContext, query: dict[str, str] | None = None) -> dict[
         except ValueError:
             match = [n.mac for n in known if n.hostname == node_filter.lower()]
             node_filter = match[0] if match else node_filter
+    # machines the daemon ignored (not in the fleet) have no rows: a count and a sample
+    ignored_total, ignored_recent = (ctx.events.ignored() if hasattr(ctx.events, "ignored")
+                                     else (0, []))
     images, rejected, store_error = _images(ctx)
     ready, _ = readiness(ctx)
     health = ctx.daemon.health()
@@ -192,7 +195,8 @@ def page_context(ctx: HttpContext, query: dict[str, str] | None = None) -> dict[
         "generated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
         "nodes": nodes, "known_total": len(known), "page": page, "pages": pages,
         "page_size": PAGE_SIZE, "unknown": strangers, "unknown_total": len(unknown),
-        "all_unknown": all_unknown,
+        "all_unknown": all_unknown, "ignored_total": ignored_total,
+        "ignored_recent": [(mac, relative(ts, now)) for mac, ts in ignored_recent[:UNKNOWN_SHOWN]],
         "images": images, "rejected": rejected, "store_error": store_error,
         "services": _services(ctx), "ready": ready, "config_error": ctx.daemon.config_error(),
         "counts": counts, "relative": lambda ts: relative(ts, now),

