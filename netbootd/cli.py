@@ -137,6 +137,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                             public_url=settings.http.public_url)
         out["ipxe"] = r.render("ipxe", plan, server)
         out["cmdline"] = r.render("cmdline.txt", plan, server).strip()
+    placeholder = args.server == PLACEHOLDER_SERVER
+    out["server"] = args.server
+    out["server_placeholder"] = placeholder
+    demo = _demo_note(plan.image)
+    out["demo"] = demo
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -145,10 +150,36 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if key in ("lifecycle", "disk") and out[key] is None:
             continue
         print(f"{key + ':':10} {out[key]}")
+    if demo:
+        print(f"{'note:':10} {demo}")
+    if "cmdline" in out and placeholder:
+        print(f"\nURLs below use {args.server}, a placeholder (TEST-NET-1, never a real "
+              "host): a booting machine gets the address of the interface its request "
+              "arrived on, or network.advertise; pass --server IP to see real ones.")
     if "cmdline" in out:
         print(f"\ncmdline.txt:\n  {out['cmdline']}\n\niPXE script:")
         print("".join(f"  {line}\n" for line in out["ipxe"].splitlines()), end="")
     return 0
+
+
+#: What ``plan`` renders URLs with when no --server is given: TEST-NET-1 (RFC 5737).
+PLACEHOLDER_SERVER = "192.0.2.1"
+
+
+def _demo_note(image: Any) -> str | None:
+    """A sentence when the planned image is one of the embedded demo builds (their
+    manifests carry ``boards`` and a boot tree or files that say so)."""
+    if image is None:
+        return None
+    marker = image.root / "DEMO"
+    if not marker.is_file():
+        tree = image.boot.get("boot_tree")
+        marker = image.root / tree / "DEMO.txt" if tree else marker
+    if marker.is_file():
+        first = marker.read_text(errors="replace").strip().splitlines()
+        return (first[0] if first else "demo image") + \
+            " (replace it: see 'Netboot your Raspberry Pi OS' in README.md)"
+    return None
 
 
 def _node_state(settings: Any) -> Any:
@@ -293,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--serial", help="Raspberry Pi serial (hex)")
     pl.add_argument("--arch", type=int, help="DHCP option 93 client arch (0 BIOS, 7 UEFI x64)")
     pl.add_argument("--kind", choices=[k.value for k in ClientKind])
-    pl.add_argument("--server", default="192.0.2.1", help="server address for rendered URLs")
+    pl.add_argument("--server", default=PLACEHOLDER_SERVER,
+                    help="server address for rendered URLs (default: a placeholder)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
 
@@ -318,7 +350,32 @@ def build_parser() -> argparse.ArgumentParser:
     lab = _optional("netbootd.lab.demo")
     if lab is not None and hasattr(lab, "add_parser"):
         lab.add_parser(sub)
+    for child in _subparsers(p):
+        _global_flags(child)
     return p
+
+
+def _global_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--log-level`` on a subcommand too (``netbootd serve --config F``).
+    SUPPRESS: given nowhere, the top-level default stands; given after the subcommand,
+    it wins."""
+    have = {o for a in parser._actions for o in a.option_strings}
+    if "--config" not in have:
+        parser.add_argument("--config", "-c", default=argparse.SUPPRESS,
+                            help="config file (also accepted before the subcommand)")
+    if "--log-level" not in have:
+        parser.add_argument("--log-level", default=argparse.SUPPRESS,
+                            help="DEBUG, INFO, WARNING, ERROR")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every subcommand parser below ``parser``, at any depth."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                out += [child, *_subparsers(child)]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

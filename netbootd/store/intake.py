@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 from ..settings import StoreSettings
 from .catalogue import Versions
 from .errors import Conflict, StoreFull, TooLarge, valid_name
+from .importer import import_image, looks_like_disk_image, name_version
 from .ingest import (
     DISK_FULL_ERRNOS,
     Budget,
@@ -104,6 +105,10 @@ class Intake:
                     if src.is_dir() and not src.is_symlink():
                         copy_tree(src, unpacked, allow_devices=self.settings.allow_devices,
                                   cancel=self.cancel, budget=budget)
+                    elif looks_like_disk_image(src):  # a Raspberry Pi OS .img[.xz] drop
+                        image, version = name_version(src.name, src.stat().st_mtime)
+                        import_image(src, unpacked, image=image, version=version,
+                                     cancel=self.cancel, scratch=stage)
                     elif src.is_file() and not src.is_symlink():
                         unpack_archive(src, unpacked, allow_devices=self.settings.allow_devices,
                                        cancel=self.cancel, budget=budget)

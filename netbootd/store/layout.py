@@ -115,6 +115,11 @@ class Layout:
         """Where a promoted incoming entry goes to die (a dot name the watcher ignores)."""
         return self.incoming / f"{DONE_PREFIX}{name}-{os.getpid()}-{time.time_ns()}"
 
+    def cli_temp(self, name: str) -> Path:
+        """A build ``netbootd images ingest|import`` is putting into incoming/ (a dot name:
+        never taken for a build, and not removed by recovery while the CLI works)."""
+        return self.incoming / f".cli-{name}-{os.getpid()}-{time.time_ns()}.tmp"
+
     def upload_temp(self, image: str, version: str) -> Path:
         """An HTTP upload in progress (``.partial``: never taken for a build)."""
         return self.incoming / f".upload-{image}-{version}-{os.getpid()}-{time.time_ns()}.partial"

@@ -142,6 +142,13 @@ def demo_in_store(config_dir: Path) -> str:
     assert result is not None and result.accepted, result
     if store.active("demo", "prod") != "2026.11.23-1":
         store.activate("demo", "2026.11.23-1", "prod", by="test")
+    # the example Pi's profile names the Pi demo image (a Pi needs a Pi boot tree)
+    sample_build(store.layout.incoming / "pi-demo-1", "pi-demo", "2026.11.23-1",
+                 "pi-boot+rootfs")
+    result = store.ingest_entry("pi-demo-1")
+    assert result is not None and result.accepted, result
+    if store.active("pi-demo", "prod") != "2026.11.23-1":
+        store.activate("pi-demo", "2026.11.23-1", "prod", by="test")
     return "2026.11.23-1"
 
 
@@ -159,7 +166,11 @@ def test_plan_for_example_nodes(mac, action, profile, config_dir, demo_in_store)
     expected_version = demo_in_store if action == "netboot" else None
     assert out["version"] == expected_version
     if action == "netboot":
-        assert f"/files/demo/{demo_in_store}/" in out["ipxe"]
+        assert out["image"] == ("pi-demo" if profile == "pi5-workers" else "demo")
+        if profile == "pi5-workers":  # a Pi boots a boot tree: its cmdline names the root
+            assert f"/store/pi-demo/{demo_in_store}/rootfs" in out["cmdline"]
+        else:
+            assert f"/files/demo/{demo_in_store}/" in out["ipxe"]
 
 
 def test_check_finds_missing_secret_file_and_missing_template(config_dir):
