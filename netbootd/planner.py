@@ -54,10 +54,6 @@ X86_BOARDS = frozenset({"x86_64", "amd64", "x86", "i386", "pc"})
 ARM64_BOARDS = frozenset({"arm64", "aarch64"})
 
 
-def pi_boards(boards: tuple[str, ...]) -> bool:
-    return any(b.lower().startswith(("rpi", "raspberrypi", "pi")) for b in boards)
-
-
 def incompatibility(facts: ClientFacts, image: ImageRef) -> str | None:
     """Why ``image`` cannot boot this client, or None when it can (or we cannot tell).
 
@@ -69,7 +65,7 @@ def incompatibility(facts: ClientFacts, image: ImageRef) -> str | None:
         return None
     what = f"image {image.name} {image.version} (kind {image.kind}, boards {', '.join(boards)})"
     if facts.kind is ClientKind.RPI:
-        if image.kind == "pi-boot+rootfs" or image.boot.get("boot_tree") or pi_boards(boards):
+        if image.kind == "pi-boot+rootfs" or image.boot.get("boot_tree"):
             return None
         return f"{what} has no Raspberry Pi boot tree"
     if facts.kind is ClientKind.OTHER and facts.arch is None:
