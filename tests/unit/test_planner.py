@@ -247,7 +247,8 @@ nodes:
     warnings = fit_warnings(inv, settings, CountingStore(boards=("x86_64",)))
     assert len(warnings) == 1 and "pi1" in warnings[0] and "no Raspberry Pi boot tree" \
         in warnings[0]
-    assert fit_warnings(inv, settings, CountingStore(boards=("rpi5",))) == []
+    # boards alone are not a Pi boot tree: the image must carry one
+    assert len(fit_warnings(inv, settings, CountingStore(boards=("rpi5",)))) == 1
 
 
 class DiskStore:
