@@ -19,9 +19,9 @@ import subprocess
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..durable import read_json, write_atomic, write_json_atomic
 from ..settings import Settings
 from .exports import Export, assign_ids, render_exportfs, render_ganesha
-from .files import read_json, write_atomic, write_json_atomic
 
 log = logging.getLogger("netbootd.nfs")
 
