@@ -20,14 +20,19 @@ entry is forgotten first, and each eviction is counted.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import ipaddress
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from .model import normalise_mac
+
+T = TypeVar("T")
 
 log = logging.getLogger("netbootd.neighbours")
 
@@ -224,12 +229,29 @@ def _usable_mac(msg) -> str | None:
     return normalise_mac(mac)
 
 
+def _plain_thread(fn: Callable[[], T]) -> T:
+    """Run a netlink query where pyroute2 can do it synchronously.
+
+    pyroute2's IPRoute turns asynchronous when it finds a running event loop in its
+    thread (its setup coroutine is then never awaited and every lookup fails), so a
+    caller on a loop hands the query to a short-lived thread. A new thread each time:
+    it starts in the caller's network namespace (lookups are cached, so this is rare).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(fn).result(timeout=5)
+
+
 def kernel_neighbour(ip: str) -> str | None:
     """MAC for ``ip`` from the kernel's neighbour (ARP) table, or None (no entry, or one
     in a state that names no MAC the kernel heard from: INCOMPLETE, FAILED, NOARP)."""
     if ip.startswith("127.") or ":" in ip:
         return None
-    try:
+
+    def query() -> str | None:
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
@@ -237,6 +259,10 @@ def kernel_neighbour(ip: str) -> str | None:
                 mac = _usable_mac(msg)
                 if mac:
                     return mac
+        return None
+
+    try:
+        return _plain_thread(query)
     except Exception as exc:  # noqa: BLE001 - netlink unavailable must not break a transfer
         log.debug("neighbour lookup for %s failed: %s", ip, exc)
     return None
@@ -244,17 +270,21 @@ def kernel_neighbour(ip: str) -> str | None:
 
 def kernel_table() -> dict[str, str]:
     """Every usable IPv4 neighbour entry: ip -> MAC (one netlink dump)."""
-    out: dict[str, str] = {}
-    try:
+    def dump() -> dict[str, str]:
         import socket
 
         from pyroute2 import IPRoute
 
+        table: dict[str, str] = {}
         with IPRoute() as ipr:
             for msg in ipr.get_neighbours(family=socket.AF_INET):
                 ip, mac = msg.get_attr("NDA_DST"), _usable_mac(msg)
                 if ip and mac:
-                    out[ip] = mac
+                    table[ip] = mac
+        return table
+
+    try:
+        return _plain_thread(dump)
     except Exception as exc:  # noqa: BLE001
         log.debug("neighbour table dump failed: %s", exc)
-    return out
+    return {}

@@ -10,6 +10,7 @@ that namespace's real kernel neighbour table. Everything is removed in ``finally
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -238,6 +239,15 @@ def test_forged_request_and_inform_do_not_move_the_node(lab):
         nodes = InventoryNodes(lambda: inv, addresses, lambda: settings)
         assert nodes.owns(NODE_MAC, node_ip)
         assert not nodes.owns(NODE_MAC, lab.evil_ip)
+
+        async def from_the_event_loop() -> tuple[bool, bool]:
+            # where the HTTP handlers ask (netlink must still answer on a loop's thread)
+            fresh = ClientAddresses()
+            fresh.learn(node_ip, NODE_MAC)
+            on_loop = InventoryNodes(lambda: inv, fresh, lambda: settings)
+            return on_loop.owns(NODE_MAC, node_ip), on_loop.owns(NODE_MAC, lab.evil_ip)
+
+        assert asyncio.run(from_the_event_loop()) == (True, False)
 
 
 class _NoVersions:
