@@ -189,13 +189,26 @@ class ClientAddresses:
 
     # -- ownership --------------------------------------------------------------------------
     def owner_of(self, ip: str) -> str | None:
-        """The MAC that owns ``ip`` now, or None: the site server ACKed ``ip`` to that MAC
-        (unexpired) AND the kernel neighbour table, asked now, names the same MAC. An
-        address learnt but not confirmed by the kernel (or the reverse) is not enough."""
-        b = self._binding(ip)
-        if b is None or not self._use_kernel:
+        """The MAC that owns ``ip`` now, or None: the kernel neighbour table, asked at
+        request time, names that MAC for ``ip``, and no evidence learnt from the site
+        server names another one.
+
+        Why the neighbour table is enough when nothing contradicts it: the caller asks
+        about the peer of a TCP connection that completed its handshake, and the kernel
+        sent that handshake's SYN-ACK to exactly this MAC. A peer that does not receive
+        the node's frames cannot have completed it (what a MAC-spoofing or sniffing
+        attacker can still do is in docs/security.md). Requiring a seen ACK as well
+        would refuse most nodes: on a switched LAN a proxy never sees the site server's
+        unicast ACKs (iPXE and most OS clients do not ask for broadcast replies)."""
+        if not self._use_kernel:
             return None
-        return b.mac if kernel_neighbour(ip) == b.mac else None
+        on_link = kernel_neighbour(ip)
+        if on_link is None:
+            return None
+        b = self._binding(ip)
+        if b is not None and b.mac != on_link:
+            return None  # the site server gave this address to someone else
+        return on_link
 
     def confirmed(self, macs: Iterable[str]) -> dict[str, tuple[str, float]]:
         """For each MAC whose learnt address the kernel neighbour table confirms now:
