@@ -80,8 +80,13 @@ async def test_ganesha_exports_follow_store_and_sessions(netlab, lab_nfs, lab_ou
         assert await store_svc.run_gc() == []
         await asyncio.sleep(0.5)
         assert "etc" in await asyncio.to_thread(wait_ls, netlab, v1, True)
-        # the boot finished: GC retires version 1, its export disappears, 2 stays
-        app.planner.end_session(MAC)
+        # the boot finished, but its OS still runs on version 1's root: both stay
+        app.planner.end(MAC)
+        assert await store_svc.run_gc() == []
+        assert "etc" in await asyncio.to_thread(wait_ls, netlab, v1, True)
+        # the node boots again (version 2 now): version 1 is retired, its export goes
+        assert app.planner.plan(ClientFacts(mac=MAC, kind=ClientKind.RPI)).image.version == "2"
+        app.planner.handed_over(MAC)
         assert await store_svc.run_gc() == [("pi", "1")]
         await asyncio.to_thread(wait_ls, netlab, v1, False)
         assert "etc" in await asyncio.to_thread(wait_ls, netlab, v2, True)
