@@ -6,9 +6,10 @@ Standard library only (like build_image.py, whose kernel download, cpio writer a
 helpers it uses). The initrd holds:
 
 * busybox-static (shell, wget, udhcpc, modprobe, the rest);
-* zstd, xz, gzip, openssl (sha256 with the CPU's SHA instructions), coreutils tee, each with
-  the shared libraries ``ldd`` names, copied from this machine into ``/usr/local/bin`` and
-  their library paths;
+* curl (the image download: Range requests written straight into the decompressor), zstd,
+  xz, gzip, openssl (sha256 with the CPU's SHA instructions), coreutils tee (8 KiB reads
+  where busybox's applet does 1 KiB), each with the shared libraries ``ldd`` names, copied
+  from this machine into ``/usr/local/bin`` and their library paths;
 * the kernel's block, NVMe, ATA, SCSI, virtio and network driver modules with everything
   they depend on, plus ``modules.dep`` / ``modules.alias`` so busybox modprobe loads what
   the hardware's modalias asks for;
@@ -63,7 +64,7 @@ from build_image import (
 
 INSTALLER_DIR = HERE / "installer"
 #: Tools copied from this machine (with their libraries) into the initrd's /usr/local/bin.
-TOOLS = ["zstd", "xz", "gzip", "openssl", "tee"]
+TOOLS = ["curl", "zstd", "xz", "gzip", "openssl", "tee"]
 #: Module directories (below lib/modules/<release>/kernel) taken whole, plus dependencies.
 MODULE_DIRS = ["drivers/block", "drivers/nvme", "drivers/ata", "drivers/scsi",
                "drivers/virtio", "drivers/net"]
@@ -197,7 +198,7 @@ def build_initrd(mods: Path, *, version: str) -> bytes:
         path = shutil.which(tool)
         if path is None:
             raise BuildError(f"{tool} not found on this machine (apt-get install "
-                             "zstd xz-utils gzip openssl coreutils)")
+                             "curl zstd xz-utils gzip openssl coreutils)")
         cp.file(f"usr/local/bin/{tool}", Path(path).read_bytes(), 0o755)
         libs.update(_libraries(path))
     for lib in sorted(libs):
