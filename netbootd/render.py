@@ -19,7 +19,6 @@ event files publish.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import os
@@ -307,11 +306,11 @@ class Renderer:
         """Render template ``name`` as ``artefact`` with the context ``make_context()``
         builds; every failure becomes a ``RenderError`` (the one place that says how).
 
-        ``fast`` (``check``): the context is used as it is, over the template's globals
-        (never modified), instead of jinja's copy of both per render."""
+        ``fast`` (``check``): the context already holds the environment's globals and
+        is used as it is (jinja never writes to it) instead of a copy per render."""
         try:
             template = self.env.get_template(name)
-            if fast:
+            if fast and not template.globals.maps[0]:  # no globals of its own
                 text = self._render_shared(template, make_context())
             else:
                 text = template.render(make_context())
@@ -333,11 +332,10 @@ class Renderer:
         return text
 
     def _render_shared(self, template: jinja2.Template, context: dict[str, Any]) -> str:
-        """``template.render(context)`` without copying: a ChainMap of the context over
-        the template's globals is the read-only parent jinja's own render builds as a
-        dict. Errors are rewritten to template lines exactly as ``render`` does."""
-        parent = collections.ChainMap(context, template.globals)
-        jctx = template.new_context(parent, shared=True)
+        """``template.render`` over ``context`` as jinja's read-only parent, without the
+        copy jinja's own render makes. Errors are rewritten to template lines exactly
+        as ``render`` does."""
+        jctx = template.new_context(context, shared=True)
         try:
             return self.env.concat(template.root_render_func(jctx))  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - rewritten and re-raised, as jinja's render does
@@ -406,18 +404,21 @@ class Renderer:
         seen: set[tuple[str, str]] = set()
         for facts in machines:
             plan = decide(facts, inventory, as_default, resolver)
-            if plan.image is None:  # check templates even before any image exists
-                plan = _with_placeholder_image(plan)
-            # the session and token are random per boot: fixed here, so the key (and the
-            # text rendered) is the node's content only
-            plan = replace(plan, session=_CHECK_SESSION, token=_CHECK_TOKEN, created=0.0)
-            key = _plan_key(plan)
-            errors = known.get(key)
-            if errors is None:
-                errors = found.get(key)
-            if errors is None:
+            # check templates even before any image exists; the session and token are
+            # random per boot: fixed here, so the key (and the text rendered) is the
+            # node's content only
+            plan = replace(plan, session=_CHECK_SESSION, token=_CHECK_TOKEN, created=0.0,
+                           image=plan.image or _PLACEHOLDER_IMAGE)
+            if cache is None:
                 errors = self._check_plan(plan, server)
-            found[key] = errors
+            else:
+                key = _plan_key(plan)
+                errors = known.get(key)
+                if errors is None:
+                    errors = found.get(key)
+                if errors is None:
+                    errors = self._check_plan(plan, server)
+                found[key] = errors
             for artefact, template, text, line, message in errors:
                 dedup = (template, text)
                 if dedup in seen:
@@ -437,7 +438,8 @@ class Renderer:
         node (user-data gets the secrets, as placeholders), and each template rendered
         over that context plus the environment's globals without jinja copying both
         into a new dict per render."""
-        context = self.context(plan, server, placeholders=True)
+        # what jinja's render reads: the environment's globals under the context
+        context = {**self.env.globals, **self.context(plan, server, placeholders=True)}
         out: list[_Found] = []
         for artefact in ARTEFACTS:
             self.check_renders += 1
@@ -530,11 +532,10 @@ class CheckCache:
                 self.generation, self.results = generation, dict.fromkeys(keys, ())
 
 
-def _with_placeholder_image(plan: BootPlan) -> BootPlan:
-    ref = ImageRef(name="check", version="0", root=Path("/nonexistent"),
-                   boot={"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "",
-                         "rootfs": "rootfs", "boot_tree": "boot"})
-    return replace(plan, image=ref)
+#: What ``check`` renders a node with before any image exists.
+_PLACEHOLDER_IMAGE = ImageRef(name="check", version="0", root=Path("/nonexistent"),
+                              boot={"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "",
+                                    "rootfs": "rootfs", "boot_tree": "boot"})
 
 
 def _template_line(exc: BaseException, name: str) -> int:
