@@ -218,7 +218,7 @@ class Prober:
     def _run(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("127.0.0.1", 0))
-        sock.settimeout(1.0)
+        sock.settimeout(0.5)
         interval, nxt, xid = 1.0 / self.rate, time.perf_counter(), 0x5000
         while not self._stop.is_set():
             nxt += interval
@@ -285,7 +285,8 @@ def measure(tree: Path, cfg: Path, n: int, rate: float) -> dict:
             tmp.write_text(text + f"# edited {time.time()}\n")
             os.replace(tmp, tpl)
 
-        macs = [mac_of(i) for i in range(0, n, max(1, n // 256))]
+        # x86 machines that netboot (a silent `local` node would only time out)
+        macs = [mac_of(i) for i in range(1, n, 2) if i % 10 != 9][:256]
         with Prober(ports_of(cfg)["pxe"], macs, rate) as probe:
             time.sleep(2.0)
             t_start = time.perf_counter()

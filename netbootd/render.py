@@ -34,7 +34,7 @@ from . import __version__
 from .inventory import Inventory
 from .model import BootPlan, ClientFacts, ClientKind, ImageRef, mac_dashes
 from .settings import Settings
-from .yamlfile import Problem
+from .yamlfile import Problem, paused_gc
 
 #: artefact -> default template file (relative to paths.templates); a profile or node
 #: overrides one with ``templates: {artefact: file}``.
@@ -386,6 +386,11 @@ class Renderer:
         a reload after a one-node edit renders that node only; the cache is updated in
         place with this check's nodes. ``check_renders`` counts the renders done.
         """
+        with paused_gc():  # yamlfile.paused_gc says why
+            return self._check(inventory, images, cache)
+
+    def _check(self, inventory: Inventory, images: Any,
+               cache: CheckCache | None) -> list[Problem]:
         from .planner import NoImages, decide
 
         resolver = images or NoImages()
