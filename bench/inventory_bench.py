@@ -100,7 +100,10 @@ def make_config(tmp: Path, n: int) -> Path:
         "learn_from_acks: false}\n"
         f"tftp: {{port: {ports['tftp']}, bind: 127.0.0.1}}\n"
         f"http: {{port: {ports['http']}, bind: 127.0.0.1, api_token_file: secrets/api-token}}\n"
-        "paths: {images: images, state: state, inventory: nodes.yaml, templates: templates}\n"
+        # state and images beside the config directory, as in the shipped layout: the
+        # config watcher must see only the inventory and templates change
+        f"paths: {{images: ../images-{n}, state: ../state-{n}, inventory: nodes.yaml, "
+        "templates: templates}\n"
         "reload: {settle_seconds: 0, max_node_loss: 1.0}\n"
         "secrets: {k3s_token: secrets/k3s-token, kubeadm_token: secrets/kubeadm-token}\n")
     (cfg / "ports").write_text(repr(ports))
@@ -253,8 +256,9 @@ def pct(values: list[float], q: float) -> float:
 def measure(tree: Path, cfg: Path, n: int, rate: float) -> dict:
     out: dict = {"check": time_check(tree, cfg)}
     progress(f"  check {out['check']:.2f} s")
-    (cfg / "state").mkdir(exist_ok=True)
-    for f in (cfg / "state").glob("render-check*"):
+    state = cfg.parent / f"state-{n}"
+    state.mkdir(exist_ok=True)
+    for f in state.glob(".render-check*"):
         f.unlink()
     d = Daemon(tree, cfg)
     try:

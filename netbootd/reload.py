@@ -136,8 +136,9 @@ def validate_config(app: App, sources: Sources | None = None) -> tuple[Inventory
 
 
 def check_cache_file(app: App) -> Path:
-    """Where the daemon keeps the keys of nodes whose templates rendered cleanly."""
-    return app.settings.paths.state / "render-check.cache"
+    """Where the daemon keeps the keys of nodes whose templates rendered cleanly (a
+    dot-file: a state directory inside the watched config tree never triggers a reload)."""
+    return app.settings.paths.state / ".render-check.cache"
 
 
 def shrink_problem(app: App, old: Inventory, new: Inventory) -> Problem | None:
