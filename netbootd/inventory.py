@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .model import Action, ClientFacts, NodeView, normalise_mac, normalise_serial
-from .yamlfile import ConfigError, LineDict, Problem, line_of, load_yaml
+from .yamlfile import ConfigError, LineDict, Problem, line_of, load_yaml, paused_gc
 
 DEFAULT_PROFILE = "default"
 _SELECTOR_KEYS = ("mac", "serial", "arch", "kind")
@@ -234,6 +234,11 @@ class Inventory:
 def load_inventory(path: Path, text: str | None = None) -> Inventory:
     """Parse and validate ``nodes.yaml`` (or ``text``, its content as already read);
     every problem names file, line and field."""
+    with paused_gc():
+        return _load_inventory(path, text)
+
+
+def _load_inventory(path: Path, text: str | None) -> Inventory:
     data = load_yaml(path, text)
     if not isinstance(data, dict):
         raise ConfigError.single(path, 1, "", "top level must be a mapping with nodes/profiles")

@@ -118,11 +118,27 @@ def validate_config(app: App, sources: Sources | None = None) -> tuple[Inventory
     if sources.inventory is None:
         raise ConfigError.single(path, 0, "", "cannot read: No such file or directory")
     inventory = load_inventory(path, sources.inventory)
-    renderer = Renderer(app.settings, sources.templates)
-    problems = renderer.check(inventory, app.planner.images)
+    # What earlier checks found per node carries over: a node whose content, templates
+    # and settings are unchanged is not rendered again (docs/configuration.md). A fresh
+    # daemon starts from what the last one saved.
+    cache = app.render.check_cache
+    saved = check_cache_file(app)
+    if cache.generation is None:
+        cache.load(saved)
+    before = cache.generation, len(cache.results)
+    renderer = Renderer(app.settings, sources.templates, check_cache=cache)
+    problems = renderer.check(inventory, app.planner.images, cache=cache)
     if problems:
         raise ConfigError(problems)
+    if (cache.generation, len(cache.results)) != before or renderer.check_renders:
+        cache.save(saved)
     return inventory, renderer
+
+
+def check_cache_file(app: App) -> Path:
+    """Where the daemon keeps the keys of nodes whose templates rendered cleanly (a
+    dot-file: a state directory inside the watched config tree never triggers a reload)."""
+    return app.settings.paths.state / ".render-check.cache"
 
 
 def shrink_problem(app: App, old: Inventory, new: Inventory) -> Problem | None:
