@@ -90,7 +90,8 @@ def check_signature(sig_text: str, image: bytes, key: rsa.RSAPublicKey) -> None:
 def read_fat(image: bytes, names: tuple[str, ...]) -> dict[str, bytes]:
     """Files out of a FAT image (mtools), as the firmware reads its ramdisk."""
     out: dict[str, bytes] = {}
-    with tempfile.TemporaryDirectory(prefix="pi-ramdisk-") as tmp:
+    shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="pi-ramdisk-", dir=shm) as tmp:
         img = Path(tmp) / "boot.img"
         img.write_bytes(image)
         for name in names:
@@ -146,7 +147,8 @@ async def pi5_http_boot(base_url: str, board: Board, *, reads: tuple[str, ...] =
             await session.close()
     log.sig = sig_body.decode()
     log.image_bytes = len(image)
-    check_signature(log.sig, image, board.public_key)
+    # hashing 30+ MB releases the GIL: a storm of emulated Pis checks in parallel
+    await asyncio.to_thread(check_signature, log.sig, image, board.public_key)
     if reads:
         log.files = await asyncio.to_thread(read_fat, image, reads)
     log.seconds = time.monotonic() - t0
