@@ -220,13 +220,14 @@ def run(pis: int, args: argparse.Namespace) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}: "
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
-             f"{platform.python_version()}, load average "
-             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end", "",
-             "| Pis | boot tree | first boot.img ready after activation | all ready | "
-             "HTTP: all booted | HTTP slowest Pi | HTTP server CPU | TFTP: all booted | "
-             "TFTP slowest Pi | TFTP server CPU | TFTP / HTTP time | errors |",
+    when = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}: "
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
+            f"{platform.python_version()}, load average "
+            f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
+    lines = [when, "",
+             ("| Pis | boot tree | first boot.img ready after activation | all ready | "
+              "HTTP: all booted | HTTP slowest Pi | HTTP server CPU | TFTP: all booted | "
+              "TFTP slowest Pi | TFTP server CPU | TFTP / HTTP time | errors |"),
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         h, t = r["http"], r["tftp"]
