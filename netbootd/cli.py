@@ -282,12 +282,63 @@ def config_reference() -> str:
             lines.append(f"| `{section}` | | `NETBOOTD_{section.upper()}` | "
                          f"{field.description or ''} |")
             continue
-        for key, f in sub.items():
-            default = f.default_factory() if f.default_factory else f.default
-            default = json.dumps(default, default=str)
-            lines.append(f"| `{section}.{key}` | `{default}` | "
-                         f"`NETBOOTD_{section.upper()}__{key.upper()}` | {f.description or ''} |")
+        lines += _reference_rows([section], sub)
     return "\n".join(lines)
+
+
+def _reference_rows(where: list[str], fields: dict[str, Any]) -> list[str]:
+    """Rows for a section's fields; a nested section (``rpi.http_boot``) is flattened."""
+    rows = []
+    for key, f in fields.items():
+        model = f.annotation if isinstance(f.annotation, type) else None
+        sub = getattr(model, "model_fields", None)
+        if sub:
+            rows += _reference_rows([*where, key], sub)
+            continue
+        default = f.default_factory() if f.default_factory else f.default
+        default = json.dumps(default, default=str)
+        name, env = ".".join([*where, key]), "__".join(w.upper() for w in [*where, key])
+        rows.append(f"| `{name}` | `{default}` | `NETBOOTD_{env}` | {f.description or ''} |")
+    return rows
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``netbootd keys generate``: the RSA-2048 pair for Raspberry Pi HTTP boot, and what
+    goes into the EEPROM."""
+    from .rpi import sign
+
+    settings = _settings(args)
+    hb = settings.rpi.http_boot
+    out = Path(args.out) if args.out else (hb.key_file.parent if hb.key_file else
+                                            settings.paths.state / "keys")
+    try:
+        priv, pub, key = sign.write_key_pair(out, force=args.force)
+    except FileExistsError as exc:
+        print(f"netbootd: {exc}", file=sys.stderr)
+        return 1
+    host = hb.host_name or (str(settings.network.advertise) if settings.network.advertise
+                            else "<this server's name or address>")
+    print(f"private key: {priv} (mode 0600; netbootd signs boot.sig with it)")
+    print(f"public key:  {pub}\n")
+    print(sign.public_pem(key).decode(), end="")
+    print(f"""
+# netbootd.yaml
+rpi:
+  http_boot:
+    enabled: true
+    key_file: {priv}
+{f"    host_name: {hb.host_name}" if hb.host_name else "    # host_name: netboot.lan   (answered by netbootd's DNS, dns.enabled)"}
+
+# EEPROM settings (sudo rpi-eeprom-config --edit, or a boot.conf for a fleet update):
+BOOT_ORDER=0xf17   # read from the right: 7 = HTTP boot first, then 1 = SD card, f = again
+HTTP_HOST={host}
+HTTP_PORT={settings.http.port}
+HTTP_PATH={hb.path}
+
+# and the public key, on a Pi (docs/rpi-netboot.md, section 7):
+#   rpi-eeprom-config --config boot.conf --pubkey {pub.name} --out pieeprom.upd pieeprom.bin
+""")
+    return 0
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -340,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--reference", action="store_true", help="print every setting as markdown")
     cf.set_defaults(func=cmd_config)
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
+    ky = sub.add_parser("keys", help="generate: the key pair for Raspberry Pi HTTP boot")
+    ky.add_argument("verb", choices=["generate"])
+    ky.add_argument("--out", help="directory for http-boot.key and http-boot.pub.pem "
+                    "(default: the directory of rpi.http_boot.key_file, else <state>/keys)")
+    ky.add_argument("--force", action="store_true", help="replace an existing pair")
+    ky.set_defaults(func=cmd_keys)
 
     store_cli = _optional("netbootd.store.cli")
     if store_cli is not None:

@@ -24,6 +24,7 @@ from .nodestate import LocalNodeState
 from .planner import NoImages, Planner
 from .reload import reload_now, validate_config, watch_config
 from .render import Renderer
+from .rpi.bootimg import token_hook
 from .settings import Settings
 
 log = logging.getLogger("netbootd.daemon")
@@ -55,6 +56,9 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
     app.events.fleet = lambda mac: (app.settings.policy.unknown == "default"
                                     or mac in app.inventory.nodes)
     app.node_state = state
+    # A Pi on HTTP boot gets a boot token stable per version, so its signed boot.img
+    # can be built before it asks (netbootd/rpi/bootimg.py).
+    planner.token_for = token_hook(lambda: app.settings)
     app.reload = lambda: reload_now(app)
     if inventory is None:
         app.inventory, app.render = validate_config(app)

@@ -13,6 +13,7 @@ hot-swapped version, while a boot in flight never does.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import threading
 import time
@@ -270,6 +271,9 @@ class Planner:
         self._brief: OrderedDict[str, tuple[BootPlan, float]] = OrderedDict()
         #: Sessions dropped because the table was full (a metric; a flood of MACs).
         self.evicted = 0
+        #: A plan's boot token when it must not be random (a Pi on HTTP boot, whose
+        #: boot.img is built ahead of time: netbootd/rpi/bootimg.py); None = random.
+        self.token_for: Callable[[BootPlan], str | None] | None = None
 
     # -- firmware requests -------------------------------------------------------------------
     def plan(self, facts: ClientFacts) -> BootPlan:
@@ -320,8 +324,13 @@ class Planner:
             inventory = self._inventory()
             found = inventory.node_for(facts)
             record = self.state.get(found[0] if found else facts.mac)
-        return decide(facts, self._inventory(), self._settings(), self.images, now=now,
+        plan = decide(facts, self._inventory(), self._settings(), self.images, now=now,
                       record=record)
+        if self.token_for is not None:
+            token = self.token_for(plan)
+            if token:
+                plan = dataclasses.replace(plan, token=token)
+        return plan
 
     def forget(self, mac: str) -> None:
         """Drop every session of this MAC (an operator changed its lifecycle)."""

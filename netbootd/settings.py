@@ -211,6 +211,29 @@ class BootSettings(_Section):
                               "many booted-OS plans); the least recently seen are evicted.")
 
 
+class HttpBootSettings(_Section):
+    enabled: bool = Field(
+        False, description="Serve Raspberry Pi HTTP boot (EEPROM BOOT_ORDER nibble 7): a "
+        "signed boot.img and boot.sig per node, to nodes whose vars say `http_boot: true` "
+        "(docs/rpi-netboot.md, section 6).")
+    key_file: Path | None = Field(
+        None, description="PEM RSA-2048 private key boot.sig is signed with; its public half "
+        "goes into the EEPROM (`netbootd keys generate` makes both).")
+    path: str = Field(
+        "netboot", pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$",
+        description="EEPROM HTTP_PATH: boot.img and boot.sig are served at "
+        "/<path>/boot.img (the Pi found by its address) and /<path>/<serial or MAC with "
+        "dashes>/boot.img.")
+    host_name: str | None = Field(
+        None, description="EEPROM HTTP_HOST as a DNS name (some bootloader releases ignore "
+        "an IP address there): with dns.enabled, netbootd answers it with its advertised "
+        "address.")
+    cache_dir: Path | None = Field(
+        None, description="Where built boot.img files are kept, per image version and "
+        "content (default <paths.state>/http-boot). Expect one boot tree's size per node "
+        "and kept version.")
+
+
 class RpiSettings(_Section):
     boot_string: str = Field("Raspberry Pi Boot", description="PXE menu text the Pi bootloader "
                              "looks for in option 43 (EEPROM PXE_OPTION43 can change it).")
@@ -220,6 +243,11 @@ class RpiSettings(_Section):
         description="MAC prefixes of Raspberry Pi boards (used with the vendor class).")
     prefix_string: str | None = Field(None, description="EEPROM TFTP_PREFIX_STR, if the fleet "
                                       "uses TFTP_PREFIX=1.")
+    pieeprom_dir: Path = Field(
+        Path("pieeprom"), description="Directory of operator-made bootloader updates: a node "
+        "whose vars name `pieeprom: <file>` in it is served that file as pieeprom.upd, with "
+        "a generated pieeprom.sig (docs/rpi-netboot.md, section 7).")
+    http_boot: HttpBootSettings = Field(default_factory=HttpBootSettings)
 
 
 class StoreSettings(_Section):
@@ -356,6 +384,11 @@ class Settings(BaseSettings):
         return self.paths.state / "lifecycle"
 
     @property
+    def http_boot_dir(self) -> Path:
+        """Where built boot.img/boot.sig pairs are cached (netbootd/rpi/bootimg.py)."""
+        return self.rpi.http_boot.cache_dir or (self.paths.state / "http-boot")
+
+    @property
     def node_state_dir(self) -> Path:
         return self.paths.node_state or (self.paths.state / "nodes")
 
@@ -408,8 +441,14 @@ def _resolve_paths(s: Settings, base: Path, path: Path | None) -> Settings:
         "api_token_file": rel(s.http.api_token_file) if s.http.api_token_file else None})
     secrets = {k: rel(v) for k, v in s.secrets.items()}
     store = s.store.model_copy(update={"trusted_keys": [rel(p) for p in s.store.trusted_keys]})
+    hb = s.rpi.http_boot
+    rpi = s.rpi.model_copy(update={
+        "pieeprom_dir": rel(s.rpi.pieeprom_dir),
+        "http_boot": hb.model_copy(update={
+            "key_file": rel(hb.key_file) if hb.key_file else None,
+            "cache_dir": rel(hb.cache_dir) if hb.cache_dir else None})})
     return s.model_copy(update={
-        "paths": paths, "http": http, "secrets": secrets, "store": store,
+        "paths": paths, "http": http, "secrets": secrets, "store": store, "rpi": rpi,
         "config_file": path.resolve() if path else None})
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ class DnsProtocol(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        reply = self.service.answer(data)
+        reply = self.service.answer(data, addr[0])
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
 
@@ -66,7 +67,25 @@ class DnsService:
                 return ip
         return None
 
-    def answer(self, data: bytes) -> bytes | None:
+    def http_host(self, peer: str | None) -> str | None:
+        """The address for ``rpi.http_boot.host_name`` (the Pis' EEPROM HTTP_HOST):
+        ``network.advertise``, else ``dns.bind`` when it names one, else our address on
+        the route towards the asking machine."""
+        s = self._settings()
+        if s.network.advertise:
+            return str(s.network.advertise)
+        if s.dns.bind and s.dns.bind not in ("0.0.0.0", "::"):
+            return s.dns.bind
+        if not peer:
+            return None
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((peer, 9))  # no packet is sent: it only picks a route
+                return str(probe.getsockname()[0])
+        except OSError:
+            return None
+
+    def answer(self, data: bytes, peer: str | None = None) -> bytes | None:
         try:
             query = DNSRecord.parse(data)
         except (DNSError, IndexError, ValueError):
@@ -77,13 +96,19 @@ class DnsService:
             return None
         reply = query.reply()
         q = query.q
-        domain = self._settings().dns.domain.strip(".").lower()
+        settings = self._settings()
+        domain = settings.dns.domain.strip(".").lower()
         name = str(q.qname).rstrip(".").lower()
+        host_name = (settings.rpi.http_boot.host_name or "").strip(".").lower()
+        if host_name and name == host_name:
+            return self._reply(reply, q, self.http_host(peer))
         if not (name == domain or name.endswith("." + domain)):
             reply.header.rcode = RCODE.REFUSED
             self.metrics.requests.labels("dns", "refused").inc()
             return reply.pack()
-        ip = self.lookup(str(q.qname))
+        return self._reply(reply, q, self.lookup(str(q.qname)))
+
+    def _reply(self, reply: DNSRecord, q: Any, ip: str | None) -> bytes:
         if ip is None:
             reply.header.rcode = RCODE.NXDOMAIN
             self.metrics.requests.labels("dns", "nxdomain").inc()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from ..settings import Settings
-from . import boot, files
+from . import boot, files, rpiboot
 from .context import HttpContext
 from .util import CONTEXT_KEY, SERVICE, json_error
 
@@ -77,6 +77,9 @@ def build_web_app(ctx: HttpContext) -> web.Application:
     web_app.add_routes(api.routes())
     web_app.add_routes(metrics.routes())
     ui.setup(web_app)
+    # last: its pattern (/<path>/boot.img) must never shadow a route above
+    web_app[rpiboot.PREBUILDER_KEY] = rpiboot.Prebuilder(ctx)
+    web_app.add_routes(rpiboot.routes())
     return web_app
 
 
@@ -183,6 +186,8 @@ class HttpService:
         self.bound: list[str] = []
         self.error: str | None = None
         self._collector: _ConnectionMetrics | None = None
+        self._unsubscribe: list[Any] = []
+        self._prebuilder: rpiboot.Prebuilder | None = None
 
     async def start(self) -> None:
         s = self.ctx.settings.http
@@ -207,10 +212,22 @@ class HttpService:
             self._collector = _ConnectionMetrics(self)
             self.ctx.metrics.registry.register(self._collector)
         self.bound = [_fmt(sock.getsockname()) for sock in _sockets(runner)]
+        prebuilder = runner.app[rpiboot.PREBUILDER_KEY]
+        self._prebuilder = prebuilder
+        if self.ctx.versions is not None:
+            self._unsubscribe.append(self.ctx.versions.subscribe(prebuilder.changed))
+        if self.ctx.on_reload is not None:
+            self._unsubscribe.append(self.ctx.on_reload(prebuilder.changed))
+        prebuilder.start(asyncio.get_running_loop())
         log.info("http listening on %s (at most %d connections)", ", ".join(self.bound),
                  site.cap)
 
     async def stop(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
+        if self._prebuilder is not None:
+            await self._prebuilder.stop()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -241,7 +258,8 @@ def context_for(app: App) -> HttpContext:
     """The handlers' narrow views of this daemon (the only place that reads the App)."""
     from ..app import AppStatus
     from ..lifecycle import Lifecycle
-    from ..views import InventoryNodes, StoreArtefacts
+    from ..rpi.bootimg import BootImages
+    from ..views import InventoryNodes, StoreArtefacts, StoreVersions, hooks
 
     def settings() -> Settings:
         return app.settings
@@ -259,7 +277,8 @@ def context_for(app: App) -> HttpContext:
         artefacts=StoreArtefacts(lambda: app.store or app.planner.images, lambda: app.render),
         addresses=app.clients, events=app.events, metrics=app.metrics,
         catalogue_of=lambda: app.store, daemon=AppStatus(app), lifecycle=lifecycle,
-        node_state=app.node_state)
+        node_state=app.node_state, boot_images=BootImages(settings),
+        versions=StoreVersions(lambda: app.store), on_reload=hooks(app.on_reload))
 
 
 def create(app: App) -> HttpService:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from ..bootfiles import find_ipxe, ipxe_dirs, ipxe_names
 from ..model import BootPlan, ClientFacts, ClientKind, normalise_mac
 from ..render import RenderError, ServerInfo
+from ..rpi import eeprom
 from . import codec
 
 if TYPE_CHECKING:
@@ -217,6 +218,8 @@ class VirtualTree:
         rel = "/".join(rest)
         image = plan.image
         meta = {"mac": mac, "image": image.name, "version": image.version}
+        if rel in eeprom.NAMES:
+            return self._pieeprom(plan, rel, name, meta)
         if rel == "cmdline.txt":
             text = self.rendered("cmdline.txt", plan, local_ip).encode()
             return FileSource(text, len(text), name, origin="rendered", **meta)
@@ -238,6 +241,20 @@ class VirtualTree:
             raise not_found(f"{rel} not in {image.name} {image.version}")
         data, size, fd = open_file(target)
         return FileSource(data, size, name, origin=str(target), fd=fd, **meta)
+
+    def _pieeprom(self, plan: BootPlan, rel: str, name: str, meta: dict[str, str]
+                  ) -> FileSource:
+        """``pieeprom.sig`` / ``pieeprom.upd``: the bootloader update the node's vars name
+        (``vars.pieeprom``, netbootd/rpi/eeprom.py), else "File not found" (normal: the
+        Pi then keeps its bootloader)."""
+        try:
+            upd = eeprom.update_for(plan, self.settings)
+            if rel == "pieeprom.sig":
+                return FileSource(upd.sig, len(upd.sig), name, origin="rendered", **meta)
+            data = eeprom.read_update(upd)
+        except eeprom.NotOffered as exc:
+            raise not_found(f"{rel}: {exc}") from None
+        return FileSource(data, len(data), name, origin=str(upd.path), **meta)
 
     def _boot_tree(self, plan: BootPlan) -> tuple[str, Path]:
         """The plan's boot tree: its name in the version, and its resolved directory."""
