@@ -10,6 +10,17 @@ died"), and its slot is started again: at once if it had lived a while, after
 :data:`RESTART_DELAY` if it died young (a worker that cannot even start must not turn
 into a fork loop). Until then new transfers go to the other workers, or run in the
 daemon's own pump threads when none is left.
+
+Stopping is the daemon's decision alone. Once :meth:`WorkerPool.stop` has begun, a
+closing channel is expected and no worker is started again. Each worker runs in a
+process group of its own, so a Ctrl-C (SIGINT to the terminal's foreground group) or a
+``kill`` of the daemon's group reaches only the daemon, which then stops its workers
+over their channels; a worker ignores SIGINT and SIGTERM too (systemd's
+``KillMode=control-group`` signals every process of the unit, whatever its group). The
+one window left is a worker's first milliseconds, before its interpreter has set those
+dispositions: a worker ended by SIGTERM or SIGINT is therefore taken as part of a stop
+that is on its way (logged at INFO, started again only after :data:`RESTART_DELAY`,
+which a stop that began in between cancels), not as a death.
 """
 
 from __future__ import annotations
@@ -34,6 +45,8 @@ log = logging.getLogger("netbootd.tftp")
 #: A worker that lived less than this is restarted after RESTART_DELAY, else at once.
 YOUNG = 5.0
 RESTART_DELAY = 1.0
+#: Exit statuses (``Popen.returncode``) of a worker ended by a stop's signal.
+STOP_SIGNALS = frozenset((-signal.SIGTERM, -signal.SIGINT))
 
 
 def default_size() -> int:
@@ -98,7 +111,8 @@ class WorkerPool:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "netbootd.tftp.worker", str(child.fileno()),
                  "--log-level", str(level), "--pump-threads", str(self.pump_threads)],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                process_group=0)  # group signals are for the daemon (see the docstring)
         except OSError as exc:
             parent.close()
             log.error("tftp: cannot start worker %d: %s; retrying in %.0fs", slot, exc,
@@ -228,14 +242,21 @@ class WorkerPool:
             code = w.proc.wait()
         self._procs.remove(w.proc)
         lived = time.monotonic() - w.started
-        log.error("tftp: worker %d (pid %d) died after %.1fs (%s, exit status %s); "
-                  "%d transfer(s) lost", w.slot, w.pid, lived, why, code, len(w.jobs))
+        stopped = code in STOP_SIGNALS
+        if stopped:  # a stop reached it before it could ignore signals (see the docstring)
+            log.info("tftp: worker %d (pid %d) ended by %s after %.1fs; starting it again "
+                     "in %.0fs unless the daemon is stopping", w.slot, w.pid,
+                     signal.Signals(-code).name, lived, RESTART_DELAY)
+        else:
+            log.error("tftp: worker %d (pid %d) died after %.1fs (%s, exit status %s); "
+                      "%d transfer(s) lost", w.slot, w.pid, lived, why, code, len(w.jobs))
         for job in sorted(w.jobs):
-            self.on_report(Report(job, "error", "TFTP worker died"))
+            self.on_report(Report(job, "aborted", "server stopping") if stopped
+                           else Report(job, "error", "TFTP worker died"))
         w.jobs.clear()
         self.slots[w.slot] = None
         self.restarts += 1
-        if lived < YOUNG:
+        if lived < YOUNG or stopped:
             self.loop.call_later(RESTART_DELAY, self._spawn, w.slot)
         else:
             self._spawn(w.slot)

@@ -22,10 +22,16 @@ and once when it ends (``done``); ``abort`` ends one transfer early (eviction). 
 no file and no socket of its own and writes nothing to disk: it only sends from sockets
 and reads from (read-only, or sealed) descriptors it was given.
 
-It stops when told (``stop``), on SIGTERM (both: clients get ERROR 0 "server
-stopping") or when the daemon's end of the channel closes (the daemon died: clients
-are told the same, nothing is reported). SIGINT is ignored: a Ctrl-C reaches the whole
-process group, and the daemon decides when its workers stop.
+It stops when told (``stop``: clients get ERROR 0 "server stopping", every transfer is
+reported) or when the daemon's end of the channel closes (the daemon died: clients are
+told the same, nothing is reported). Only the daemon decides when its workers stop, so
+SIGINT and SIGTERM are ignored: a Ctrl-C reaches the whole foreground process group, and
+systemd's default ``KillMode=control-group`` sends SIGTERM to every process of the unit at
+once. A worker that stopped on its own there would be seen by the daemon as a worker that
+died (and started again) if its exit beat the daemon's own signal handler. The daemon
+also starts each worker in a process group of its own (see :mod:`netbootd.tftp.pool`),
+so group signals do not reach it even before this module has set those dispositions.
+SIGKILL still works, and a worker whose daemon is gone stops by itself (EOF).
 """
 
 from __future__ import annotations
@@ -165,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
         format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the daemon decides (see the docstring)
+        signal.signal(sig, signal.SIG_IGN)
     threading.stack_size(PUMP_STACK)
     chan = socket.socket(fileno=args.control_fd)
     chan.setblocking(False)
@@ -180,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a seccomp filter may refuse it: slower, not broken
         log.info("tftp worker: SCHED_BATCH refused (%s); running without it", exc)
     worker = Worker(loop, chan, args.pump_threads)
-    signal.signal(signal.SIGTERM, lambda *_: loop.call_soon_threadsafe(worker.shutdown))
     loop.add_reader(chan.fileno(), worker.on_control)
     try:
         loop.run()
