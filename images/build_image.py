@@ -12,6 +12,10 @@ Two kinds of build:
   reports ``booted`` to netbootd's events API and, when the command line has ``nfsroot=``,
   mounts it and switch_roots into the busybox rootfs, whose ``/sbin/init`` reports
   ``provisioned``. Both print ``NETBOOTD-TEST:`` markers on the serial console.
+* ``--arch arm64``: the same kernel+initrd image for arm64 boards (U-Boot, UEFI): Debian's
+  ``linux-image-cloud-arm64`` and ``busybox-static:arm64``, fetched with ``apt-get download``
+  (the host needs ``dpkg --add-architecture arm64`` and an ``apt-get update``; setup.sh does
+  it), boards ``["arm64"]``, console ``ttyAMA0``. The same ``/init`` runs on both.
 * ``--pi``, kind ``pi-boot+rootfs``: a synthetic Raspberry Pi 5 boot tree (config.txt,
   kernel_2712.img, bcm2712-rpi-5-b.dtb, initramfs_2712, overlays/...) with realistic sizes
   (~33 MB by default) and pseudo-random content that differs per version, plus a tiny rootfs.
@@ -48,6 +52,28 @@ HERE = Path(__file__).resolve().parent
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
 
+
+class Arch:
+    """What differs between the architectures the kernel+initrd image is built for."""
+
+    def __init__(self, name: str, *, meta: str, boards: list[str], console: str,
+                 foreign: bool) -> None:
+        self.name = name
+        self.meta = meta  #: the kernel meta package (``apt-cache depends`` names the real one)
+        self.boards = boards
+        self.console = console
+        #: A foreign Debian architecture here: packages are fetched as ``pkg:<name>`` and
+        #: busybox comes from ``busybox-static:<name>`` instead of the host's /bin/busybox.
+        self.foreign = foreign
+
+
+ARCHES = {
+    "amd64": Arch("amd64", meta=KERNEL_META_PACKAGE, boards=["x86_64"], console="ttyS0",
+                  foreign=False),
+    "arm64": Arch("arm64", meta="linux-image-cloud-arm64", boards=["arm64"],
+                  console="ttyAMA0", foreign=True),
+}
+
 #: Load order matters: each module needs the ones before it (lab.md pitfall 6).
 NET_MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
                "virtio_pci", "failover", "net_failover", "virtio_net"]
@@ -69,10 +95,11 @@ def progress(msg: str) -> None:
 
 # --------------------------------------------------------------------------- kernel
 
-def _kernel_package() -> str | None:
-    """The versioned kernel package the meta package depends on, or None if apt can't say."""
+def _kernel_package(meta: str = KERNEL_META_PACKAGE) -> str | None:
+    """The versioned kernel package the meta package depends on, or None if apt can't say.
+    For a foreign architecture apt names it ``pkg:arch``, which ``apt-get download`` takes."""
     try:
-        out = subprocess.run(["apt-cache", "depends", KERNEL_META_PACKAGE], check=True,
+        out = subprocess.run(["apt-cache", "depends", meta], check=True,
                              capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -83,23 +110,27 @@ def _kernel_package() -> str | None:
     return None
 
 
-def fetch_kernel(cache: Path) -> Path:
+def fetch_kernel(cache: Path, arch: str = "amd64") -> Path:
     """Return a directory holding ``vmlinuz`` and ``modules/<name>.ko``, cached per version.
 
     Downloads with ``apt-get download`` (no root needed, no install) and extracts only what
     the initrd needs, so the cache stays ~10 MB per kernel. Offline, the newest cached kernel
-    is reused.
+    of ``arch`` is reused.
     """
     cache.mkdir(parents=True, exist_ok=True)
-    pkg = _kernel_package()
+    meta = ARCHES[arch].meta
+    pkg = _kernel_package(meta)
     if pkg is None:
-        cached = sorted(p for p in cache.glob("kernel-*") if (p / "vmlinuz").exists())
+        cached = sorted(p for p in cache.glob("kernel-*")
+                        if p.name.endswith(f"-{arch}") and (p / "vmlinuz").exists())
         if not cached:
-            raise BuildError(f"cannot resolve {KERNEL_META_PACKAGE} with apt-cache and no "
+            hint = (f" (a foreign architecture: dpkg --add-architecture {arch} && "
+                    "apt-get update)" if ARCHES[arch].foreign else "")
+            raise BuildError(f"cannot resolve {meta} with apt-cache{hint} and no "
                              f"kernel is cached in {cache}")
         progress(f"apt-cache unavailable; using cached {cached[-1].name}")
         return cached[-1]
-    kdir = cache / f"kernel-{pkg}"
+    kdir = cache / f"kernel-{pkg.split(':')[0]}"
     if (kdir / "vmlinuz").exists() and (kdir / "modules").is_dir():
         progress(f"kernel {pkg}: cached")
         return kdir
@@ -112,7 +143,7 @@ def fetch_kernel(cache: Path) -> Path:
         moddirs = sorted((root / "lib" / "modules").glob("*"))
         if not vmlinuz or not moddirs:
             raise BuildError(f"{debs[-1].name} has no /boot/vmlinuz-* or /lib/modules")
-        stage = cache / f".kernel-{pkg}.tmp"
+        stage = cache / f".{kdir.name}.tmp"
         shutil.rmtree(stage, ignore_errors=True)
         (stage / "modules").mkdir(parents=True)
         shutil.copy2(vmlinuz[-1], stage / "vmlinuz")
@@ -130,7 +161,8 @@ def fetch_kernel(cache: Path) -> Path:
 def download_kernel_deb(cache: Path, pkg: str) -> list[Path]:
     """The kernel package's .deb(s) in ``cache``, downloaded now if none is there.
     The caller extracts what it needs and deletes them."""
-    debs = sorted(cache.glob(f"{pkg}_*.deb"))
+    base = pkg.split(":")[0]  # a foreign package is asked for as pkg:arch, saved as pkg_*
+    debs = sorted(cache.glob(f"{base}_*.deb"))
     if not debs:
         progress(f"downloading {pkg} (apt-get download, ~27 MB)")
         try:
@@ -138,10 +170,48 @@ def download_kernel_deb(cache: Path, pkg: str) -> list[Path]:
                            stdout=subprocess.DEVNULL)
         except (OSError, subprocess.CalledProcessError) as exc:
             raise BuildError(f"apt-get download {pkg} failed: {exc}") from exc
-        debs = sorted(cache.glob(f"{pkg}_*.deb"))
+        debs = sorted(cache.glob(f"{base}_*.deb"))
         if not debs:
             raise BuildError(f"apt-get download {pkg} produced no .deb in {cache}")
     return debs
+
+
+def fetch_busybox(cache: Path, arch: str = "amd64") -> Path:
+    """The static busybox for ``arch``: the host's for its own architecture, else the one in
+    Debian's ``busybox-static:<arch>`` (``apt-get download``, extracted once into ``cache``)."""
+    if not ARCHES[arch].foreign:
+        if not BUSYBOX.exists():
+            raise BuildError(f"{BUSYBOX} missing: apt-get install busybox-static")
+        return BUSYBOX
+    target = cache / f"busybox-{arch}" / "busybox"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    pkg = f"busybox-static:{arch}"
+    debs = sorted(cache.glob(f"busybox-static_*_{arch}.deb"))
+    if not debs:
+        progress(f"downloading {pkg} (apt-get download, ~1 MB)")
+        try:
+            subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", pkg],
+                           cwd=cache, check=True, stdout=subprocess.DEVNULL)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise BuildError(f"apt-get download {pkg} failed ({exc}); the host needs "
+                             f"dpkg --add-architecture {arch} && apt-get update") from exc
+        debs = sorted(cache.glob(f"busybox-static_*_{arch}.deb"))
+        if not debs:
+            raise BuildError(f"apt-get download {pkg} produced no .deb in {cache}")
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".extract-") as tmp:
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), tmp], check=True)
+        found = Path(tmp) / "bin" / "busybox"
+        if not found.is_file():
+            raise BuildError(f"{debs[-1].name} has no /bin/busybox")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(".busybox.tmp")
+        shutil.copy2(found, part)
+        part.rename(target)
+    for deb in debs:
+        deb.unlink()
+    return target
 
 
 def _find_module(moddir: Path, name: str) -> Path:
@@ -321,7 +391,8 @@ while true; do sleep 3600; done
 
 # --------------------------------------------------------------------------- builders
 
-def build_initrd(kdir: Path, *, name: str, version: str, marker: str) -> bytes:
+def build_initrd(kdir: Path, *, name: str, version: str, marker: str,
+                 busybox: Path = BUSYBOX) -> bytes:
     """The gzip-compressed newc initrd (busybox, modules, /init, version files)."""
     cp = Cpio()
     for d in ("bin", "sbin", "etc", "lib", "lib/modules", "proc", "sys", "dev", "tmp", "run",
@@ -329,7 +400,7 @@ def build_initrd(kdir: Path, *, name: str, version: str, marker: str) -> bytes:
         cp.dir(d)
     cp.chardev("dev/console", 5, 1)
     cp.chardev("dev/null", 1, 3, 0o666)
-    cp.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
+    cp.file("bin/busybox", busybox.read_bytes(), 0o755)
     cp.symlink("bin/sh", "busybox")
     init = INIT.replace("__NET_MODULES__", " ".join(NET_MODULES)).replace(
         "__NFS_MODULES__", " ".join(NFS_MODULES))
@@ -346,7 +417,7 @@ def build_initrd(kdir: Path, *, name: str, version: str, marker: str) -> bytes:
 
 
 def write_rootfs(root: Path, *, name: str, version: str, marker: str,
-                 with_busybox: bool = True) -> None:
+                 with_busybox: bool = True, busybox: Path = BUSYBOX) -> None:
     """A tiny busybox root: regular files only (no symlinks, no device nodes), so every
     store backend copies it faithfully; ``.keep`` files keep the mount-point directories."""
     for d in ("bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "mnt"):
@@ -354,7 +425,7 @@ def write_rootfs(root: Path, *, name: str, version: str, marker: str,
         if d in ("proc", "sys", "dev", "run", "tmp", "mnt"):
             (root / d / ".keep").write_bytes(b"")
     if with_busybox:
-        shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+        shutil.copy2(busybox, root / "bin" / "busybox")
         os.chmod(root / "bin" / "busybox", 0o755)
         (root / "sbin" / "init").write_text(ROOTFS_INIT)
         os.chmod(root / "sbin" / "init", 0o755)
@@ -366,23 +437,27 @@ def write_rootfs(root: Path, *, name: str, version: str, marker: str,
 
 
 def build_kernel_initrd(dest: Path, *, name: str, version: str, marker: str, cache: Path,
-                        rootfs: bool) -> dict:
-    kdir = fetch_kernel(cache)
+                        rootfs: bool, arch: str = "amd64") -> dict:
+    spec = ARCHES[arch]
+    kdir = fetch_kernel(cache, arch)
+    busybox = fetch_busybox(cache, arch)
     (dest / "boot").mkdir(parents=True)
     shutil.copy2(kdir / "vmlinuz", dest / "boot" / "vmlinuz")
-    progress("building initrd")
-    initrd = build_initrd(kdir, name=name, version=version, marker=marker)
+    progress(f"building initrd ({arch})")
+    initrd = build_initrd(kdir, name=name, version=version, marker=marker, busybox=busybox)
     (dest / "boot" / "initrd.img").write_bytes(initrd)
     progress(f"initrd: {len(initrd) / 1e6:.1f} MB")
-    boot = {"kernel": "boot/vmlinuz", "initrd": "boot/initrd.img", "cmdline": "console=ttyS0"}
+    boot = {"kernel": "boot/vmlinuz", "initrd": "boot/initrd.img",
+            "cmdline": f"console={spec.console}"}
     (dest / "DEMO").write_text(
         f"netbootd DEMO image ({name} {version}): Debian's cloud kernel and a busybox initrd "
         "that reports its boot to netbootd; not an operating system for your fleet.\n")
     if rootfs:
         progress("writing busybox rootfs")
-        write_rootfs(dest / "rootfs", name=name, version=version, marker=marker)
+        write_rootfs(dest / "rootfs", name=name, version=version, marker=marker,
+                     busybox=busybox)
         boot["rootfs"] = "rootfs"
-    return {"kind": "kernel+initrd", "boards": ["x86_64"], "boot": boot,
+    return {"kind": "kernel+initrd", "boards": list(spec.boards), "boot": boot,
             "kernel_release": (kdir / "release").read_text().strip()
             if (kdir / "release").exists() else ""}
 
@@ -513,7 +588,7 @@ def default_version() -> str:
 
 def build(*, name: str, version: str, marker: str, pi: bool, cache: Path,
           out: Path | None, incoming: Path | None, rootfs: bool = True,
-          pi_scale: float = 1.0) -> Path:
+          pi_scale: float = 1.0, arch: str = "amd64") -> Path:
     """Build one image; return the final build directory (renamed into place)."""
     if out is not None:
         final = out.resolve()
@@ -523,19 +598,22 @@ def build(*, name: str, version: str, marker: str, pi: bool, cache: Path,
         final = parent / f"{name}-{version}"
     if final.exists():
         raise BuildError(f"{final} already exists")
-    if not pi and not BUSYBOX.exists():
+    if arch not in ARCHES:
+        raise BuildError(f"unknown --arch {arch!r} (one of {', '.join(ARCHES)})")
+    if not pi and not ARCHES[arch].foreign and not BUSYBOX.exists():
         raise BuildError(f"{BUSYBOX} missing: apt-get install busybox-static")
     parent.mkdir(parents=True, exist_ok=True)
     # Dot-prefixed temp dir in the same directory: same filesystem (rename is atomic) and
     # ignored by the store's incoming watcher until the rename.
     tmp = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=parent))
     try:
-        progress(f"building {name} {version} ({'pi' if pi else 'kernel+initrd'}) in {tmp}")
+        what = "pi" if pi else f"kernel+initrd, {arch}"
+        progress(f"building {name} {version} ({what}) in {tmp}")
         if pi:
             spec = build_pi(tmp, name=name, version=version, marker=marker, scale=pi_scale)
         else:
             spec = build_kernel_initrd(tmp, name=name, version=version, marker=marker,
-                                       cache=cache, rootfs=rootfs)
+                                       cache=cache, rootfs=rootfs, arch=arch)
         progress("checksumming")
         manifest = write_manifest(tmp, name=name, version=version, spec=spec)
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; NFS and HTTP readers need to enter it
@@ -575,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=HERE / "cache", help="kernel download cache")
     ap.add_argument("--marker-text", default=None,
                     help="text baked into /etc/netbootd-marker (console shows it)")
+    ap.add_argument("--arch", choices=sorted(ARCHES), default="amd64",
+                    help="CPU architecture of the kernel+initrd image (default amd64)")
     ap.add_argument("--pi", action="store_true", help="synthetic Pi 5 pi-boot+rootfs image")
     ap.add_argument("--pi-scale", type=float, default=1.0,
                     help="size factor for --pi files (1.0 = ~33 MB boot tree)")
@@ -593,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         final = build(name=name, version=version, marker=marker, pi=args.pi, cache=args.cache,
                       out=args.out, incoming=args.incoming, rootfs=not args.no_rootfs,
-                      pi_scale=args.pi_scale)
+                      pi_scale=args.pi_scale, arch=args.arch)
     except BuildError as exc:
         print(f"build-image: error: {exc}", file=sys.stderr)
         return 1
