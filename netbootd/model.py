@@ -23,6 +23,9 @@ class ClientKind(StrEnum):
     PXE_UEFI_X64 = "pxe-uefi-x64"
     PXE_UEFI_ARM64 = "pxe-uefi-arm64"
     HTTP_BOOT = "http-boot"
+    #: U-Boot's own DHCP client (vendor class ``U-Boot.<cpu>``, arch 21/22): it boots an
+    #: extlinux-style ``pxelinux.cfg`` over TFTP (docs/dhcp.md, docs/tftp.md).
+    UBOOT = "uboot"
     OTHER = "other"
 
 

@@ -50,9 +50,11 @@ class NoImages:
 #: DHCP client architectures (RFC 4578 / IANA) by the board family they boot.
 _X86_ARCHES = frozenset({0, 6, 7, 9})
 _ARM64_ARCHES = frozenset({11, 19, 22})
+_ARM32_ARCHES = frozenset({10, 18, 21})
 #: Board names an image's manifest may use for each family.
 X86_BOARDS = frozenset({"x86_64", "amd64", "x86", "i386", "pc"})
 ARM64_BOARDS = frozenset({"arm64", "aarch64"})
+ARM32_BOARDS = frozenset({"armhf", "armv7", "arm"})
 
 
 def incompatibility(facts: ClientFacts, image: ImageRef) -> str | None:
@@ -78,10 +80,16 @@ def incompatibility(facts: ClientFacts, image: ImageRef) -> str | None:
         arch = 7 if arch is None else arch
     if facts.kind is ClientKind.PXE_UEFI_ARM64:
         arch = 11 if arch is None else arch
+    if facts.kind is ClientKind.UBOOT:
+        # A U-Boot seen only over TFTP (no DHCP in this session) is taken to be arm64:
+        # the board family netbootd has U-Boot images for.
+        arch = 22 if arch is None else arch
     if arch in _X86_ARCHES and not set(boards) & X86_BOARDS:
         return f"{what} does not boot x86 machines (client arch {arch})"
     if arch in _ARM64_ARCHES and not set(boards) & ARM64_BOARDS:
         return f"{what} does not boot arm64 machines (client arch {arch})"
+    if arch in _ARM32_ARCHES and not set(boards) & ARM32_BOARDS:
+        return f"{what} does not boot 32-bit arm machines (client arch {arch})"
     return None
 
 

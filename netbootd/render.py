@@ -46,6 +46,8 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     "user-data": "cloud-init/user-data.j2",
     "vendor-data": "cloud-init/vendor-data.j2",
     "network-config": "cloud-init/network-config.j2",
+    "extlinux.conf": "uboot/extlinux.conf.j2",
+    "boot.scr": "uboot/boot.scr.j2",
 }
 ARTEFACTS = tuple(DEFAULT_TEMPLATES)
 
@@ -251,6 +253,10 @@ class Renderer:
         disk = plan.disk
         raw = disk.disk if disk is not None else None
         disk_url = f"{base}/files/{disk.name}/{disk.version}/{raw.path}" if disk and raw else ""
+        # TFTP names of the version's files for U-Boot's pxe (it fetches over TFTP only):
+        # netbootd/<mac>/<image>/<version>/<artefact>, served by tftp/vfs.py.
+        tftp_base = f"netbootd/{dashed}/{image.name}/{image.version}" if image else ""
+        boot = image.boot if image else {}
         return {
             "node": node,
             "plan": plan,
@@ -266,6 +272,13 @@ class Renderer:
                 "cloud_init": cloud_init,
                 "events": f"{base}/api/v1/events",
                 "beacon": f"{base}/api/v1/beacon/{dashed}?session={plan.session}",
+            },
+            "tftp": {
+                "base": tftp_base,
+                "kernel": f"{tftp_base}/{boot['kernel']}" if boot.get("kernel") else "",
+                "initrd": f"{tftp_base}/{boot['initrd']}" if boot.get("initrd") else "",
+                "fdt": f"{tftp_base}/{boot['fdt']}" if boot.get("fdt") else "",
+                "fdtdir": f"{tftp_base}/{boot['fdtdir']}" if boot.get("fdtdir") else "",
             },
             "nfs": {
                 # exports are only managed (so a root can only be mounted) with a backend

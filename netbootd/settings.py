@@ -65,6 +65,11 @@ class DhcpSettings(_Section):
     uefi_x64_bootfile: str = Field("ipxe.efi", description="Boot file for x86-64 UEFI PXE "
                                    "(snponly.efi is the alternative for picky NICs).")
     uefi_arm64_bootfile: str = Field("snp.efi", description="Boot file for arm64 UEFI PXE.")
+    uboot_bootfile: str = Field(
+        "boot.scr.uimg", description="Boot file for U-Boot clients: netbootd renders it per "
+        "node (a U-Boot script that runs `pxe get; pxe boot`). The default is the name "
+        "U-Boot's distro boot (`bootcmd_dhcp`) asks for; U-Boot's `pxe get` looks for "
+        "pxelinux.cfg/ next to it.")
     rate_limit_per_mac: float = Field(
         10.0, gt=0, description="Replies per second per MAC at most; a looping client "
         "beyond it is dropped (and counted) so it cannot flood the daemon or the log.")

@@ -13,7 +13,12 @@ whole point of this module:
    ``match: serial`` (the inventory decides; option 97 is just bytes anyone can send).
 2. iPXE (user class "iPXE" or any option 175), whatever the firmware below it.
 3. UEFI HTTP boot (vendor class ``HTTPClient``).
-4. PXE by arch (RFC 4578 / IANA registry): 0 BIOS, 7/9 x86-64 UEFI, 11 arm64 UEFI.
+4. U-Boot: vendor class ``U-Boot`` / ``U-Boot.armv8`` / ``U-Boot.armv7`` ... (its
+   ``CONFIG_BOOTP_VCI_STRING``), or arch 21/22 (IANA "ARM uboot 32/64-bit", U-Boot's
+   ``CONFIG_BOOTP_PXE_CLIENTARCH`` default) whatever the vendor class says. U-Boot's
+   ``bootcmd_dhcp`` also tries UEFI with vendor class ``PXEClient:Arch:00011`` and arch 11:
+   that request is an arm64 UEFI client (5.) and gets an EFI binary.
+5. PXE by arch (RFC 4578 / IANA registry): 0 BIOS, 7/9 x86-64 UEFI, 11 arm64 UEFI.
    Any other value is ``other`` — an unknown arch never raises.
 """
 
@@ -33,6 +38,11 @@ UEFI_ARM64_ARCHES = frozenset({11})
 #: HTTP-boot arch values (IANA): 15 x86 UEFI HTTP, 16 x64 UEFI HTTP, 18 arm32, 19 arm64.
 HTTP_X64_ARCHES = frozenset({15, 16})
 HTTP_ARM64_ARCHES = frozenset({19})
+#: U-Boot's DHCP client: vendor class prefix and the IANA arch values (21 arm32, 22 arm64).
+UBOOT_VENDOR_PREFIX = "U-Boot"
+UBOOT_ARCHES = frozenset({21, 22})
+#: Vendor classes of boot firmware; nobody else gets an answer.
+BOOT_VENDOR_PREFIXES = ("PXEClient", "HTTPClient", UBOOT_VENDOR_PREFIX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +57,7 @@ class ClientInfo:
     mac: str
     message_type: int | None
     kind: ClientKind
-    boot_client: bool  #: vendor class PXEClient or HTTPClient; nobody else gets an answer
+    boot_client: bool  #: vendor class PXEClient, HTTPClient or U-Boot; nobody else is answered
     arch: int | None = None
     vendor_class: str | None = None
     user_class: str | None = None
@@ -154,7 +164,7 @@ class Classifier:
         o = req.options
         mac = req.mac.hex(":")
         vendor = _text(o.get(pk.OPT_VENDOR_CLASS))
-        boot_client = bool(vendor) and vendor.startswith(("PXEClient", "HTTPClient"))
+        boot_client = bool(vendor) and vendor.startswith(BOOT_VENDOR_PREFIXES)
         user = user_class_text(o.get(pk.OPT_USER_CLASS))
         ipxe_opts = o.get(pk.OPT_IPXE_ENCAP)
         arch = client_arch(o, vendor)
@@ -194,6 +204,8 @@ class Classifier:
             return ClientKind.IPXE
         if vendor.startswith("HTTPClient"):
             return ClientKind.HTTP_BOOT
+        if vendor.startswith(UBOOT_VENDOR_PREFIX) or arch in UBOOT_ARCHES:
+            return ClientKind.UBOOT
         if arch == 0:
             return ClientKind.PXE_BIOS
         if arch in UEFI_X64_ARCHES:

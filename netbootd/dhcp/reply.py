@@ -22,6 +22,11 @@ PXE option 43 choices (each one learnt the hard way by someone in the field):
   offers that try to bypass discovery, but all of them then ask the proxy server on
   port 4011 (EDK2's "BINL" offer type); the 4011 ACK carries the file.
 * UEFI HTTP boot: vendor class ``HTTPClient`` and an ``http://`` URL as boot file.
+* U-Boot: vendor class ``PXEClient`` (what a U-Boot built with
+  ``CONFIG_SERVERIP_FROM_PROXYDHCP`` looks for in a proxy offer), siaddr = us and the
+  per-node boot script's name (``dhcp.uboot_bootfile``), no option 43. A stock U-Boot
+  ignores offers without an address (``yiaddr`` 0): it needs ``next-server`` from the site
+  DHCP server instead (docs/dhcp.md); the answer is sent anyway and costs nothing.
 """
 
 from __future__ import annotations
@@ -113,6 +118,9 @@ def answer_for(info: ClientInfo, server_ip: str, settings: Settings, *,
         if available is not None and name not in available:
             return NoAnswer(f"iPXE binary {name} missing")
         return Answer(b"HTTPClient", f"{http_base(settings, server_ip)}/ipxe/{name}", None)
+    if kind is ClientKind.UBOOT:
+        # Rendered per node by TFTP: never "missing" like an iPXE binary can be.
+        return Answer(b"PXEClient", d.uboot_bootfile, None)
     if kind is ClientKind.PXE_BIOS:
         name, opt43 = d.bios_bootfile, _pxe43(info, pxe_request, SKIP_DISCOVERY_OPTION43)
     elif kind is ClientKind.PXE_UEFI_X64:

@@ -9,7 +9,10 @@ A name resolves to bytes in one of three ways:
    (client IP -> MAC) -> the planner's :class:`BootPlan` for that machine -> a file of
    the planned image version's boot tree, or a rendered ``cmdline.txt`` /
    ``config.txt``;
-3. anything else -> ERROR 1 (the Pi then tries its next candidate).
+3. a U-Boot name (:mod:`netbootd.tftp.uboot`): the boot script ``dhcp.uboot_bootfile``,
+   ``pxelinux.cfg/<name>`` (an extlinux-style config rendered from the plan) or
+   ``netbootd/<mac>/<image>/<version>/<artefact>`` (a file of the planned version);
+4. anything else -> ERROR 1 (the Pi then tries its next candidate).
 
 The tree sees the rest of the daemon only through the narrow views of
 :mod:`netbootd.interfaces` (``Plans``, ``Artefacts``, ``Nodes``, ``Addresses``): it
@@ -35,7 +38,7 @@ from ..bootfiles import find_ipxe, ipxe_dirs, ipxe_names
 from ..model import BootPlan, ClientFacts, ClientKind, normalise_mac
 from ..render import RenderError, ServerInfo
 from ..rpi import eeprom
-from . import codec
+from . import codec, uboot
 
 if TYPE_CHECKING:
     from ..interfaces import Addresses, Artefacts, Nodes, Plans
@@ -180,6 +183,8 @@ class VirtualTree:
         name = "/".join(parts)
         if len(parts) == 1 and parts[0] in ipxe_names(self.settings):
             return self._ipxe(parts[0], client_ip)
+        if self._is_uboot(parts):
+            return self._uboot(parts, name, client_ip, local_ip)
         return self._pi(parts, name, client_ip, local_ip)
 
     def _ipxe(self, name: str, client_ip: str) -> FileSource:
@@ -191,6 +196,51 @@ class VirtualTree:
         return FileSource(data, size, name, mac=self.addresses.mac_for(client_ip),
                           origin=str(p), fd=fd)
 
+    # -- U-Boot (tftp/uboot.py) ---------------------------------------------------------------
+    def _is_uboot(self, parts: list[str]) -> bool:
+        return ((len(parts) == 1 and parts[0] == self.settings.dhcp.uboot_bootfile)
+                or uboot.is_pxelinux(parts) or uboot.version_file(parts) is not None)
+
+    def _uboot(self, parts: list[str], name: str, client_ip: str, local_ip: str
+               ) -> FileSource:
+        """The boot script, a pxelinux.cfg config, or a file of the planned version, for
+        the MAC the name carries (``01-<mac>``, ``netbootd/<mac>/...``) or, failing that,
+        the MAC behind the client's address. Always through the node's plan."""
+        wanted = uboot.version_file(parts)
+        mac = wanted[0] if wanted else (
+            uboot.pxelinux_mac(parts[1]) if uboot.is_pxelinux(parts) else None)
+        if mac is None:
+            mac = self.addresses.mac_for(client_ip)
+        if mac is None:
+            raise not_found(f"U-Boot {name}: no MAC known for {client_ip}")
+        plan = self.plans.plan(ClientFacts(mac=mac, kind=ClientKind.UBOOT, ip=client_ip))
+        if not plan.answers or plan.image is None:
+            raise not_found(f"plan for {mac}: {plan.action.value} ({plan.reason})")
+        image = plan.image
+        meta = {"mac": mac, "image": image.name, "version": image.version}
+        if wanted is None:
+            if uboot.is_pxelinux(parts):
+                data = self.rendered("extlinux.conf", plan, local_ip).encode()
+            else:
+                data = uboot.script_image(self.rendered("boot.scr", plan, local_ip))
+            return FileSource(data, len(data), name, origin="rendered", **meta)
+        _, img, version, rel = wanted
+        if (img, version) != (image.name, image.version):
+            # A config rendered for another session (or a guessed name): the plan decides.
+            raise not_found(f"{img} {version} is not the plan of {mac} "
+                            f"({image.name} {image.version})")
+        boot = image.boot
+        fdtdir = (boot.get("fdtdir") or "").strip("/")
+        if rel not in {boot.get(k) for k in ("kernel", "initrd", "fdt")} - {None, ""} and \
+                not (fdtdir and rel.startswith(fdtdir + "/")):
+            raise not_found(f"{rel} is not a boot file of {image.name} {image.version}")
+        target = self.artefacts.open(image, rel)
+        if target is None:
+            raise not_found(f"{rel} not in {image.name} {image.version}")
+        data, size, fd = open_file(target)
+        return FileSource(data, size, name, origin=str(target), fd=fd, **meta)
+
+    # -- Raspberry Pi -------------------------------------------------------------------------
     def _pi(self, parts: list[str], name: str, client_ip: str, local_ip: str) -> FileSource:
         serial: str | None = None
         mac: str | None = None
