@@ -53,12 +53,25 @@ KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
 
 
+#: Load order matters: each module needs the ones before it (lab.md pitfall 6).
+NET_MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
+               "virtio_pci", "failover", "net_failover", "virtio_net"]
+NFS_MODULES = ["sunrpc", "grace", "lockd", "nfs_acl", "netfs", "fscache", "nfs", "nfsv3"]
+
+MARKER = "NETBOOTD-TEST:"
+#: Bumped whenever the initrd/rootfs scripts change: caches of built images (the
+#: ``netbootd lab`` demo) are keyed by it, so an old build is not reused after a change.
+RECIPE = "3"
+
+
 class Arch:
     """What differs between the architectures the kernel+initrd image is built for."""
 
     def __init__(self, name: str, *, meta: str, boards: list[str], console: str,
-                 foreign: bool) -> None:
+                 foreign: bool, net_modules: list[str]) -> None:
         self.name = name
+        #: virtio NIC modules in load order; arm64 boards may have virtio-mmio NICs too.
+        self.net_modules = net_modules
         self.meta = meta  #: the kernel meta package (``apt-cache depends`` names the real one)
         self.boards = boards
         self.console = console
@@ -69,20 +82,13 @@ class Arch:
 
 ARCHES = {
     "amd64": Arch("amd64", meta=KERNEL_META_PACKAGE, boards=["x86_64"], console="ttyS0",
-                  foreign=False),
+                  foreign=False, net_modules=NET_MODULES),
+    # QEMU's virt machine with U-Boot 2023.01 uses a virtio-mmio NIC (virtio-net-device):
+    # U-Boot reads a virtio-net-pci NIC's MAC as its first byte six times (52:52:52:...).
     "arm64": Arch("arm64", meta="linux-image-cloud-arm64", boards=["arm64"],
-                  console="ttyAMA0", foreign=True),
+                  console="ttyAMA0", foreign=True,
+                  net_modules=NET_MODULES[:2] + ["virtio_mmio"] + NET_MODULES[2:]),
 }
-
-#: Load order matters: each module needs the ones before it (lab.md pitfall 6).
-NET_MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-               "virtio_pci", "failover", "net_failover", "virtio_net"]
-NFS_MODULES = ["sunrpc", "grace", "lockd", "nfs_acl", "netfs", "fscache", "nfs", "nfsv3"]
-
-MARKER = "NETBOOTD-TEST:"
-#: Bumped whenever the initrd/rootfs scripts change: caches of built images (the
-#: ``netbootd lab`` demo) are keyed by it, so an old build is not reused after a change.
-RECIPE = "3"
 
 
 class BuildError(RuntimeError):
@@ -131,7 +137,9 @@ def fetch_kernel(cache: Path, arch: str = "amd64") -> Path:
         progress(f"apt-cache unavailable; using cached {cached[-1].name}")
         return cached[-1]
     kdir = cache / f"kernel-{pkg.split(':')[0]}"
-    if (kdir / "vmlinuz").exists() and (kdir / "modules").is_dir():
+    wanted = ARCHES[arch].net_modules + NFS_MODULES
+    if (kdir / "vmlinuz").exists() and all((kdir / "modules" / f"{m}.ko").exists()
+                                           for m in wanted):
         progress(f"kernel {pkg}: cached")
         return kdir
     debs = download_kernel_deb(cache, pkg)
@@ -148,7 +156,7 @@ def fetch_kernel(cache: Path, arch: str = "amd64") -> Path:
         (stage / "modules").mkdir(parents=True)
         shutil.copy2(vmlinuz[-1], stage / "vmlinuz")
         (stage / "release").write_text(moddirs[-1].name + "\n")
-        for name in NET_MODULES + NFS_MODULES:
+        for name in wanted:
             found = _find_module(moddirs[-1], name)
             shutil.copy2(found, stage / "modules" / (name + ".ko"))
         shutil.rmtree(kdir, ignore_errors=True)
@@ -392,7 +400,7 @@ while true; do sleep 3600; done
 # --------------------------------------------------------------------------- builders
 
 def build_initrd(kdir: Path, *, name: str, version: str, marker: str,
-                 busybox: Path = BUSYBOX) -> bytes:
+                 busybox: Path = BUSYBOX, net_modules: list[str] = NET_MODULES) -> bytes:
     """The gzip-compressed newc initrd (busybox, modules, /init, version files)."""
     cp = Cpio()
     for d in ("bin", "sbin", "etc", "lib", "lib/modules", "proc", "sys", "dev", "tmp", "run",
@@ -402,7 +410,7 @@ def build_initrd(kdir: Path, *, name: str, version: str, marker: str,
     cp.chardev("dev/null", 1, 3, 0o666)
     cp.file("bin/busybox", busybox.read_bytes(), 0o755)
     cp.symlink("bin/sh", "busybox")
-    init = INIT.replace("__NET_MODULES__", " ".join(NET_MODULES)).replace(
+    init = INIT.replace("__NET_MODULES__", " ".join(net_modules)).replace(
         "__NFS_MODULES__", " ".join(NFS_MODULES))
     cp.file("init", init.encode(), 0o755)
     cp.file("etc/netbootd-common.sh", SH_COMMON.encode())
@@ -410,7 +418,7 @@ def build_initrd(kdir: Path, *, name: str, version: str, marker: str,
     cp.file("etc/netbootd-version", (version + "\n").encode())
     cp.file("etc/netbootd-image", (name + "\n").encode())
     cp.file("etc/netbootd-marker", (marker + "\n").encode())
-    for mod in NET_MODULES + NFS_MODULES:
+    for mod in net_modules + NFS_MODULES:
         cp.file(f"lib/modules/{mod}.ko", (kdir / "modules" / f"{mod}.ko").read_bytes())
     # mtime=0 and a fixed level: the same inputs give the same bytes (reproducible).
     return gzip.compress(cp.finish(), compresslevel=6, mtime=0)
@@ -444,7 +452,8 @@ def build_kernel_initrd(dest: Path, *, name: str, version: str, marker: str, cac
     (dest / "boot").mkdir(parents=True)
     shutil.copy2(kdir / "vmlinuz", dest / "boot" / "vmlinuz")
     progress(f"building initrd ({arch})")
-    initrd = build_initrd(kdir, name=name, version=version, marker=marker, busybox=busybox)
+    initrd = build_initrd(kdir, name=name, version=version, marker=marker, busybox=busybox,
+                          net_modules=spec.net_modules)
     (dest / "boot" / "initrd.img").write_bytes(initrd)
     progress(f"initrd: {len(initrd) / 1e6:.1f} MB")
     boot = {"kernel": "boot/vmlinuz", "initrd": "boot/initrd.img",

@@ -12,6 +12,10 @@ Every guest:
 
 ``Guest.direct(...)`` boots a kernel + initrd with ``-kernel/-initrd/-append``: the test image
 can be checked without any netboot in between.
+
+``Guest.arm64(...)`` is an arm64 board: QEMU's ``virt`` machine (TCG, Cortex-A57) with
+Debian's U-Boot for it (``u-boot-qemu``: ``qemu_arm64/u-boot.bin`` as ``-bios``), whose
+distro boot reaches ``bootcmd_dhcp`` after finding no disk, or with AAVMF (UEFI).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ OVMF_CANDIDATES = ("/usr/share/qemu/OVMF.fd", "/usr/share/ovmf/OVMF.fd")
 #: Debian's ipxe-qemu ROM QEMU loads by default for virtio-net (combined BIOS + EFI image).
 VIRTIO_ROM = "/usr/lib/ipxe/qemu/efi-virtio.rom"
 QEMU = "qemu-system-x86_64"
+QEMU_ARM64 = "qemu-system-aarch64"
+UBOOT_QEMU_ARM64 = "/usr/lib/u-boot/qemu_arm64/u-boot.bin"
+AAVMF_CANDIDATES = ("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd", "/usr/share/AAVMF/AAVMF_CODE.fd")
 
 Firmware = Literal["bios", "uefi"]
 
@@ -79,6 +86,34 @@ class Guest:
                 raise FileNotFoundError("OVMF firmware missing: apt-get install ovmf")
             argv += ["-bios", ovmf]
         argv += ["-serial", f"file:{console}"]
+        return cls(name=name, argv=argv, console=console, mac=mac, timeout=timeout, lab=lab)
+
+    @classmethod
+    def arm64(cls, lab: Topology, outdir: Path, *, firmware: Literal["uboot", "uefi"] = "uboot",
+              name: str | None = None, mac: str | None = None, timeout: float = 240,
+              memory: str = "768M") -> Guest:
+        """An arm64 ``virt`` board that network-boots from a virtio NIC (no option ROM: the
+        firmware's own network stack does it) on a fresh tap of ``lab``."""
+        mac = mac or random_mac()
+        name = name or f"arm64-{firmware}-{mac[-5:].replace(':', '')}"
+        if firmware == "uboot":
+            bios = UBOOT_QEMU_ARM64
+        else:
+            bios = next((p for p in AAVMF_CANDIDATES if Path(p).exists()), AAVMF_CANDIDATES[0])
+        if not Path(bios).exists():
+            raise FileNotFoundError(f"{bios} missing: apt-get install u-boot-qemu "
+                                    "qemu-efi-aarch64")
+        tap = lab.add_tap()
+        console = outdir / f"{name}.serial.log"
+        argv = [QEMU_ARM64, "-M", "virt", "-cpu", "cortex-a57", "-accel", "tcg",
+                "-m", memory, "-smp", "1", "-display", "none", "-monitor", "none",
+                "-no-reboot", "-nodefaults", "-bios", bios,
+                "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+                # virtio-mmio, not virtio-net-pci: U-Boot 2023.01 reads a virtio-pci NIC's
+                # MAC as its first byte six times (52:52:52:52:52:52), so every board
+                # would be the same unknown machine. The test kernel loads virtio_mmio.
+                "-device", f"virtio-net-device,netdev=n0,mac={mac}",
+                "-serial", f"file:{console}"]
         return cls(name=name, argv=argv, console=console, mac=mac, timeout=timeout, lab=lab)
 
     @classmethod

@@ -8,7 +8,11 @@ DHCP server next to it, as every real LAN has. dnsmasq runs alone in the ``dhcp`
 * router advertisements with router lifetime 0 on a ULA that exists only inside the lab
   (pitfall 2: iPXE waits ~13 s for IPv6 autoconfiguration when no router answers);
 * no router and no DNS options (the lab has neither), no DNS service (``--port=0``);
-* its own lease file and log in the lab's output directory, so tests can see who got what.
+* its own lease file and log in the lab's output directory, so tests can see who got what;
+* for U-Boot clients (vendor class ``U-Boot...``) only, ``next-server`` = netbootd and the
+  boot script's name: a stock U-Boot (no ``CONFIG_SERVERIP_FROM_PROXYDHCP``) drops every
+  offer without an address, proxy offers included, and takes its TFTP server from the
+  offer it binds to. This is the site set-up docs/dhcp.md asks for; nothing else changes.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ class Lease:
 class SiteDhcp:
     """dnsmasq in the lab's ``dhcp`` namespace. ``start()``, then ``lease_for(mac)``."""
 
-    def __init__(self, lab: Topology, outdir: Path, *, lease_time: str = "10m") -> None:
+    def __init__(self, lab: Topology, outdir: Path, *, lease_time: str = "10m",
+                 uboot_next_server: bool = True) -> None:
         self.lab = lab
+        self.uboot_next_server = uboot_next_server
         self.outdir = outdir
         self.lease_time = lease_time
         self.leasefile = outdir / "dnsmasq.leases"
@@ -56,7 +62,10 @@ class SiteDhcp:
             f"--pid-file={self.outdir / 'dnsmasq.pid'}",
             "--enable-ra", f"--dhcp-range={self.ula_prefix},ra-only,64",
             "--ra-param=eth0,10,0",  # RA every 10 s, router lifetime 0: "no default router"
-        ]
+        ] + ([
+            "--dhcp-vendorclass=set:uboot,U-Boot",
+            f"--dhcp-boot=tag:uboot,boot.scr.uimg,,{self.lab.ip('srv')}",
+        ] if self.uboot_next_server else [])
 
     def start(self, timeout: float = 5.0) -> SiteDhcp:
         self.outdir.mkdir(parents=True, exist_ok=True)

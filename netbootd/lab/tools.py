@@ -19,11 +19,15 @@ REPO = Path(__file__).resolve().parents[2]
 BUILDER = REPO / "images" / "build_image.py"
 
 APT_PACKAGES = ("qemu-system-x86 ipxe-qemu ipxe ovmf dnsmasq-base busybox-static tcpdump "
-                "nfs-ganesha nfs-ganesha-vfs rpcbind curl")
+                "nfs-ganesha nfs-ganesha-vfs rpcbind curl qemu-system-arm u-boot-qemu "
+                "qemu-efi-aarch64")
 APT_HINT = f"apt-get install {APT_PACKAGES}"
 LAB_TOOLS = ["ip", "dnsmasq", "tcpdump", "curl", "unshare"]
 GUEST_TOOLS = ["qemu-system-x86_64", "timeout", "/bin/busybox", "apt-get", "dpkg-deb"]
 NFS_TOOLS = ["rpcbind", "ganesha.nfsd"]
+#: arm64 guests: QEMU's virt machine with Debian's U-Boot for it (u-boot-qemu).
+ARM64_GUEST_TOOLS = ["qemu-system-aarch64", "timeout", "apt-get", "dpkg-deb",
+                     "/usr/lib/u-boot/qemu_arm64/u-boot.bin"]
 
 
 def lab_problem(tools: list[str]) -> str | None:

@@ -8,7 +8,8 @@ Fixtures (all skip with a reason when not root or a tool is missing):
                    after the test, asserts nothing of it is left (namespaces, processes).
 * ``site_dhcp``    dnsmasq-base started in ``netlab``'s dhcp namespace.
 * ``boot_image``   session: the test image (kernel+initrd+rootfs), version ``e2e-1``.
-* ``make_image``   session factory: ``make_image(version, marker=None, pi=False)`` -> build dir.
+* ``make_image``   session factory: ``make_image(version, marker=None, pi=False,
+                   arch="amd64")`` -> build dir (``arch="arm64"``: the arm64 test image).
 * ``lab_netbootd`` factory: ``lab_netbootd(nodes={...}, **kw)`` -> started
                    :class:`netbootd.lab.server.Netbootd` in ``netlab``'s srv namespace.
 * ``lab_nfs``      factory: ``lab_nfs(static_exports=[...])`` -> started NfsServer.
@@ -143,12 +144,12 @@ def make_image(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         pytest.skip("needs root")
     builder = load_builder()
     root = tmp_path_factory.mktemp("images")
-    built: dict[tuple[str, str, bool], Path] = {}
+    built: dict[tuple[str, str, bool, str], Path] = {}
 
     def make(version: str, marker: str | None = None, *, name: str | None = None,
-             pi: bool = False, pi_scale: float = 0.05) -> Path:
+             pi: bool = False, pi_scale: float = 0.05, arch: str = "amd64") -> Path:
         name = name or ("pi-e2e" if pi else "demo")
-        key = (name, version, pi)
+        key = (name, version, pi, arch)
         if key not in built:
             reason = lab_problem(GUEST_TOOLS if not pi else [])
             if reason:
@@ -157,7 +158,7 @@ def make_image(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
                 built[key] = builder.build(
                     name=name, version=version, marker=marker or f"{name}-{version}", pi=pi,
                     cache=REPO / "images" / "cache", out=root / f"{name}-{version}",
-                    incoming=None, pi_scale=pi_scale)
+                    incoming=None, pi_scale=pi_scale, arch=arch)
             except builder.BuildError as exc:
                 pytest.skip(f"test image cannot be built: {exc}")
         return built[key]
@@ -215,6 +216,9 @@ class BootLab:
 
     def guest(self, firmware: str = "bios", **kw: Any) -> Guest:
         return Guest.netboot(self.lab, self.out, firmware=firmware, **kw)
+
+    def arm64_guest(self, firmware: str = "uboot", **kw: Any) -> Guest:
+        return Guest.arm64(self.lab, self.out, firmware=firmware, **kw)
 
     def publish(self, build: Path, timeout: float = 30) -> str:
         """Drop a build into netbootd's incoming/ and wait until it is active on prod."""
