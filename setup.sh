@@ -24,7 +24,8 @@ APT_TEST=(qemu-system-x86 ipxe-qemu ovmf dnsmasq-base tcpdump tftp-hpa atftp tft
           nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils curl nginx-light
           podman buildah debootstrap runc chromium udhcpc
           dosfstools mtools syslinux syslinux-common fdisk kmod zstd openssl xz-utils e2fsprogs
-          systemd util-linux)
+          systemd util-linux
+          qemu-system-arm u-boot-qemu qemu-efi-aarch64)
 # The container build (./setup.sh container).
 APT_CONTAINER=(podman buildah debootstrap runc)
 
@@ -182,6 +183,9 @@ case "$MODE" in
   test)
     need_root
     log "the full suite: ~1.4 GB of Debian packages on a fresh machine, a 220 MB .venv; see README 'Quick start' for time and caches"
+    # The arm64 test image is made of Debian's arm64 packages (apt-get download, never
+    # installed): arm64 must be a known foreign architecture before the lists are fetched.
+    dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
     # Fresh package lists first (CI starts from a clean machine); a mirror hiccup is not
     # fatal when every package is already installed.
     apt-get update -qq || log "apt-get update failed; continuing with the existing lists"
