@@ -25,7 +25,7 @@ APT_TEST=(qemu-system-x86 ipxe-qemu ovmf dnsmasq-base tcpdump tftp-hpa atftp tft
           podman buildah debootstrap runc chromium udhcpc
           dosfstools mtools syslinux syslinux-common fdisk kmod zstd openssl xz-utils e2fsprogs
           systemd util-linux
-          qemu-system-arm u-boot-qemu qemu-efi-aarch64)
+          qemu-system-arm u-boot-qemu qemu-efi-aarch64 grub-common)
 # The container build (./setup.sh container).
 APT_CONTAINER=(podman buildah debootstrap runc)
 

@@ -184,6 +184,26 @@ def download_kernel_deb(cache: Path, pkg: str) -> list[Path]:
     return debs
 
 
+def download_deb(cache: Path, package: str, arch: str) -> list[Path]:
+    """``package:arch``'s .deb in ``cache``, downloaded now (``apt-get download``) if none is
+    there. The caller extracts what it needs and deletes it."""
+    cache.mkdir(parents=True, exist_ok=True)
+    pkg = f"{package}:{arch}"
+    debs = sorted(cache.glob(f"{package}_*_{arch}.deb"))
+    if not debs:
+        progress(f"downloading {pkg} (apt-get download)")
+        try:
+            subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", pkg],
+                           cwd=cache, check=True, stdout=subprocess.DEVNULL)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise BuildError(f"apt-get download {pkg} failed ({exc}); the host needs "
+                             f"dpkg --add-architecture {arch} && apt-get update") from exc
+        debs = sorted(cache.glob(f"{package}_*_{arch}.deb"))
+        if not debs:
+            raise BuildError(f"apt-get download {pkg} produced no .deb in {cache}")
+    return debs
+
+
 def fetch_busybox(cache: Path, arch: str = "amd64") -> Path:
     """The static busybox for ``arch``: the host's for its own architecture, else the one in
     Debian's ``busybox-static:<arch>`` (``apt-get download``, extracted once into ``cache``)."""
@@ -194,20 +214,7 @@ def fetch_busybox(cache: Path, arch: str = "amd64") -> Path:
     target = cache / f"busybox-{arch}" / "busybox"
     if target.exists():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    pkg = f"busybox-static:{arch}"
-    debs = sorted(cache.glob(f"busybox-static_*_{arch}.deb"))
-    if not debs:
-        progress(f"downloading {pkg} (apt-get download, ~1 MB)")
-        try:
-            subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", pkg],
-                           cwd=cache, check=True, stdout=subprocess.DEVNULL)
-        except (OSError, subprocess.CalledProcessError) as exc:
-            raise BuildError(f"apt-get download {pkg} failed ({exc}); the host needs "
-                             f"dpkg --add-architecture {arch} && apt-get update") from exc
-        debs = sorted(cache.glob(f"busybox-static_*_{arch}.deb"))
-        if not debs:
-            raise BuildError(f"apt-get download {pkg} produced no .deb in {cache}")
+    debs = download_deb(cache, "busybox-static", arch)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".extract-") as tmp:
         subprocess.run(["dpkg-deb", "-x", str(debs[-1]), tmp], check=True)
         found = Path(tmp) / "bin" / "busybox"

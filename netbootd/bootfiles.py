@@ -22,7 +22,8 @@ IPXE_NAMES = frozenset({
 def configured_names(settings: Settings) -> frozenset[str]:
     """The boot file names proxy-DHCP hands out (only plain names, never paths)."""
     d = settings.dhcp
-    return frozenset(n for n in (d.bios_bootfile, d.uefi_x64_bootfile, d.uefi_arm64_bootfile)
+    return frozenset(n for n in (d.bios_bootfile, d.uefi_x64_bootfile, d.uefi_arm64_bootfile,
+                                 d.uefi_arm64_grub_bootfile)
                      if n and "/" not in n and not n.startswith("."))
 
 

@@ -48,6 +48,7 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     "network-config": "cloud-init/network-config.j2",
     "extlinux.conf": "uboot/extlinux.conf.j2",
     "boot.scr": "uboot/boot.scr.j2",
+    "grub.cfg": "grub/grub.cfg.j2",
 }
 ARTEFACTS = tuple(DEFAULT_TEMPLATES)
 

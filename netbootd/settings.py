@@ -65,6 +65,11 @@ class DhcpSettings(_Section):
     uefi_x64_bootfile: str = Field("ipxe.efi", description="Boot file for x86-64 UEFI PXE "
                                    "(snponly.efi is the alternative for picky NICs).")
     uefi_arm64_bootfile: str = Field("snp.efi", description="Boot file for arm64 UEFI PXE.")
+    uefi_arm64_grub_bootfile: str = Field(
+        "grubnetaa64.efi", description="Boot file for arm64 UEFI PXE when "
+        "dhcp.uefi_arm64_bootfile (an arm64 iPXE, which Debian does not ship) is not found: "
+        "the GRUB network image images/build_grub.py builds from Debian's grub-efi-arm64-bin, "
+        "looked up like the iPXE binaries; it loads a per-node grub.cfg over TFTP.")
     uboot_bootfile: str = Field(
         "boot.scr.uimg", description="Boot file for U-Boot clients: netbootd renders it per "
         "node (a U-Boot script that runs `pxe get; pxe boot`). The default is the name "

@@ -94,12 +94,17 @@ class DhcpService:
         preload()  # scapy (0.15-0.5 s) now, not on the loop at the first client's reply
         available = available_boot_files(s)
         missing = sorted({s.dhcp.bios_bootfile, s.dhcp.uefi_x64_bootfile} - available)
-        if s.dhcp.uefi_arm64_bootfile not in available:
+        if s.dhcp.uefi_arm64_bootfile not in available and \
+                s.dhcp.uefi_arm64_grub_bootfile in available:
+            log.info("arm64 UEFI PXE clients get GRUB (%s): no arm64 iPXE (%s) found",
+                     s.dhcp.uefi_arm64_grub_bootfile, s.dhcp.uefi_arm64_bootfile)
+        elif s.dhcp.uefi_arm64_bootfile not in available:
             # Debian's ipxe package has no arm64 build, so this is the normal case there:
             # say it once, quietly, with the fix; it is not a fault of this installation.
             log.info("arm64 UEFI PXE clients get no reply: %s not found; put an arm64 iPXE "
-                     "build there (or set dhcp.uefi_arm64_bootfile) to boot them",
-                     s.dhcp.uefi_arm64_bootfile)
+                     "build there (or set dhcp.uefi_arm64_bootfile), or build GRUB's %s "
+                     "(images/build_grub.py), to boot them",
+                     s.dhcp.uefi_arm64_bootfile, s.dhcp.uefi_arm64_grub_bootfile)
         if missing:
             where = ", ".join(str(p) for p in [s.tftp.ipxe_dir, *s.tftp.extra_ipxe_dirs])
             msg = (f"iPXE binaries missing: {', '.join(missing)} (looked in {where}); "

@@ -22,6 +22,8 @@ PXE option 43 choices (each one learnt the hard way by someone in the field):
   offers that try to bypass discovery, but all of them then ask the proxy server on
   port 4011 (EDK2's "BINL" offer type); the 4011 ACK carries the file.
 * UEFI HTTP boot: vendor class ``HTTPClient`` and an ``http://`` URL as boot file.
+* arm64 UEFI PXE without an arm64 iPXE: the GRUB network image, which loads a per-node
+  ``grub.cfg`` over TFTP (docs/tftp.md).
 * U-Boot: vendor class ``PXEClient`` (what a U-Boot built with
   ``CONFIG_SERVERIP_FROM_PROXYDHCP`` looks for in a proxy offer), siaddr = us and the
   per-node boot script's name (``dhcp.uboot_bootfile``), no option 43. A stock U-Boot
@@ -127,6 +129,9 @@ def answer_for(info: ClientInfo, server_ip: str, settings: Settings, *,
         name, opt43 = d.uefi_x64_bootfile, _pxe43(info, pxe_request, None)
     elif kind is ClientKind.PXE_UEFI_ARM64:
         name, opt43 = d.uefi_arm64_bootfile, _pxe43(info, pxe_request, None)
+        if available is not None and name not in available \
+                and d.uefi_arm64_grub_bootfile in available:
+            name = d.uefi_arm64_grub_bootfile  # no arm64 iPXE: GRUB (images/build_grub.py)
     else:
         return NoAnswer(f"no boot file for client kind {kind.value} (arch {info.arch})")
     if available is not None and name not in available:

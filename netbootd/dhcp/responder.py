@@ -149,7 +149,8 @@ class RateLimiter:
 def available_boot_files(settings) -> frozenset[str]:
     """iPXE binaries present in ``tftp.ipxe_dir`` / ``tftp.extra_ipxe_dirs``."""
     d = settings.dhcp
-    names = {d.bios_bootfile, d.uefi_x64_bootfile, d.uefi_arm64_bootfile}
+    names = {d.bios_bootfile, d.uefi_x64_bootfile, d.uefi_arm64_bootfile,
+             d.uefi_arm64_grub_bootfile}
     dirs = [Path(settings.tftp.ipxe_dir), *map(Path, settings.tftp.extra_ipxe_dirs)]
     return frozenset(n for n in names if any((p / n).is_file() for p in dirs))
 

@@ -105,15 +105,17 @@ class Guest:
                                     "qemu-efi-aarch64")
         tap = lab.add_tap()
         console = outdir / f"{name}.serial.log"
+        # U-Boot: virtio-mmio, not virtio-net-pci: U-Boot 2023.01 reads a virtio-pci NIC's
+        # MAC as its first byte six times (52:52:52:52:52:52), so every board would be the
+        # same unknown machine. UEFI (AAVMF) reads it right: the usual PCI NIC, no option
+        # ROM (ipxe-qemu's is x86 only). The test kernel loads both virtio transports.
+        nic = (f"virtio-net-device,netdev=n0,mac={mac}" if firmware == "uboot"
+               else f"virtio-net-pci,netdev=n0,mac={mac},romfile=")
         argv = [QEMU_ARM64, "-M", "virt", "-cpu", "cortex-a57", "-accel", "tcg",
                 "-m", memory, "-smp", "1", "-display", "none", "-monitor", "none",
                 "-no-reboot", "-nodefaults", "-bios", bios,
                 "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-                # virtio-mmio, not virtio-net-pci: U-Boot 2023.01 reads a virtio-pci NIC's
-                # MAC as its first byte six times (52:52:52:52:52:52), so every board
-                # would be the same unknown machine. The test kernel loads virtio_mmio.
-                "-device", f"virtio-net-device,netdev=n0,mac={mac}",
-                "-serial", f"file:{console}"]
+                "-device", nic, "-serial", f"file:{console}"]
         return cls(name=name, argv=argv, console=console, mac=mac, timeout=timeout, lab=lab)
 
     @classmethod

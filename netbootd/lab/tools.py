@@ -20,7 +20,7 @@ BUILDER = REPO / "images" / "build_image.py"
 
 APT_PACKAGES = ("qemu-system-x86 ipxe-qemu ipxe ovmf dnsmasq-base busybox-static tcpdump "
                 "nfs-ganesha nfs-ganesha-vfs rpcbind curl qemu-system-arm u-boot-qemu "
-                "qemu-efi-aarch64")
+                "qemu-efi-aarch64 grub-common")
 APT_HINT = f"apt-get install {APT_PACKAGES}"
 LAB_TOOLS = ["ip", "dnsmasq", "tcpdump", "curl", "unshare"]
 GUEST_TOOLS = ["qemu-system-x86_64", "timeout", "/bin/busybox", "apt-get", "dpkg-deb"]
@@ -28,6 +28,11 @@ NFS_TOOLS = ["rpcbind", "ganesha.nfsd"]
 #: arm64 guests: QEMU's virt machine with Debian's U-Boot for it (u-boot-qemu).
 ARM64_GUEST_TOOLS = ["qemu-system-aarch64", "timeout", "apt-get", "dpkg-deb",
                      "/usr/lib/u-boot/qemu_arm64/u-boot.bin"]
+#: arm64 UEFI guests: AAVMF (qemu-efi-aarch64) and grub-mkimage (grub-common) for the GRUB
+#: network image (images/build_grub.py).
+ARM64_UEFI_TOOLS = ["qemu-system-aarch64", "timeout", "apt-get", "dpkg-deb", "grub-mkimage",
+                    "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd"]
+GRUB_BUILDER = REPO / "images" / "build_grub.py"
 
 
 def lab_problem(tools: list[str]) -> str | None:

@@ -16,6 +16,9 @@ U-Boot's network boot, as read in its source (``net/bootp.c``, ``cmd/pxe.c``,
 * ``pxe boot`` fetches ``kernel``, ``initrd`` and ``fdt`` over TFTP, relative to the same
   directory: netbootd names them ``netbootd/<mac>/<image>/<version>/<artefact>``
   (:func:`version_file`), so the version is in the name, like ``/files/`` URLs over HTTP.
+
+netbootd's GRUB image for arm64 UEFI (images/build_grub.py) asks for
+``grub/grub.cfg-<mac>`` (:func:`is_grub_cfg`) and then the same version files.
 """
 
 from __future__ import annotations
@@ -68,6 +71,44 @@ def pxelinux_mac(name: str) -> str | None:
     return normalise_mac(m.group(1)) if m else None
 
 
+GRUB_DIR = "grub"
+_GRUB_CFG = "grub.cfg"
+
+
+#: The 48 bytes in netbootd's GRUB image (images/build_grub.py ``SERVER_SLOT``) that TFTP
+#: fills with the server's address when it serves the image: GRUB 2.06 takes its server
+#: from the firmware's cached DHCP ACK (the site server's), not from the proxy offer.
+GRUB_SERVER_SLOT = b"@netbootd-server" + b"@" * 32
+
+
+def fill_server_slot(image: bytes, server_ip: str) -> bytes:
+    """``image`` with its server slot overwritten by ``server_ip`` (space-padded, so the
+    length and every offset stay the same); unchanged when it has no slot (an operator's
+    own GRUB build)."""
+    value = server_ip.encode("ascii")
+    if len(value) > len(GRUB_SERVER_SLOT):
+        raise ValueError(f"address {server_ip!r} does not fit the GRUB server slot")
+    return image.replace(GRUB_SERVER_SLOT, value.ljust(len(GRUB_SERVER_SLOT)))
+
+
+def is_grub_cfg(parts: list[str]) -> bool:
+    """``grub/grub.cfg`` or ``grub/grub.cfg-<suffix>``: asked by netbootd's GRUB image."""
+    return len(parts) == 2 and parts[0] == GRUB_DIR and (
+        parts[1] == _GRUB_CFG or parts[1].startswith(_GRUB_CFG + "-"))
+
+
+def grub_cfg_mac(name: str) -> str | None:
+    """The MAC in ``grub.cfg-<mac>`` (GRUB's ``$net_default_mac``: colons; dashes and a
+    ``01-`` prefix, GRUB's own search names, are taken too), else None."""
+    suffix = name.removeprefix(_GRUB_CFG + "-")
+    if suffix == name:
+        return None
+    try:
+        return normalise_mac(suffix)
+    except ValueError:
+        return pxelinux_mac(suffix)
+
+
 def version_file(parts: list[str]) -> tuple[str, str, str, str] | None:
     """``netbootd/<mac>/<image>/<version>/<artefact...>`` -> (mac, image, version,
     artefact), else None."""
@@ -80,4 +121,5 @@ def version_file(parts: list[str]) -> tuple[str, str, str, str] | None:
     return mac, parts[2], parts[3], "/".join(parts[4:])
 
 
-__all__ = ["is_pxelinux", "pxelinux_mac", "script_image", "version_file"]
+__all__ = ["GRUB_SERVER_SLOT", "fill_server_slot", "grub_cfg_mac", "is_grub_cfg", "is_pxelinux", "pxelinux_mac", "script_image",
+           "version_file"]

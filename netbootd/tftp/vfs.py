@@ -181,6 +181,8 @@ class VirtualTree:
         """The bytes a client gets for ``path``; raises :class:`Refused`."""
         parts = normalise(path)
         name = "/".join(parts)
+        if len(parts) == 1 and parts[0] == self.settings.dhcp.uefi_arm64_grub_bootfile:
+            return self._grub_image(parts[0], client_ip, local_ip)
         if len(parts) == 1 and parts[0] in ipxe_names(self.settings):
             return self._ipxe(parts[0], client_ip)
         if self._is_uboot(parts):
@@ -196,30 +198,53 @@ class VirtualTree:
         return FileSource(data, size, name, mac=self.addresses.mac_for(client_ip),
                           origin=str(p), fd=fd)
 
+    def _grub_image(self, name: str, client_ip: str, local_ip: str) -> FileSource:
+        """netbootd's GRUB image (found like an iPXE binary) with its server slot filled
+        with the address this request reached us on (``ServerInfo.for_arrival``)."""
+        src = self._ipxe(name, client_ip)
+        try:
+            raw = bytes(src.data)
+        finally:
+            src.close()
+        server = ServerInfo.for_arrival(self.settings, local_ip).ip
+        data = uboot.fill_server_slot(raw, server)
+        return FileSource(data, len(data), name, mac=src.mac, origin=src.origin)
+
     # -- U-Boot (tftp/uboot.py) ---------------------------------------------------------------
     def _is_uboot(self, parts: list[str]) -> bool:
         return ((len(parts) == 1 and parts[0] == self.settings.dhcp.uboot_bootfile)
-                or uboot.is_pxelinux(parts) or uboot.version_file(parts) is not None)
+                or uboot.is_pxelinux(parts) or uboot.is_grub_cfg(parts)
+                or uboot.version_file(parts) is not None)
 
     def _uboot(self, parts: list[str], name: str, client_ip: str, local_ip: str
                ) -> FileSource:
-        """The boot script, a pxelinux.cfg config, or a file of the planned version, for
-        the MAC the name carries (``01-<mac>``, ``netbootd/<mac>/...``) or, failing that,
-        the MAC behind the client's address. Always through the node's plan."""
+        """The boot script, a pxelinux.cfg config, GRUB's grub.cfg, or a file of the
+        planned version, for the MAC the name carries (``01-<mac>``, ``grub.cfg-<mac>``,
+        ``netbootd/<mac>/...``) or, failing that, the MAC behind the client's address.
+        Always through the node's plan (a GRUB client is arm64 UEFI, a U-Boot one kind
+        ``uboot``; both arm64 for the planner)."""
         wanted = uboot.version_file(parts)
-        mac = wanted[0] if wanted else (
-            uboot.pxelinux_mac(parts[1]) if uboot.is_pxelinux(parts) else None)
+        grub = uboot.is_grub_cfg(parts)
+        if wanted:
+            mac: str | None = wanted[0]
+        elif grub:
+            mac = uboot.grub_cfg_mac(parts[1])
+        else:
+            mac = uboot.pxelinux_mac(parts[1]) if uboot.is_pxelinux(parts) else None
         if mac is None:
             mac = self.addresses.mac_for(client_ip)
         if mac is None:
-            raise not_found(f"U-Boot {name}: no MAC known for {client_ip}")
-        plan = self.plans.plan(ClientFacts(mac=mac, kind=ClientKind.UBOOT, ip=client_ip))
+            raise not_found(f"U-Boot/GRUB {name}: no MAC known for {client_ip}")
+        kind = ClientKind.PXE_UEFI_ARM64 if grub else ClientKind.UBOOT
+        plan = self.plans.plan(ClientFacts(mac=mac, kind=kind, ip=client_ip))
         if not plan.answers or plan.image is None:
             raise not_found(f"plan for {mac}: {plan.action.value} ({plan.reason})")
         image = plan.image
         meta = {"mac": mac, "image": image.name, "version": image.version}
         if wanted is None:
-            if uboot.is_pxelinux(parts):
+            if grub:
+                data = self.rendered("grub.cfg", plan, local_ip).encode()
+            elif uboot.is_pxelinux(parts):
                 data = self.rendered("extlinux.conf", plan, local_ip).encode()
             else:
                 data = uboot.script_image(self.rendered("boot.scr", plan, local_ip))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from netbootd.lab.guests import random_mac
-from netbootd.lab.tools import ARM64_GUEST_TOOLS, require
+from netbootd.lab.tools import ARM64_GUEST_TOOLS, ARM64_UEFI_TOOLS, require
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +94,42 @@ def test_uboot_guest_on_an_x86_only_image_gets_nothing(boot_lab, boot_image) -> 
     assert node is not None and node["phase"] not in ("booted", "kernel")
     reasons = [e["fields"].get("reason") or "" for e in node["timeline"] if e["kind"] == "dhcp"]
     assert any("does not boot arm64" in r for r in reasons), reasons
+
+
+@pytest.fixture(scope="session")
+def grub_image(tmp_path_factory: pytest.TempPathFactory):
+    """netbootd's GRUB network image for arm64 UEFI, built once per session."""
+    import subprocess
+    import sys
+
+    from netbootd.lab.tools import GRUB_BUILDER, REPO
+
+    out = tmp_path_factory.mktemp("grub") / "grubnetaa64.efi"
+    subprocess.run([sys.executable, str(GRUB_BUILDER), "--out", str(out),
+                    "--cache", str(REPO / "images" / "cache")], check=True)
+    return out
+
+
+def test_aavmf_guest_netboots_through_grub(boot_lab, arm64_image, grub_image) -> None:
+    """arm64 UEFI (AAVMF's own PXE), no arm64 iPXE: proxy-DHCP names netbootd's GRUB, GRUB
+    loads grub/grub.cfg-<mac> and the planned version's kernel + initrd over TFTP."""
+    require(ARM64_UEFI_TOOLS)
+    mac = random_mac()
+    bl = boot_lab(nodes={mac: _node("arm-uefi")},
+                  settings={"tftp": {"extra_ipxe_dirs": [str(grub_image.parent)]}})
+    v1 = bl.publish(arm64_image("arm64-e2e-1"))
+    g = bl.arm64_guest("uefi", mac=mac, timeout=BOOT_TIMEOUT + 30)
+    with g:
+        m = g.wait_for(BOOTED, BOOT_TIMEOUT)
+        assert m and m.group(1) == "reported booted", f"console: {g.console}"
+        node = bl.nbd.wait_node(mac, "booted", 20)
+    assert node is not None and node["version"] == v1, f"log {bl.nbd.log}"
+    tl = node["timeline"]
+    dhcp = [e for e in tl if e["kind"] == "dhcp" and e["fields"].get("outcome") == "ok"]
+    assert any(e["fields"].get("file") == "grubnetaa64.efi" and e["fields"].get("arch") == 11
+               for e in dhcp), [e["fields"] for e in dhcp]
+    files = _files(tl)
+    grub = files.index("grubnetaa64.efi")
+    cfg = next(i for i, f in enumerate(files) if f.startswith("grub/grub.cfg-"))
+    kernel = files.index(f"netbootd/{mac.replace(':', '-')}/demo-arm64/{v1}/boot/vmlinuz")
+    assert grub < cfg < kernel, files
