@@ -95,6 +95,13 @@ demo_image() {
     "$VENV/bin/python" images/build_image.py --name demo --incoming images/incoming \
       || log "demo image build failed: the daemon still runs; see images/README.md"
   fi
+  # arm64 UEFI machines get GRUB (Debian has no arm64 iPXE): made from Debian's arm64 GRUB
+  # modules with grub-mkimage (grub-common) when both are at hand; optional otherwise.
+  if [ -f images/build_grub.py ] && [ ! -f images/grub/grubnetaa64.efi ] && command -v grub-mkimage >/dev/null \
+     && dpkg --print-foreign-architectures | grep -qx arm64; then
+    log "building the GRUB network image for arm64 UEFI machines"
+    "$VENV/bin/python" images/build_grub.py || log "GRUB image build failed: arm64 UEFI clients get no reply"
+  fi
   if [ -z "$(ls -A images/store/pi-demo 2>/dev/null)" ] && ! compgen -G "images/incoming/pi-demo-*" >/dev/null; then
     log "building the Raspberry Pi 5 demo boot tree"
     "$VENV/bin/python" images/build_image.py --pi --name pi-demo --incoming images/incoming \

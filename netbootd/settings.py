@@ -457,8 +457,11 @@ def _resolve_paths(s: Settings, base: Path, path: Path | None) -> Settings:
         "http_boot": hb.model_copy(update={
             "key_file": rel(hb.key_file) if hb.key_file else None,
             "cache_dir": rel(hb.cache_dir) if hb.cache_dir else None})})
+    tftp = s.tftp.model_copy(update={"ipxe_dir": rel(s.tftp.ipxe_dir),
+                                     "extra_ipxe_dirs": [rel(p) for p in s.tftp.extra_ipxe_dirs]})
     return s.model_copy(update={
         "paths": paths, "http": http, "secrets": secrets, "store": store, "rpi": rpi,
+        "tftp": tftp,
         "config_file": path.resolve() if path else None})
 
 

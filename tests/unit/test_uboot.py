@@ -190,3 +190,57 @@ def test_unknown_address_or_ignored_machine_gets_nothing(arm64, tmp_path: Path):
 class _X86Only:
     def resolve(self, image, channel, pin, *, mac=None):
         return _ref(("x86_64",))
+
+
+# -- arm64 UEFI through GRUB ------------------------------------------------------------------
+
+def test_grub_server_slot_is_the_one_the_builder_embeds():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_grub", REPO / "images/build_grub.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.SERVER_SLOT.encode() == uboot.GRUB_SERVER_SLOT
+    assert mod.SERVER_SLOT in mod.EMBEDDED
+
+
+def test_fill_server_slot_keeps_length_and_offsets():
+    blob = b"head" + uboot.GRUB_SERVER_SLOT + b"tail"
+    out = uboot.fill_server_slot(blob, "10.231.0.2")
+    assert len(out) == len(blob) and out.startswith(b"head10.231.0.2 ") and out.endswith(b"tail")
+    assert uboot.fill_server_slot(b"no slot", "10.0.0.1") == b"no slot"
+
+
+@pytest.mark.parametrize("name,mac", [(f"grub.cfg-{MAC}", MAC), (f"grub.cfg-01-{DASHED}", MAC),
+                                      ("grub.cfg", None), ("grub.cfg-0AE70005", None)])
+def test_grub_cfg_names(name: str, mac: str | None):
+    assert uboot.is_grub_cfg(["grub", name])
+    assert uboot.grub_cfg_mac(name) == mac
+
+
+def test_arm64_uefi_gets_grub_when_no_arm64_ipxe_is_there():
+    s = load_settings(None, use_default_path=False)
+    info = classify(uboot_discover(MAC, vci=b"PXEClient:Arch:00011:UNDI:003000", arch=0xB))
+    assert answer_for(info, "10.231.0.2", s, available=frozenset({"grubnetaa64.efi"})
+                      ).bootfile == "grubnetaa64.efi"
+    assert answer_for(info, "10.231.0.2", s, available=frozenset({"snp.efi", "grubnetaa64.efi"})
+                      ).bootfile == "snp.efi"
+
+
+def test_grub_image_and_grub_cfg_over_tftp(arm64, tmp_path: Path):
+    app, _ = arm64
+    grubdir = tmp_path / "grub"
+    grubdir.mkdir()
+    (grubdir / "grubnetaa64.efi").write_bytes(b"PE" + uboot.GRUB_SERVER_SLOT + b"x" * 300_000)
+    app.settings = app.settings.model_copy(update={"tftp": app.settings.tftp.model_copy(
+        update={"extra_ipxe_dirs": [grubdir]})})
+    shutil.copytree(REPO / "config" / "templates" / "grub",
+                    app.settings.paths.templates / "grub")
+    app.render = Renderer(app.settings)
+    tree = virtual_tree(app)
+    image = tree.open("grubnetaa64.efi", "10.231.0.5", "10.231.0.2")
+    assert bytes(image.data)[2:13] == b"10.231.0.2 " and image.size == 2 + 48 + 300_000
+    cfg = bytes(tree.open(f"/grub/grub.cfg-{MAC}", "10.231.0.5", "10.231.0.2").data).decode()
+    assert f"linux (tftp,10.231.0.2)/netbootd/{DASHED}/demo/1/boot/vmlinuz" in cfg
+    assert "'ds=nocloud;s=" in cfg  # ";" would end the GRUB command
+    assert f"initrd (tftp,10.231.0.2)/netbootd/{DASHED}/demo/1/boot/initrd.img" in cfg
