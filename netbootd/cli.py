@@ -137,6 +137,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                             public_url=settings.http.public_url)
         out["ipxe"] = r.render("ipxe", plan, server)
         out["cmdline"] = r.render("cmdline.txt", plan, server).strip()
+        # What an arm64 board's own loader reads instead of the iPXE script.
+        if facts.kind is ClientKind.UBOOT:
+            out["extlinux"] = r.render("extlinux.conf", plan, server)
+        elif facts.kind is ClientKind.PXE_UEFI_ARM64:
+            out["grub"] = r.render("grub.cfg", plan, server)
     placeholder = args.server == PLACEHOLDER_SERVER
     out["server"] = args.server
     out["server_placeholder"] = placeholder
@@ -159,6 +164,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if "cmdline" in out:
         print(f"\ncmdline.txt:\n  {out['cmdline']}\n\niPXE script:")
         print("".join(f"  {line}\n" for line in out["ipxe"].splitlines()), end="")
+    for key, title in (("extlinux", "U-Boot pxelinux.cfg/01-<mac>"),
+                       ("grub", "GRUB grub/grub.cfg-<mac>")):
+        if key in out:
+            print(f"\n{title}:")
+            print("".join(f"  {line}\n" for line in out[key].splitlines()), end="")
     return 0
 
 
