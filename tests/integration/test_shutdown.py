@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import free_port
 
@@ -97,10 +98,9 @@ def serving(config_dir: Path, tmp_path: Path):
     ipxe.mkdir()
     (ipxe / "ipxe.efi").write_bytes(os.urandom(BIG))
     cfg = config_dir / "netbootd.yaml"
-    cfg.write_text(cfg.read_text().replace(
-        "tftp:\n  enabled: true\n  port: 69\n",
-        f"tftp:\n  enabled: true\n  port: 69\n  workers: {WORKERS}\n"
-        f"  ipxe_dir: {ipxe}\n  extra_ipxe_dirs: []\n"))
+    data = yaml.safe_load(cfg.read_text())
+    data["tftp"].update(workers=WORKERS, ipxe_dir=str(ipxe), extra_ipxe_dirs=[])
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
     tftp_port = free_port(socket.SOCK_DGRAM)
     cmd = [sys.executable, "-m", "netbootd", "--config", str(cfg), "serve",
            "--bind", "127.0.0.1", "--tftp-port", str(tftp_port),
