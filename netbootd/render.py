@@ -19,7 +19,7 @@ from typing import Any
 import jinja2
 
 from .inventory import Inventory
-from .model import BootPlan, ClientFacts, ClientKind, ImageRef, mac_dashes
+from .model import Action, BootPlan, ClientFacts, ClientKind, ImageRef, mac_dashes
 from .settings import Settings
 from .yamlfile import Problem
 
@@ -125,6 +125,10 @@ class Renderer:
         """Everything a template may use; see docs/templates.md."""
         s = self.settings
         node, image = plan.node, plan.image
+        if image is None and plan.action is Action.LOCAL and plan.disk is not None:
+            # A node that runs from its disk runs the disk image it installed: its
+            # cloud-init (user-data names the image, instance-id the version) sees that.
+            image = plan.disk
         base = server.base_url
         dashed = mac_dashes(node.mac)
         files = f"{base}/files/{image.name}/{image.version}" if image else ""

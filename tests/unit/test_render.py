@@ -81,3 +81,34 @@ def test_undefined_variable_is_a_check_problem_with_line(tmp_path, shipped):
     with pytest.raises(RenderError):
         plan = decide(ClientFacts(mac="52:54:00:a0:00:01"), inv, s2, OneImage())
         Renderer(s2).render("meta-data", plan, ServerInfo("10.0.0.1"))
+
+
+def test_k3s_user_data_of_a_node_running_its_installed_disk(shipped):
+    """After `installed`, the plan is `local` with the installed disk image and no netboot
+    image; the k3s recipe names the image the node runs, so it must still render."""
+    from dataclasses import replace
+
+    from netbootd.nodestate import NodeRecord, Stage
+
+    settings, inv, r = shipped
+    disk = ImageRef(name="gold", version="2026.12.05-1", root=Path("/srv/store/gold/v1"),
+                    kind="disk", boot={"disk": "gold.img.zst"})
+
+    class Installed:
+        def resolve(self, image, channel, pin, *, mac=None):
+            return disk if (image, pin) == ("gold", "2026.12.05-1") else None
+
+    mac = "52:54:00:a0:00:01"  # x86-worker-1 of the shipped inventory
+    desired = inv.view(ClientFacts(mac=mac)).desired
+    record = NodeRecord(mac=mac, stage=Stage.INSTALLED, image="gold", version="2026.12.05-1",
+                        desired=desired.value if desired is not None else None)
+    plan = decide(ClientFacts(mac=mac), inv, settings, Installed(), record=record)
+    assert plan.action.value == "local" and plan.image is None and plan.disk is disk
+    plan = replace(plan, node=replace(plan.node, vars={"join": "k3s",
+                                                      "k3s_server": "https://10.0.0.1:6443"}))
+    server = ServerInfo("10.231.0.2", 8080)
+    text = r.render("user-data", plan, server)
+    assert "netbootd.io/image=gold-2026.12.05-1" in text
+    assert f"node-name: {plan.node.hostname}" in text
+    assert f"instance-id: {plan.node.hostname}-gold-2026.12.05-1" in r.render("meta-data", plan,
+                                                                                server)
