@@ -21,7 +21,7 @@ golden build, several guests):
 
 * ``module_out``   test-output/<module>/, kept after the run.
 * ``module_lab``   a Topology for the whole module; asserts nothing is left afterwards.
-* ``make_golden``  session factory: ``make_golden(version, seed_url)`` -> build dir of
+* ``make_golden``  session factory: ``make_golden(version, seed_url, size_mib=None)`` -> build dir of
                    images/build_golden.py (debootstrap tree cached in images/cache).
 * ``make_installer`` session factory: ``make_installer(version)`` -> images/build_installer.py
                    build named ``installer``.
@@ -276,13 +276,14 @@ def make_golden(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
             "dd"])
     bg = _load_images_module("build_golden")
     root = tmp_path_factory.mktemp("golden")
-    built: dict[tuple[str, str, str], Path] = {}
+    built: dict[tuple[str, str, str, int | None], Path] = {}
 
-    def make(version: str, seed_url: str, *, name: str = "gold") -> Path:
-        key = (name, version, seed_url)
+    def make(version: str, seed_url: str, *, name: str = "gold",
+             size_mib: int | None = None) -> Path:
+        key = (name, version, seed_url, size_mib)
         if key not in built:
             built[key] = bg.build(name=name, version=version, seed_url=seed_url,
-                                  cache=REPO / "images" / "cache",
+                                  cache=REPO / "images" / "cache", size_mib=size_mib,
                                   out=root / f"{name}-{version}-{len(built)}", incoming=None)
         return built[key]
 

@@ -49,6 +49,11 @@ INSTALL_BOUND = 1500      # netboot + write and verify 1 GiB
 DEBIAN_BOUND = 1200       # firmware -> disk -> Debian -> cloud-init final stage
 GUEST_HARD_LIMIT = 3600   # `timeout -s KILL` around every QEMU
 MEMORY = "768M"
+#: The golden image's raw size: the least build_golden allows is ~640 MiB (tree + 30 % +
+#: boot); every MiB is written and hashed by the installer under TCG (~2.5 MB/s here).
+GOLD_MIB = 704
+#: Guest disk = image + this: room for growpart to grow the root at first boot.
+DISK_SLACK = 256 << 20
 K3S_TOKEN = "k3s-join-token-e2e-0123456789abcdef"
 INSTALLED_LINE = r"NETBOOTD-INSTALL: installed; rebooting"
 CLOUD_INIT_DONE = r"Cloud-init v\. \S+ finished"
@@ -198,7 +203,7 @@ def prov(module_lab: Topology, module_out: Path, make_golden, make_installer
 
         def make_gold(version: str) -> Gold:
             if version not in golds:
-                build = make_golden(version, seed)
+                build = make_golden(version, seed, size_mib=GOLD_MIB)
                 manifest = json.loads((build / "manifest.json").read_text())
                 raw = decompress(build / manifest["disk"]["path"],
                                  out / f"gold-{version}.raw")
@@ -302,7 +307,7 @@ def _install_and_boot_a(pl: ProvLab) -> dict[str, Any]:
         return pl.shared["a"]
     gold = pl.make_gold("e2e-1")
     mac = pl.macs["prov-a"]
-    disk = blank_disk(pl.out / "prov-a.disk", gold.usize + (64 << 20))
+    disk = blank_disk(pl.out / "prov-a.disk", gold.usize + DISK_SLACK)
     assert pl.record(mac) is None
     t0 = time.time()
     _, installed_at = _install(pl, "prov-a.install", disk, gold)
@@ -332,7 +337,7 @@ def test_power_cut_mid_install_reinstalls_and_half_a_disk_is_never_installed(
         prov: ProvLab) -> None:
     gold = prov.make_gold("e2e-1")
     mac = prov.macs["prov-b"]
-    disk = blank_disk(prov.out / "prov-b.disk", gold.usize + (64 << 20))
+    disk = blank_disk(prov.out / "prov-b.disk", gold.usize + DISK_SLACK)
     seen: list[tuple[str, int | None]] = []
     g = prov.guest("prov-b.cut", disk)
     with g:
