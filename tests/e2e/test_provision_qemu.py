@@ -394,6 +394,7 @@ def _bad_disk_image(out: Path) -> Path:
     disk = {"path": packed.name, "compression": "zst", "size": packed.stat().st_size,
             "sha256": zsha, "uncompressed_size": usize, "uncompressed_sha256": wrong}
     manifest = {"image": "badgold", "version": "e2e-1", "kind": "disk", "boards": ["x86_64"],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "boot": {"disk": packed.name}, "disk": disk,
                 "artefacts": [{"path": packed.name, "size": disk["size"], "sha256": zsha}]}
     (build / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
