@@ -3,6 +3,7 @@
 URL, same server, same run.
 
     python3 bench/install_bench.py [--mib 1024] [--rounds 3] [--rate-mbit 1000]
+                                   [--baseline-lib OLD-install-lib.sh]
 
 A ~``--mib`` MiB disk image (deterministic: 40 % incompressible data, the rest text-like
 and zero runs, roughly what a Debian root file system compresses like) is compressed with
@@ -11,12 +12,20 @@ and zero runs, roughly what a Debian root file system compresses like) is compre
 
 * ``curl -o /dev/null`` of the compressed file: the wire's speed;
 * the installer: ``busybox sh`` sourcing images/installer/install-lib.sh and calling
-  ``nbd_write_image`` (chunked Range fetches with busybox wget, one zstd, tee to a file and
-  to sha256, verification) — the same functions the installer's /init runs.
+  ``nbd_write_image`` (Range requests of 1/20 of the file, each written by curl straight
+  into one zstd, tee to a file and to sha256, verification) — the same functions the
+  installer's /init runs;
+* with ``--baseline-lib``, the same for another install-lib.sh (e.g. ``git show
+  main:images/installer/install-lib.sh``), in the same rounds: before/after side by side.
+
+The CPU column is user + system time of the whole pipeline (every process it waited for).
 
 Twice: unthrottled (loopback; CPU-bound on both sides), and with nginx's ``limit_rate``
 at ``--rate-mbit`` (a node's real link; the question the target asks: does the installer
 keep up with the wire?). The ratio is curl's time / the installer's time (>= 0.9 = target).
+The throttled row is the fair comparison: a node's link, not loopback, bounds curl there,
+while unthrottled curl only moves bytes through memory and the installer must also
+decompress, hash and write twice as many.
 Holds ``flock /tmp/netbootd-bench.lock`` while measuring. Needs nginx, curl, busybox, zstd,
 openssl. Progress on stderr, the markdown table on stdout.
 """
@@ -28,6 +37,7 @@ import fcntl
 import os
 import platform
 import random
+import resource
 import shutil
 import socket
 import statistics
@@ -101,10 +111,14 @@ def make_image(path: Path, mib: int) -> None:
             f.write(rand + text + bytes(224 * 1024))
 
 
-def timed(cmd: list[str], env: dict | None = None) -> float:
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of cmd and every descendant it waited for)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.monotonic() - t0
+    wall = time.monotonic() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def main() -> int:
@@ -112,7 +126,12 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=1024, help="uncompressed image size")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rate-mbit", type=int, default=1000, help="link rate for the throttled run")
+    ap.add_argument("--baseline-lib", type=Path, default=None,
+                    help="another install-lib.sh to measure in the same rounds (before/after)")
     args = ap.parse_args()
+    libs = [("installer", LIB)]
+    if args.baseline_lib is not None:
+        libs.append(("baseline", args.baseline_lib.resolve()))
     for tool in ("nginx", "curl", "busybox", "zstd", "openssl"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             progress(f"{tool} not found")
@@ -148,39 +167,50 @@ def main() -> int:
         # chunks live in RAM in the installer (its initrd is a tmpfs): here too
         shm = Path(tempfile.mkdtemp(prefix="install-bench-", dir="/dev/shm"))
         env = {**os.environ, "NBD_TMP": str(shm)}
-        results: dict[tuple[str, str], list[float]] = {}
+        results: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for loc in ("full", "link"):
             url = f"http://127.0.0.1:{port}/{loc}/disk.img.zst"
             for r in range(args.rounds):
+                line = []
                 t_curl = timed(["curl", "-sf", "-o", "/dev/null", url])
-                script = (f". {LIB}; nbd_write_image {url} {size} {usize} {sha} zst {out} "
-                          "2>/dev/null")
-                t_inst = timed(["busybox", "sh", "-c", script], env=env)
-                if out.stat().st_size != usize:
-                    raise RuntimeError("installer wrote the wrong number of bytes")
-                out.unlink()
-                t_null = timed(["busybox", "sh", "-c", script.replace(str(out), "/dev/null")],
-                               env=env)
                 results.setdefault((loc, "curl"), []).append(t_curl)
-                results.setdefault((loc, "installer"), []).append(t_inst)
-                results.setdefault((loc, "null"), []).append(t_null)
-                progress(f"{loc} round {r + 1}: curl {t_curl:.2f}s, installer {t_inst:.2f}s "
-                         f"(to /dev/null {t_null:.2f}s)")
+                line.append(f"curl {t_curl[0]:.2f}s")
+                for name, lib in libs:
+                    script = (f". {lib}; nbd_write_image {url} {size} {usize} {sha} zst {out} "
+                              "2>/dev/null")
+                    t_inst = timed(["busybox", "sh", "-c", script], env=env)
+                    if out.stat().st_size != usize:
+                        raise RuntimeError(f"{name} wrote the wrong number of bytes")
+                    out.unlink()
+                    t_null = timed(["busybox", "sh", "-c",
+                                    script.replace(str(out), "/dev/null")], env=env)
+                    results.setdefault((loc, name), []).append(t_inst)
+                    results.setdefault((loc, f"{name}-null"), []).append(t_null)
+                    line.append(f"{name} {t_inst[0]:.2f}s ({t_inst[1]:.2f}s CPU; "
+                                f"to /dev/null {t_null[0]:.2f}s)")
+                progress(f"{loc} round {r + 1} (load {os.getloadavg()[0]:.1f}): "
+                         + ", ".join(line))
         print(f"\nmachine: {platform.node()} {os.cpu_count()} CPUs, "
               f"{platform.platform()}; image {usize >> 20} MiB, {size / 1e6:.0f} MB zst; "
               f"median of {args.rounds}\n")
         print(f"load average at the end: {os.getloadavg()[0]:.1f}\n")
-        print("| server | curl -o /dev/null | installer pipeline, to a file | ratio | "
-              "installer pipeline, to /dev/null | ratio |")
-        print("|---|---|---|---|---|---|")
+        print("| server | pipeline | curl -o /dev/null | installer pipeline, to a file | "
+              "CPU | ratio | to /dev/null | ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+
+        def med(key: tuple[str, str], i: int) -> float:
+            return statistics.median(x[i] for x in results[key])
+
         for loc, label in (("full", "nginx, unthrottled (loopback)"),
                            ("link", f"nginx, limit_rate {args.rate_mbit} Mbit/s")):
-            c = statistics.median(results[(loc, "curl")])
-            i = statistics.median(results[(loc, "installer")])
-            n = statistics.median(results[(loc, "null")])
-            print(f"| {label} | {c:.2f} s ({size / c / 1e6:.0f} MB/s) | {i:.2f} s "
-                  f"({size / i / 1e6:.0f} MB/s zst, {usize / i / 1e6:.0f} MB/s written) "
-                  f"| {c / i:.2f}x | {n:.2f} s | {c / n:.2f}x |")
+            c = med((loc, "curl"), 0)
+            for name, lib in libs:
+                i, cpu = med((loc, name), 0), med((loc, name), 1)
+                n = med((loc, f"{name}-null"), 0)
+                print(f"| {label} | {lib.name if name == 'baseline' else 'this tree'} | "
+                      f"{c:.2f} s ({size / c / 1e6:.0f} MB/s) | {i:.2f} s "
+                      f"({size / i / 1e6:.0f} MB/s zst, {usize / i / 1e6:.0f} MB/s written) "
+                      f"| {cpu:.2f} s | {c / i:.2f}x | {n:.2f} s | {c / n:.2f}x |")
     finally:
         if nginx is not None:
             nginx.terminate()

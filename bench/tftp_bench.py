@@ -19,10 +19,14 @@ dnsmasq's TFTP port is fixed at 69, so everything runs inside a network namespac
 script creates (loopback plus a veth pair with 10.231.250.1, needed because in.tftpd's
 address lookup wants a non-loopback IPv4 address) and deletes on exit. Nothing is pinned
 unless ``--pin`` (servers on CPU 0, clients on CPU 1). netbootd runs in its own process
-(this script with ``--serve``) the way the daemon does: transfers in ``tftp.workers``
-worker processes (default one per CPU; ``--tftp-workers N``). The full run adds rows for
-the in-thread engine (``tftp.workers: 0``) and the asyncio engine. Progress goes to
-stderr, the markdown table to stdout. Needs root, curl, atftp, in.tftpd, dnsmasq.
+(this script with ``--serve``) the way the daemon does, built by the daemon's own
+factory (``netbootd.tftp.server.create``): transfers in ``tftp.workers`` worker
+processes (default one per CPU; ``--tftp-workers N``), each running the C block loop in
+up to ``tftp.pump_threads`` threads. The full run adds a row for ``tftp.workers: 0`` (the
+pump threads in the service's own process). ``--baseline DIR`` adds a row for netbootd
+as checked out in DIR (e.g. a worktree of main), served by DIR's own copy of this
+script, in the same run: before/after on the same load. Progress goes to stderr, the
+markdown table to stdout. Needs root, curl, atftp, in.tftpd, dnsmasq.
 """
 
 from __future__ import annotations
@@ -45,12 +49,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 NS = f"nbd-tftpbench-{os.getpid()}"
-PORTS = {"netbootd": 7069, "netbootd-asyncio": 7070, "netbootd-thread": 7071,
-         "netbootd-pyworkers": 7072, "in.tftpd": 6969, "dnsmasq": 69}
-#: netbootd rows -> TftpService engine ("netbootd" is what the daemon runs: workers, with
-#: C threads up to tftp.pump_threads); "workers-python" = workers with ``pump_threads: 0``.
-ENGINES = {"netbootd": "workers", "netbootd-thread": "thread", "netbootd-asyncio": "asyncio",
-           "netbootd-pyworkers": "workers-python"}
+PORTS = {"netbootd": 7069, "netbootd-inprocess": 7071, "netbootd-base": 7073,
+         "in.tftpd": 6969, "dnsmasq": 69}
+#: netbootd rows -> where transfers run ("netbootd" is what the daemon runs: worker
+#: processes); "netbootd-base" is the --baseline checkout, as its own daemon runs.
+ENGINES = {"netbootd": "workers", "netbootd-inprocess": "inprocess",
+           "netbootd-base": "workers"}
 WORKLOADS = ("lockstep", "window16", "atftp1", "concurrent", "storm")
 PI_SET = {  # name -> size: a stock Pi 5 boot set, ~33 MB (docs/rpi-netboot.md)
     "config.txt": 1200, "bcm2712-rpi-5-b.dtb": 80_000, "initramfs_2712": 23_000_000,
@@ -93,14 +97,12 @@ def pi_ip(i: int) -> str:
 
 # ----------------------------------------------------------------------- netbootd side
 def serve(image: Path, port: int, nodes: Path, engine: str, workers: int | None) -> None:
-    """Child process: the TFTP service on 127.0.0.1:port with the bench's inventory.
-    ``engine`` "workers-python": worker processes with the Python block loop."""
-    pump_threads = 0 if engine == "workers-python" else None
-    engine = "workers" if engine == "workers-python" else engine
+    """Child process: the TFTP service on 127.0.0.1:port with the bench's inventory,
+    built by ``create(app)`` as the daemon builds it. ``engine`` "inprocess":
+    ``tftp.workers: 0``."""
     import logging
 
-    from netbootd.tftp.server import TftpService
-    from netbootd.tftp.testkit import make_app
+    from netbootd.tftp.testkit import make_app, running
 
     logging.basicConfig(level=logging.WARNING)
 
@@ -109,17 +111,13 @@ def serve(image: Path, port: int, nodes: Path, engine: str, workers: int | None)
         try:
             app = make_app(work, image, nodes_yaml=nodes.read_text(), policy="ignore",
                            tftp={"port": port, "max_transfers": 5000,
-                                 "max_per_client": 5000, "workers": workers,
-                                 **({} if pump_threads is None
-                                    else {"pump_threads": pump_threads})})
+                                 "max_per_client": 5000, "workers": workers})
             app.clients.learn("127.0.0.1", pi_mac(0))
-            svc = TftpService(app, engine=engine)
-            await svc.start()
-            stop = asyncio.Event()
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-            print("READY", flush=True)
-            await stop.wait()
-            await svc.stop()
+            async with running(app, engine=engine):
+                stop = asyncio.Event()
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+                print("READY", flush=True)
+                await stop.wait()
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -224,12 +222,17 @@ class Bench:
     def start(self, server: str) -> subprocess.Popen:
         port = PORTS[server]
         if server.startswith("netbootd"):
-            argv = in_ns(*pin(0), sys.executable, __file__, "--serve", "--image",
+            # each checkout runs its own code, workers included (``python -m`` imports
+            # from the working directory and PYTHONPATH)
+            root = self.args.baseline if server == "netbootd-base" else REPO
+            script = str(root / "bench" / "tftp_bench.py")
+            env = {**os.environ, "PYTHONPATH": str(root)}
+            argv = in_ns(*pin(0), sys.executable, script, "--serve", "--image",
                          str(self.image), "--port", str(port), "--nodes", str(self.nodes),
                          "--engine", ENGINES[server])
             if self.args.tftp_workers is not None:
                 argv += ["--tftp-workers", str(self.args.tftp_workers)]
-            p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+            p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
             self.procs.append(p)
             line = p.stdout.readline() if p.stdout else ""
             if "READY" not in line:
@@ -314,8 +317,10 @@ class Bench:
         self.make_files()
         self.make_ns()
         names = ["netbootd", "in.tftpd", "dnsmasq"]
+        if self.args.baseline is not None:
+            names.insert(1, "netbootd-base")
         if not self.args.quick:
-            names += ["netbootd-pyworkers", "netbootd-thread", "netbootd-asyncio"]
+            names.append("netbootd-inprocess")
         names = [n for n in names if not self.args.servers or n in self.args.servers]
         for name in names:
             self.start(name)
@@ -336,7 +341,7 @@ class Bench:
             for n in names:
                 results[n][key] = statistics.median(times[n])
         for n in names:
-            if n in ("netbootd-thread", "netbootd-asyncio") or "storm" not in self.args.only:
+            if "storm" not in self.args.only:
                 continue
             progress(f"{n}: storm of {self.args.pis} Pi 5s ({self.args.workers} client "
                      "processes)")
@@ -397,11 +402,9 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
         lines.append(row("storm: wall time for all Pis", "storm_wall", "-",
                          ratio("storm_wall"), None, "{:.1f} s"))
     other_engines = {
-        "netbootd-pyworkers": ("`tftp.pump_threads: 0` (worker processes, every block moved "
-                               "by the Python event loop)"),
-        "netbootd-thread": ("`tftp.workers: 0` (transfers on the daemon's engine thread, no "
-                            "worker processes)"),
-        "netbootd-asyncio": "`engine=\"asyncio\"` (transfers on the daemon's asyncio loop)",
+        "netbootd-base": f"the baseline checkout {args.baseline} (same run)",
+        "netbootd-inprocess": ("`tftp.workers: 0` (the pump threads in the service's own "
+                               "process, no worker processes)"),
     }
     for name, what in other_engines.items():
         if name not in results:
@@ -415,7 +418,7 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
         if "storm" in a:
             parts.append(f"storm slowest file {a['storm_max']:.1f} s, wall "
                          f"{a['storm_wall']:.1f} s")
-        lines += ["", f"netbootd with {what}: {', '.join(parts)}."]
+        lines += ["", f"netbootd, {what}: {', '.join(parts)}."]
     errs = {k: (v["storm"]["n_errors"], v["storm"]["bad"], v["storm"]["errors"])
             for k, v in results.items()
             if "storm" in v and (v["storm"]["n_errors"] or v["storm"]["bad"])}
@@ -427,7 +430,10 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="20 Pis, no rows for the thread and asyncio engines")
+                    help="20 Pis, no row for tftp.workers: 0")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a netbootd checkout (e.g. a worktree of main, C module built) to "
+                    "run as one more row in the same run")
     ap.add_argument("--tftp-workers", type=int, default=None,
                     help="netbootd's tftp.workers (default: one per CPU, as the daemon)")
     ap.add_argument("--pis", type=int, default=None, help="emulated Pi 5s (default 100)")

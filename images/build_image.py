@@ -375,6 +375,9 @@ def build_kernel_initrd(dest: Path, *, name: str, version: str, marker: str, cac
     (dest / "boot" / "initrd.img").write_bytes(initrd)
     progress(f"initrd: {len(initrd) / 1e6:.1f} MB")
     boot = {"kernel": "boot/vmlinuz", "initrd": "boot/initrd.img", "cmdline": "console=ttyS0"}
+    (dest / "DEMO").write_text(
+        f"netbootd DEMO image ({name} {version}): Debian's cloud kernel and a busybox initrd "
+        "that reports its boot to netbootd; not an operating system for your fleet.\n")
     if rootfs:
         progress("writing busybox rootfs")
         write_rootfs(dest / "rootfs", name=name, version=version, marker=marker)
@@ -416,6 +419,10 @@ dtoverlay=bcm2712d0
 """
 
 
+#: First line of the demo's config.txt: a Pi's serial console shows whose tree it is.
+PI_DEMO_LINE = "# netbootd DEMO boot tree: synthetic files, not a bootable Raspberry Pi OS\n"
+
+
 def build_pi(dest: Path, *, name: str, version: str, marker: str, scale: float) -> dict:
     """A synthetic Pi 5 boot tree; content is pseudo-random (incompressible, like real
     kernels) and seeded by name+version so two versions differ byte for byte."""
@@ -423,7 +430,11 @@ def build_pi(dest: Path, *, name: str, version: str, marker: str, scale: float) 
     (boot / "overlays").mkdir(parents=True)
     config = PI_CONFIG.format(marker=marker, version=version)
     config += "".join(f"# padding line {i:03d} to a realistic size\n" for i in range(24))
-    (boot / "config.txt").write_text(config)
+    (boot / "config.txt").write_text(PI_DEMO_LINE + config)
+    (boot / "DEMO.txt").write_text(
+        f"netbootd DEMO Raspberry Pi 5 boot tree ({name} {version}): synthetic files with "
+        "the real names and sizes, for protocol tests; it does not boot a real Pi.\n"
+        "Import Raspberry Pi OS instead: netbootd images import IMAGE.img.xz\n")
     (boot / "cmdline.txt").write_text(
         "console=serial0,115200 console=tty1 root=/dev/nfs ip=dhcp rootwait\n")
     rng = random.Random(f"{name}/{version}/{marker}")

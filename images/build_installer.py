@@ -6,9 +6,10 @@ Standard library only (like build_image.py, whose kernel download, cpio writer a
 helpers it uses). The initrd holds:
 
 * busybox-static (shell, wget, udhcpc, modprobe, the rest);
-* zstd, xz, gzip, openssl (sha256 with the CPU's SHA instructions), coreutils tee, each with
-  the shared libraries ``ldd`` names, copied from this machine into ``/usr/local/bin`` and
-  their library paths;
+* curl (the image download: Range requests written straight into the decompressor), zstd,
+  xz, gzip, openssl (sha256 with the CPU's SHA instructions), coreutils tee (8 KiB reads
+  where busybox's applet does 1 KiB), each with the shared libraries ``ldd`` names, copied
+  from this machine into ``/usr/local/bin`` and their library paths;
 * the kernel's block, NVMe, ATA, SCSI, virtio and network driver modules with everything
   they depend on, plus ``modules.dep`` / ``modules.alias`` so busybox modprobe loads what
   the hardware's modalias asks for;
@@ -18,6 +19,14 @@ helpers it uses). The initrd holds:
 The kernel command line contract is in docs/provisioning.md. Output: a build directory with
 ``boot/vmlinuz``, ``boot/initrd.img`` and ``manifest.json`` (kind ``installer``), assembled
 under a dot-name and renamed into place. Progress on stderr, the build path on stdout.
+
+``--pi`` builds a *synthetic* Raspberry Pi 5 installer instead: a Pi boot tree
+(``boot/config.txt``, ``kernel_2712.img``, ``initramfs_2712``, ``bcm2712-rpi-5-b.dtb``,
+``overlays/``) with pseudo-random content that differs per version, declared as kind
+``installer``, boards ``rpi5``, ``boot.boot_tree`` = ``boot`` and kernel/initrd inside that
+tree. It exercises netbootd's Pi install path (TFTP tree, cmdline.txt, lifecycle) in tests
+and the lab; it cannot install anything on a real Pi, which needs an arm64 kernel and an
+arm64 initrd with the same ``/init``.
 """
 
 from __future__ import annotations
@@ -25,11 +34,13 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import random
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -37,6 +48,8 @@ sys.path.insert(0, str(HERE))
 
 from build_image import (
     BUSYBOX,
+    PI_CONFIG,
+    PI_FILES,
     UDHCPC_SCRIPT,
     BuildError,
     Cpio,
@@ -51,7 +64,7 @@ from build_image import (
 
 INSTALLER_DIR = HERE / "installer"
 #: Tools copied from this machine (with their libraries) into the initrd's /usr/local/bin.
-TOOLS = ["zstd", "xz", "gzip", "openssl", "tee"]
+TOOLS = ["curl", "zstd", "xz", "gzip", "openssl", "tee"]
 #: Module directories (below lib/modules/<release>/kernel) taken whole, plus dependencies.
 MODULE_DIRS = ["drivers/block", "drivers/nvme", "drivers/ata", "drivers/scsi",
                "drivers/virtio", "drivers/net"]
@@ -185,7 +198,7 @@ def build_initrd(mods: Path, *, version: str) -> bytes:
         path = shutil.which(tool)
         if path is None:
             raise BuildError(f"{tool} not found on this machine (apt-get install "
-                             "zstd xz-utils gzip openssl coreutils)")
+                             "curl zstd xz-utils gzip openssl coreutils)")
         cp.file(f"usr/local/bin/{tool}", Path(path).read_bytes(), 0o755)
         libs.update(_libraries(path))
     for lib in sorted(libs):
@@ -196,8 +209,31 @@ def build_initrd(mods: Path, *, version: str) -> bytes:
     return gzip.compress(cp.finish(), compresslevel=6, mtime=0)
 
 
+#: The boot section of a Pi 5 installer: the firmware reads the whole tree over TFTP;
+#: kernel and initrd name the files config.txt boots (the store checks they exist).
+PI_BOOT = {"boot_tree": "boot", "kernel": "boot/kernel_2712.img",
+           "initrd": "boot/initramfs_2712", "cmdline": ""}
+
+
+def build_pi_tree(dest: Path, *, name: str, version: str, scale: float = 1.0) -> dict:
+    """A synthetic Pi 5 installer boot tree under ``dest/boot``; returns the build spec.
+
+    Content is pseudo-random, seeded by name and version, so two versions never share
+    bytes; sizes follow a stock Pi 5 boot tree times ``scale``."""
+    boot = dest / "boot"
+    (boot / "overlays").mkdir(parents=True)
+    marker = f"{name}-{version} (installer)"
+    (boot / "config.txt").write_text(PI_CONFIG.format(marker=marker, version=version))
+    rng = random.Random(f"installer/{name}/{version}")
+    for rel, size in PI_FILES.items():
+        head = f"netbootd synthetic installer {rel} {name} {version}\n".encode()
+        n = max(len(head), int(size * scale))
+        (boot / rel).write_bytes(head + rng.randbytes(n - len(head)))
+    return {"kind": "installer", "boards": ["rpi5"], "boot": dict(PI_BOOT)}
+
+
 def build(*, name: str, version: str, cache: Path, out: Path | None,
-          incoming: Path | None) -> Path:
+          incoming: Path | None, pi: bool = False, pi_scale: float = 1.0) -> Path:
     if out is not None:
         final = out.resolve()
         parent = final.parent
@@ -206,23 +242,38 @@ def build(*, name: str, version: str, cache: Path, out: Path | None,
         final = parent / f"{name}-{version}"
     if final.exists():
         raise BuildError(f"{final} already exists")
+    if pi:
+        return _publish(parent, final, name, version,
+                        lambda tmp: build_pi_tree(tmp, name=name, version=version,
+                                                  scale=pi_scale))
     if not BUSYBOX.exists():
         raise BuildError(f"{BUSYBOX} missing: apt-get install busybox-static")
     cache = cache.resolve()
     kdir = fetch_kernel(cache)
     mods = installer_modules(cache)
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=parent))
-    try:
-        progress(f"building {name} {version} (installer) in {tmp}")
+
+    def pc(tmp: Path) -> dict:
         (tmp / "boot").mkdir()
         shutil.copy2(kdir / "vmlinuz", tmp / "boot" / "vmlinuz")
         initrd = build_initrd(mods, version=version)
         (tmp / "boot" / "initrd.img").write_bytes(initrd)
         progress(f"initrd: {len(initrd) / 1e6:.1f} MB")
-        spec = {"kind": "installer", "boards": ["x86_64"],
+        return {"kind": "installer", "boards": ["x86_64"],
                 "boot": {"kernel": "boot/vmlinuz", "initrd": "boot/initrd.img",
                          "cmdline": "console=ttyS0"}}
+
+    return _publish(parent, final, name, version, pc)
+
+
+def _publish(parent: Path, final: Path, name: str, version: str,
+             fill: Callable[[Path], dict]) -> Path:
+    """Fill a dot-named directory in ``parent``, write its manifest, rename it to ``final``
+    (the store's drop protocol: a half-written build is never seen under its name)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=parent))
+    try:
+        progress(f"building {name} {version} (installer) in {tmp}")
+        spec = fill(tmp)
         write_manifest(tmp, name=name, version=version, spec=spec)
         for p in [tmp, *tmp.rglob("*")]:
             if p.is_dir():
@@ -246,10 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     dest.add_argument("--incoming", type=Path,
                       help=f"drop the build into this incoming/ dir (default {HERE / 'incoming'})")
     ap.add_argument("--cache", type=Path, default=HERE / "cache", help="kernel download cache")
+    ap.add_argument("--pi", action="store_true",
+                    help="a synthetic Raspberry Pi 5 installer boot tree (tests, lab)")
+    ap.add_argument("--pi-scale", type=float, default=1.0,
+                    help="size factor for --pi files (1.0 = ~33 MB boot tree)")
     args = ap.parse_args(argv)
     try:
         final = build(name=args.name, version=args.version or default_version(),
-                      cache=args.cache, out=args.out, incoming=args.incoming)
+                      cache=args.cache, out=args.out, incoming=args.incoming, pi=args.pi,
+                      pi_scale=args.pi_scale)
     except BuildError as exc:
         print(f"build-installer: error: {exc}", file=sys.stderr)
         return 1

@@ -137,6 +137,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                             public_url=settings.http.public_url)
         out["ipxe"] = r.render("ipxe", plan, server)
         out["cmdline"] = r.render("cmdline.txt", plan, server).strip()
+    placeholder = args.server == PLACEHOLDER_SERVER
+    out["server"] = args.server
+    out["server_placeholder"] = placeholder
+    demo = _demo_note(plan.image)
+    out["demo"] = demo
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -145,10 +150,36 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if key in ("lifecycle", "disk") and out[key] is None:
             continue
         print(f"{key + ':':10} {out[key]}")
+    if demo:
+        print(f"{'note:':10} {demo}")
+    if "cmdline" in out and placeholder:
+        print(f"\nURLs below use {args.server}, a placeholder (TEST-NET-1, never a real "
+              "host): a booting machine gets the address of the interface its request "
+              "arrived on, or network.advertise; pass --server IP to see real ones.")
     if "cmdline" in out:
         print(f"\ncmdline.txt:\n  {out['cmdline']}\n\niPXE script:")
         print("".join(f"  {line}\n" for line in out["ipxe"].splitlines()), end="")
     return 0
+
+
+#: What ``plan`` renders URLs with when no --server is given: TEST-NET-1 (RFC 5737).
+PLACEHOLDER_SERVER = "192.0.2.1"
+
+
+def _demo_note(image: Any) -> str | None:
+    """A sentence when the planned image is one of the embedded demo builds (their
+    manifests carry ``boards`` and a boot tree or files that say so)."""
+    if image is None:
+        return None
+    marker = image.root / "DEMO"
+    if not marker.is_file():
+        tree = image.boot.get("boot_tree")
+        marker = image.root / tree / "DEMO.txt" if tree else marker
+    if marker.is_file():
+        first = marker.read_text(errors="replace").strip().splitlines()
+        return (first[0] if first else "demo image") + \
+            " (replace it: see 'Netboot your Raspberry Pi OS' in README.md)"
+    return None
 
 
 def _node_state(settings: Any) -> Any:
@@ -251,12 +282,63 @@ def config_reference() -> str:
             lines.append(f"| `{section}` | | `NETBOOTD_{section.upper()}` | "
                          f"{field.description or ''} |")
             continue
-        for key, f in sub.items():
-            default = f.default_factory() if f.default_factory else f.default
-            default = json.dumps(default, default=str)
-            lines.append(f"| `{section}.{key}` | `{default}` | "
-                         f"`NETBOOTD_{section.upper()}__{key.upper()}` | {f.description or ''} |")
+        lines += _reference_rows([section], sub)
     return "\n".join(lines)
+
+
+def _reference_rows(where: list[str], fields: dict[str, Any]) -> list[str]:
+    """Rows for a section's fields; a nested section (``rpi.http_boot``) is flattened."""
+    rows = []
+    for key, f in fields.items():
+        model = f.annotation if isinstance(f.annotation, type) else None
+        sub = getattr(model, "model_fields", None)
+        if sub:
+            rows += _reference_rows([*where, key], sub)
+            continue
+        default = f.default_factory() if f.default_factory else f.default
+        default = json.dumps(default, default=str)
+        name, env = ".".join([*where, key]), "__".join(w.upper() for w in [*where, key])
+        rows.append(f"| `{name}` | `{default}` | `NETBOOTD_{env}` | {f.description or ''} |")
+    return rows
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``netbootd keys generate``: the RSA-2048 pair for Raspberry Pi HTTP boot, and what
+    goes into the EEPROM."""
+    from .rpi import sign
+
+    settings = _settings(args)
+    hb = settings.rpi.http_boot
+    out = Path(args.out) if args.out else (hb.key_file.parent if hb.key_file else
+                                            settings.paths.state / "keys")
+    try:
+        priv, pub, key = sign.write_key_pair(out, force=args.force)
+    except FileExistsError as exc:
+        print(f"netbootd: {exc}", file=sys.stderr)
+        return 1
+    host = hb.host_name or (str(settings.network.advertise) if settings.network.advertise
+                            else "<this server's name or address>")
+    print(f"private key: {priv} (mode 0600; netbootd signs boot.sig with it)")
+    print(f"public key:  {pub}\n")
+    print(sign.public_pem(key).decode(), end="")
+    print(f"""
+# netbootd.yaml
+rpi:
+  http_boot:
+    enabled: true
+    key_file: {priv}
+{f"    host_name: {hb.host_name}" if hb.host_name else "    # host_name: netboot.lan   (answered by netbootd's DNS, dns.enabled)"}
+
+# EEPROM settings (sudo rpi-eeprom-config --edit, or a boot.conf for a fleet update):
+BOOT_ORDER=0xf17   # read from the right: 7 = HTTP boot first, then 1 = SD card, f = again
+HTTP_HOST={host}
+HTTP_PORT={settings.http.port}
+HTTP_PATH={hb.path}
+
+# and the public key, on a Pi (docs/rpi-netboot.md, section 7):
+#   rpi-eeprom-config --config boot.conf --pubkey {pub.name} --out pieeprom.upd pieeprom.bin
+""")
+    return 0
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -293,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--serial", help="Raspberry Pi serial (hex)")
     pl.add_argument("--arch", type=int, help="DHCP option 93 client arch (0 BIOS, 7 UEFI x64)")
     pl.add_argument("--kind", choices=[k.value for k in ClientKind])
-    pl.add_argument("--server", default="192.0.2.1", help="server address for rendered URLs")
+    pl.add_argument("--server", default=PLACEHOLDER_SERVER,
+                    help="server address for rendered URLs (default: a placeholder)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
 
@@ -308,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--reference", action="store_true", help="print every setting as markdown")
     cf.set_defaults(func=cmd_config)
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
+    ky = sub.add_parser("keys", help="generate: the key pair for Raspberry Pi HTTP boot")
+    ky.add_argument("verb", choices=["generate"])
+    ky.add_argument("--out", help="directory for http-boot.key and http-boot.pub.pem "
+                    "(default: the directory of rpi.http_boot.key_file, else <state>/keys)")
+    ky.add_argument("--force", action="store_true", help="replace an existing pair")
+    ky.set_defaults(func=cmd_keys)
 
     store_cli = _optional("netbootd.store.cli")
     if store_cli is not None:
@@ -318,7 +407,32 @@ def build_parser() -> argparse.ArgumentParser:
     lab = _optional("netbootd.lab.demo")
     if lab is not None and hasattr(lab, "add_parser"):
         lab.add_parser(sub)
+    for child in _subparsers(p):
+        _global_flags(child)
     return p
+
+
+def _global_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--log-level`` on a subcommand too (``netbootd serve --config F``).
+    SUPPRESS: given nowhere, the top-level default stands; given after the subcommand,
+    it wins."""
+    have = {o for a in parser._actions for o in a.option_strings}
+    if "--config" not in have:
+        parser.add_argument("--config", "-c", default=argparse.SUPPRESS,
+                            help="config file (also accepted before the subcommand)")
+    if "--log-level" not in have:
+        parser.add_argument("--log-level", default=argparse.SUPPRESS,
+                            help="DEBUG, INFO, WARNING, ERROR")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every subcommand parser below ``parser``, at any depth."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                out += [child, *_subparsers(child)]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,10 +12,11 @@ import asyncio
 import gc
 import logging
 import signal
+import time
 from typing import Any
 
 from .app import App, enabled_services, load_factory
-from .events import EventLog
+from .events import EventLog, EventTableCollector
 from .inventory import Inventory
 from .metrics import Metrics
 from .neighbours import ClientAddresses
@@ -23,6 +24,7 @@ from .nodestate import LocalNodeState
 from .planner import NoImages, Planner
 from .reload import reload_now, validate_config, watch_config
 from .render import Renderer
+from .rpi.bootimg import token_hook
 from .settings import Settings
 
 log = logging.getLogger("netbootd.daemon")
@@ -36,17 +38,27 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
     state = LocalNodeState(settings.lifecycle_dir, max_nodes=settings.provision.max_nodes)
     planner = Planner(lambda: holder["app"].settings, lambda: holder["app"].inventory, NoImages(),
                       state=state)
+    metrics = Metrics()
     app = App(
         settings=settings,
         inventory=inventory or Inventory.empty(),
         planner=planner,
         render=Renderer(settings),
-        events=EventLog(settings.paths.state),
-        metrics=Metrics(),
-        clients=ClientAddresses(),
+        events=EventLog(settings.paths.state, max_nodes=settings.events.max_nodes,
+                        ignored_sample=settings.events.ignored_sample),
+        metrics=metrics,
+        clients=ClientAddresses(max_entries=settings.network.max_addresses,
+                                evicted=metrics.table_evictions.labels("addresses").inc),
     )
     holder["app"] = app
+    app.metrics.registry.register(EventTableCollector(app.events))
+    # who is in the fleet: inventory nodes, or every machine when unknown ones are booted
+    app.events.fleet = lambda mac: (app.settings.policy.unknown == "default"
+                                    or mac in app.inventory.nodes)
     app.node_state = state
+    # A Pi on HTTP boot gets a boot token stable per version, so its signed boot.img
+    # can be built before it asks (netbootd/rpi/bootimg.py).
+    planner.token_for = token_hook(lambda: app.settings)
     app.reload = lambda: reload_now(app)
     if inventory is None:
         app.inventory, app.render = validate_config(app)
@@ -168,10 +180,48 @@ def settle_heap() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
+class QuietExceptionHandler:
+    """The loop's exception handler, logging each kind of message at most once per
+    ``interval`` seconds with a count of what it held back.
+
+    Why: when descriptors run out, asyncio reports every failed ``accept()`` through
+    the loop's handler with a traceback; slow HTTP clients once made that 204,793
+    tracebacks in 18 s, which cost more than the flood itself and buried everything
+    else in the log.
+    """
+
+    def __init__(self, interval: float = 10.0, clock: Any = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        key = f"{context.get('message', '')}|{type(exc).__name__ if exc else ''}"
+        key += f"|{getattr(exc, 'errno', '')}"
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        if len(self._last) > 1024:  # bounded: old kinds are forgotten
+            self._last.clear()
+            self._held.clear()
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            context = dict(context)
+            context["message"] = (f"{context.get('message', '')} (and {held} more like it "
+                                  f"in the last {self.interval:.0f} s, not logged)")
+        loop.default_exception_handler(context)
+
+
 async def serve(app: App) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the config."""
     daemon = Daemon(app)
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(QuietExceptionHandler())
     loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
     loop.add_signal_handler(signal.SIGINT, daemon.request_stop)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)

@@ -30,3 +30,7 @@ class TooLarge(Invalid):
     def __init__(self, limit: int, what: str = "upload") -> None:
         self.limit = limit
         super().__init__(f"{what} larger than {limit} bytes")
+
+
+class DiskFull(TooLarge):
+    """It would not fit on the disk (a reserve of free space is kept). HTTP 507."""

@@ -109,6 +109,11 @@ class Nodes(Protocol):
         """Every inventory node's MAC, in file order."""
         ...
 
+    def find(self, *, uuid: str | None = None, hostname: str | None = None,
+             ip: str | None = None) -> str | None:
+        """The MAC of the inventory node with this SMBIOS UUID, hostname or static ip."""
+        ...
+
     def static_ip(self, mac: str) -> str | None:
         """The node's configured address (nodes.yaml ``ip``), if any."""
         ...
@@ -134,17 +139,43 @@ class Nodes(Protocol):
         """Changes (by identity) whenever the inventory is reloaded: memo invalidation."""
         ...
 
+    def members(self) -> Iterable[tuple[str, str, str | None]]:
+        """(hostname, mac, static ip or None) of every inventory node."""
+        ...
+
+    def owns(self, mac: str, ip: str) -> bool:
+        """Does the machine at ``ip`` (a TCP peer) own node ``mac``'s identity? The gate
+        for secrets (cloud-init user-data) and write access (docs/security.md): the
+        node's static ``ip`` (unless the kernel neighbour table names another MAC for
+        it), else :meth:`Addresses.owner_of` (site server ACK + neighbour table agree)."""
+        ...
+
 
 class Addresses(Protocol):
     """IP <-> MAC with evidence (implemented by :class:`netbootd.neighbours.ClientAddresses`)."""
 
-    def learn(self, ip: str, mac: str) -> None:
+    def learn(self, ip: str, mac: str, *, lease: float | None = None) -> bool:
+        """Evidence: the site DHCP server ACKed ``ip`` to ``mac`` (never a client's claim)."""
         ...
 
     def mac_for(self, ip: str) -> str | None:
+        """Attribution (logs, file lookup): learnt, else the kernel neighbour table."""
         ...
 
     def ip_for(self, mac: str) -> str | None:
+        """The address learnt with evidence for this MAC (not confirmed by the kernel)."""
+        ...
+
+    def owner_of(self, ip: str) -> str | None:
+        """The MAC owning ``ip`` now: learnt evidence AND the kernel neighbour table agree."""
+        ...
+
+    def confirmed(self, macs: Iterable[str]) -> dict[str, tuple[str, float]]:
+        """mac -> (ip, since) for the MACs whose learnt address the kernel confirms now."""
+        ...
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Be told when a binding is new or moved; returns the unsubscribe function."""
         ...
 
 
@@ -156,8 +187,24 @@ class Recorder(Protocol):
         ...
 
 
+class Versions(Protocol):
+    """The stored versions, read-only (NFS exports every version's rootfs)."""
+
+    def refs(self) -> list[ImageRef]:
+        """Every stored version (none while the store is not up)."""
+        ...
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from any thread) whenever the store changes; returns the
+        unsubscribe function."""
+        ...
+
+
 #: A callable the daemon gives a service so it hears about config reloads.
 OnReload = Callable[[Callable[[], None]], None]
+#: Register a callback; returns the function that unregisters it (reload hooks, store
+#: changes, address changes: a service that stops must leave nothing behind).
+Subscribe = Callable[[Callable[[], None]], Callable[[], None]]
 
 
 class Catalogue(Protocol):

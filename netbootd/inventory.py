@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .model import Action, ClientFacts, NodeView, normalise_mac, normalise_serial
-from .yamlfile import ConfigError, LineDict, Problem, line_of, load_yaml
+from .yamlfile import ConfigError, LineDict, Problem, line_of, load_yaml, paused_gc
 
 DEFAULT_PROFILE = "default"
 _SELECTOR_KEYS = ("mac", "serial", "arch", "kind")
@@ -58,6 +58,10 @@ class InstallSpec(BaseModel):
     pin: str | None = Field(None, description="Install exactly this version.")
     installer: str | None = Field(None, description="Installer image (default: "
                                   "provision.installer_image).")
+    upgrade: Literal["manual", "auto"] = Field(
+        "manual", description="auto: an installed node installs again at its next network "
+        "boot when its channel (or pin) names another version than the one on its disk "
+        "(upgrades and rollbacks); manual: only `netbootd nodes reinstall` does.")
 
     def as_dict(self) -> dict[str, str]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -77,6 +81,9 @@ class Profile(BaseModel):
         "artefact -> template file, e.g. {ipxe: custom.ipxe.j2, user-data: k3s.yaml.j2}"))
     vars: dict[str, Any] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
+    match: Literal["mac", "serial"] | None = Field(None, description=(
+        "serial: the Pi serial alone identifies its nodes (a board whose NIC MAC is not "
+        "the one in nodes.yaml); default mac: a serial counts only with the node's MAC"))
 
 
 class Node(BaseModel):
@@ -93,6 +100,10 @@ class Node(BaseModel):
     action: Action | None = None
     install: InstallSpec | None = None
     ip: str | None = Field(None, description="Expected address (strict cloud-init, exports).")
+    uuid: str | None = Field(None, description="SMBIOS UUID (matchbox-style `/metadata?uuid=`).")
+    match: Literal["mac", "serial"] | None = Field(None, description=(
+        "serial: this node's Pi serial alone identifies it, whatever MAC asks (default "
+        "mac: a request carrying the serial must also come from the node's MAC)"))
     labels: dict[str, str] = Field(default_factory=dict)
     vars: dict[str, Any] = Field(default_factory=dict)
     templates: dict[str, str] = Field(default_factory=dict)
@@ -119,6 +130,9 @@ class InventoryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     profiles: dict[str, Profile] = Field(default_factory=dict)
     nodes: dict[str, Node] = Field(default_factory=dict)
+    #: This file may drop more nodes than ``reload.max_node_loss`` allows (or all of
+    #: them) on a hot reload. Remove it again once the shrink is in force.
+    allow_shrink: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,22 +143,46 @@ class Inventory:
     profiles: dict[str, Profile]
     by_serial: dict[str, str]
     source: Path | None = None
+    allow_shrink: bool = False  #: the file says a reload may drop many nodes
 
     @classmethod
     def empty(cls) -> Inventory:
         return cls(nodes={}, profiles={DEFAULT_PROFILE: Profile()}, by_serial={})
 
     def node_for(self, facts: ClientFacts) -> tuple[str, Node] | None:
-        """Find a node by MAC, else by Pi serial."""
+        """Find a node by MAC, else by Pi serial when the node says its serial alone
+        identifies it (``match: serial``, on the node or its profile). A serial is
+        just bytes in option 97: anyone can send a known Pi's serial from another MAC."""
         if facts.mac in self.nodes:
             return facts.mac, self.nodes[facts.mac]
         if facts.serial and facts.serial in self.by_serial:
             mac = self.by_serial[facts.serial]
-            return mac, self.nodes[mac]
+            node = self.nodes[mac]
+            if self.serial_identifies(node):
+                return mac, node
         return None
+
+    def serial_identifies(self, node: Node) -> bool:
+        """``match: serial`` on the node, else on its named profile."""
+        if node.match is not None:
+            return node.match == "serial"
+        prof = self.profiles.get(node.profile) if node.profile else None
+        return bool(prof is not None and prof.match == "serial")
 
     def mac_for_serial(self, serial: str) -> str | None:
         return self.by_serial.get(serial)
+
+    def find(self, *, uuid: str | None = None, hostname: str | None = None,
+             ip: str | None = None) -> str | None:
+        """The MAC of the node with this SMBIOS UUID, hostname or static address."""
+        for mac, node in self.nodes.items():
+            if ip and node.ip == ip:
+                return mac
+            if uuid and node.uuid and node.uuid.lower() == uuid.lower():
+                return mac
+            if hostname and node.hostname == hostname.lower():
+                return mac
+        return None
 
     def choose_profile(self, facts: ClientFacts, labels: dict[str, str]) -> str:
         """The matching profile with the most selectors; ``default`` when none match."""
@@ -193,9 +231,15 @@ class Inventory:
         )
 
 
-def load_inventory(path: Path) -> Inventory:
-    """Parse and validate ``nodes.yaml``; every problem names file, line and field."""
-    data = load_yaml(path)
+def load_inventory(path: Path, text: str | None = None) -> Inventory:
+    """Parse and validate ``nodes.yaml`` (or ``text``, its content as already read);
+    every problem names file, line and field."""
+    with paused_gc():
+        return _load_inventory(path, text)
+
+
+def _load_inventory(path: Path, text: str | None) -> Inventory:
+    data = load_yaml(path, text)
     if not isinstance(data, dict):
         raise ConfigError.single(path, 1, "", "top level must be a mapping with nodes/profiles")
     problems: list[Problem] = []
@@ -250,7 +294,7 @@ def load_inventory(path: Path) -> Inventory:
     if problems:
         raise ConfigError(problems)
     return Inventory(nodes=dict(parsed.nodes), profiles=profiles, by_serial=by_serial,
-                     source=path)
+                     source=path, allow_shrink=parsed.allow_shrink)
 
 
 def _relined(data: Any, nodes_in: LineDict) -> Any:

@@ -99,6 +99,9 @@ class Metrics:
         self.config_reloads = Counter(
             "netbootd_config_reloads", "Inventory/config reloads by outcome", ["outcome"],
             registry=r)
+        self.table_evictions = Counter(
+            "netbootd_table_evictions", "Entries forgotten because a bounded per-client "
+            "table was full, by table", ["table"], registry=r)
         self.transfer_seconds = Histogram(
             "netbootd_transfer_seconds", "Duration of completed file transfers",
             ["service"], registry=r,

@@ -29,6 +29,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from .durable import fsync_dir
 from .errors import Conflict
 from .model import normalise_mac
 
@@ -185,7 +186,7 @@ class LocalNodeState:
             if record is None:
                 with contextlib.suppress(FileNotFoundError):
                     self._path(mac).unlink()
-                    _fsync_dir(self.dir)
+                    fsync_dir(self.dir)
                 return None
             return self._write(record, current)
 
@@ -203,7 +204,7 @@ class LocalNodeState:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         return rec
 
     def _count(self) -> int:
@@ -218,11 +219,3 @@ class LocalNodeState:
                 if base.endswith(self.SUFFIX) and not base.startswith("."):
                     yield normalise_mac(base[: -len(self.SUFFIX)])
             await asyncio.sleep(0)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

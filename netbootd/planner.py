@@ -13,6 +13,7 @@ hot-swapped version, while a boot in flight never does.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import threading
 import time
@@ -54,10 +55,6 @@ X86_BOARDS = frozenset({"x86_64", "amd64", "x86", "i386", "pc"})
 ARM64_BOARDS = frozenset({"arm64", "aarch64"})
 
 
-def pi_boards(boards: tuple[str, ...]) -> bool:
-    return any(b.lower().startswith(("rpi", "raspberrypi", "pi")) for b in boards)
-
-
 def incompatibility(facts: ClientFacts, image: ImageRef) -> str | None:
     """Why ``image`` cannot boot this client, or None when it can (or we cannot tell).
 
@@ -69,7 +66,7 @@ def incompatibility(facts: ClientFacts, image: ImageRef) -> str | None:
         return None
     what = f"image {image.name} {image.version} (kind {image.kind}, boards {', '.join(boards)})"
     if facts.kind is ClientKind.RPI:
-        if image.kind == "pi-boot+rootfs" or image.boot.get("boot_tree") or pi_boards(boards):
+        if image.kind == "pi-boot+rootfs" or image.boot.get("boot_tree"):
             return None
         return f"{what} has no Raspberry Pi boot tree"
     if facts.kind is ClientKind.OTHER and facts.arch is None:
@@ -88,8 +85,8 @@ def incompatibility(facts: ClientFacts, image: ImageRef) -> str | None:
     return None
 
 
-def effective_action(node: NodeView, record: NodeRecord | None, *, retry_failed: bool = True
-                     ) -> tuple[Action, str]:
+def effective_action(node: NodeView, record: NodeRecord | None, *, retry_failed: bool = True,
+                     wanted: ImageRef | None = None) -> tuple[Action, str]:
     """The action a node gets: nodes.yaml's, unless its lifecycle says otherwise.
 
     Precedence (docs/provisioning.md): an inventory ``ignore`` always wins. Otherwise a
@@ -98,6 +95,9 @@ def effective_action(node: NodeView, record: NodeRecord | None, *, retry_failed:
     unfinished or failed one installs again (unless ``provision.retry_failed`` is off),
     an operator's ``netbootd nodes reinstall|local|netboot`` applies. An edit of the
     node's action in nodes.yaml after that record starts over from the new action.
+    With ``install.upgrade: auto``, an installed node whose disk image channel (or pin)
+    now names another version (``wanted``) than the one on its disk installs again:
+    that is how activation and rollback reach installed nodes.
     """
     inventory = node.action or Action.NETBOOT
     if inventory is Action.IGNORE or record is None:
@@ -113,6 +113,11 @@ def effective_action(node: NodeView, record: NodeRecord | None, *, retry_failed:
         if retry_failed:
             return Action.INSTALL, f"lifecycle install-failed ({record.reason}): retrying"
         return Action.LOCAL, f"lifecycle install-failed ({record.reason}): not retried"
+    if stage in (Stage.INSTALLED, Stage.LOCAL) and node.install.get("upgrade") == "auto" \
+            and wanted is not None and record.version and (wanted.name, wanted.version) != \
+            (record.image, record.version):
+        return Action.INSTALL, (f"upgrade: {record.image} {record.version} on disk, "
+                                f"{wanted.name} {wanted.version} wanted")
     if stage in (Stage.INSTALLED, Stage.LOCAL):
         return Action.LOCAL, (f"lifecycle {stage.value}: {record.image or 'disk'} "
                               f"{record.version or ''}".rstrip())
@@ -137,7 +142,13 @@ def decide(facts: ClientFacts, inventory: Inventory, settings: Settings,
 
     if not node.known and settings.policy.unknown == "ignore":
         return plan(Action.IGNORE, "unknown machine and policy.unknown is 'ignore'")
-    action, why_action = effective_action(node, record,
+    channel = node.channel or settings.boot.default_channel
+    spec = node.install
+    wanted = None
+    if record is not None and spec.get("upgrade") == "auto" and spec.get("image"):
+        wanted = images.resolve(spec["image"], spec.get("channel") or channel, spec.get("pin"),
+                                mac=None)
+    action, why_action = effective_action(node, record, wanted=wanted,
                                           retry_failed=settings.provision.retry_failed)
     if action in (Action.LOCAL, Action.IGNORE):
         src = why_action or ("inventory" if node.known else f"profile {node.profile!r}")
@@ -145,10 +156,8 @@ def decide(facts: ClientFacts, inventory: Inventory, settings: Settings,
         if record is not None and record.image and record.version and action is Action.LOCAL:
             installed = images.resolve(record.image, "", record.version, mac=None)
         return plan(action, f"action {action.value!r} from {src}", disk=installed)
-    channel = node.channel or settings.boot.default_channel
     disk: ImageRef | None = None
     if action is Action.INSTALL:
-        spec = node.install
         if not spec.get("image"):
             return plan(action, "action install but no install.image named (nodes.yaml)")
         disk_channel = spec.get("channel") or channel
@@ -256,8 +265,15 @@ class Planner:
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         #: mac -> the plan its running OS booted with, oldest first.
         self._booted: OrderedDict[str, _Session] = OrderedDict()
+        #: mac -> (a plan that boots nothing, when made): reused for BRIEF seconds only, so
+        #: a machine retrying many times a second (or a DHCP flood) does not run the whole
+        #: decision per packet, while an image that goes live is seen within a second.
+        self._brief: OrderedDict[str, tuple[BootPlan, float]] = OrderedDict()
         #: Sessions dropped because the table was full (a metric; a flood of MACs).
         self.evicted = 0
+        #: A plan's boot token when it must not be random (a Pi on HTTP boot, whose
+        #: boot.img is built ahead of time: netbootd/rpi/bootimg.py); None = random.
+        self.token_for: Callable[[BootPlan], str | None] | None = None
 
     # -- firmware requests -------------------------------------------------------------------
     def plan(self, facts: ClientFacts) -> BootPlan:
@@ -270,9 +286,19 @@ class Planner:
                 hit.last = now
                 self._sessions.move_to_end(facts.mac)
                 return hit.plan
+            brief = self._brief.get(facts.mac)
+            if brief is not None and 0 <= now - brief[1] < self.BRIEF and \
+                    brief[0].facts == facts:
+                return brief[0]
         fresh = self._decide(facts, now)
         if not fresh.answers or fresh.image is None:
-            return fresh  # never sticky: the next request decides again
+            # Never sticky: no session is held, and this answer is reused only briefly.
+            with self._lock:
+                self._brief[facts.mac] = (fresh, now)
+                self._brief.move_to_end(facts.mac)
+                while len(self._brief) > boot.max_sessions:
+                    self._brief.popitem(last=False)
+            return fresh
         with self._lock:
             hit = self._sessions.get(facts.mac)
             if hit is not None and (hit.holds or now - hit.last < boot.session_ttl):
@@ -283,20 +309,35 @@ class Planner:
         self._mark_used(fresh)
         return fresh
 
+    #: Seconds a plan that boots nothing is reused for the same question (at most: any
+    #: change of images or inventory drops it at once, see :meth:`changed`).
+    BRIEF = 1.0
+
+    def changed(self) -> None:
+        """Images or inventory changed: plans that boot nothing are decided again."""
+        with self._lock:
+            self._brief.clear()
+
     def _decide(self, facts: ClientFacts, now: float) -> BootPlan:
         record = None
         if self.state is not None:
             inventory = self._inventory()
             found = inventory.node_for(facts)
             record = self.state.get(found[0] if found else facts.mac)
-        return decide(facts, self._inventory(), self._settings(), self.images, now=now,
+        plan = decide(facts, self._inventory(), self._settings(), self.images, now=now,
                       record=record)
+        if self.token_for is not None:
+            token = self.token_for(plan)
+            if token:
+                plan = dataclasses.replace(plan, token=token)
+        return plan
 
     def forget(self, mac: str) -> None:
         """Drop every session of this MAC (an operator changed its lifecycle)."""
         with self._lock:
             self._sessions.pop(mac, None)
             self._booted.pop(mac, None)
+            self._brief.pop(mac, None)
 
     def _mark_used(self, plan: BootPlan) -> None:
         """Retention is recorded where a session starts, never when someone only asks."""
@@ -383,6 +424,7 @@ class Planner:
         with self._lock:
             self._sessions.clear()
             self._booted.clear()
+            self._brief.clear()
 
     def sessions(self) -> list[BootPlan]:
         """Open boot sessions and the plans running OSes booted with; the store's GC and

@@ -7,21 +7,34 @@ every artefact for every node, never a 500 in the middle of a boot.
 Secrets (cluster join tokens, SSH keys) are read from the files named in
 ``settings.secrets`` only while rendering ``user-data``; no other artefact can
 see them, and they are never logged.
+
+The templates in force are the ones that were validated: a ``Renderer`` reads every
+template source into memory when it is built (``template_sources``) and renders only
+from that snapshot, so a broken edit on disk that a reload rejected never goes live.
+Validation (``check``) renders secrets as placeholders, and every error text leaving
+this module has secret values replaced by ``<secret:NAME>`` (``scrub``): a template
+error ends up in ``config_error``, which /readyz, the status page, the log and the
+event files publish.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import shlex
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
+from . import __version__
 from .inventory import Inventory
 from .model import Action, BootPlan, ClientFacts, ClientKind, ImageRef, mac_dashes
 from .settings import Settings
-from .yamlfile import Problem
+from .yamlfile import Problem, paused_gc
 
 #: artefact -> default template file (relative to paths.templates); a profile or node
 #: overrides one with ``templates: {artefact: file}``.
@@ -72,11 +85,52 @@ class ServerInfo:
         return cls(ip=ip, http_port=settings.http.port, public_url=settings.http.public_url)
 
 
-class _Secrets:
-    """Lazy secret lookup: a file is read only when a template asks for that name."""
+def secret_values(settings: Settings) -> dict[str, str]:
+    """Every secret value the daemon knows of, by name: the files named under
+    ``secrets`` and the API token. Unreadable or empty files are left out."""
+    files: dict[str, Path] = dict(settings.secrets)
+    if settings.http.api_token_file is not None:
+        files.setdefault("api_token", settings.http.api_token_file)
+    out: dict[str, str] = {}
+    for name, path in files.items():
+        try:
+            value = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        if value.strip():
+            out[name] = value
+    return out
 
-    def __init__(self, files: dict[str, Path]) -> None:
+
+def scrub(text: str, settings: Settings) -> str:
+    """``text`` with every secret value replaced by ``<secret:NAME>``.
+
+    Both the value as templates see it (stripped) and as Python's repr escapes it
+    (an exception message quoting it with ``'...'``) are replaced, longest first, so a
+    secret that contains another is never half-replaced.
+    """
+    if not text:
+        return text
+    forms: list[tuple[str, str]] = []
+    for name, raw in secret_values(settings).items():
+        for v in {raw, raw.strip(), repr(raw.strip())[1:-1], repr(raw)[1:-1]}:
+            if v:
+                forms.append((v, f"<secret:{name}>"))
+    for value, mark in sorted(forms, key=lambda f: -len(f[0])):
+        text = text.replace(value, mark)
+    return text
+
+
+class _Secrets:
+    """Lazy secret lookup: a file is read only when a template asks for that name.
+
+    ``placeholders``: answer ``<secret:NAME>`` instead of the value (validation), after
+    checking the file is readable, so a check never has a secret in hand to leak.
+    """
+
+    def __init__(self, files: dict[str, Path], *, placeholders: bool = False) -> None:
         self._files = files
+        self._placeholders = placeholders
         self.read: set[str] | None = None  #: names asked for, when tracking
 
     def __getattr__(self, name: str) -> str:
@@ -91,6 +145,10 @@ class _Secrets:
             return "<secret>"
         if path is None:
             raise jinja2.UndefinedError(f"secret {name!r} is not configured (settings.secrets)")
+        if self._placeholders:
+            if not os.access(path, os.R_OK) or not path.is_file():
+                raise jinja2.UndefinedError(f"secret {name!r}: cannot read {path}")
+            return f"<secret:{name}>"
         try:
             return path.read_text(encoding="utf-8").strip()
         except OSError as exc:
@@ -100,28 +158,85 @@ class _Secrets:
         return name in self._files
 
 
-class Renderer:
-    """Renders artefacts for a plan. Templates are re-read when they change on disk."""
+def is_source_name(name: str) -> bool:
+    """Files in the template directory that are templates (not editor droppings)."""
+    return not (name.startswith(".") or name.endswith(("~", ".swp", ".tmp")))
 
-    def __init__(self, settings: Settings) -> None:
+
+def template_sources(directory: Path) -> dict[str, str]:
+    """Every template under ``directory`` as ``{relative/posix/name: source}``."""
+    out: dict[str, str] = {}
+    if not directory.is_dir():
+        return out
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for n in sorted(names):
+            if not is_source_name(n):
+                continue
+            path = Path(root) / n
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue  # vanished meanwhile: a template that is used is then "not found"
+            out[path.relative_to(directory).as_posix()] = data.decode("utf-8", "replace")
+    return out
+
+
+class _SnapshotLoader(jinja2.BaseLoader):
+    """Template sources from memory, named by their path in the template directory (so
+    errors and ``_template_line`` still name the file); never stale, never re-read."""
+
+    def __init__(self, directory: Path, sources: dict[str, str]) -> None:
+        self._dir = directory
+        self._sources = sources
+
+    def get_source(self, environment: jinja2.Environment, template: str
+                   ) -> tuple[str, str, Any]:
+        try:
+            source = self._sources[template]
+        except KeyError:
+            raise jinja2.TemplateNotFound(template) from None
+        return source, str(self._dir / template), lambda: True
+
+    def list_templates(self) -> list[str]:
+        return sorted(self._sources)
+
+
+class Renderer:
+    """Renders artefacts for a plan from the template sources it was built with.
+
+    ``sources`` (name -> text) is the snapshot a reload validated; when omitted, the
+    template directory is read once, now. Nothing is read from disk afterwards: an
+    edit takes effect only through a reload that validates it.
+    """
+
+    def __init__(self, settings: Settings, sources: dict[str, str] | None = None, *,
+                 check_cache: CheckCache | None = None) -> None:
         self.settings = settings
+        #: What ``check`` found per node; a reload hands it from renderer to renderer.
+        self.check_cache = check_cache if check_cache is not None else CheckCache()
+        if sources is None:
+            sources = template_sources(settings.paths.templates)
+        self.sources: dict[str, str] = dict(sources)
         self.env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(str(settings.paths.templates)),
+            loader=_SnapshotLoader(settings.paths.templates, self.sources),
             undefined=jinja2.StrictUndefined,
             keep_trailing_newline=True,
             autoescape=False,
-            auto_reload=True,
+            auto_reload=False,
         )
         self.env.filters["shquote"] = shlex.quote
         self.env.filters["mac_dashes"] = mac_dashes
+        #: Artefacts rendered by ``check`` (a node found in its cache costs none).
+        self.check_renders = 0
 
     def template_name(self, artefact: str, plan: BootPlan) -> str:
         if artefact not in DEFAULT_TEMPLATES:
             raise RenderError(artefact, "-", f"unknown artefact {artefact!r}")
         return plan.node.templates.get(artefact, DEFAULT_TEMPLATES[artefact])
 
-    def context(self, plan: BootPlan, server: ServerInfo, *, secrets: bool = False
-                ) -> dict[str, Any]:
+    def context(self, plan: BootPlan, server: ServerInfo, *, secrets: bool = False,
+                placeholders: bool = False) -> dict[str, Any]:
         """Everything a template may use; see docs/templates.md."""
         s = self.settings
         node, image = plan.node, plan.image
@@ -176,25 +291,59 @@ class Renderer:
             "datasource": f"ds=nocloud;s={cloud_init}",
             "instance_id": f"{node.hostname}-{image.name}-{image.version}" if image else node.hostname,
             "vars": node.vars,
-            "secrets": _Secrets(s.secrets if secrets else {}),
+            "secrets": _Secrets(s.secrets if secrets else {}, placeholders=placeholders),
         }
 
-    def render(self, artefact: str, plan: BootPlan, server: ServerInfo) -> str:
-        """Render one artefact; raises ``RenderError`` naming template, line and artefact."""
+    def render(self, artefact: str, plan: BootPlan, server: ServerInfo, *,
+               placeholders: bool = False) -> str:
+        """Render one artefact; raises ``RenderError`` naming template, line and artefact.
+
+        ``placeholders``: secrets render as ``<secret:NAME>`` (validation). The error
+        text never carries a secret's value (``scrub``).
+        """
         name = self.template_name(artefact, plan)
+        return self._render_in(artefact, name, lambda: self.context(
+            plan, server, secrets=artefact == "user-data", placeholders=placeholders))
+
+    def _render_in(self, artefact: str, name: str, make_context: Any, *,
+                   fast: bool = False) -> str:
+        """Render template ``name`` as ``artefact`` with the context ``make_context()``
+        builds; every failure becomes a ``RenderError`` (the one place that says how).
+
+        ``fast`` (``check``): the context already holds the environment's globals and
+        is used as it is (jinja never writes to it) instead of a copy per render."""
         try:
             template = self.env.get_template(name)
-            text = template.render(self.context(plan, server, secrets=artefact == "user-data"))
+            if fast and not template.globals.maps[0]:  # no globals of its own
+                text = self._render_shared(template, make_context())
+            else:
+                text = template.render(make_context())
         except jinja2.TemplateNotFound as exc:
-            raise RenderError(artefact, name, f"template not found: {exc.name}") from exc
+            raise RenderError(artefact, name, f"template not found: {exc.name}") from None
         except jinja2.TemplateSyntaxError as exc:
-            raise RenderError(artefact, exc.filename or name, exc.message or "syntax error",
-                              exc.lineno) from exc
-        except (jinja2.UndefinedError, TypeError, ValueError, KeyError) as exc:
-            raise RenderError(artefact, name, str(exc), _template_line(exc, name)) from exc
+            raise RenderError(artefact, exc.filename or name,
+                              scrub(exc.message or "syntax error", self.settings),
+                              exc.lineno) from None
+        except Exception as exc:  # noqa: BLE001 - any template failure is a config problem
+            known = isinstance(exc, (jinja2.UndefinedError, TypeError, ValueError, KeyError))
+            message = str(exc) if known else f"{type(exc).__name__}: {exc}"
+            # ``from None``: the original exception (whose message may quote a secret)
+            # must not ride along into a traceback in the log.
+            raise RenderError(artefact, name, scrub(message, self.settings),
+                              _template_line(exc, name)) from None
         if artefact == "cmdline.txt":  # the Pi reads exactly one line
             text = " ".join(text.split()) + "\n"
         return text
+
+    def _render_shared(self, template: jinja2.Template, context: dict[str, Any]) -> str:
+        """``template.render`` over ``context`` as jinja's read-only parent, without the
+        copy jinja's own render makes. Errors are rewritten to template lines exactly
+        as ``render`` does."""
+        jctx = template.new_context(context, shared=True)
+        try:
+            return self.env.concat(template.root_render_func(jctx))  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - rewritten and re-raised, as jinja's render does
+            self.env.handle_exception()
 
     def has_secrets(self, plan: BootPlan) -> bool:
         """Whether this node's user-data reads any secret (strict mode serves it only to
@@ -210,11 +359,42 @@ class Renderer:
             return True
         return bool(tracker.read)
 
-    def check(self, inventory: Inventory, images: Any = None) -> list[Problem]:
+    def generation(self) -> bytes:
+        """Digest of everything besides the plan that decides what a check finds: the
+        template sources, the settings, which secret files are readable, and the code
+        that builds the context. Two checks with the same generation and the same plan
+        find the same problems."""
+        h = hashlib.blake2b(digest_size=16)
+        for part in (__version__, jinja2.__version__, _CODE_STAMP):
+            h.update(part.encode() + b"\0")
+        try:
+            h.update(self.settings.model_dump_json().encode())
+        except Exception:  # noqa: BLE001 - an unserialisable value: fall back to its repr
+            h.update(repr(self.settings).encode())
+        for name in sorted(self.sources):
+            h.update(b"\0" + name.encode() + b"\0" + self.sources[name].encode())
+        for name, path in sorted(self.settings.secrets.items()):
+            ok = os.access(path, os.R_OK) and path.is_file()
+            h.update(f"\0{name}={path}:{ok}".encode())
+        return h.digest()
+
+    def check(self, inventory: Inventory, images: Any = None, *,
+              cache: CheckCache | None = None) -> list[Problem]:
         """Render every artefact for every node and the default profile; collect problems.
 
         Secrets are checked for presence of the file, not rendered into anything kept.
+
+        ``cache``: what earlier checks found, per node, keyed by the renderer's
+        ``generation`` and the node's plan (everything it renders from, bar the boot's
+        random session and token). A node whose key is there is not rendered again, so
+        a reload after a one-node edit renders that node only; the cache is updated in
+        place with this check's nodes. ``check_renders`` counts the renders done.
         """
+        with paused_gc():  # yamlfile.paused_gc says why
+            return self._check(inventory, images, cache)
+
+    def _check(self, inventory: Inventory, images: Any,
+               cache: CheckCache | None) -> list[Problem]:
         from .planner import NoImages, decide
 
         resolver = images or NoImages()
@@ -226,33 +406,145 @@ class Renderer:
         # the default profile is checked too, as if unknown machines were booted
         as_default = self.settings.model_copy(
             update={"policy": self.settings.policy.model_copy(update={"unknown": "default"})})
+        generation = self.generation()
+        known = cache.results_for(generation) if cache is not None else {}
+        found: dict[bytes, tuple[_Found, ...]] = {}
         problems: list[Problem] = []
         seen: set[tuple[str, str]] = set()
         for facts in machines:
             plan = decide(facts, inventory, as_default, resolver)
-            if plan.image is None:  # check templates even before any image exists
-                plan = _with_placeholder_image(plan)
-            for artefact in ARTEFACTS:
-                try:
-                    self.render(artefact, plan, server)
-                except RenderError as exc:
-                    key = (exc.template, str(exc))
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    problems.append(Problem(
-                        str(self.settings.paths.templates / exc.template), exc.line,
-                        f"{artefact} for {plan.node.hostname}", str(exc).split(": ", 2)[-1]))
+            # check templates even before any image exists; the session and token are
+            # random per boot: fixed here, so the key (and the text rendered) is the
+            # node's content only
+            plan = replace(plan, session=_CHECK_SESSION, token=_CHECK_TOKEN, created=0.0,
+                           image=plan.image or _PLACEHOLDER_IMAGE)
+            if cache is None:
+                errors = self._check_plan(plan, server)
+            else:
+                key = _plan_key(plan)
+                errors = known.get(key)
+                if errors is None:
+                    errors = found.get(key)
+                if errors is None:
+                    errors = self._check_plan(plan, server)
+                found[key] = errors
+            for artefact, template, text, line, message in errors:
+                dedup = (template, text)
+                if dedup in seen:
+                    continue
+                seen.add(dedup)
+                problems.append(Problem(
+                    str(self.settings.paths.templates / template), line,
+                    f"{artefact} for {plan.node.hostname}", message))
+        if cache is not None:
+            cache.update(generation, found)
         return problems
 
+    def _check_plan(self, plan: BootPlan, server: ServerInfo) -> tuple[_Found, ...]:
+        """Every artefact of one plan rendered once, as ``check`` reports failures.
 
-def _with_placeholder_image(plan: BootPlan) -> BootPlan:
-    from dataclasses import replace
+        Cheaper than ``render`` per artefact, with the same outcome: one context per
+        node (user-data gets the secrets, as placeholders), and each template rendered
+        over that context plus the environment's globals without jinja copying both
+        into a new dict per render."""
+        # what jinja's render reads: the environment's globals under the context
+        context = {**self.env.globals, **self.context(plan, server, placeholders=True)}
+        out: list[_Found] = []
+        for artefact in ARTEFACTS:
+            self.check_renders += 1
+            name = self.template_name(artefact, plan)
+            if artefact == "user-data":
+                ctx = dict(context)
+                ctx["secrets"] = _Secrets(self.settings.secrets, placeholders=True)
+            else:
+                ctx = context
+            try:
+                self._render_in(artefact, name, lambda c=ctx: c, fast=True)
+            except RenderError as exc:
+                out.append((artefact, exc.template, str(exc), exc.line,
+                            str(exc).split(": ", 2)[-1]))
+        return tuple(out)
 
-    ref = ImageRef(name="check", version="0", root=Path("/nonexistent"),
-                   boot={"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "",
-                         "rootfs": "rootfs", "boot_tree": "boot"})
-    return replace(plan, image=ref)
+
+#: What ``check`` found for one plan: (artefact, template, error text, line, message) each.
+_Found = tuple[str, str, str, int, str]
+_CHECK_SESSION = "c" * 12
+_CHECK_TOKEN = "c" * 24
+#: Changes whenever this module's code does: a persisted check result from older code
+#: (a context built differently) is not trusted.
+_CODE_STAMP = hashlib.blake2b(Path(__file__).read_bytes(), digest_size=8).hexdigest()
+
+
+def _plan_key(plan: BootPlan) -> bytes:
+    """Digest of what a plan renders from: the node's effective content and the plan's
+    decision (``repr`` covers every field, the image's ``boot`` section included)."""
+    text = repr((plan.action, plan.reason, plan.stage, plan.facts, plan.node, plan.image,
+                 plan.image.boot if plan.image else None, plan.disk,
+                 plan.disk.boot if plan.disk else None))
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+class CheckCache:
+    """Per-node results of ``Renderer.check``, kept across reloads (and, through
+    ``save``/``load``, across restarts): plan key -> problems found (none, mostly).
+
+    Only results of one generation are kept: a template, setting or secret edit
+    starts it afresh. Thread-safe enough for one reload at a time plus readers.
+    """
+
+    #: File format marker; a file without it is ignored.
+    MAGIC = b"netbootd-check-1\n"
+
+    def __init__(self) -> None:
+        self.generation: bytes | None = None
+        self.results: dict[bytes, tuple[_Found, ...]] = {}
+        self._lock = threading.Lock()
+
+    def results_for(self, generation: bytes) -> dict[bytes, tuple[_Found, ...]]:
+        with self._lock:
+            return self.results if generation == self.generation else {}
+
+    def update(self, generation: bytes, results: dict[bytes, tuple[_Found, ...]]) -> None:
+        """Keep ``results`` (one check's nodes) as what is known for ``generation``."""
+        with self._lock:
+            self.generation, self.results = generation, results
+
+    def save(self, path: Path) -> None:
+        """Write the clean results (keys of nodes that rendered without a problem) to
+        ``path`` atomically; a failure to write costs only the next start-up's time."""
+        with self._lock:
+            generation = self.generation
+            clean = [k for k, v in self.results.items() if not v]
+        if generation is None:
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(self.MAGIC + generation + b"".join(clean))
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def load(self, path: Path) -> None:
+        """Take the clean results ``save`` wrote (nothing, if absent or malformed)."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return
+        head = len(self.MAGIC)
+        if not data.startswith(self.MAGIC) or (len(data) - head) % 16:
+            return
+        generation = data[head:head + 16]
+        keys = [data[i:i + 16] for i in range(head + 16, len(data), 16)]
+        with self._lock:
+            if self.generation is None:
+                self.generation, self.results = generation, dict.fromkeys(keys, ())
+
+
+#: What ``check`` renders a node with before any image exists.
+_PLACEHOLDER_IMAGE = ImageRef(name="check", version="0", root=Path("/nonexistent"),
+                              boot={"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "",
+                                    "rootfs": "rootfs", "boot_tree": "boot"})
 
 
 def _template_line(exc: BaseException, name: str) -> int:

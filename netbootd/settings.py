@@ -48,6 +48,10 @@ class NetworkSettings(_Section):
     advertise: IPv4Address | None = Field(
         None, description="Server IPv4 put in replies (option 54, siaddr, URLs). "
         "Default: the address of the interface the request arrived on.")
+    max_addresses: int = Field(
+        4096, ge=16, description="Client address bindings remembered (learnt from the site "
+        "DHCP server's ACKs); beyond it the least recently confirmed is forgotten (counted "
+        "in netbootd_table_evictions_total{table=\"addresses\"}).")
 
 
 class DhcpSettings(_Section):
@@ -64,6 +68,18 @@ class DhcpSettings(_Section):
     rate_limit_per_mac: float = Field(
         10.0, gt=0, description="Replies per second per MAC at most; a looping client "
         "beyond it is dropped (and counted) so it cannot flood the daemon or the log.")
+    memo_entries: int = Field(
+        16384, ge=16, description="Distinct requests remembered with their classification "
+        "and prepared replies; the oldest is forgotten beyond it (counted).")
+    max_clients: int = Field(
+        65536, ge=16, description="MACs tracked for rate limiting and event coalescing; "
+        "the oldest is forgotten beyond it (counted), so random MACs cannot grow memory.")
+    learn_from_acks: bool = Field(
+        True, description="Learn client addresses from the site DHCP server's ACKs seen on "
+        "the wire (needs CAP_NET_RAW; docs/security.md says what a proxy can observe).")
+    site_servers: list[IPv4Address] = Field(
+        default_factory=list, description="Only ACKs from these DHCP servers are evidence "
+        "of an address (empty: any server whose server identifier is the ACK's source).")
 
 
 class TftpSettings(_Section):
@@ -82,14 +98,25 @@ class TftpSettings(_Section):
     max_per_client: int = Field(64, ge=1, description="Concurrent transfers per client IP.")
     workers: int | None = Field(
         None, ge=0, description="Worker processes that run TFTP transfers (the daemon hands "
-        "each one its socket and file), so transfers use every CPU. Unset = one per CPU; "
-        "0 = run transfers on the daemon's TFTP thread (debugging, tests).")
+        "each one its socket and file), so the daemon's own CPU and GIL stay free for DHCP and "
+        "HTTP. Unset = one per CPU; 0 = the block loop's threads run in the daemon itself.")
     pump_threads: int = Field(
-        16, ge=0, description="Per worker process: this many concurrent transfers each get a "
-        "thread of their own running the block loop in C (netbootd/tftp/_pump.c; lowest "
-        "latency per block); more transfers than that share the worker's event loop, which "
-        "batches (cheaper per block under load). 0 = the event loop only. Why 16: "
-        "docs/tftp.md.")
+        16, ge=1, description="Per process that runs transfers: threads running the TFTP "
+        "block loop in C (netbootd/tftp/_pump.c). A new transfer goes to the least loaded "
+        "thread, so up to this many each get a thread of their own (lowest latency per "
+        "block) and more share them (each thread serves every ready transfer per wake-up, "
+        "cheaper per block under load). Why 16: docs/tftp.md.")
+    timeout_max: int = Field(
+        10, ge=1, le=255, description="Largest retransmit timeout a client may ask for with "
+        "the RFC 2349 'timeout' option, seconds; a larger value is refused (left out of the "
+        "OACK), so nobody makes a silent transfer hold a slot for minutes.")
+    stall_max: float = Field(
+        20.0, gt=0, description="Seconds a transfer may go without an ACK that moves it on, "
+        "whatever its timeout and retries, before it ends with ERROR 0 'Timeout'.")
+    listen_rcvbuf: int = Field(
+        4 * 1024 * 1024, ge=65536, description="Receive buffer of each TFTP listener, bytes "
+        "(SO_RCVBUFFORCE when running as root, else SO_RCVBUF up to net.core.rmem_max), so a "
+        "burst of requests (a rack powering on) waits in the kernel instead of being dropped.")
     ipxe_dir: Path = Field(Path("/usr/lib/ipxe"), description="Where the iPXE binaries "
                            "(undionly.kpxe, ipxe.efi, snponly.efi) live: Debian's ipxe package.")
     extra_ipxe_dirs: list[Path] = Field(
@@ -115,6 +142,38 @@ class HttpSettings(_Section):
     strict_user_data: bool = Field(
         True, description="Serve user-data that carries secrets only to the IP tied to that "
         "MAC by DHCP or the neighbour table; others get 403.")
+    # -- slow clients and disk (docs/security.md) --
+    idle_timeout: float = Field(
+        15.0, gt=0, description="Seconds a connection may sit without a complete request "
+        "head: an idle keep-alive connection, or a client still trickling its request line "
+        "and headers (slow-header attack), is closed after this.")
+    max_connections: int = Field(
+        2000, ge=1, description="Concurrent HTTP connections at most; more are closed at "
+        "once and counted (netbootd_http_connections_refused). Capped at half the process's "
+        "open-file limit, so slow clients cannot take the descriptors TFTP needs.")
+
+
+class ReloadSettings(_Section):
+    settle_seconds: float = Field(
+        0.5, ge=0, description="A changed nodes.yaml or template is read only once it has "
+        "stayed the same (size, mtime and content) for this long: a file still being written "
+        "is never loaded half-way.")
+    max_node_loss: float = Field(
+        0.5, ge=0, le=1, description="A hot reload that would drop more than this share of "
+        "the nodes (or all of them) is refused, unless the new nodes.yaml says "
+        "`allow_shrink: true` at its top level (docs/configuration.md).")
+
+
+class EventSettings(_Section):
+    max_nodes: int = Field(
+        10000, ge=1, description="Machines kept in the node state table and their event "
+        "timelines (also when replaying the event files at start); beyond it the "
+        "least recently seen machine is evicted and counted "
+        "(netbootd_event_nodes_evicted). Bounds memory under a flood of random MACs.")
+    ignored_sample: int = Field(
+        32, ge=0, description="Machines the daemon ignored (not in the fleet) are counted, "
+        "not given a node row each; this many of the most recent are kept as a sample for "
+        "the status page and API.")
 
 
 class DnsSettings(_Section):
@@ -152,6 +211,29 @@ class BootSettings(_Section):
                               "many booted-OS plans); the least recently seen are evicted.")
 
 
+class HttpBootSettings(_Section):
+    enabled: bool = Field(
+        False, description="Serve Raspberry Pi HTTP boot (EEPROM BOOT_ORDER nibble 7): a "
+        "signed boot.img and boot.sig per node, to nodes whose vars say `http_boot: true` "
+        "(docs/rpi-netboot.md, section 6).")
+    key_file: Path | None = Field(
+        None, description="PEM RSA-2048 private key boot.sig is signed with; its public half "
+        "goes into the EEPROM (`netbootd keys generate` makes both).")
+    path: str = Field(
+        "netboot", pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$",
+        description="EEPROM HTTP_PATH: boot.img and boot.sig are served at "
+        "/<path>/boot.img (the Pi found by its address) and /<path>/<serial or MAC with "
+        "dashes>/boot.img.")
+    host_name: str | None = Field(
+        None, description="EEPROM HTTP_HOST as a DNS name (some bootloader releases ignore "
+        "an IP address there): with dns.enabled, netbootd answers it with its advertised "
+        "address.")
+    cache_dir: Path | None = Field(
+        None, description="Where built boot.img files are kept, per image version and "
+        "content (default <paths.state>/http-boot). Expect one boot tree's size per node "
+        "and kept version.")
+
+
 class RpiSettings(_Section):
     boot_string: str = Field("Raspberry Pi Boot", description="PXE menu text the Pi bootloader "
                              "looks for in option 43 (EEPROM PXE_OPTION43 can change it).")
@@ -161,6 +243,11 @@ class RpiSettings(_Section):
         description="MAC prefixes of Raspberry Pi boards (used with the vendor class).")
     prefix_string: str | None = Field(None, description="EEPROM TFTP_PREFIX_STR, if the fleet "
                                       "uses TFTP_PREFIX=1.")
+    pieeprom_dir: Path = Field(
+        Path("pieeprom"), description="Directory of operator-made bootloader updates: a node "
+        "whose vars name `pieeprom: <file>` in it is served that file as pieeprom.upd, with "
+        "a generated pieeprom.sig (docs/rpi-netboot.md, section 7).")
+    http_boot: HttpBootSettings = Field(default_factory=HttpBootSettings)
 
 
 class StoreSettings(_Section):
@@ -184,6 +271,17 @@ class StoreSettings(_Section):
                                   "seconds (builds written in place always wait for the marker).")
     gc_interval: float = Field(600.0, gt=0, description="Seconds between retention GC runs "
                                "in the daemon.")
+    # -- hostile and careless builds (docs/store.md, "Limits") --
+    max_unpacked_bytes: int = Field(64 << 30, ge=1, description="Most bytes one build may "
+                                    "unpack or copy into staging; a build past it (a zip bomb) "
+                                    "is rejected while it is written. The manifest's declared "
+                                    "sizes bound it further.")
+    min_free_bytes: int = Field(512 << 20, ge=0, description="Free space the store keeps on "
+                                "its file system: an upload or ingest that would pass it stops "
+                                "and fails (checked with statvfs while writing).")
+    keep_rejected_max_bytes: int = Field(256 << 20, ge=0, description="A rejected build larger "
+                                         "than this is deleted; rejected/ keeps only its "
+                                         "reason and manifest.")
 
 
 class ProvisionSettings(_Section):
@@ -211,6 +309,10 @@ class NfsSettings(_Section):
     ganesha_pidfile: Path | None = Field(None, description="ganesha backend: when no reload "
                                          "command is set, SIGHUP the pid in this file "
                                          "(ganesha >= 2.8 re-reads EXPORT blocks on SIGHUP).")
+    state_settle_seconds: float = Field(
+        10.0, ge=0, description="A node's read-write state export follows an address only "
+        "after the address was confirmed (site server ACK + kernel neighbour table) and "
+        "unchanged this long; a static nodes.yaml ip is used at once.")
     exportfs_command: list[str] = Field(default_factory=lambda: ["exportfs"],
                                         description="exportfs backend: the exportfs binary "
                                         "(called with -ra to apply, -s to check).")
@@ -234,6 +336,8 @@ class Settings(BaseSettings):
     rpi: RpiSettings = Field(default_factory=RpiSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     nfs: NfsSettings = Field(default_factory=NfsSettings)
+    reload: ReloadSettings = Field(default_factory=ReloadSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
     provision: ProvisionSettings = Field(default_factory=ProvisionSettings)
     secrets: dict[str, Path] = Field(
         default_factory=dict, description="Secret name -> file. Read at render time, only into "
@@ -255,12 +359,14 @@ class Settings(BaseSettings):
         # between two files a client may be silent for as long as a transfer may stay
         # silent before it is given up (resends x timeout). A shorter TTL would let the
         # next file be planned afresh and mix versions.
-        silent = self.tftp.retransmit_timeout * (self.tftp.retries + 1)
+        t = self.tftp
+        silent = min(t.stall_max, max(t.retransmit_timeout, t.timeout_max) * (t.retries + 1))
         if self.boot.session_ttl < 2 * silent:
             raise ValueError(
                 f"boot.session_ttl ({self.boot.session_ttl:g} s) must be at least twice the "
-                f"longest silence of a TFTP transfer (tftp.retransmit_timeout x "
-                f"(tftp.retries + 1) = {silent:g} s)")
+                f"longest silence of a TFTP transfer (min(tftp.stall_max, max("
+                f"tftp.retransmit_timeout, tftp.timeout_max) x (tftp.retries + 1)) = "
+                f"{silent:g} s)")
         return self
 
     @classmethod
@@ -276,6 +382,11 @@ class Settings(BaseSettings):
     def lifecycle_dir(self) -> Path:
         """Where the provisioning lifecycle of each node is kept (nodestate.py)."""
         return self.paths.state / "lifecycle"
+
+    @property
+    def http_boot_dir(self) -> Path:
+        """Where built boot.img/boot.sig pairs are cached (netbootd/rpi/bootimg.py)."""
+        return self.rpi.http_boot.cache_dir or (self.paths.state / "http-boot")
 
     @property
     def node_state_dir(self) -> Path:
@@ -330,8 +441,14 @@ def _resolve_paths(s: Settings, base: Path, path: Path | None) -> Settings:
         "api_token_file": rel(s.http.api_token_file) if s.http.api_token_file else None})
     secrets = {k: rel(v) for k, v in s.secrets.items()}
     store = s.store.model_copy(update={"trusted_keys": [rel(p) for p in s.store.trusted_keys]})
+    hb = s.rpi.http_boot
+    rpi = s.rpi.model_copy(update={
+        "pieeprom_dir": rel(s.rpi.pieeprom_dir),
+        "http_boot": hb.model_copy(update={
+            "key_file": rel(hb.key_file) if hb.key_file else None,
+            "cache_dir": rel(hb.cache_dir) if hb.cache_dir else None})})
     return s.model_copy(update={
-        "paths": paths, "http": http, "secrets": secrets, "store": store,
+        "paths": paths, "http": http, "secrets": secrets, "store": store, "rpi": rpi,
         "config_file": path.resolve() if path else None})
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from .interfaces import Addresses, Renderer
 from .inventory import Inventory
-from .model import ClientFacts, ClientKind, ImageRef, NodeView
+from .model import ClientFacts, ClientKind, ImageRef, NodeView, normalise_mac
+from .neighbours import kernel_neighbour
 from .settings import Settings
 
 
@@ -31,6 +32,10 @@ class InventoryNodes:
 
     def known(self, mac: str) -> bool:
         return mac in self._inventory().nodes
+
+    def find(self, *, uuid: str | None = None, hostname: str | None = None,
+             ip: str | None = None) -> str | None:
+        return self._inventory().find(uuid=uuid, hostname=hostname, ip=ip)
 
     def macs(self) -> list[str]:
         return list(self._inventory().nodes)
@@ -63,9 +68,28 @@ class InventoryNodes:
             if node.hostname:
                 yield node.hostname, mac, node.ip or self._addresses.ip_for(mac)
 
+    def members(self) -> Iterable[tuple[str, str, str | None]]:
+        """(hostname, mac, static ip) of every inventory node; a node without a hostname
+        is named as its NodeView names it (``node-`` + the MAC's last six digits)."""
+        for mac, node in self._inventory().nodes.items():
+            yield node.hostname or "node-" + mac.replace(":", "")[6:], mac, node.ip
+
     def static_ip(self, mac: str) -> str | None:
         node = self._inventory().nodes.get(mac)
         return node.ip if node is not None else None
+
+    def owns(self, mac: str, ip: str) -> bool:
+        """Is the peer at ``ip`` node ``mac``? Static ``ip`` from nodes.yaml (refused only
+        when the kernel neighbour table names another MAC for it: someone else holds the
+        address on our link), else the address evidence (:meth:`Addresses.owner_of`)."""
+        if not ip or not mac:
+            return False
+        mac = normalise_mac(mac)
+        static = self.static_ip(mac)
+        if static is not None and static == ip:
+            on_link = kernel_neighbour(ip)
+            return on_link is None or on_link == mac
+        return self._addresses.owner_of(ip) == mac
 
     def facts_for(self, mac: str, ip: str | None = None) -> ClientFacts:
         node = self._inventory().nodes.get(mac)
@@ -105,6 +129,45 @@ class StoreArtefacts:
         return self._renderer()
 
 
+class StoreVersions:
+    """:class:`interfaces.Versions` over the image store (which may come up later)."""
+
+    def __init__(self, store: Callable[[], Any]) -> None:
+        self._store = store
+
+    def refs(self) -> list[ImageRef]:
+        store = self._store()
+        return list(store.all_refs()) if store is not None else []
+
+    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+        store = self._store()
+        if store is None:
+            return _nothing
+        store.on_change.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in store.on_change:
+                store.on_change.remove(callback)
+        return unsubscribe
+
+
+def hooks(registry: list[Callable[[], None]]) -> Callable[[Callable[[], None]],
+                                                          Callable[[], None]]:
+    """:data:`interfaces.Subscribe` over a list of callbacks (``App.on_reload``)."""
+    def subscribe(callback: Callable[[], None]) -> Callable[[], None]:
+        registry.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in registry:
+                registry.remove(callback)
+        return unsubscribe
+    return subscribe
+
+
+def _nothing() -> None:
+    return None
+
+
 #: (image, version) -> (the ref's artefact tuple, the same as a set). The tuple is kept
 #: and compared by identity, so a version re-created under the same name is re-read.
 _SETS: dict[tuple[str, str], tuple[tuple[str, ...], frozenset[str]]] = {}
@@ -120,12 +183,3 @@ def _artefact_set(image: ImageRef) -> frozenset[str]:
             _SETS.clear()
         hit = _SETS[key] = (image.artefacts, frozenset(image.artefacts))
     return hit[1]
-
-
-def owns_address(nodes: InventoryNodes, addresses: Addresses, mac: str, ip: str) -> bool:
-    """Is ``ip`` the address of machine ``mac``: learnt with evidence (DHCP, the kernel
-    neighbour table) or configured (nodes.yaml ``ip``)? The one check every secret and
-    every lifecycle report goes through."""
-    if not ip:
-        return False
-    return addresses.mac_for(ip) == mac or nodes.static_ip(mac) == ip

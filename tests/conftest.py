@@ -81,3 +81,45 @@ def no_stray_processes():
             print(f"\nWARNING: killed stray test process {pid}: {cmd[:200].decode(errors='replace')}")
         except (OSError, ProcessLookupError):
             continue
+
+
+# -- Skips are failures in CI ---------------------------------------------------------------
+#
+# A skip hides a test that did not run: under ``CI=true`` a missing tool, a missing
+# privilege or an optional import must fail the run loudly, with its reason, instead of
+# turning green. Outside CI a skip with a reason is fine (a laptop without QEMU).
+# ``xfail`` is not a skip and is left alone.
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _skip_reason(longrepr: object) -> str:
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+def _fail_skip(report: pytest.BaseReport) -> None:
+    reason = _skip_reason(report.longrepr).removeprefix("Skipped: ")
+    report.outcome = "failed"
+    report.longrepr = (f"skipped under CI=true, which is a failure: {reason}\n"
+                       "(install the tool or grant the privilege the test needs; "
+                       "a skip in CI hides a test that did not run)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        _fail_skip(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """A module-level ``importorskip``/``skip(allow_module_level=True)``."""
+    outcome = yield
+    report = outcome.get_result()
+    if in_ci() and report.skipped:
+        _fail_skip(report)

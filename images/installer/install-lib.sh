@@ -4,8 +4,8 @@
 #
 # Settings (environment; the defaults are what the installer uses):
 #   BB           busybox command                      (busybox)
-#   NBD_TMP      scratch directory, RAM in the installer (/tmp); holds up to two chunks
-#   NBD_CHUNK    largest range fetched with one request (16 MiB); chunks are also at most
+#   NBD_TMP      scratch directory, RAM in the installer (/tmp); FIFOs and a few small files
+#   NBD_CHUNK    largest range fetched with one request (256 MiB); ranges are also at most
 #                1/20 of the image, so progress is reported at least every 5 %
 #   NBD_RETRIES  attempts per chunk before giving up (30); NBD_BACKOFF_MAX seconds (8)
 #   NBD_SYS, NBD_DEV, NBD_MOUNTS, NBD_SWAPS   /sys, /dev, /proc/mounts, /proc/swaps
@@ -13,7 +13,7 @@
 #
 # After a function fails, NBD_REASON says why in one line (it becomes the event's reason).
 
-: "${BB:=busybox}" "${NBD_TMP:=/tmp}" "${NBD_CHUNK:=16777216}" "${NBD_RETRIES:=30}"
+: "${BB:=busybox}" "${NBD_TMP:=/tmp}" "${NBD_CHUNK:=268435456}" "${NBD_RETRIES:=30}"
 : "${NBD_BACKOFF_MAX:=8}" "${NBD_SYS:=/sys}" "${NBD_DEV:=/dev}"
 : "${NBD_MOUNTS:=/proc/mounts}" "${NBD_SWAPS:=/proc/swaps}"
 NBD_REASON=
@@ -177,39 +177,44 @@ nbd_pick_disk() { # nbd_pick_disk SELECTOR USIZE: sets NBD_DISK; fails with NBD_
 
 # ------------------------------------------------------------------------------ streaming
 
-nbd_fetch_chunk() { # nbd_fetch_chunk URL START END FILE: FILE = "x" + bytes START..END
-    # busybox wget accepts a 206 answer only when it resumes (-c) a non-empty file, and
-    # then sends the caller's Range header instead of its own "bytes=N-". So FILE starts
-    # with one placeholder byte, every attempt appends what the server sent, and the
-    # next attempt asks for the bytes still missing. The reader skips the first byte.
-    _url=$1 _start=$2 _end=$3 _file=$4
-    _want=$((_end - _start + 1)) _fails=0 _wait=1
-    printf x > "$_file"
+nbd_fetch_range() { # nbd_fetch_range URL START END: bytes START..END of URL onto stdout
+    # One curl request per attempt, written straight into the caller's pipe. The request
+    # carries its own Range header and `-C START`, so curl refuses (before writing a byte)
+    # an answer that is not a 206 starting at START, and --max-filesize refuses a 200 with
+    # the whole file. A dropped connection resumes at the first byte not yet written: curl
+    # reports how many body bytes it wrote (size_download). Failures in a row are counted;
+    # an attempt that moved data starts the count over.
+    _url=$1 _start=$2 _end=$3 _from=$2 _fails=0 _wait=1
     while :; do
-        _have=$(( $($BB stat -c %s "$_file") - 1 ))
-        [ "$_have" -eq "$_want" ] && return 0
-        if [ "$_have" -gt "$_want" ]; then
+        $NBD_CURL -sS -f -L -D "$NBD_W/hdr" -H "Range: bytes=$_from-$_end" -C "$_from" \
+            --max-filesize $((_end - _from + 1)) --connect-timeout 15 -y 30 -Y 1024 \
+            -w '%{stderr}NBD-GOT %{size_download}\n' "$_url" 2> "$NBD_W/curl.err"
+        _rc=$?
+        if [ "$_rc" -eq 23 ] || [ "$_rc" -gt 128 ]; then     # the pipe's reader is gone
+            nbd_fail "decompressor stopped: $($BB tail -n 1 "$NBD_W/dec.err" 2>/dev/null)"
+            return 1
+        fi
+        _got=$($BB sed -n 's/^NBD-GOT \([0-9]*\).*/\1/p' "$NBD_W/curl.err" | $BB tail -n 1)
+        _from=$((_from + ${_got:-0}))
+        [ "$_from" -eq $((_end + 1)) ] && return 0
+        if [ "$_from" -gt $((_end + 1)) ]; then
             nbd_fail "server sent more than bytes $_start-$_end"; return 1
         fi
-        _from=$((_start + _have))
-        $BB timeout 300 $BB wget -c -S -q -O "$_file" --header "Range: bytes=$_from-$_end" \
-            "$_url" 2> "$NBD_TMP/nbd-wget.err"
-        _rc=$?
-        _status=$($BB grep -m1 '^ *HTTP/' "$NBD_TMP/nbd-wget.err" | $BB sed 's/^ *//')
+        _status=$($BB tr -d '\r' < "$NBD_W/hdr" 2>/dev/null | $BB grep '^HTTP/' | $BB tail -n 1)
+        _why=$($BB grep -v '^NBD-GOT ' "$NBD_W/curl.err" | $BB tail -n 1)
         case "$_status" in
-            *" 206"*) _why="connection closed (wget exit $_rc)";;
             *" 200"*) nbd_fail "server ignores Range requests ($_status)"; return 1;;
             *" 4"[0-9][0-9]*) nbd_fail "$_url: $_status"; return 1;;
-            "") _why=$($BB grep -v '^  ' "$NBD_TMP/nbd-wget.err" | $BB tail -n 1)
-                _why=${_why:-no response (wget exit $_rc)};;
-            *) _why=$_status;;
+            *" 206"*) ;;
+            ?*) _why=$_status;;
         esac
-        [ "$($BB stat -c %s "$_file")" -eq $((_want + 1)) ] && return 0
+        _why=${_why:-no response (curl exit $_rc)}
+        [ "${_got:-0}" -eq 0 ] || _fails=0 _wait=1
         _fails=$((_fails + 1))
         if [ "$_fails" -ge "$NBD_RETRIES" ]; then
             nbd_fail "download of bytes $_from-$_end failed $_fails times: $_why"; return 1
         fi
-        nbd_log "bytes $_from-$_end: $_why; resuming at byte $((_start + $($BB stat -c %s "$_file") - 1))"
+        nbd_log "bytes $_from-$_end: $_why; resuming at byte $_from"
         $BB sleep "$_wait"
         _wait=$((_wait * 2)); [ "$_wait" -le "$NBD_BACKOFF_MAX" ] || _wait=$NBD_BACKOFF_MAX
     done
@@ -232,48 +237,50 @@ nbd_sha256_cmd() { # the fastest sha256 there is: openssl (SHA-NI), coreutils, b
     fi
 }
 
+nbd_tee_cmd() { # a tee that reads more than busybox's 1 KiB per system call (coreutils)
+    # By path: busybox ash runs its own applet for a bare `tee`.
+    for _d in $(echo "$PATH" | $BB tr : ' '); do
+        [ -x "$_d/tee" ] || continue
+        case "$($BB readlink -f "$_d/tee")" in *busybox*) continue;; esac
+        echo "$_d/tee"; return 0
+    done
+    echo "$BB tee"
+}
+
 nbd_write_image() { # nbd_write_image URL SIZE USIZE SHA256 COMPRESSION TARGET
     # Streams URL (SIZE bytes, compressed) through one decompressor onto TARGET, hashing the
-    # decompressed bytes on the way (tee into a FIFO read by sha256). The download is done
-    # in chunks of at most NBD_CHUNK bytes, each into a file in NBD_TMP, resumed with a
-    # Range request after a dropped connection; while chunk N+1 downloads, chunk N is fed to
-    # the decompressor. Reports `installing` after every chunk (each is <= 5 % of SIZE).
+    # decompressed bytes on the way (tee into a FIFO read by sha256). The download is a
+    # series of Range requests of at most 1/20 of SIZE (and NBD_CHUNK), each written by curl
+    # straight into the decompressor's FIFO and resumed at the first missing byte after a
+    # dropped connection. Reports `installing` after every range (each is <= 5 % of SIZE).
     _url=$1 _size=$2 _usize=$3 _sha=$4 _comp=$5 _target=$6
     _dec=$(nbd_decompress_cmd "$_comp") ||
         { nbd_fail "unknown compression '$_comp'"; return 1; }
-    _shacmd=$(nbd_sha256_cmd)
+    NBD_CURL=$(command -v curl) || { nbd_fail "curl not found"; return 1; }
+    _shacmd=$(nbd_sha256_cmd) _tee=$(nbd_tee_cmd)
     _chunk=$(( (_size + 19) / 20 ))
     [ "$_chunk" -le "$NBD_CHUNK" ] || _chunk=$NBD_CHUNK
     [ "$_chunk" -ge 65536 ] || _chunk=65536
     _w="$NBD_TMP/nbd-write.$$"
+    NBD_W=$_w
     $BB rm -rf "$_w"; $BB mkdir -p "$_w"
     $BB mkfifo "$_w/in" "$_w/sha"
     $_shacmd < "$_w/sha" > "$_w/sha.out" 2> "$_w/sha.err" &
     _shapid=$!
     { $_dec < "$_w/in" 2> "$_w/dec.err"; echo $? > "$_w/dec.rc"; } |
-        { tee "$_w/sha" > "$_target" 2> "$_w/tee.err"; echo $? > "$_w/tee.rc"; } &
+        { $_tee "$_w/sha" > "$_target" 2> "$_w/tee.err"; echo $? > "$_w/tee.rc"; } &
     _pipepid=$!
     exec 9> "$_w/in"
-    _pos=0 _i=0 _catpid= _ok=1 _t0=$($BB date +%s)
-    nbd_log "streaming $_url ($_size bytes $_comp -> $_usize bytes) to $_target, chunks of $_chunk"
+    _pos=0 _ok=1 _t0=$($BB date +%s)
+    nbd_log "streaming $_url ($_size bytes $_comp -> $_usize bytes) to $_target, ranges of $_chunk"
     while [ "$_pos" -lt "$_size" ]; do
         _end=$((_pos + _chunk - 1)); [ "$_end" -lt "$_size" ] || _end=$((_size - 1))
-        if ! nbd_fetch_chunk "$_url" "$_pos" "$_end" "$_w/chunk.$_i"; then _ok=; break; fi
-        if [ -n "$_catpid" ] && ! wait "$_catpid"; then
-            nbd_fail "decompressor stopped: $($BB tail -n 1 "$_w/dec.err" 2>/dev/null)"
-            _ok=; break
-        fi
-        { $BB dd if="$_w/chunk.$_i" bs=1M iflag=skip_bytes skip=1 2>/dev/null >&9 && $BB rm -f "$_w/chunk.$_i"; } &
-        _catpid=$!
-        _pos=$((_end + 1)) _i=$((_i + 1))
+        if ! nbd_fetch_range "$_url" "$_pos" "$_end" >&9; then _ok=; break; fi
+        _pos=$((_end + 1))
         _pct=$((_pos * 100 / _size))
         [ "$_pct" -lt 100 ] || _pct=99              # 100 means written, synced and verified
         nbd_event_async installing "$_pct"
     done
-    if [ -n "$_catpid" ] && ! wait "$_catpid" && [ -n "$_ok" ]; then
-        nbd_fail "decompressor stopped: $($BB tail -n 1 "$_w/dec.err" 2>/dev/null)"
-        _ok=
-    fi
     # Closing the FIFO ends the pipeline: after a failure the decompressor sees a truncated
     # stream and stops, tee and sha256 follow (whatever was written is not a valid disk).
     exec 9>&-

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..daemon import build_app, settle_heap
 from ..inventory import Inventory, load_inventory
 from ..settings import load_settings
-from .proxy import DhcpService
+from .proxy import create
 
 
 async def _run(config: Path | None) -> int:
@@ -25,7 +25,7 @@ async def _run(config: Path | None) -> int:
     inv_path = settings.paths.inventory
     inventory = load_inventory(inv_path) if inv_path.exists() else Inventory.empty()
     app = build_app(settings, inventory=inventory)
-    svc = DhcpService(app)
+    svc = create(app)  # the service gets narrow views of the App, as in the daemon
     await svc.start()
     settle_heap()
     print("ready", flush=True)

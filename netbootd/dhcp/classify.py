@@ -8,7 +8,9 @@ whole point of this module:
    vendor class as BIOS iPXE (``PXEClient:Arch:00000:UNDI:002001``), so arch alone
    would hand it an x86 binary. It is a Pi when that vendor class comes with an
    option-97 tag "RPi?"/"?iPR" (both byte orders were shipped), a Raspberry Pi OUI
-   from config, or an inventory entry that says so (rpi-netboot.md).
+   from config, or an inventory entry that says so (rpi-netboot.md). A serial names
+   an inventory node only together with that node's MAC, unless the node says
+   ``match: serial`` (the inventory decides; option 97 is just bytes anyone can send).
 2. iPXE (user class "iPXE" or any option 175), whatever the firmware below it.
 3. UEFI HTTP boot (vendor class ``HTTPClient``).
 4. PXE by arch (RFC 4578 / IANA registry): 0 BIOS, 7/9 x86-64 UEFI, 11 arm64 UEFI.
@@ -22,7 +24,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..inventory import Inventory
 from ..model import ClientFacts, ClientKind, normalise_serial
 from . import packet as pk
 
@@ -141,12 +142,13 @@ def _ip(raw: bytes | None) -> str | None:
 class Classifier:
     """Turns a parsed request into a :class:`ClientInfo` with config-driven Pi detection.
 
-    ``inventory`` is a callable so an inventory reload is seen on the next packet.
+    ``says_pi(mac, serial)`` is :meth:`netbootd.interfaces.Nodes.says_pi`: asked on
+    every classification, so an inventory reload is seen on the next distinct request.
     """
 
-    def __init__(self, rpi_ouis: list[str], inventory: Callable[[], Inventory]) -> None:
+    def __init__(self, rpi_ouis: list[str], says_pi: Callable[[str, str | None], bool]) -> None:
         self._ouis = frozenset(o.strip().lower().replace("-", ":")[:8] for o in rpi_ouis)
-        self._inventory = inventory
+        self._says_pi = says_pi
 
     def classify(self, req: pk.Request) -> ClientInfo:
         o = req.options
@@ -157,6 +159,11 @@ class Classifier:
         ipxe_opts = o.get(pk.OPT_IPXE_ENCAP)
         arch = client_arch(o, vendor)
         mid = o.get(pk.OPT_MACHINE_ID)
+        if mid is not None and len(mid) > pk.MAX_ECHO:
+            # Repeated option-97 TLVs are concatenated (RFC 3396); the reply echoes the
+            # value in one TLV, which cannot hold more than 255 bytes. No firmware sends
+            # that: a malformed request, dropped and counted like any other.
+            raise pk.Malformed(f"option 97 is {len(mid)} bytes (one option holds 255)")
         requested = o.get(pk.OPT_REQUESTED_IP)
         boot_item = None
         vs = o.get(pk.OPT_VENDOR_SPECIFIC)
@@ -166,7 +173,7 @@ class Classifier:
         kind, serial, client_uuid = ClientKind.OTHER, None, None
         if boot_client and vendor.startswith(PI_VENDOR_PREFIX):
             tagged, serial = pi_machine_id(mid)
-            if tagged or mac[:8] in self._ouis or self._inventory_says_pi(mac, serial):
+            if tagged or mac[:8] in self._ouis or self._says_pi(mac, serial):
                 kind = ClientKind.RPI
             else:
                 serial = None
@@ -194,18 +201,3 @@ class Classifier:
         if arch in UEFI_ARM64_ARCHES:
             return ClientKind.PXE_UEFI_ARM64
         return ClientKind.OTHER
-
-    def _inventory_says_pi(self, mac: str, serial: str | None) -> bool:
-        """The inventory knows this MAC/serial as a Pi: it has a serial or an rpi kind."""
-        inv = self._inventory()
-        found = inv.node_for(ClientFacts(mac=mac, serial=serial))
-        if not found:
-            return False
-        node = found[1]
-        if node.serial:
-            return True
-        if any(str(node.labels.get(k, "")).lower().startswith("rpi")
-               for k in ("kind", "board")):
-            return True
-        prof = inv.profiles.get(node.profile) if node.profile else None
-        return bool(prof and prof.selectors.kind == ClientKind.RPI.value)

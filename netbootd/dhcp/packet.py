@@ -139,6 +139,8 @@ def parse_header(data: bytes) -> Header:
     return Header(xid, flags, ciaddr, giaddr, data[28:44], data[28:34], hops)
 
 
+#: The longest option value a reply can echo in one TLV.
+MAX_ECHO = 255
 REQUEST_PREFIX = bytes((BOOTREQUEST, HTYPE_ETHER, 6))
 
 

@@ -23,11 +23,16 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
+from . import acks
 from .netif import Interfaces
+from .reply import preload
 from .responder import Responder, available_boot_files
 
 if TYPE_CHECKING:
     from ..app import App
+    from ..interfaces import Addresses, Nodes, Plans, Recorder, Subscribe
+    from ..metrics import Metrics
+    from ..settings import Settings
 
 log = logging.getLogger("netbootd.dhcp")
 
@@ -45,16 +50,34 @@ SEND_WARNING_INTERVAL = 10.0
 
 
 class DhcpService:
-    """Proxy-DHCP: answers boot questions only, never hands out an address."""
+    """Proxy-DHCP: answers boot questions only, never hands out an address.
+
+    Built by :func:`create` from narrow parts (``interfaces.py``): it can plan a boot,
+    ask who a MAC is, record what it saw and record address evidence, nothing more.
+    ``on_reload`` registers a config-reload hook and returns its unregistration.
+    """
 
     name = "dhcp"
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.settings = app.settings.dhcp
+    def __init__(self, settings: Settings, *, plans: Plans, nodes: Nodes,
+                 addresses: Addresses, recorder: Recorder, metrics: Metrics,
+                 on_reload: Subscribe) -> None:
+        self.all_settings = settings
+        self.settings = settings.dhcp
+        self.plans = plans
+        self.nodes = nodes
+        self.addresses = addresses
+        self.recorder = recorder
+        self.metrics = metrics
+        self._subscribe_reload = on_reload
+        self._unsubscribe_reload = None
         self.interfaces = Interfaces()
         self.responder: Responder | None = None
         self._sockets: list[tuple[socket.socket, bool]] = []
+        self._ack_sock: socket.socket | None = None
+        self._site_servers = frozenset(str(a) for a in settings.dhcp.site_servers)
+        self.acks_seen = 0
+        self.addresses_learnt = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.bound: list[str] = []
         self.started: float | None = None
@@ -62,12 +85,13 @@ class DhcpService:
         self._last_send_warning = -SEND_WARNING_INTERVAL
         self._anc: dict[tuple[int, str | None], list] = {}
         self._pktinfo_seen: dict[bytes, tuple[int, str | None]] = {}
-        self._sent = app.metrics.tally(app.metrics.bytes_sent)
+        self._sent = metrics.tally(metrics.bytes_sent)
         self.warnings: list[str] = []
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
-        s = self.app.settings
+        s = self.all_settings
+        preload()  # scapy (0.15-0.5 s) now, not on the loop at the first client's reply
         available = available_boot_files(s)
         missing = sorted({s.dhcp.bios_bootfile, s.dhcp.uefi_x64_bootfile} - available)
         if s.dhcp.uefi_arm64_bootfile not in available:
@@ -84,7 +108,9 @@ class DhcpService:
             log.warning(msg)
             self.warnings.append(msg)
         await self.interfaces.start()
-        self.responder = Responder(self.app, self.interfaces, available=available)
+        self.responder = Responder(s, self.interfaces, plans=self.plans, nodes=self.nodes,
+                                   recorder=self.recorder, metrics=self.metrics,
+                                   available=available)
         self._loop = asyncio.get_running_loop()
         try:
             for port, pxe in ((s.dhcp.port, False), (s.dhcp.pxe_port, True)):
@@ -95,7 +121,9 @@ class DhcpService:
         except OSError:
             await self.stop()
             raise
-        self.app.on_reload.append(self._on_reload)
+        if s.dhcp.learn_from_acks:
+            self._open_acks()
+        self._unsubscribe_reload = self._subscribe_reload(self._on_reload)
         self.started = time.time()
         log.info("proxy-DHCP listening on %s (interfaces: %s)", ", ".join(self.bound),
                  ", ".join(s.network.interfaces) or "all")
@@ -109,9 +137,18 @@ class DhcpService:
                     pass
             sock.close()
         self._sockets.clear()
+        if self._ack_sock is not None:
+            if self._loop is not None:
+                try:
+                    self._loop.remove_reader(self._ack_sock.fileno())
+                except (ValueError, OSError):
+                    pass
+            self._ack_sock.close()
+            self._ack_sock = None
         self.bound = []
-        if self._on_reload in self.app.on_reload:
-            self.app.on_reload.remove(self._on_reload)
+        if self._unsubscribe_reload is not None:
+            self._unsubscribe_reload()
+            self._unsubscribe_reload = None
         await self.interfaces.stop()
 
     def health(self) -> dict[str, Any]:
@@ -125,12 +162,47 @@ class DhcpService:
             "dropped": r.dropped if r else 0,
             "replies_built": r.built if r else 0,
             "send_errors": self.send_errors,
+            "learning_from_acks": self._ack_sock is not None,
+            "acks_seen": self.acks_seen,
+            "addresses_learnt": self.addresses_learnt,
+            "tables": r.sizes() if r else {},
             "warnings": list(self.warnings),
         }
 
     def _on_reload(self) -> None:
         if self.responder is not None:
             self.responder.clear()
+
+    # -- address evidence (acks.py) ----------------------------------------------------------
+    def _open_acks(self) -> None:
+        try:
+            self._ack_sock = acks.open_ack_socket()
+        except OSError as exc:
+            msg = (f"not learning client addresses from DHCP ACKs ({exc.strerror or exc}; "
+                   "needs CAP_NET_RAW): only static nodes.yaml addresses count as evidence")
+            log.warning(msg)
+            self.warnings.append(msg)
+            return
+        assert self._loop is not None
+        self._loop.add_reader(self._ack_sock.fileno(), self._drain_acks)
+
+    def _interface_ok(self, ifname: str) -> bool:
+        served = self.all_settings.network.interfaces
+        return not served or ifname in served
+
+    def _drain_acks(self) -> None:
+        sock = self._ack_sock
+        if sock is None:
+            return
+        for ack, ifname in acks.read_acks(sock, self._site_servers, self._interface_ok):
+            self.acks_seen += 1
+            if self.addresses.learn(ack.ip, ack.mac, lease=ack.lease):
+                self.addresses_learnt += 1
+                self.recorder.record(
+                    "address", ack.mac if self.nodes.known(ack.mac) else None,
+                    f"address {ack.ip} from site DHCP server {ack.server}", ip=ack.ip,
+                    server=ack.server, interface=ifname, outcome="ok",
+                    client_mac=None if self.nodes.known(ack.mac) else ack.mac)
 
     # -- sockets ----------------------------------------------------------------------------
     @staticmethod
@@ -215,7 +287,7 @@ class DhcpService:
 
     def _send_failed(self, dest: tuple[str, int], exc: OSError) -> None:
         self.send_errors += 1
-        self.app.metrics.errors.labels("dhcp").inc()
+        self.metrics.errors.labels("dhcp").inc()
         now = time.monotonic()
         if now - self._last_send_warning > SEND_WARNING_INTERVAL:  # no log flood
             self._last_send_warning = now
@@ -224,5 +296,12 @@ class DhcpService:
 
 
 def create(app: App) -> DhcpService:
-    """Service factory (``netbootd.app.SERVICE_FACTORIES['dhcp']``)."""
-    return DhcpService(app)
+    """Service factory (``netbootd.app.SERVICE_FACTORIES['dhcp']``): the one place that
+    reads the App, and hands the service only the narrow views it needs."""
+    from ..views import InventoryNodes, hooks
+
+    nodes = InventoryNodes(lambda: app.inventory, app.clients, lambda: app.settings)
+    return DhcpService(app.settings, plans=app.planner, nodes=nodes, addresses=app.clients,
+                       recorder=app.events, metrics=app.metrics,
+                       on_reload=hooks(app.on_reload))
+

@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..model import ClientKind
+from ..render import ServerInfo
 from ..settings import Settings
 from . import packet as pk
 from .classify import HTTP_ARM64_ARCHES, HTTP_X64_ARCHES, ClientInfo
@@ -81,10 +82,10 @@ class NoAnswer:
 
 
 def http_base(settings: Settings, server_ip: str) -> str:
-    """Base URL of netbootd's HTTP service as the client should use it."""
-    if settings.http.public_url:
-        return settings.http.public_url.rstrip("/")
-    return f"http://{server_ip}:{settings.http.port}"
+    """Base URL of netbootd's HTTP service as the client should use it (``server_ip``
+    came from :meth:`ServerInfo.for_arrival`; the URL rules live in ServerInfo too)."""
+    return ServerInfo(ip=server_ip, http_port=settings.http.port,
+                      public_url=settings.http.public_url).base_url
 
 
 def answer_for(info: ClientInfo, server_ip: str, settings: Settings, *,
@@ -131,6 +132,12 @@ def _pxe43(info: ClientInfo, pxe_request: bool, default: bytes | None) -> bytes 
     return default
 
 
+def preload() -> None:
+    """Import scapy's DHCP layers now (0.15-0.5 s): the service calls this at start-up,
+    so the first client after a start is not the one that waits for it on the loop."""
+    import scapy.layers.dhcp  # noqa: F401
+
+
 def build_reply(info: ClientInfo, answer: Answer, message_type: int, server_ip: str) -> bytes:
     """Build one reply with scapy (the slow, general path; results are cached).
 
@@ -138,7 +145,7 @@ def build_reply(info: ClientInfo, answer: Answer, message_type: int, server_ip: 
     option 66 = ``server_ip`` (rpi-netboot.md: the Pi's choice between siaddr and 66 is
     unconfirmed, so they must agree). Option 97 is echoed (PXE spec, Pi firmware).
     """
-    from scapy.layers.dhcp import BOOTP, DHCP  # import here: scapy loads slowly
+    from scapy.layers.dhcp import BOOTP, DHCP  # loaded by preload() at service start
 
     bootfile = answer.bootfile.encode("ascii") if answer.bootfile else None
     options: list = [("message-type", message_type), ("server_id", server_ip),

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..model import Action, ClientFacts
+from ..render import ServerInfo
 from . import packet as pk
 from .classify import Classifier, ClientInfo
 from .reply import Answer, NoAnswer, answer_for, build_reply, patch
 
 if TYPE_CHECKING:
-    from ..app import App
+    from ..interfaces import Nodes, Plans, Recorder
+    from ..metrics import Metrics
+    from ..settings import Settings
     from .netif import Interfaces
 
 log = logging.getLogger("netbootd.dhcp")
@@ -33,8 +37,6 @@ EVENT_REPEAT_SECONDS = 30.0
 #: costs ~45 µs (JSON + file write), more than answering, so a looping client must not
 #: make the event log the bottleneck.
 EVENT_COALESCE_SECONDS = 1.0
-#: Distinct request contents remembered with their classification (see ``_client``).
-MEMO_ENTRIES = 16384
 #: Decisions about machines that are not boot clients at all.
 _NOT_FLEET = frozenset({"not-boot-client", "unhandled-type"})
 _REPLY_TYPE = {pk.DISCOVER: pk.OFFER, pk.REQUEST: pk.ACK, pk.INFORM: pk.ACK}
@@ -85,7 +87,7 @@ class _Prepared:
 class _Client:
     """Memo entry: what one distinct request says, and the replies prepared for it."""
 
-    __slots__ = ("facts", "info", "kind", "learn_ip", "out_type", "prepared")
+    __slots__ = ("facts", "info", "kind", "out_type", "prepared")
 
     def __init__(self, info: ClientInfo, facts: ClientFacts) -> None:
         self.info = info
@@ -96,27 +98,42 @@ class _Client:
         #: OFFER or ACK; None when there is nothing to answer (not a boot client, or a
         #: message type proxy-DHCP does not answer).
         self.out_type = _REPLY_TYPE.get(mtype) if info.boot_client and mtype else None
-        #: A REQUEST/INFORM carries the client's address: TFTP and HTTP see only an IP,
-        #: so it is learnt (for every client, boot client or not).
-        self.learn_ip = info.ip if mtype in (pk.REQUEST, pk.INFORM) else None
+        # A REQUEST's option 50 or an INFORM's ciaddr is only what the client *says*:
+        # never learnt as its address (docs/security.md). Addresses come from the site
+        # server's ACKs (acks.py) or nodes.yaml.
         self.prepared: dict[tuple, _Prepared] = {}
 
 
-class RateLimiter:
-    """Token bucket per MAC: ``rate`` replies/s, bursts of ``max(rate, 1)``."""
+def _count_nothing() -> None:
+    return None
 
-    def __init__(self, rate: float, *, max_clients: int = 65536) -> None:
+
+class RateLimiter:
+    """Token bucket per MAC: ``rate`` replies/s, bursts of ``max(rate, 1)``.
+
+    At most ``max_clients`` buckets: a new MAC beyond that forgets the oldest bucket
+    (one dict deletion, counted through ``evicted``), so a flood of random MACs costs
+    constant memory and constant time per packet."""
+
+    def __init__(self, rate: float, *, max_clients: int = 65536,
+                 evicted: Callable[[], object] = _count_nothing) -> None:
         self.rate = rate
         self.burst = max(rate, 1.0)
         self._max = max_clients
-        self._buckets: dict[bytes, list[float]] = {}
+        self._evicted = evicted
+        self._buckets: dict[str, list[float]] = {}
 
-    def allow(self, key: bytes, now: float) -> bool:
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, key: str, now: float) -> bool:
         b = self._buckets.get(key)
         if b is None:
-            if len(self._buckets) >= self._max:
-                self._prune(now)
-            self._buckets[key] = [self.burst - 1.0, now]
+            buckets = self._buckets
+            while len(buckets) >= self._max:
+                del buckets[next(iter(buckets))]
+                self._evicted()
+            buckets[key] = [self.burst - 1.0, now]
             return True
         tokens = b[0] + (now - b[1]) * self.rate
         if tokens > self.burst:  # noqa: PLR1730 - a min() call per packet costs more
@@ -128,12 +145,6 @@ class RateLimiter:
         b[0] = tokens - 1.0
         return True
 
-    def _prune(self, now: float) -> None:
-        idle = self.burst / self.rate + 1.0
-        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < idle}
-        while len(self._buckets) >= self._max:  # all busy: forget the oldest
-            del self._buckets[next(iter(self._buckets))]
-
 
 def available_boot_files(settings) -> frozenset[str]:
     """iPXE binaries present in ``tftp.ipxe_dir`` / ``tftp.extra_ipxe_dirs``."""
@@ -144,25 +155,42 @@ def available_boot_files(settings) -> frozenset[str]:
 
 
 class Responder:
-    """The per-packet logic of the proxy-DHCP service."""
+    """The per-packet logic of the proxy-DHCP service.
 
-    def __init__(self, app: App, interfaces: Interfaces, *,
+    Built from narrow parts (``interfaces.py``): ``plans`` (the planner), ``nodes``
+    (who a MAC is: Pi detection and the memo's inventory generation), ``recorder``
+    (events) and ``metrics``; never the App, the inventory or the store.
+    """
+
+    def __init__(self, settings: Settings, interfaces: Interfaces, *, plans: Plans,
+                 nodes: Nodes, recorder: Recorder, metrics: Metrics,
                  available: frozenset[str] | None = None) -> None:
-        self.app = app
-        self.settings = app.settings
+        self.settings = settings
         self.interfaces = interfaces
         self.available = available
-        self.classifier = Classifier(app.settings.rpi.ouis, lambda: app.inventory)
-        self.limiter = RateLimiter(app.settings.dhcp.rate_limit_per_mac)
-        self._served = frozenset(app.settings.network.interfaces)
-        self._advertise = (str(app.settings.network.advertise)
-                           if app.settings.network.advertise else None)
-        self._tally = app.metrics.tally(app.metrics.dhcp_replies).counts
-        self._malformed = app.metrics.malformed.labels("dhcp")
-        self._errors = app.metrics.errors.labels("dhcp")
+        self.nodes = nodes
+        self._plan = plans.plan
+        self._record = recorder.record
+        self._generation = nodes.generation
+        self.classifier = Classifier(settings.rpi.ouis, nodes.says_pi)
+        evictions = metrics.table_evictions
+        self._memo_evicted = evictions.labels("dhcp-memo").inc
+        self._events_evicted = evictions.labels("dhcp-events").inc
+        self.limiter = RateLimiter(settings.dhcp.rate_limit_per_mac,
+                                   max_clients=settings.dhcp.max_clients,
+                                   evicted=evictions.labels("dhcp-rate").inc)
+        self.memo_entries = settings.dhcp.memo_entries
+        self.max_clients = settings.dhcp.max_clients
+        self._served = frozenset(settings.network.interfaces)
+        self._advertise = (str(settings.network.advertise)
+                           if settings.network.advertise else None)
+        self._tally = metrics.tally(metrics.dhcp_replies).counts
+        self._malformed = metrics.malformed.labels("dhcp")
+        self._errors = metrics.errors.labels("dhcp")
         self._last_event: dict[tuple[str, str], float] = {}
         self._memo: dict[bytes, _Client] = {}
-        self._memo_inventory = None
+        self._memo_generation: object = None
+        self._server_ips: dict[str | None, str] = {}
         self._last_error_log = float("-inf")
         self.built = 0  #: replies built with scapy (should stay about one per boot)
         self.replies = 0
@@ -179,13 +207,20 @@ class Responder:
             last = self._last_event.get(key)
             if last is not None and now - last < EVENT_REPEAT_SECONDS:
                 return
-            if len(self._last_event) > 65536:
-                self._last_event.clear()
-            self._last_event[key] = now
-        # Ordinary LAN devices (phones, printers) are not part of the fleet: their event
-        # carries no node MAC, so they never appear in the node table or status page.
-        node_mac = None if decision in _NOT_FLEET else info.mac
-        self.app.events.record("dhcp", node_mac, f"no reply: {reason}", ip=info.ip,
+            events = self._last_event
+            if last is not None:
+                del events[key]  # re-insert: the dict stays ordered oldest first
+            while len(events) >= self.max_clients:
+                del events[next(iter(events))]
+                self._events_evicted()
+            events[key] = now
+        # Ordinary LAN devices (phones, printers) and machines the inventory does not know
+        # are not part of the fleet: their event carries no node MAC, so they never appear
+        # in the node table or status page (random MACs must not grow it).
+        node_mac = (None if decision in _NOT_FLEET
+                    or (decision == "ignore" and not self.nodes.known(info.mac))
+                    else info.mac)
+        self._record("dhcp", node_mac, f"no reply: {reason}", ip=info.ip,
                                arch=info.arch, client=info.kind.value, outcome="ignored",
                                reason=reason, decision=decision,
                                client_mac=info.mac if node_mac is None else None)
@@ -214,16 +249,17 @@ class Responder:
         (~10 µs) run once per distinct request content; later packets cost one dict
         lookup keyed by the bytes after xid/secs/flags. Malformed packets raise before
         anything is stored. An inventory reload (a Pi known only through the inventory)
-        empties the memo.
+        empties the memo: ``nodes.generation()`` changes identity. At most
+        ``dhcp.memo_entries`` contents are kept; the oldest goes first (counted).
 
         The key holds the length, the magic cookie and every option, all of which were
         checked when the entry was stored, so a hit only needs the four bytes before the
         xid checked (op, htype, hlen, hops) instead of the whole header.
         """
-        inv = self.app.inventory
-        if inv is not self._memo_inventory:
+        gen = self._generation()
+        if gen is not self._memo_generation:
             self._memo.clear()
-            self._memo_inventory = inv
+            self._memo_generation = gen
         key = data[12:]
         client = self._memo.get(key)
         if client is not None:
@@ -233,9 +269,11 @@ class Responder:
             pk.check_header(data)
             info = self.classifier.classify(pk.parse(data))
             client = _Client(info, info.facts())
-            if len(self._memo) >= MEMO_ENTRIES:
-                del self._memo[next(iter(self._memo))]
-            self._memo[key] = client
+            memo = self._memo
+            while len(memo) >= self.memo_entries:
+                del memo[next(iter(memo))]
+                self._memo_evicted()
+            memo[key] = client
         return client
 
     def handle(self, data: bytes, ifindex: int, local_ip: str | None,
@@ -254,8 +292,6 @@ class Responder:
                 self.dropped += 1
                 self._tally[("unknown", "interface-not-served")] += 1
                 return None
-            if client.learn_ip:
-                self.app.clients.learn(client.learn_ip, client.info.mac)
             out_type = client.out_type
             if out_type is None:
                 self._unanswerable(client.info)
@@ -284,14 +320,17 @@ class Responder:
             self._ignored(info, "rate-limited", "more than dhcp.rate_limit_per_mac requests/s",
                           throttle=True)
             return None
-        plan = self.app.planner.plan(client.facts)
+        plan = self._plan(client.facts)
         if not plan.answers:
             decision = "ignore" if plan.action is Action.IGNORE else plan.action.value
             self._ignored(info, decision, plan.reason, throttle=True)
             return None
         if_ip = self.interfaces.primary.get(ifindex)
-        server_ip = self._advertise or if_ip or local_ip
-        if not server_ip or server_ip == "0.0.0.0":
+        arrival = if_ip or local_ip
+        server_ip = self._server_ips.get(arrival)
+        if server_ip is None:
+            server_ip = self._server_ip(arrival)
+        if not server_ip:
             self._ignored(info, "no-address", "arrival interface has no IPv4 address")
             return None
         # The client's content is fixed by the memo key; the rest the reply depends on.
@@ -323,6 +362,20 @@ class Responder:
         source = server_ip if server_ip == local_ip or server_ip == if_ip else None
         return _new_outgoing(Outgoing, (payload, dest, ifindex, source))
 
+    def _server_ip(self, arrival: str | None) -> str:
+        """The address replies name (option 54, siaddr, 66, URLs) for requests that
+        arrived at ``arrival``: :meth:`ServerInfo.for_arrival`, the one place that says
+        how a node reaches us; "" when there is none (no reply). Worked out once per
+        arrival address (our own addresses: a handful)."""
+        if not self._advertise and (not arrival or arrival == "0.0.0.0"):
+            ip = ""
+        else:
+            ip = ServerInfo.for_arrival(self.settings, arrival or "").ip
+        if len(self._server_ips) > 1024:
+            self._server_ips.clear()
+        self._server_ips[arrival] = ip
+        return ip
+
     def _destination(self, data: bytes, info: ClientInfo, peer: tuple[str, int],
                      pxe_port: bool) -> tuple[str, int]:
         """RFC 2131 4.1 and PXE: relay -> giaddr:67; 4011 -> back to the asker;
@@ -339,7 +392,7 @@ class Responder:
 
     def _record_sent(self, info: ClientInfo, answer: Answer, decision: str, server_ip: str,
                      image, dest: tuple[str, int]) -> None:
-        self.app.events.record(
+        self._record(
             "dhcp", info.mac, f"proxy {decision} sent", ip=info.ip, arch=info.arch,
             client=info.kind.value, outcome="ok", reason=None, decision=decision,
             file=answer.bootfile, server=server_ip, to=f"{dest[0]}:{dest[1]}",
@@ -349,6 +402,11 @@ class Responder:
     def clear(self) -> None:
         """Forget classifications and prepared replies (config/inventory reload)."""
         self._memo.clear()
+
+    def sizes(self) -> dict[str, int]:
+        """Entries in each per-client table (health, and the flood test's bound)."""
+        return {"memo": len(self._memo), "rate": len(self.limiter),
+                "events": len(self._last_event)}
 
 
 __all__ = ["Outgoing", "RateLimiter", "Responder", "available_boot_files"]

@@ -19,7 +19,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from .. import __version__
-from ..errors import Conflict, NotFound, TooLarge
+from ..errors import Conflict, DiskFull, NotFound, TooLarge
 from ..lifecycle import Verdict
 from ..model import Action, ClientFacts, ClientKind, NodeView, normalise_serial
 from ..planner import effective_action
@@ -127,6 +127,8 @@ async def _store(request: web.Request, method: str, *args: Any, **kwargs: Any) -
 
 def status_for(exc: BaseException) -> int:
     """The HTTP status of a typed error (errors.py); any other ValueError is a 400."""
+    if isinstance(exc, DiskFull):
+        return 507
     if isinstance(exc, TooLarge):
         return 413
     if isinstance(exc, NotFound):
@@ -253,14 +255,55 @@ async def upload(request: web.Request) -> web.Response:
 
     The body is never held in memory: the store writes it to a dot-file in incoming/
     (invisible to the watcher), renames it into place and ingests it at once.
+
+    ``max_upload_bytes`` is a size limit, not a disk limit: the upload must also leave
+    ``store.min_free_bytes`` free on the store's filesystem, checked against the
+    Content-Length before a byte is written and every 64 MiB while it streams (chunked
+    uploads have no length), so a big upload is refused with 507 (Insufficient
+    Storage) and its partial file removed before the disk is full.
     """
+    import os
+
+    class DiskReserve(Exception):  # not a ValueError: the store must not map it to 4xx
+        pass
+
     name = _name_param(request, "name")
     version = _name_param(request, "version")
-    limit = context(request).settings.http.max_upload_bytes
+    settings = context(request).settings
+    limit = settings.http.max_upload_bytes
+    reserve = settings.store.min_free_bytes
     if request.content_length is not None and request.content_length > limit:
         raise _Refused(413, f"upload larger than http.max_upload_bytes ({limit} bytes)")
-    result = await _store(request, "ingest_upload", name, version,
-                          request.content.iter_chunked(1 << 20), max_bytes=limit)
+    where = settings.paths.images
+
+    def free_bytes() -> int:
+        st = os.statvfs(where if where.exists() else where.parent)
+        return st.f_bavail * st.f_frsize
+
+    def refusal(free: int, more: int) -> str:
+        return (f"not enough disk space: {free} bytes free on the image store, the upload "
+                f"needs {more} more and must leave store.min_free_bytes ({reserve}) free")
+
+    free = await asyncio.to_thread(free_bytes)
+    if free - (request.content_length or 0) < reserve:
+        raise _Refused(507, refusal(free, request.content_length or 0))
+
+    async def guarded() -> Any:
+        since_check = 0
+        async for chunk in request.content.iter_chunked(1 << 20):
+            since_check += len(chunk)
+            if since_check >= 64 << 20:
+                since_check = 0
+                left = await asyncio.to_thread(free_bytes)
+                if left < reserve:
+                    raise DiskReserve(refusal(left, 0))
+            yield chunk
+
+    try:
+        result = await _store(request, "ingest_upload", name, version, guarded(),
+                              max_bytes=limit)
+    except DiskReserve as exc:
+        raise _Refused(507, str(exc)) from None
     detail = _detail(result)
     if not detail.get("accepted", True):
         raise _Refused(400, f"build rejected: {detail.get('reason') or 'invalid'}")
@@ -405,7 +448,7 @@ OPS: list[Op] = [
        auth="write", body_media="application/octet-stream", response=Ok,
        # "activate"/"rollback" are sub-resources, not versions one can upload
        route_path="/images/{name}/{version:(?!activate$|rollback$)[^/]+}",
-       params=(_NAME, _VERSION), errors=(400, 404, 409), tags=("images",)),
+       params=(_NAME, _VERSION), errors=(400, 404, 409, 413, 507), tags=("images",)),
     Op("GET", "/plan", plan, "What a machine would get if it booted now", response=PlanOut,
        params=(Param("mac", "query", {"type": "string", "pattern": MAC_PATTERN}),
                Param("serial", "query", {"type": "string", "pattern": SERIAL_PATTERN},

@@ -17,7 +17,7 @@ from .. import bootfiles
 from ..model import Action, ClientFacts, ClientKind, mac_dashes
 from ..render import RenderError
 from .context import HttpContext
-from .util import SERVICE, base_url, context, malformed, parse_mac, server_info
+from .util import SERVICE, base_url, context, malformed, parse_mac, server_info, who_is
 
 log = logging.getLogger("netbootd.http.boot")
 
@@ -169,7 +169,7 @@ async def ipxe_binary(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": f"{name} not found in the iPXE directories"},
                                  status=404)
     ctx.metrics.requests.labels(SERVICE, "ok").inc()
-    ctx.events.record("http", ctx.addresses.mac_for(request.remote or ""),
+    ctx.events.record("http", who_is(ctx, request.remote or ""),
                       f"iPXE binary {name}", ip=request.remote, file=f"/ipxe/{name}",
                       outcome="ok")
     return web.FileResponse(path, headers={"Cache-Control": "public, max-age=3600"})
@@ -213,7 +213,8 @@ async def cloud_init_by_address(request: web.Request) -> web.Response:
     kernel neighbour table, or nodes.yaml ``ip``)."""
     ctx = context(request)
     remote = request.remote or ""
-    mac = ctx.addresses.mac_for(remote) if remote else None
+    # Who it probably is (the secrets in user-data still need ownership: _seed checks).
+    mac = who_is(ctx, remote)
     if mac is None:
         ctx.metrics.requests.labels(SERVICE, "not_found").inc()
         return web.json_response({"error": f"no machine known at {remote}"}, status=404)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..events import EventLog
-from ..interfaces import Addresses, Artefacts, Nodes, Plans, Renderer
+from ..interfaces import Addresses, Artefacts, Nodes, Plans, Renderer, Subscribe, Versions
 from ..lifecycle import Lifecycle
 from ..metrics import Metrics
 from ..nodestate import NodeState
+from ..rpi.bootimg import BootImages
 from ..settings import Settings
 
 
@@ -54,6 +55,12 @@ class HttpContext:
     daemon: DaemonStatus
     lifecycle: Lifecycle
     node_state: NodeState
+    #: Raspberry Pi HTTP boot: the boot.img cache (netbootd.rpi.bootimg.BootImages).
+    boot_images: BootImages | None = None
+    #: The stored versions (store changes trigger building boot.img ahead of time).
+    versions: Versions | None = None
+    #: Register a callback for config reloads (interfaces.Subscribe).
+    on_reload: Subscribe | None = None
 
     @property
     def settings(self) -> Settings:

@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from ..model import ImageRef
-from .util import SERVICE, context, malformed, valid_name
+from .util import SERVICE, context, malformed, valid_name, who_is
 
 log = logging.getLogger("netbootd.http.files")
 
@@ -120,7 +120,7 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
     remote = request.remote or ""
     method = request.method
     # A download of a node in a boot refreshes its session and holds it open while it runs.
-    mac = ctx.addresses.mac_for(remote) if remote else None
+    mac = who_is(ctx, remote)
     if mac is not None and ctx.plans.current(mac) is None:
         mac = None
 
@@ -140,7 +140,7 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
             ctx.metrics.bytes_sent.labels(SERVICE).inc(sent)
             ctx.metrics.transfer_seconds.labels(SERVICE).observe(seconds)
         if status in (200, 206) and method != "HEAD":
-            ctx.events.record("http", mac or (ctx.addresses.mac_for(remote) if remote else None),
+            ctx.events.record("http", mac or who_is(ctx, remote),
                               f"served {image}/{version}/{rel}", ip=remote or None,
                               file=f"/files/{image}/{version}/{rel}", bytes=sent,
                               seconds=round(seconds, 3), image=image, version=version,
@@ -149,5 +149,34 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
     return ArtefactResponse(real, done, start, headers={"Cache-Control": IMMUTABLE})
 
 
+#: The path segment that names a channel instead of a version (never a version name).
+CHANNELS = "channels"
+
+
+async def channel_file(request: web.Request) -> web.StreamResponse:
+    """``/files/<image>/channels/<channel>/<path>``: a stable URL for "the current prod
+    image" (CI, upgrade scripts, nodes that upgrade themselves). It answers 302 to the
+    immutable versioned URL, never the bytes themselves: caches keep versioned bytes
+    only, and a client that resumes a download uses the Location it was sent, so a
+    channel that moves meanwhile cannot splice two versions into one file."""
+    ctx = context(request)
+    image = request.match_info["image"]
+    channel = request.match_info["channel"]
+    rel = request.match_info["path"]
+    if not (valid_name(image) and valid_name(channel)):
+        return malformed(request, "not found", status=404)
+    catalogue = ctx.catalogue
+    version = await asyncio.to_thread(catalogue.active, image, channel) \
+        if catalogue is not None else None
+    if version is None:
+        ctx.metrics.requests.labels(SERVICE, "not_found").inc()
+        return web.json_response({"error": f"no version of {image} active on {channel}"},
+                                 status=404)
+    ctx.metrics.requests.labels(SERVICE, "redirect").inc()
+    raise web.HTTPFound(f"/files/{image}/{version}/{rel}",
+                        headers={"Cache-Control": "no-store"})
+
+
 def routes() -> list[web.RouteDef]:
-    return [web.get("/files/{image}/{version}/{path:.+}", serve_file)]
+    return [web.get(f"/files/{{image}}/{CHANNELS}/{{channel}}/{{path:.+}}", channel_file),
+            web.get("/files/{image}/{version}/{path:.+}", serve_file)]

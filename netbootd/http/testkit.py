@@ -138,6 +138,19 @@ class DirImages:
                         disk=DiskImage(**m["disk"]) if m.get("disk") else None)
 
 
+def give_address(app: App, mac: str, ip: str) -> None:
+    """Make ``ip`` node ``mac``'s address as nodes.yaml ``ip`` would (and nobody else's).
+
+    Loopback has no neighbour table and no DHCP, so tests on 127.0.0.x use the static
+    address, the evidence an operator gives for a node with a DHCP reservation.
+    """
+    inv = app.inventory
+    nodes = {m: (n.model_copy(update={"ip": None}) if n.ip == ip else n)
+             for m, n in inv.nodes.items()}
+    nodes[mac] = nodes[mac].model_copy(update={"ip": ip})
+    app.inventory = replace(inv, nodes=nodes)
+
+
 def make_app(tmp: Path, *, http: dict[str, Any] | None = None, policy: str = "ignore",
              kernel_size: int = 1 << 20, real_store: bool = False) -> App:
     """A daemon App with three nodes, a ``demo`` image (1.0 on prod) and two secrets.

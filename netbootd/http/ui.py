@@ -47,16 +47,16 @@ def relative(ts: float | None, now: float) -> str:
 
 
 def human_size(n: Any) -> str:
-    """Bytes as B / KiB / MiB / GiB with one decimal."""
+    """Bytes in SI units (kB, MB, GB; 1000-based), as the CLI prints them."""
     try:
         size = float(n)
     except (TypeError, ValueError):
         return "—"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
+        size /= 1000
+    return f"{size:.1f} GB"
 
 
 def timeline(ctx: HttpContext, mac: str, limit: int = 8) -> list[dict[str, Any]]:
@@ -92,23 +92,116 @@ def _services(ctx: HttpContext) -> list[dict[str, Any]]:
     return out
 
 
-def page_context(ctx: HttpContext) -> dict[str, Any]:
+#: Inventory nodes per page; unknown machines shown (most recent first) before "N more".
+PAGE_SIZE = 100
+UNKNOWN_SHOWN = 5
+#: Events in the recent-events panel.
+EVENTS_SHOWN = 50
+
+
+def _node_row(ctx: HttpContext, n: Any, now: float) -> dict[str, Any]:
+    d = n.model_dump()
+    d["seen"] = relative(n.last_seen, now)
+    d["timeline"] = [dict(t, ago=relative(t["ts"], now)) for t in timeline(ctx, n.mac)]
+    if not n.known:
+        d["what"] = "unknown machine"  # not "default · worker": nothing was decided for it
+    elif n.action == "local":
+        d["what"] = "boots from its own disk"
+    else:
+        d["what"] = f"{n.profile} · {n.role}"
+    return d
+
+
+def _nfs_warnings(ctx: HttpContext, health: dict[str, dict[str, Any]],
+                  images: list[dict[str, Any]]) -> list[str]:
+    """What the NFS roots of active versions need and nothing provides, said plainly."""
+    store = ctx.catalogue
+    active = {(img["name"], v) for img in images for v in img.get("channels", {}).values()}
+    try:
+        refs = store.all_refs() if store is not None and hasattr(store, "all_refs") else []
+    except Exception:  # noqa: BLE001 - the page must render even if the store is sick
+        refs = []
+    roots = sorted(str(r.root / r.boot["rootfs"]) for r in refs
+                   if r.boot.get("rootfs") and (r.name, r.version) in active)
+    if not roots:
+        return []
+    nfs = health.get("nfs")
+    if nfs is None:
+        return [(f"{len(roots)} active image version(s) boot with an NFS root, but the NFS "
+                 "service is not running: nothing exports them, so those machines stop after "
+                 "their kernel.")]
+    if nfs.get("backend") in (None, "none"):
+        return [(f"{len(roots)} active image version(s) boot with an NFS root, but nfs.backend "
+                 "is none: netbootd only lists what it would export, nothing exports them, and "
+                 "those machines stop after their kernel. Set nfs.backend to exportfs or "
+                 "ganesha.")]
+    if nfs.get("error"):
+        return [f"NFS exports could not be applied ({nfs.get('backend')}): {nfs['error']}"]
+    exported = {str(e.get("path")) for e in nfs.get("exports") or []}
+    missing = [r for r in roots if r not in exported]
+    if missing:
+        return [f"not exported although planned: {', '.join(missing[:3])}"
+                + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")]
+    return []
+
+
+def _events(ctx: HttpContext, node: str | None, now: float) -> list[dict[str, Any]]:
+    evs = ctx.events.timeline(node)[-EVENTS_SHOWN:] if node else \
+        ctx.events.recent(EVENTS_SHOWN)
+    out = []
+    for ev in sorted(evs, key=lambda e: e.ts, reverse=True)[:EVENTS_SHOWN]:
+        out.append({"ts": ev.ts, "ago": relative(ev.ts, now), "kind": ev.kind,
+                    "mac": ev.mac, "message": ev.message,
+                    "when": time.strftime("%H:%M:%S", time.localtime(ev.ts)),
+                    "outcome": str(ev.fields.get("outcome", ""))})
+    return out
+
+
+def page_context(ctx: HttpContext, query: dict[str, str] | None = None) -> dict[str, Any]:
+    query = query or {}
     now = time.time()
-    nodes = []
-    for n in sorted(all_nodes(ctx), key=lambda n: (not n.known, n.hostname)):
-        d = n.model_dump()
-        d["seen"] = relative(n.last_seen, now)
-        d["timeline"] = [dict(t, ago=relative(t["ts"], now)) for t in timeline(ctx, n.mac)]
-        nodes.append(d)
+    everyone = all_nodes(ctx)
+    known = sorted((n for n in everyone if n.known), key=lambda n: n.hostname)
+    unknown = sorted((n for n in everyone if not n.known), key=lambda n: -(n.last_seen or 0))
+    pages = max(1, -(-len(known) // PAGE_SIZE))
+    try:
+        page = min(max(1, int(query.get("page", "1"))), pages)
+    except ValueError:
+        page = 1
+    shown = known[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]
+    all_unknown = query.get("unknown") == "all"
+    nodes = [_node_row(ctx, n, now) for n in shown]
+    strangers = [_node_row(ctx, n, now) for n in
+                 (unknown if all_unknown else unknown[:UNKNOWN_SHOWN])]
+    node_filter = query.get("node") or None
+    if node_filter:
+        try:
+            from ..model import normalise_mac
+
+            node_filter = normalise_mac(node_filter)
+        except ValueError:
+            match = [n.mac for n in known if n.hostname == node_filter.lower()]
+            node_filter = match[0] if match else node_filter
+    # machines the daemon ignored (not in the fleet) have no rows: a count and a sample
+    ignored_total, ignored_recent = (ctx.events.ignored() if hasattr(ctx.events, "ignored")
+                                     else (0, []))
     images, rejected, store_error = _images(ctx)
     ready, _ = readiness(ctx)
-    counts = {p: sum(1 for n in nodes if n["phase"] == p) for p in ("booted", "joined", "failed")}
+    health = ctx.daemon.health()
+    counts = {p: sum(1 for n in everyone if n.phase == p) for p in ("booted", "joined", "failed")}
+    counts["installing"] = sum(1 for n in known if n.lifecycle == "installing")
     return {
         "version": __version__, "host": socket.gethostname(), "now": now,
         "generated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
-        "nodes": nodes, "images": images, "rejected": rejected, "store_error": store_error,
+        "nodes": nodes, "known_total": len(known), "page": page, "pages": pages,
+        "page_size": PAGE_SIZE, "unknown": strangers, "unknown_total": len(unknown),
+        "all_unknown": all_unknown, "ignored_total": ignored_total,
+        "ignored_recent": [(mac, relative(ts, now)) for mac, ts in ignored_recent[:UNKNOWN_SHOWN]],
+        "images": images, "rejected": rejected, "store_error": store_error,
         "services": _services(ctx), "ready": ready, "config_error": ctx.daemon.config_error(),
         "counts": counts, "relative": lambda ts: relative(ts, now),
+        "nfs_warnings": _nfs_warnings(ctx, health, images),
+        "events": _events(ctx, node_filter, now), "node_filter": node_filter,
     }
 
 
@@ -116,7 +209,8 @@ async def index(request: web.Request) -> web.Response:
     denied = auth.check(request, mutating=False)
     if denied is not None:
         return denied
-    page = await asyncio.to_thread(page_context, context(request))  # store reads: off the loop
+    query = {k: v for k, v in request.query.items() if k in ("page", "node", "unknown")}
+    page = await asyncio.to_thread(page_context, context(request), query)  # off the loop
     html = request.app[_ENV_KEY].get_template("status.html.j2").render(page)
     return web.Response(text=html, content_type="text/html",
                         headers={"Cache-Control": "no-store"})

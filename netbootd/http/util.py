@@ -52,6 +52,15 @@ def valid_name(text: str) -> bool:
     return bool(NAME_RE.fullmatch(text)) and text not in (".", "..")
 
 
+def who_is(ctx: HttpContext, ip: str) -> str | None:
+    """Which machine is probably at ``ip`` (a node's static address, else what DHCP and
+    the neighbour table say). Attribution only: secrets and lifecycle reports also ask
+    ``nodes.owns``."""
+    if not ip:
+        return None
+    return ctx.nodes.find(ip=ip) or ctx.addresses.mac_for(ip)
+
+
 def local_ip(request: web.Request) -> str:
     """The address this request arrived on: what the node can reach us at."""
     sock = request.transport.get_extra_info("sockname") if request.transport else None

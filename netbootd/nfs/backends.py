@@ -19,8 +19,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..durable import read_json, write_atomic, write_json_atomic
 from ..settings import Settings
-from ..store.layout import read_json, write_atomic, write_json_atomic
 from .exports import Export, assign_ids, render_exportfs, render_ganesha
 
 log = logging.getLogger("netbootd.nfs")

@@ -200,6 +200,19 @@ def write_manifest(root: Path, image: str, version: str, kind: str, *,
     return m
 
 
+def _add_build(tf: tarfile.TarFile, root: Path) -> None:
+    """The build at the archive top, ``manifest.json`` (and its signature) first: the
+    store then knows the declared sizes before any payload arrives and bounds the
+    unpacking by them from the first byte (docs/store.md, "Limits")."""
+    tf.add(root, arcname=".", recursive=False)
+    firsts = [n for n in (MANIFEST, DETACHED_SIG) if (root / n).is_file()]
+    for n in firsts:
+        tf.add(root / n, arcname=n)
+    for e in sorted(os.listdir(root)):
+        if e not in firsts:
+            tf.add(root / e, arcname=e)
+
+
 def pack(root: Path, out: Path, *, compression: str = "gz") -> Path:
     """Pack a build directory (contents at the archive top) as tar, tar.gz or tar.zst."""
     if compression == "zst":
@@ -208,11 +221,11 @@ def pack(root: Path, out: Path, *, compression: str = "gz") -> Path:
         with open(out, "wb") as raw, \
                 zstandard.ZstdCompressor(level=3).stream_writer(raw) as zw, \
                 tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-            tf.add(root, arcname=".")
+            _add_build(tf, root)
         return out
     mode = {"gz": "w:gz", "": "w", "none": "w"}[compression]
     with tarfile.open(out, mode, format=tarfile.PAX_FORMAT) as tf:
-        tf.add(root, arcname=".")
+        _add_build(tf, root)
     return out
 
 

@@ -8,15 +8,32 @@ to 409 and :class:`~netbootd.errors.Invalid` to 400; the CLI prints the message 
 
 from __future__ import annotations
 
-from ..errors import Conflict, Invalid, NetbootdError, NotFound, TooLarge
+from ..errors import Conflict, DiskFull, Invalid, NetbootdError, NotFound, TooLarge
 from ..model import normalise_mac
 from .manifest import check_name
 
 #: Every mistake the store reports (kept for callers written before the typed errors).
 StoreError = NetbootdError
 
-__all__ = ["Conflict", "Invalid", "NotFound", "StoreError", "StoreLocked", "TooLarge", "valid_mac",
-           "valid_name"]
+__all__ = ["Conflict", "Invalid", "NotFound", "StoreError", "StoreFull", "StoreLocked",
+           "TooLarge", "valid_mac", "valid_name"]
+
+
+class StoreFull(DiskFull):
+    """An upload stopped before it passed the store's free-space reserve (or the disk
+    was full). A :class:`DiskFull` (the API answers 507): this much did not fit.
+
+    ``limit`` is the number of bytes that were written when it stopped; ``free`` and
+    ``reserve`` are what ``statvfs`` said and ``store.min_free_bytes``.
+    """
+
+    def __init__(self, written: int, free: int, reserve: int) -> None:
+        self.limit = written
+        self.free = free
+        self.reserve = reserve
+        Invalid.__init__(self, f"upload stopped after {written} bytes: the image store's "
+                         f"file system has {free} bytes free and keeps "
+                         f"store.min_free_bytes = {reserve} in reserve")
 
 
 class StoreLocked(Conflict):

@@ -15,6 +15,8 @@ metadata, rejects what escapes, and still uses tarfile for all the unpacking.
 from __future__ import annotations
 
 import errno
+import fcntl
+import gzip
 import hashlib
 import logging
 import os
@@ -45,6 +47,14 @@ CHUNK = 1 << 20
 #: Errors of this machine, not of the build: the build stays in incoming/ for a retry.
 _SYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM,
                             errno.EMFILE, errno.ENFILE})
+#: A full disk during an ingest: the build fails with a reason (retrying cannot help it).
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: linux/fs.h FICLONE (fcntl.FICLONE only exists from Python 3.12)
+FICLONE = 0x40049409
+#: Room for manifest.json.sig beyond the manifest's declared sizes.
+SIG_SLACK = 64 << 10
+#: How often (bytes written) free space is checked against ``store.min_free_bytes``.
+SPACE_CHECK_EVERY = 8 << 20
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -128,6 +138,120 @@ class _CountingReader:
         return True
 
 
+class Budget:
+    """What one build may write into staging, enforced while it is written.
+
+    Two bounds: ``store.max_unpacked_bytes`` from the first byte, and, once the build's
+    manifest.json has been read, the sizes it declares (the sum of its artefacts, plus the
+    manifest and room for a detached signature). A regular file is charged its size
+    *before* it is written (a tar member's header, a dropped file's ``st_size``), so a
+    zip bomb is refused before it writes its payload, not after it filled the disk.
+    ``min_free_bytes`` is checked with ``statvfs`` on the staging file system before
+    each file and every ``SPACE_CHECK_EVERY`` bytes.
+    """
+
+    def __init__(self, limit: int, *, min_free: int = 0, where: Path | None = None) -> None:
+        self.limit = limit
+        self.min_free = min_free
+        self.where = where
+        self.written = 0
+        self.declared: int | None = None
+        self.manifest_bytes: bytes | None = None
+        self.manifest: Manifest | None = None
+        self._since_check = 0
+
+    @property
+    def bound(self) -> int:
+        return self.limit if self.declared is None else min(self.limit, self.declared)
+
+    def declare(self, data: bytes) -> None:
+        """The build's manifest arrived: its sizes bound the rest (if it parses)."""
+        self.manifest_bytes = data
+        try:
+            m = parse_manifest(data)
+        except ManifestError:
+            return  # validation rejects it with the parser's message
+        self.manifest = m
+        self.declared = m.total_size + len(data) + SIG_SLACK
+        self._over()
+
+    def charge(self, n: int, what: str) -> None:
+        """``n`` more bytes are about to be written for ``what``."""
+        self.written += n
+        self._over(what)
+        self._since_check += n
+        if n and self.min_free and self.where is not None \
+                and (self._since_check >= SPACE_CHECK_EVERY or n >= SPACE_CHECK_EVERY):
+            self._since_check = 0
+            self.check_space(n)
+
+    def check_space(self, coming: int = 0) -> None:
+        if not self.min_free or self.where is None:
+            return
+        st = os.statvfs(self.where)
+        free = st.f_bavail * st.f_frsize
+        if free - coming < self.min_free:
+            raise Rejected(f"disk full: {free} bytes free on the store's file system, "
+                           f"{coming} more needed, store.min_free_bytes is {self.min_free} "
+                           f"(after {self.written - coming} bytes of this build)")
+
+    def _over(self, what: str = "") -> None:
+        if self.written <= self.bound:
+            return
+        at = f" at {what!r}" if what else ""
+        if self.declared is not None and self.declared <= self.limit:
+            raise Rejected(f"build unpacks to more than its manifest declares: over "
+                           f"{self.declared} bytes{at} (a zip bomb, or a manifest that "
+                           "does not match the build)")
+        raise Rejected(f"build unpacks to more than store.max_unpacked_bytes "
+                       f"({self.limit} bytes){at}")
+
+
+class _BoundedStream:
+    """The decompressed tar stream, capped: headers and padding beyond what the budget's
+    files may write are a small overhead, never gigabytes (a bomb of headers)."""
+
+    def __init__(self, fh: Any, budget: Budget) -> None:
+        self._fh = fh
+        self._budget = budget
+        self.members = 0
+        self.read_bytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        self.read_bytes += len(data)
+        cap = self._budget.bound + (1 << 20) + 1536 * (self.members + 1)
+        if self.read_bytes > cap:
+            raise Rejected(f"archive stream longer than the build may unpack to "
+                           f"({self._budget.bound} bytes of files): a zip bomb?")
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+def fingerprint(path: Path) -> tuple:
+    """What an incoming entry looks like now: every entry's type, size, mtime and inode
+    (for a directory, the whole tree). Two equal fingerprints a settle window apart
+    mean nobody wrote to it in between; a change while we copy means a writer is busy."""
+    def one(p: str, rel: str) -> tuple:
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            return (rel, None)
+        return (rel, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino)
+
+    top = one(str(path), ".")
+    if top[1] is None or not stat.S_ISDIR(top[1]):
+        return (top,)
+    out = [top]
+    for cur, dirs, files in os.walk(path, followlinks=False):
+        rel_dir = os.path.relpath(cur, path)
+        for name in sorted(dirs + files):
+            out.append(one(os.path.join(cur, name), os.path.join(rel_dir, name)))
+    return tuple(out)
+
+
 # -- unpacking ------------------------------------------------------------------------------
 
 def _inside(path: str, root: str) -> bool:
@@ -150,12 +274,18 @@ def _check_symlink(rel: str, target: str) -> None:
         raise Rejected(f"symlink {rel!r} -> {target!r} leaves the build")
 
 
-def _make_filter(dest: Path, allow_devices: bool, keep_owner: bool
+def _make_filter(dest: Path, allow_devices: bool, keep_owner: bool, budget: Budget,
+                 stream: _BoundedStream | None = None
                  ) -> Callable[[tarfile.TarInfo, str], tarfile.TarInfo | None]:
     root = os.path.realpath(dest)
     regular: set[str] = set()  # regular files extracted so far (hard link targets)
+    manifest_at: list[str] = []  # the manifest member, read once it is extracted
 
     def check(member: tarfile.TarInfo, _path: str) -> tarfile.TarInfo | None:
+        if stream is not None:
+            stream.members += 1
+        if manifest_at and budget.manifest_bytes is None:
+            read_declared(dest / manifest_at[0], budget)
         name = member.name
         if name.startswith("/"):
             raise Rejected(f"absolute path in archive: {name!r}")
@@ -196,6 +326,11 @@ def _make_filter(dest: Path, allow_devices: bool, keep_owner: bool
                 raise Rejected(f"device node {name!r} (store.allow_devices is off)")
         elif not (member.isreg() or member.isdir()):
             raise Rejected(f"unsupported archive member type for {name!r}")
+        if member.isreg():
+            # charged before tarfile writes a byte of it: a bomb stops at its header
+            budget.charge(member.size, clean)
+            if parts[-1] == MANIFEST and len(parts) <= 2 and not manifest_at:
+                manifest_at.append(clean)
         if member.isreg() or member.islnk():
             regular.add(clean)
         else:
@@ -223,17 +358,33 @@ def _apply_xattrs(dest: Path, members: list[tarfile.TarInfo]) -> None:
                 log.debug("xattr %s on %s not kept: %s", key, target, exc)
 
 
+def read_declared(path: Path, budget: Budget) -> None:
+    """Give the budget the build's manifest (bounded read: a manifest is small)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return
+        with open(path, "rb") as fh:
+            data = fh.read(16 << 20)
+    except OSError:
+        return
+    budget.declare(data)
+
+
 def unpack_archive(src: Path, dest: Path, *, allow_devices: bool = False,
-                   cancel: threading.Event | None = None) -> None:
+                   cancel: threading.Event | None = None, budget: Budget | None = None
+                   ) -> None:
     """Unpack tar / tar.gz / tar.zst (detected by magic bytes) into ``dest`` safely.
 
     Streams (``r|``) so a multi-GB rootfs is never held in memory and a truncated
-    archive fails at its end instead of being half accepted.
+    archive fails at its end instead of being half accepted. ``budget`` bounds what it
+    may write (:class:`Budget`); gzip is decompressed here, not by tarfile, so that the
+    decompressed stream is capped too.
     """
     dest.mkdir(parents=True, exist_ok=True)
     keep_owner = os.geteuid() == 0
     size = src.stat().st_size
     progress = Progress(f"unpack {src.name}", size, cancel=cancel)
+    budget = budget if budget is not None else Budget(1 << 62)
     with open(src, "rb") as raw:
         head = raw.read(4)
         raw.seek(0)
@@ -243,14 +394,15 @@ def unpack_archive(src: Path, dest: Path, *, allow_devices: bool = False,
                 import zstandard
 
                 reader: Any = zstandard.ZstdDecompressor().stream_reader(counted)
-                mode = "r|"
             elif head.startswith(GZIP_MAGIC):
-                reader, mode = counted, "r|gz"
+                reader = gzip.GzipFile(fileobj=counted, mode="rb")
             else:
-                reader, mode = counted, "r|"
-            with tarfile.open(fileobj=reader, mode=mode, errorlevel=1) as tf:
+                reader = counted
+            bounded = _BoundedStream(reader, budget)
+            with tarfile.open(fileobj=bounded, mode="r|", errorlevel=1) as tf:
                 tf.extractall(dest, numeric_owner=True,
-                              filter=_make_filter(dest, allow_devices, keep_owner))
+                              filter=_make_filter(dest, allow_devices, keep_owner, budget,
+                                                  bounded))
                 members = list(tf.members)
         except (Rejected, Cancelled):
             raise
@@ -274,16 +426,78 @@ def unpack_archive(src: Path, dest: Path, *, allow_devices: bool = False,
             if type(exc).__module__.startswith("zstandard"):
                 raise Rejected(f"truncated or corrupt archive: {exc}") from None
             raise
+    if budget.manifest_bytes is None:  # the manifest came last: check the total now
+        for cand in (dest / MANIFEST, *(e / MANIFEST for e in dest.iterdir() if e.is_dir())):
+            if os.path.lexists(cand):
+                read_declared(cand, budget)
+                break
     if keep_owner:
         _apply_xattrs(dest, members)
 
 
-def copy_tree(src: Path, dest: Path, *, allow_devices: bool = False,
+def copy_file(src: Path, dest: Path, size: int, budget: Budget,
               cancel: threading.Event | None = None) -> None:
-    """Copy a dropped directory into staging: hard links where possible (same file
-    system: instant, and the incoming copy is only unlinked after promotion), else a
-    real copy. Symlinks are recreated (not followed) and checked like tar members."""
+    """Copy one dropped file into staging, never sharing its inode with the dropper.
+
+    A reflink (``FICLONE``: btrfs, XFS; copy-on-write, so a later rewrite of the source
+    leaves ours alone) when the file system can, else ``copy_file_range`` (in-kernel),
+    else read/write. ``size`` was charged to the budget already; bytes beyond it (the
+    source grew meanwhile) are charged as they are copied, and free space is checked
+    every ``SPACE_CHECK_EVERY`` bytes."""
+    with open(src, "rb") as fin, open(dest, "xb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+            return
+        except OSError:
+            pass  # not supported here (ext4, tmpfs, another file system): copy
+        done = 0
+        use_cfr = hasattr(os, "copy_file_range")
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(str(src))
+            n = 0
+            if use_cfr:
+                try:
+                    n = os.copy_file_range(fin.fileno(), fout.fileno(), CHUNK * 8)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                         errno.EOPNOTSUPP):
+                        raise
+                    use_cfr = False
+                    fin.seek(done)
+                    fout.seek(done)
+            if not use_cfr:
+                data = fin.read(CHUNK)
+                n = len(data)
+                if n:
+                    fout.write(data)
+            if not n:
+                break
+            done += n
+            extra = done - size
+            if extra > 0:  # the source grew while we copied it
+                budget.charge(min(extra, n), str(src))
+            elif done // SPACE_CHECK_EVERY != (done - n) // SPACE_CHECK_EVERY:
+                budget.check_space()
+
+
+def copy_tree(src: Path, dest: Path, *, allow_devices: bool = False,
+              cancel: threading.Event | None = None, budget: Budget | None = None) -> None:
+    """Copy a dropped directory into staging. Always a copy (or a reflink), never a hard
+    link: the dropper may rewrite its files in place afterwards (CI reusing its output
+    directory, ``open(..., "r+b")``), and a stored version must not change with them
+    (docs/store.md, "Directory drops are copied"). Symlinks are recreated (not
+    followed) and checked like tar members. ``budget`` bounds what is written: the
+    manifest (read first) declares the sizes, and each file is charged before it is
+    copied."""
     keep_owner = os.geteuid() == 0
+    budget = budget if budget is not None else Budget(1 << 62)
+    for cand in (src / MANIFEST, *(e / MANIFEST for e in src.iterdir()
+                                   if e.is_dir() and not e.is_symlink())):
+        if os.path.lexists(cand):
+            read_declared(cand, budget)
+            break
+    budget.check_space()
     dest.mkdir(parents=True, exist_ok=False)
     dirs: list[tuple[Path, Path]] = [(src, dest)]
     for cur, subdirs, files in os.walk(src, followlinks=False):
@@ -300,13 +514,12 @@ def copy_tree(src: Path, dest: Path, *, allow_devices: bool = False,
                 d.mkdir()
                 dirs.append((s, d))
             elif stat.S_ISREG(st.st_mode):
-                try:
-                    os.link(s, d)  # same inode: owner, mode, xattrs come along
-                except OSError:
-                    shutil.copy2(s, d, follow_symlinks=False)  # modes + xattrs
-                    if keep_owner:
-                        os.chown(d, st.st_uid, st.st_gid)
-                        os.chmod(d, stat.S_IMODE(st.st_mode))  # chown clears setuid
+                budget.charge(st.st_size, rel)
+                copy_file(s, d, st.st_size, budget, cancel)
+                shutil.copystat(s, d, follow_symlinks=False)  # modes, times, xattrs
+                if keep_owner:
+                    os.chown(d, st.st_uid, st.st_gid)
+                    os.chmod(d, stat.S_IMODE(st.st_mode))  # chown clears setuid
             elif stat.S_ISLNK(st.st_mode):
                 target = os.readlink(s)
                 _check_symlink(rel, target)

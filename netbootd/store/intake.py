@@ -20,14 +20,18 @@ from typing import Any, BinaryIO
 
 from ..settings import StoreSettings
 from .catalogue import Versions
-from .errors import Conflict, TooLarge, valid_name
+from .errors import Conflict, StoreFull, TooLarge, valid_name
+from .importer import import_image, looks_like_disk_image, name_version
 from .ingest import (
+    DISK_FULL_ERRNOS,
+    Budget,
     Cancelled,
     IngestResult,
     Rejected,
     copy_tree,
     detect_suffix,
     find_root,
+    fingerprint,
     fsync_tree,
     unpack_archive,
     validate_build,
@@ -90,18 +94,35 @@ class Intake:
             if not os.path.lexists(src):
                 return None
             t0 = time.monotonic()
+            before = fingerprint(src)
             stage = self.layout.new_stage("ingest-")
+            budget = Budget(self.settings.max_unpacked_bytes,
+                            min_free=self.settings.min_free_bytes, where=self.layout.staging)
             m: Manifest | None = None
             try:
-                unpacked = stage / "build"
-                if src.is_dir() and not src.is_symlink():
-                    copy_tree(src, unpacked, allow_devices=self.settings.allow_devices,
-                              cancel=self.cancel)
-                elif src.is_file() and not src.is_symlink():
-                    unpack_archive(src, unpacked, allow_devices=self.settings.allow_devices,
-                                   cancel=self.cancel)
-                else:
-                    raise Rejected("not a directory or a regular file")
+                try:
+                    unpacked = stage / "build"
+                    if src.is_dir() and not src.is_symlink():
+                        copy_tree(src, unpacked, allow_devices=self.settings.allow_devices,
+                                  cancel=self.cancel, budget=budget)
+                    elif looks_like_disk_image(src):  # a Raspberry Pi OS .img[.xz] drop
+                        image, version = name_version(src.name, src.stat().st_mtime)
+                        import_image(src, unpacked, image=image, version=version,
+                                     cancel=self.cancel, scratch=stage)
+                    elif src.is_file() and not src.is_symlink():
+                        unpack_archive(src, unpacked, allow_devices=self.settings.allow_devices,
+                                       cancel=self.cancel, budget=budget)
+                    else:
+                        raise Rejected("not a directory or a regular file")
+                except OSError as exc:
+                    if exc.errno not in DISK_FULL_ERRNOS:
+                        raise
+                    # the build's failure, with a reason: retrying it would fill the disk
+                    # again every rescan (a bomb did, every 30 s, before this)
+                    raise Rejected(f"disk full while unpacking ({os.strerror(exc.errno)}) "
+                                   f"after {budget.written} bytes of this build") from None
+                if fingerprint(src) != before:
+                    raise _StillWriting()
                 root = find_root(unpacked)
                 m = _peek_manifest(root)  # for the reason file, should validation fail
                 m = validate_build(root, require_signature=self.settings.require_signature,
@@ -116,9 +137,22 @@ class Intake:
                 result.verify_seconds = t_valid - t0
                 result.swap_seconds = result.seconds - result.verify_seconds
             except Rejected as exc:
-                result = self._reject(name, src, marker, exc.reason, m)
+                if fingerprint(src) != before:  # half written, not broken: try again later
+                    log.info("incoming/%s changed while it was read; waiting for it to "
+                             "settle", name)
+                    return None
+                manifest_bytes = budget.manifest_bytes or _manifest_in(stage / "build")
+                if m is None:
+                    m = budget.manifest or (_peek_bytes(manifest_bytes)
+                                            if manifest_bytes else None)
+                remove_tree(stage)  # first: a disk-full rejection needs the space back
+                result = self._reject(name, src, marker, exc.reason, m, manifest_bytes)
                 result.seconds = time.monotonic() - t0
                 return result
+            except _StillWriting:
+                log.info("incoming/%s changed while it was read; waiting for it to settle",
+                         name)
+                return None
             except Cancelled:
                 log.info("ingest of %s cancelled (stopping); it stays in incoming/", name)
                 return None
@@ -173,11 +207,13 @@ class Intake:
         fsync_dir(self.layout.incoming)
         remove_tree(gone)
 
-    def _reject(self, name: str, src: Path, marker: Path, reason: str, m: Manifest | None
-                ) -> IngestResult:
+    def _reject(self, name: str, src: Path, marker: Path, reason: str, m: Manifest | None,
+                manifest_bytes: bytes | None = None) -> IngestResult:
         log.warning("rejected %s: %s", name, reason, extra={"build": name})
         image, version = (m.image, m.version) if m else (None, None)
-        dest = self.rejects.keep(name, src, reason, image, version)
+        dest = self.rejects.keep(name, src, reason, image, version,
+                                 manifest=manifest_bytes,
+                                 max_bytes=self.settings.keep_rejected_max_bytes)
         if marker.exists():
             marker.unlink()
         fsync_dir(self.layout.incoming)
@@ -202,6 +238,7 @@ class Intake:
         valid_name(version, "version")
         incoming = self.layout.incoming
         tmp = self.layout.upload_temp(name, version)
+        reserve = self.settings.min_free_bytes
         fh = await asyncio.to_thread(open, tmp, "wb")  # closed below (also on error)
         head = b""
         total = 0
@@ -214,7 +251,17 @@ class Intake:
                 total += len(chunk)
                 if max_bytes is not None and total > max_bytes:
                     raise TooLarge(max_bytes)
-                await asyncio.to_thread(fh.write, chunk)
+                if reserve:  # every chunk (1 MiB from aiohttp): never write past it
+                    free = _free_bytes(incoming)
+                    if free - len(chunk) < reserve:
+                        raise StoreFull(total - len(chunk), free, reserve)
+                try:
+                    await asyncio.to_thread(fh.write, chunk)
+                except OSError as exc:
+                    if exc.errno in DISK_FULL_ERRNOS:
+                        raise StoreFull(total - len(chunk), _free_bytes(incoming),
+                                        reserve) from None
+                    raise
             await asyncio.to_thread(_flush_sync, fh)
             fh.close()
             final = self.layout.incoming_entry(f"{name}-{version}{detect_suffix(head)}")
@@ -243,6 +290,38 @@ class Intake:
                     log.error("trusted key %s unusable: %s", p, exc)
             self._keys = keys
         return self._keys
+
+
+class _StillWriting(Exception):
+    """The incoming entry changed while it was copied: a writer is still at it."""
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _manifest_in(unpacked: Path) -> bytes | None:
+    """The manifest of a half-unpacked build, if there is one (for the reason file)."""
+    try:
+        cands = [unpacked / MANIFEST, *(e / MANIFEST for e in unpacked.iterdir()
+                                        if e.is_dir() and not e.is_symlink())]
+    except OSError:
+        return None
+    for c in cands:
+        try:
+            if c.is_file() and not c.is_symlink() and c.stat().st_size <= 16 << 20:
+                return c.read_bytes()
+        except OSError:
+            return None
+    return None
+
+
+def _peek_bytes(data: bytes) -> Manifest | None:
+    try:
+        return parse_manifest(data)
+    except ManifestError:
+        return None
 
 
 def _peek_manifest(root: Path) -> Manifest | None:

@@ -26,13 +26,16 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
+
+from ..durable import fsync_dir, read_json, write_atomic, write_json_atomic  # noqa: F401 - re-exported for the store modules
 
 #: Names in incoming/ that are never builds: work in progress of a CI writer.
 IGNORED_SUFFIXES = (".tmp", ".partial", ".reason")
@@ -114,6 +117,11 @@ class Layout:
         """Where a promoted incoming entry goes to die (a dot name the watcher ignores)."""
         return self.incoming / f"{DONE_PREFIX}{name}-{os.getpid()}-{time.time_ns()}"
 
+    def cli_temp(self, name: str) -> Path:
+        """A build ``netbootd images ingest|import`` is putting into incoming/ (a dot name:
+        never taken for a build, and not removed by recovery while the CLI works)."""
+        return self.incoming / f".cli-{name}-{os.getpid()}-{time.time_ns()}.tmp"
+
     def upload_temp(self, image: str, version: str) -> Path:
         """An HTTP upload in progress (``.partial``: never taken for a build)."""
         return self.incoming / f".upload-{image}-{version}-{os.getpid()}-{time.time_ns()}.partial"
@@ -123,6 +131,10 @@ class Layout:
 
     def reason_file(self, name: str) -> Path:
         return self.rejected / (name + ".reason")
+
+    def rejected_manifest(self, name: str) -> Path:
+        """The manifest of a rejected build whose payload was too large to keep."""
+        return self.rejected / (name + ".manifest.json")
 
     def new_stage(self, prefix: str) -> Path:
         """A fresh private directory in staging/ (same file system as store/)."""
@@ -137,6 +149,26 @@ class Layout:
 def is_upload_leftover(name: str) -> bool:
     """An upload a crash interrupted (see :meth:`Layout.upload_temp`)."""
     return name.startswith(".upload-") and name.endswith(".partial")
+
+
+def entry_size(path: Path) -> int:
+    """Bytes of an incoming entry: a file's size, or every regular file of a tree."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size
+    total = 0
+    for cur, _dirs, files in os.walk(path, followlinks=False):
+        for f in files:
+            try:
+                fst = os.lstat(os.path.join(cur, f))
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(fst.st_mode):
+                total += fst.st_size
+    return total
 
 
 def now_iso(ts: float | None = None) -> str:
@@ -159,37 +191,10 @@ def is_ignored_name(name: str) -> bool:
     return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename/create inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` in one atomic, durable step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    write_atomic(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
 
 
 @contextlib.contextmanager
@@ -278,11 +283,3 @@ def read_json_lines(path: Path) -> list[dict]:
             out.append(d)
     return out
 
-
-def read_json(path: Path, default: Any) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return default
-    except ValueError:
-        return default

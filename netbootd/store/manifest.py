@@ -54,11 +54,18 @@ class ManifestError(ValueError):
     """The manifest is missing, unparsable, invalid or wrongly signed (a rejection reason)."""
 
 
+#: Versions may not be called this: ``/files/<image>/channels/<channel>/…`` is the stable
+#: channel URL (http/files.py).
+RESERVED_VERSIONS = frozenset({"channels"})
+
+
 def check_name(value: str, what: str = "name") -> str:
     """One safe path component: letters, digits, ``. _ + -``; not starting with a dot."""
     if not isinstance(value, str) or not _NAME.fullmatch(value) or value in (".", ".."):
         raise ValueError(f"invalid {what} {value!r}: use letters, digits and . _ + - "
                          "(not starting with a dot), at most 128 characters")
+    if what == "version" and value in RESERVED_VERSIONS:
+        raise ValueError(f"invalid version {value!r}: reserved for channel URLs")
     return value
 
 

@@ -32,11 +32,16 @@ def recover(layout: Layout, versions: Versions, channels: Channels) -> list[str]
         if e.name.startswith(DONE_PREFIX) or is_upload_leftover(e.name):
             remove_tree(e)
             done.append(f"removed leftover {e.name}")
-    for d in [layout.channels, layout.state_dir,
+    for d in [layout.channels, layout.state_dir, layout.rejected,
               *(x for x in layout.channels.iterdir() if x.is_dir())]:
         for e in list(d.iterdir()):
             if e.name.startswith(".") and e.name.endswith(".tmp"):
                 remove_tree(e)
+    for e in list(layout.rejected.glob("*.manifest.json")):
+        name = e.name[: -len(".manifest.json")]
+        if not layout.reason_file(name).exists():  # a crash before its reason was written
+            remove_tree(e)
+            done.append(f"removed orphaned {e.name}")
     hist = channels.history()
     for image in versions.images():
         for channel, version in channels.channels(image).items():

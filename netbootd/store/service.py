@@ -54,6 +54,9 @@ class StoreService:
         self.store = store
         self.app.store = store
         self.app.planner.images = store
+        # An activation, pin or ingest must reach a machine that was told "nothing to boot"
+        # a moment ago at its very next request.
+        store.on_change.append(self.app.planner.changed)
         store.in_use_hook = self.in_use
         self.app.events.subscribe(self._on_event)
         self.watcher = IncomingWatcher(store, settle=s.store.settle_seconds,

@@ -7,11 +7,20 @@ else; a file written in place shows ``added`` then a stream of ``modified``
 ``added`` on their deep paths. So:
 
 - a ``<name>.ready`` marker makes ``<name>`` due at once;
-- a top-level ``added`` with nothing after it is a rename drop: due after
-  ``settle_seconds`` of quiet;
+- a top-level ``added`` with nothing after it looks like a rename drop: due once
+  it is *stable*, its fingerprint (type, size, mtime, inode of the entry and,
+  for a directory, of everything in it) unchanged over ``settle_seconds``;
 - anything written in place (``modified``, or activity below the top level)
   waits for its marker, however quiet it becomes — a slow writer's pause is
   never mistaken for the end of a build.
+
+Events alone cannot tell a rename from a create (both are ``added``), and
+inotify misses what is written in a new directory before its watch exists
+(a ``mkdir`` + ``manifest.json`` looks like a rename drop), so the stability
+check is what keeps a half-written entry out; the intake re-checks the
+fingerprint after copying and leaves an entry that changed meanwhile for later.
+Entries found by a scan (start-up, rescan) have no event history: they are
+taken only once stable too, never "due at once".
 
 Dotfiles, ``*.tmp`` and ``*.partial`` are ignored (a CI's work in progress). A
 rescan of incoming/ at start and every ``rescan`` seconds catches what arrived
@@ -32,7 +41,7 @@ from pathlib import Path
 
 from watchfiles import Change, awatch
 
-from .ingest import IngestResult
+from .ingest import IngestResult, fingerprint
 from .layout import READY_SUFFIX, is_ignored_name
 from .store import ImageStore
 
@@ -56,6 +65,10 @@ class IncomingWatcher:
         self.in_place: set[str] = set()
         self.last_result: IngestResult | None = None
         self._warned: set[str] = set()
+        #: name -> fingerprint when its quiet window started (None: take one first)
+        self._seen: dict[str, tuple | None] = {}
+        #: scans of incoming/ done (start-up + rescans; tests wait on it)
+        self.scans = 0
         self.ready = asyncio.Event()  #: set once the watch is running (tests wait on it)
 
     # -- classification (pure, unit-testable) ----------------------------------------------
@@ -83,11 +96,23 @@ class IncomingWatcher:
             self.pending.pop(top, None)
             self.in_place.discard(top)
             self._warned.discard(top)
+            self._seen.pop(top, None)
             return False
         if deep or change == Change.modified:
             self.in_place.add(top)
         self.pending[top] = now
+        # something happened: the quiet window starts again, from what it looks like now
+        self._seen[top] = None if top in self.in_place else fingerprint(incoming / top)
         return False
+
+    def _stable(self, name: str, path: Path, now: float) -> bool:
+        """Unchanged over a whole settle window (re-checked each time it is asked)."""
+        fp = fingerprint(path)
+        if self._seen.get(name) != fp:
+            self._seen[name] = fp
+            self.pending[name] = now
+            return self.settle <= 0
+        return now - self.pending[name] >= self.settle
 
     def due(self, now: float) -> list[str]:
         out = []
@@ -98,6 +123,7 @@ class IncomingWatcher:
                 # unordered set, so a late "modified" may have re-added it
                 self.pending.pop(name, None)
                 self.in_place.discard(name)
+                self._seen.pop(name, None)
                 continue
             if (incoming / (name + READY_SUFFIX)).exists():
                 out.append(name)
@@ -106,15 +132,19 @@ class IncomingWatcher:
                     self._warned.add(name)
                     log.warning("incoming/%s was written in place; waiting for %s%s "
                                 "(or drop builds by rename)", name, name, READY_SUFFIX)
-            elif now - t >= self.settle:
+            elif now - t >= self.settle and self._stable(name, incoming / name, now):
                 out.append(name)
         return out
 
     def scan(self, now: float) -> None:
-        """Add what is in incoming/ but not known yet (start-up, periodic rescan)."""
+        """Add what is in incoming/ but not known yet (start-up, periodic rescan). Without
+        event history nothing says it is complete: it is taken once stable (see ``due``)."""
+        self.scans += 1
+        incoming = self.store.layout.incoming
         for name in self.store.incoming_candidates():
             if name not in self.pending and name not in self.in_place:
-                self.pending[name] = now - self.settle  # complete on arrival: due now
+                self.pending[name] = now
+                self._seen[name] = fingerprint(incoming / name)
 
     # -- the loop ----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -153,10 +183,17 @@ class IncomingWatcher:
                 return
             self.pending.pop(name, None)
             self.in_place.discard(name)
+            self._seen.pop(name, None)
             try:
                 result = await asyncio.to_thread(self.store.ingest_entry, name)
-            except Exception:  # e.g. disk full: keep watching, retry on rescan
+            except Exception:  # e.g. an I/O error: keep watching, retry on rescan
                 log.exception("ingest of incoming/%s failed; it stays there", name)
+                continue
+            if result is None and not stop.is_set() and \
+                    os.path.lexists(self.store.layout.incoming_entry(name)):
+                # it changed while the intake read it: watch it settle again
+                self.pending[name] = time.monotonic()
+                self._seen[name] = None
                 continue
             if result is not None:
                 self.last_result = result

@@ -1,20 +1,18 @@
-"""A minimal epoll loop on its own thread: the TFTP data plane.
+"""A minimal epoll loop on its own thread: the TFTP control plane.
 
-Why not run transfers on the daemon's asyncio loop? Measured on this project's
-machines (loopback, curl, 32 MiB, blksize 1468, lock-step): in.tftpd 0.22 s; a
-bare Python epoll loop 0.26 s; the same engine on asyncio's default loop 0.36 s.
-asyncio's per-iteration machinery (selector wrappers, Handle objects, contextvars)
-costs ~5 us per block, which is 40% of a loopback round trip. This loop offers the
-four calls a :class:`~netbootd.tftp.transfer.Transfer` uses (``add_reader``,
-``remove_reader``, ``call_later``, ``call_soon_threadsafe``) with none of that, so
-the same transfer code runs on either loop.
+The daemon runs its TFTP listeners, admission and accounting on one of these (the
+"engine thread"), and each worker process runs its control channel on one. Blocks are
+never moved here: that is the C loop (:mod:`netbootd.tftp.pumps`), whose threads hand
+their reports to this loop with :meth:`EngineLoop.call_soon_threadsafe`.
 
-A thread has a second benefit: admitting a request does blocking work (neighbour
-table lookup over netlink, planner, template rendering, opening/mmapping files),
-which here never stalls DHCP or HTTP on the main loop. Everything the engine
-touches outside its own objects is thread-safe by contract (planner, event log,
-metrics, client table). Socket calls release the GIL, so kernel-side work of a
-transfer overlaps with Python work of the main loop.
+Why not the daemon's asyncio loop: admitting a request does blocking work (neighbour
+table lookup over netlink, planner, template rendering, opening/mmapping files), which
+here never stalls DHCP or HTTP on the main loop; and asyncio's per-iteration machinery
+(selector wrappers, Handle objects, contextvars) costs ~5 us per callback, which a
+burst of 2,560 requests pays 2,560 times. This loop offers the few calls the service
+uses (``add_reader``, ``remove_reader``, ``call_later``, ``call_soon_threadsafe``) with
+none of that. Everything the engine touches outside its own objects is thread-safe by
+contract (planner, event log, metrics, client table).
 """
 
 from __future__ import annotations

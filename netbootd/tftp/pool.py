@@ -8,8 +8,19 @@ A worker that dies (its channel reads EOF while the daemon is not stopping) is
 logged with its exit status, its transfers are reported as ``error`` ("TFTP worker
 died"), and its slot is started again: at once if it had lived a while, after
 :data:`RESTART_DELAY` if it died young (a worker that cannot even start must not turn
-into a fork loop). Until then new transfers go to the other workers, or run on the
-engine thread when none is left.
+into a fork loop). Until then new transfers go to the other workers, or run in the
+daemon's own pump threads when none is left.
+
+Stopping is the daemon's decision alone. Once :meth:`WorkerPool.stop` has begun, a
+closing channel is expected and no worker is started again. Each worker runs in a
+process group of its own, so a Ctrl-C (SIGINT to the terminal's foreground group) or a
+``kill`` of the daemon's group reaches only the daemon, which then stops its workers
+over their channels; a worker ignores SIGINT and SIGTERM too (systemd's
+``KillMode=control-group`` signals every process of the unit, whatever its group). The
+one window left is a worker's first milliseconds, before its interpreter has set those
+dispositions: a worker ended by SIGTERM or SIGINT is therefore taken as part of a stop
+that is on its way (logged at INFO, started again only after :data:`RESTART_DELAY`,
+which a stop that began in between cancels), not as a death.
 """
 
 from __future__ import annotations
@@ -34,6 +45,8 @@ log = logging.getLogger("netbootd.tftp")
 #: A worker that lived less than this is restarted after RESTART_DELAY, else at once.
 YOUNG = 5.0
 RESTART_DELAY = 1.0
+#: Exit statuses (``Popen.returncode``) of a worker ended by a stop's signal.
+STOP_SIGNALS = frozenset((-signal.SIGTERM, -signal.SIGINT))
 
 
 def default_size() -> int:
@@ -67,13 +80,15 @@ class WorkerPool:
     transfer, when it ends (or its worker died)."""
 
     def __init__(self, loop: EngineLoop, size: int,
-                 on_report: Callable[[Report], None], *, pump_threads: int = 0) -> None:
-        """``pump_threads``: transfers per worker that run in a C thread of their own
-        (``tftp.pump_threads``; 0 when the C module is not built)."""
+                 on_report: Callable[[Report], None], *, pump_threads: int = 16,
+                 on_progress: Callable[[int], None] | None = None) -> None:
+        """``pump_threads``: block-loop threads per worker (``tftp.pump_threads``);
+        ``on_progress(id)``: a transfer's client acknowledged its first data block."""
         self.loop = loop
         self.size = size
         self.pump_threads = pump_threads
         self.on_report = on_report
+        self.on_progress = on_progress
         self.slots: list[WorkerProcess | None] = [None] * size
         #: processes not reaped yet (a stopping worker stays here until close())
         self._procs: list[subprocess.Popen] = []
@@ -96,7 +111,8 @@ class WorkerPool:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "netbootd.tftp.worker", str(child.fileno()),
                  "--log-level", str(level), "--pump-threads", str(self.pump_threads)],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                process_group=0)  # group signals are for the daemon (see the docstring)
         except OSError as exc:
             parent.close()
             log.error("tftp: cannot start worker %d: %s; retrying in %.0fs", slot, exc,
@@ -163,6 +179,15 @@ class WorkerPool:
             return False
         return True
 
+    def abort(self, w: WorkerProcess, job: int, reason: str) -> None:
+        """End one of ``w``'s transfers early (ERROR 0 ``reason``); its report follows."""
+        if job not in w.jobs or w.closed:
+            return
+        try:
+            handoff.send(w.chan, {"op": "abort", "id": job, "reason": reason})
+        except ChannelClosed as exc:
+            self._lost(w, f"abort failed: {exc}")
+
     def _on_message(self, w: WorkerProcess) -> None:
         while not w.closed:
             try:
@@ -175,6 +200,11 @@ class WorkerPool:
             msg, fds = got
             for fd in fds:  # a worker has no business sending descriptors
                 os.close(fd)
+            if msg.get("op") == "progress":
+                job = msg.get("id")
+                if job in w.jobs and self.on_progress is not None:
+                    self.on_progress(job)
+                continue
             try:
                 if msg.get("op") != "done":
                     raise ValueError(f"unexpected message {msg.get('op')!r}")
@@ -212,14 +242,21 @@ class WorkerPool:
             code = w.proc.wait()
         self._procs.remove(w.proc)
         lived = time.monotonic() - w.started
-        log.error("tftp: worker %d (pid %d) died after %.1fs (%s, exit status %s); "
-                  "%d transfer(s) lost", w.slot, w.pid, lived, why, code, len(w.jobs))
+        stopped = code in STOP_SIGNALS
+        if stopped:  # a stop reached it before it could ignore signals (see the docstring)
+            log.info("tftp: worker %d (pid %d) ended by %s after %.1fs; starting it again "
+                     "in %.0fs unless the daemon is stopping", w.slot, w.pid,
+                     signal.Signals(-code).name, lived, RESTART_DELAY)
+        else:
+            log.error("tftp: worker %d (pid %d) died after %.1fs (%s, exit status %s); "
+                      "%d transfer(s) lost", w.slot, w.pid, lived, why, code, len(w.jobs))
         for job in sorted(w.jobs):
-            self.on_report(Report(job, "error", "TFTP worker died"))
+            self.on_report(Report(job, "aborted", "server stopping") if stopped
+                           else Report(job, "error", "TFTP worker died"))
         w.jobs.clear()
         self.slots[w.slot] = None
         self.restarts += 1
-        if lived < YOUNG:
+        if lived < YOUNG or stopped:
             self.loop.call_later(RESTART_DELAY, self._spawn, w.slot)
         else:
             self._spawn(w.slot)

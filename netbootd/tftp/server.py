@@ -1,8 +1,8 @@
 """The TFTP service: listeners on :69 (per served address), request admission, accounting.
 
-A listener only parses requests; each accepted RRQ becomes a
-:class:`~netbootd.tftp.transfer.Transfer` on its own ephemeral port (the TID,
-RFC 1350), bound to the local address the request arrived on, so replies come
+A listener only parses requests; each accepted RRQ becomes a transfer on its own
+ephemeral port (the TID, RFC 1350, :func:`~netbootd.tftp.transfer.open_tid`), bound to
+the local address the request arrived on, so replies come
 from the address the client talked to. With a wildcard bind that address comes
 from ``IP_PKTINFO``. Refusals (file not found, WRQ, limits) are sent from a fresh
 ephemeral port as well, as RFC 1350 asks.
@@ -11,24 +11,38 @@ A listener never dies: every parse failure is dropped and counted in
 ``netbootd_malformed_inputs{service="tftp"}``, every unexpected exception while
 admitting a request is logged, counted and answered with ERROR 0.
 
-Where transfers run (``engine``): ``workers`` (the default, ``tftp.workers`` > 0) hands
-each admitted transfer, as its socket plus a descriptor of its content, to the least
+Where transfers run: every transfer runs in the one block loop, C pump threads
+(:mod:`netbootd.tftp.pumps`). With ``tftp.workers`` > 0 (the default) each admitted
+transfer is handed, as its sockets plus a descriptor of its content, to the least
 loaded of a few worker processes (:mod:`netbootd.tftp.pool`, :mod:`netbootd.tftp.worker`)
-so blocks move on every CPU; ``thread`` runs them on the engine thread next to the
-listeners; ``asyncio`` on the caller's loop. Admission, limits and accounting are the
-same code in all three.
+whose pump threads run it; with 0 (or while no worker is alive) pump threads of this
+process run it. Admission, limits and accounting are the same code either way, on the
+engine thread (:mod:`netbootd.tftp.engine`).
+
+Admission under pressure (an attack run held all 2,000 slots for 30 minutes with 64
+never-ACKing requests per source from 32 spoofable sources): a transfer whose client
+never acknowledged a data block is *silent*. When the limits are reached, a silent
+transfer is evicted (the client's own oldest for ``max_per_client``; for
+``max_transfers`` the oldest of the source holding the most silent ones), so a new
+client is refused only when every slot is moving data, and a flood from few sources
+evicts itself before anyone else. Requests asking for long timeouts are refused the option
+(``tftp.timeout_max``), no transfer may go ``tftp.stall_max`` seconds without
+progress, and listeners get a receive buffer sized for bursts (``tftp.listen_rcvbuf``).
+
+The service sees the rest of the daemon only through narrow views
+(:mod:`netbootd.interfaces`): ``create(app)`` is the one place that reads the App.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
-import functools
 import itertools
 import logging
 import os
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,12 +51,15 @@ from . import codec, handoff
 from .engine import EngineLoop
 from .handoff import Report
 from .pool import WorkerPool, WorkerProcess, default_size
-from .transfer import BLKSIZE_MAX, Negotiated, Transfer, negotiate, open_tid
+from .pumps import Pumps, load_pump
+from .transfer import BLKSIZE_MAX, Negotiated, negotiate, open_tid
 from .vfs import FileSource, Refused, VirtualTree
-from .worker import load_pump
 
 if TYPE_CHECKING:
     from ..app import App
+    from ..interfaces import Addresses, Artefacts, Nodes, Plans, Recorder
+    from ..metrics import Metrics
+    from ..settings import Settings
 
 log = logging.getLogger("netbootd.tftp")
 
@@ -54,8 +71,12 @@ _SIOCGIFMTU = 0x8921
 NETASCII_MAX = 16 * 1024 * 1024
 
 
-#: How long stop() waits for workers to report their aborted transfers and exit.
+#: How long stop() waits for workers (and this process's pumps) to report their aborted
+#: transfers.
 WORKER_STOP_WAIT = 0.5
+#: Datagrams read from a listener per wake-up: a burst is drained without an epoll
+#: round per request, and other listeners and reports still get their turn.
+LISTEN_BATCH = 64
 
 
 def _to_netascii(data: bytes) -> bytes:
@@ -71,8 +92,13 @@ class _Open:
     peer: tuple[str, int]
     source: FileSource  #: event fields (name, mac, image, version); its bytes may be gone
     started: float
-    transfer: Transfer | None = None  #: when it runs in this process
-    worker: WorkerProcess | None = None
+    worker: WorkerProcess | None = None  #: None: it runs in this process's pumps
+    #: the client acknowledged a data block: never evicted for a newcomer
+    progressed: bool = False
+    #: being ended to make room; no longer counted against the limits
+    evicting: bool = False
+    #: the MAC whose boot session this transfer holds (``Plans.hold``), if any
+    held: str | None = None
 
 
 class TftpService:
@@ -80,54 +106,50 @@ class TftpService:
 
     name = SERVICE
 
-    def __init__(self, app: App, tree: VirtualTree | None = None, *,
-                 engine: str | None = None) -> None:
-        """``engine``: ``workers`` (worker processes, ``tftp.workers`` of them),
-        ``thread`` (transfers on the dedicated epoll thread, see
-        :mod:`netbootd.tftp.engine`) or ``asyncio`` (the caller's running loop). Unset:
-        ``workers``, or ``thread`` when ``tftp.workers`` is 0."""
-        configured = app.settings.tftp.workers
-        self.workers = default_size() if configured is None else configured
-        if engine is None:
-            engine = "workers" if self.workers > 0 else "thread"
-        if engine not in ("workers", "thread", "asyncio"):
-            raise ValueError(f"unknown TFTP engine {engine!r}")
-        if engine == "workers":
-            self.workers = max(1, self.workers)
-        #: transfers per worker in a C thread of their own (0: the C module is not built)
-        self.pump_threads = app.settings.tftp.pump_threads if load_pump() is not None else 0
-        if engine == "workers" and app.settings.tftp.pump_threads and not self.pump_threads:
-            log.warning("tftp: the C block loop (netbootd/tftp/_pump.c) is not built, so "
-                        "transfers run in Python, slower under load; install gcc and "
-                        "python3-dev, then reinstall netbootd")
-        self.app = app
-        self.tree = tree or VirtualTree(app)
-        self.engine = engine
-        self._loop: asyncio.AbstractEventLoop | EngineLoop | None = None
+    def __init__(self, settings: Settings, *, plans: Plans, artefacts: Artefacts,
+                 nodes: Nodes, addresses: Addresses, events: Recorder, metrics: Metrics,
+                 tree: VirtualTree | None = None) -> None:
+        load_pump()  # no block loop, no TFTP: say so now, with the fix
+        t = settings.tftp
+        #: worker processes (0: transfers run in this process's pump threads)
+        self.workers = default_size() if t.workers is None else t.workers
+        self.pump_threads = t.pump_threads
+        self.settings = settings
+        self.plans = plans
+        self.addresses = addresses
+        self.events = events
+        self.metrics = metrics
+        self.tree = tree or VirtualTree(settings, plans=plans, artefacts=artefacts,
+                                        nodes=nodes, addresses=addresses)
+        self._loop: EngineLoop | None = None
         self._pool: WorkerPool | None = None
+        self._pumps: Pumps | None = None
         self._listeners: list[tuple[socket.socket, str]] = []
-        #: transfer id -> the open transfer
+        #: transfer id -> the open transfer, oldest first (eviction scans from the front)
         self._open: dict[int, _Open] = {}
         self._ids = itertools.count(1)
+        #: client ip -> open transfers not being evicted
         self._per_client: dict[str, int] = {}
+        self._evicting = 0
+        #: client ip -> open transfers whose client has not acknowledged data yet
+        self._silent: dict[str, int] = {}
         #: (client ip, port, file name) of open transfers: a resent RRQ is not a new one.
         self._open_keys: set[tuple[str, int, str]] = set()
         self.bound: list[str] = []
+        self.rcvbuf = 0  #: the listeners' receive buffer as the kernel granted it
         self._mtu_cache: dict[int, tuple[int, float]] = {}
-        m = app.metrics
-        self._malformed_counter = m.malformed.labels(SERVICE)
-        self._active = m.active_transfers.labels(SERVICE)
-        self._bytes = m.bytes_sent.labels(SERVICE)
-        self._seconds = m.transfer_seconds.labels(SERVICE)
+        self._shut = threading.Event()
+        self._malformed_counter = metrics.malformed.labels(SERVICE)
+        self._active = metrics.active_transfers.labels(SERVICE)
+        self._bytes = metrics.bytes_sent.labels(SERVICE)
+        self._seconds = metrics.transfer_seconds.labels(SERVICE)
 
     # -- Service ----------------------------------------------------------------------------
     async def start(self) -> None:
-        loop: asyncio.AbstractEventLoop | EngineLoop
-        loop = EngineLoop() if self.engine != "asyncio" else asyncio.get_running_loop()
-        self._loop = loop
+        loop = self._loop = EngineLoop()
         for warning in self.tree.startup_warnings():
             log.warning("tftp: %s", warning)
-        t = self.app.settings.tftp
+        t = self.settings.tftp
         addrs = [a.strip() for a in t.bind.split(",") if a.strip()] or ["0.0.0.0"]
         try:
             for addr in addrs:
@@ -136,6 +158,7 @@ class TftpService:
                     sock.setblocking(False)
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                    self.rcvbuf = _size_rcvbuf(sock, t.listen_rcvbuf)
                     sock.bind((addr, t.port))
                 except OSError:
                     sock.close()
@@ -147,36 +170,43 @@ class TftpService:
         except OSError:
             await self.stop()
             raise
-        if isinstance(loop, EngineLoop):
-            if self.engine == "workers":
-                self._pool = WorkerPool(loop, self.workers, self._finished,
-                                        pump_threads=self.pump_threads)
-                self._pool.start()
-            loop.run_in_thread()  # readers are registered: no cross-thread race
-        log.info("tftp: listening on %s (%s engine%s)", ", ".join(self.bound), self.engine,
-                 f", {self.workers} processes, up to {self.pump_threads} transfers each in "
-                 "C threads" if self._pool else "")
+        if self.workers > 0:
+            self._pool = WorkerPool(loop, self.workers, self._finished,
+                                    pump_threads=self.pump_threads,
+                                    on_progress=self._progressed)
+            self._pool.start()
+        loop.run_in_thread()  # readers are registered: no cross-thread race
+        where = (f"{self.workers} worker processes" if self._pool else "this process")
+        log.info("tftp: listening on %s (block loop: up to %d C threads in %s; receive "
+                 "buffer %d bytes)", ", ".join(self.bound), self.pump_threads, where,
+                 self.rcvbuf)
 
     async def stop(self) -> None:
         """Abort every transfer (clients get ERROR 0), close the listeners, stop the
-        workers (they abort theirs and report), end the thread."""
+        workers and pumps (they abort theirs and report), end the thread. Whatever was
+        never reported is accounted ``aborted`` (and its boot session released)."""
         loop, pool = self._loop, self._pool
-        if isinstance(loop, EngineLoop) and loop.running:
+        if loop is not None and loop.running:
             loop.call_soon_threadsafe(self._shutdown)
+            await asyncio.to_thread(self._shut.wait, WORKER_STOP_WAIT)
             if pool is not None:
                 await asyncio.to_thread(pool.all_closed.wait, WORKER_STOP_WAIT)
+            pumps = self._pumps
+            if pumps is not None:
+                await asyncio.to_thread(pumps.idle.wait, WORKER_STOP_WAIT)
             await asyncio.to_thread(loop.stop, 1.0)
         else:
             self._shutdown()
-            if isinstance(loop, EngineLoop):
+            if loop is not None:
                 loop.close()  # the thread never started (bind failed)
         if pool is not None:
             await asyncio.to_thread(pool.close)
+        for job in list(self._open):
+            self._finished(Report(job, "aborted", "server stopping"))
 
     def _shutdown(self) -> None:
-        for entry in list(self._open.values()):
-            if entry.transfer is not None:
-                entry.transfer.abort("server stopping")
+        if self._pumps is not None:
+            self._pumps.stop()
         if self._pool is not None:
             self._pool.stop()
         loop = self._loop
@@ -189,13 +219,13 @@ class TftpService:
             sock.close()
         self._listeners.clear()
         self.bound = []
+        self._shut.set()
 
     def health(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ok": bool(self._listeners), "bound": list(self.bound),
-                               "active": len(self._open)}
+                               "active": len(self._open), "pump_threads": self.pump_threads}
         if self._pool is not None:
             out["workers"] = len(self._pool.live())
-            out["pump_threads"] = self.pump_threads
         return out
 
     @property
@@ -206,23 +236,29 @@ class TftpService:
     def pool(self) -> WorkerPool | None:
         return self._pool
 
+    @property
+    def pumps(self) -> Pumps | None:
+        """This process's pump threads (``tftp.workers: 0``, or no worker alive)."""
+        return self._pumps
+
     # -- listener ---------------------------------------------------------------------------
     def _malformed(self) -> None:
         self._malformed_counter.inc()
 
     def _on_request(self, sock: socket.socket, bound_addr: str) -> None:
-        try:
-            data, anc, flags, addr = sock.recvmsg(codec.MAX_REQUEST + 1, _ANC_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            log.debug("tftp: listener recv failed: %s", exc)
-            return
-        try:
-            self._handle(data, anc, flags, addr, bound_addr)
-        except Exception:
-            log.exception("tftp: internal error handling a request from %s", addr)
-            self.app.metrics.errors.labels(SERVICE).inc()
+        for _ in range(LISTEN_BATCH):
+            try:
+                data, anc, flags, addr = sock.recvmsg(codec.MAX_REQUEST + 1, _ANC_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("tftp: listener recv failed: %s", exc)
+                return
+            try:
+                self._handle(data, anc, flags, addr, bound_addr)
+            except Exception:
+                log.exception("tftp: internal error handling a request from %s", addr)
+                self.metrics.errors.labels(SERVICE).inc()
 
     def _handle(self, data: bytes, anc: list, flags: int, addr: tuple[str, int],
                 bound_addr: str) -> None:
@@ -241,7 +277,7 @@ class TftpService:
                 req = codec.parse_request(data)
                 self._refuse(local_ip, addr, codec.ERR_ACCESS,
                              "Access violation: this server is read-only")
-                self.app.metrics.requests.labels(SERVICE, "refused").inc()
+                self.metrics.requests.labels(SERVICE, "refused").inc()
                 return
             else:
                 raise codec.Malformed(f"opcode {op} on the listener")
@@ -258,14 +294,15 @@ class TftpService:
         key = (client_ip, client_port, req.filename)
         if key in self._open_keys:
             return  # a resent RRQ: the open transfer's own timer resends its packet
-        t = self.app.settings.tftp
-        if len(self._open) >= t.max_transfers:
-            self._refuse_counted(local_ip, addr, codec.ERR_UNDEFINED,
-                                 "Server busy: too many transfers, retry later", "busy")
-            return
-        if self._per_client.get(client_ip, 0) >= t.max_per_client:
+        t = self.settings.tftp
+        if (self._per_client.get(client_ip, 0) >= t.max_per_client
+                and not self._evict_silent(client_ip)):
             self._refuse_counted(local_ip, addr, codec.ERR_UNDEFINED,
                                  "Server busy: too many transfers from this client", "busy")
+            return
+        if len(self._open) - self._evicting >= t.max_transfers and not self._evict_silent():
+            self._refuse_counted(local_ip, addr, codec.ERR_UNDEFINED,
+                                 "Server busy: too many transfers, retry later", "busy")
             return
         if req.mode not in ("octet", "netascii"):
             self._refuse_counted(local_ip, addr, codec.ERR_ILLEGAL_OP,
@@ -278,9 +315,9 @@ class TftpService:
             outcome = "not_found" if r.code == codec.ERR_NOT_FOUND else "refused"
             self._refuse_counted(local_ip, addr, r.code, r.message, outcome)
             if r.code == codec.ERR_ACCESS:
-                self.app.events.record("tftp", self.app.clients.mac_for(client_ip),
-                                       f"refused {req.filename!r}: {r.log_reason}",
-                                       file=req.filename[:100], ip=client_ip, outcome="error")
+                self.events.record("tftp", self.addresses.mac_for(client_ip),
+                                   f"refused {req.filename!r}: {r.log_reason}",
+                                   file=req.filename[:100], ip=client_ip, outcome="error")
             return
         if req.mode == "netascii":
             if src.size > NETASCII_MAX:
@@ -295,12 +332,53 @@ class TftpService:
         params = negotiate(req.options, size=src.size,
                            blksize_max=min(t.blksize_max, self._mtu_blksize(ifindex)),
                            windowsize_max=t.windowsize_max,
-                           default_timeout=t.retransmit_timeout)
+                           default_timeout=t.retransmit_timeout, timeout_max=t.timeout_max)
         self._start_transfer(src, params, addr, local_ip, key)
+
+    def _evict_silent(self, client_ip: str | None = None) -> bool:
+        """Make room: end a transfer whose client never acknowledged a data block, the
+        oldest one of ``client_ip`` (its own limit), else the oldest one of the source
+        holding the most silent transfers. A flood from a few sources therefore evicts
+        its own transfers (one eviction each time it re-requests), never the one silent
+        transfer a real client has between its RRQ and its first ACK. False when there
+        is none: every slot is moving data, and the newcomer is refused."""
+        if client_ip is None:
+            if not self._silent:
+                return False
+            client_ip = max(self._silent, key=self._silent.__getitem__)
+        elif not self._silent.get(client_ip):
+            return False
+        for job, entry in self._open.items():
+            if entry.progressed or entry.evicting or entry.peer[0] != client_ip:
+                continue
+            entry.evicting = True
+            self._evicting += 1
+            self._count_client(entry.peer[0], -1)
+            self._count_silent(entry.peer[0], -1)
+            reason = "Server busy: no ACK, slot given to another client"
+            if entry.worker is not None and self._pool is not None:
+                self._pool.abort(entry.worker, job, reason)
+            elif self._pumps is not None:
+                self._pumps.abort(job, reason)
+            return True
+        return False
+
+    def _count_silent(self, ip: str, delta: int) -> None:
+        n = self._silent.get(ip, 0) + delta
+        if n > 0:
+            self._silent[ip] = n
+        else:
+            self._silent.pop(ip, None)
+
+    def _count_client(self, ip: str, delta: int) -> None:
+        n = self._per_client.get(ip, 0) + delta
+        if n > 0:
+            self._per_client[ip] = n
+        else:
+            self._per_client.pop(ip, None)
 
     def _start_transfer(self, src: FileSource, params: Negotiated, addr: tuple[str, int],
                         local_ip: str, key: tuple[str, int, str]) -> None:
-        assert self._loop is not None
         peer = (addr[0], addr[1])
         try:
             sock, stranger = open_tid(local_ip, peer)
@@ -313,29 +391,53 @@ class TftpService:
         entry = _Open(key, peer, src, time.monotonic())
         self._open[job] = entry
         self._open_keys.add(key)
-        self._per_client[addr[0]] = self._per_client.get(addr[0], 0) + 1
+        self._count_client(addr[0], 1)
+        self._count_silent(addr[0], 1)
         self._active.inc()
+        if src.mac is not None and src.image is not None:
+            # a boot session must not expire under a long transfer of its own version
+            try:
+                self.plans.hold(src.mac)
+                entry.held = src.mac
+            except Exception:
+                log.exception("tftp: cannot hold the boot session of %s", src.mac)
         if self._pool is not None and self._hand_off(job, entry, params, sock, stranger):
             return
+        self._run_here(job, entry, params, sock, stranger)
+
+    def _run_here(self, job: int, entry: _Open, params: Negotiated, sock: socket.socket,
+                  stranger: socket.socket) -> None:
+        """Run the transfer in this process's pump threads (``tftp.workers: 0``, or no
+        worker could take it)."""
+        assert self._loop is not None
+        if self._pumps is None:
+            self._pumps = Pumps(self._loop, self.pump_threads, on_report=self._finished,
+                                on_progress=self._progressed)
+        src = entry.source
         src.drop_fd()
-        tr = Transfer(self._loop, sock, peer, src, params,
-                      retries=self.app.settings.tftp.retries,
-                      on_done=functools.partial(self._local_done, job), stranger=stranger,
-                      on_malformed=self._malformed, label=src.name)
-        entry.transfer = tr
-        tr.start()
+        fds = (sock.detach(), stranger.detach())
+        try:
+            self._pumps.add(job, *fds, src, params, retries=self.settings.tftp.retries,
+                            stall_max=self.settings.tftp.stall_max)
+        except (RuntimeError, ValueError, OSError, MemoryError) as exc:
+            for fd in fds:
+                os.close(fd)
+            src.close()
+            log.error("tftp: cannot start %s: %s", src.name, exc)
+            self._finished(Report(job, "error", f"cannot start: {exc}", seconds=0.0))
 
     def _hand_off(self, job: int, entry: _Open, params: Negotiated, sock: socket.socket,
                   stranger: socket.socket) -> bool:
         """Give the transfer to the least loaded worker: its two sockets and a descriptor
         of its content (the file itself, or a sealed memfd for bytes built here). False
-        when no worker can take it (it then runs on this thread)."""
+        when no worker can take it (it then runs in this process)."""
         assert self._pool is not None
         src = entry.source
+        t = self.settings.tftp
         msg = {"op": "start", "id": job, "peer": list(entry.peer), "size": src.size,
                "blksize": params.blksize, "windowsize": params.windowsize,
-               "timeout": params.timeout, "oack": params.oack,
-               "retries": self.app.settings.tftp.retries}
+               "timeout": params.timeout, "oack": params.oack, "retries": t.retries,
+               "stall_max": t.stall_max}
         memfd = None
         try:
             if src.fd is None:
@@ -356,27 +458,32 @@ class TftpService:
                 os.close(memfd)
         return False
 
-    def _local_done(self, job: int, tr: Transfer, outcome: str, reason: str) -> None:
-        self._finished(Report(job, outcome, reason, tr.bytes_acked, tr.payload_sent,
-                              tr.packets_sent))
+    def _progressed(self, job: int) -> None:
+        entry = self._open.get(job)
+        if entry is not None and not entry.progressed:
+            entry.progressed = True
+            if not entry.evicting:
+                self._count_silent(entry.peer[0], -1)
 
     def _finished(self, rep: Report) -> None:
-        """Accounting for one finished transfer: metrics, event, log. The transfer leaves
-        the open set last, so whoever sees ``active`` drop also sees its event."""
+        """Accounting for one finished transfer: metrics, event, log, its boot session
+        released. The transfer leaves the open set last, so whoever sees ``active``
+        drop also sees its event."""
         entry = self._open.get(rep.id)
         if entry is None:
             return
         ip, port = entry.peer
         outcome, reason, src = rep.outcome, rep.reason, entry.source
         seconds = rep.seconds if rep.seconds is not None else time.monotonic() - entry.started
-        m = self.app.metrics
-        m.requests.labels(SERVICE, outcome).inc()
+        m = self.metrics
+        evicted = entry.evicting and outcome == "aborted"
+        m.requests.labels(SERVICE, "evicted" if evicted else outcome).inc()
         self._bytes.inc(rep.payload_sent)
         if rep.malformed:
             self._malformed_counter.inc(rep.malformed)
         if outcome == "ok":
             self._seconds.observe(seconds)
-        self.app.events.record(
+        self.events.record(
             "tftp", src.mac, "" if outcome == "ok" else reason, file=src.name,
             bytes=rep.bytes_acked, seconds=round(seconds, 3), outcome=outcome,
             image=src.image, version=src.version, ip=ip)
@@ -386,11 +493,17 @@ class TftpService:
         else:
             log.debug("tftp: %s to %s:%d %s (%d bytes, %.3fs) %s", src.name, ip, port,
                       outcome, rep.bytes_acked, seconds, reason)
-        n = self._per_client.get(ip, 1) - 1
-        if n > 0:
-            self._per_client[ip] = n
+        if entry.held is not None:
+            try:
+                self.plans.release(entry.held)
+            except Exception:
+                log.exception("tftp: cannot release the boot session of %s", entry.held)
+        if entry.evicting:
+            self._evicting -= 1
         else:
-            self._per_client.pop(ip, None)
+            self._count_client(ip, -1)
+            if not entry.progressed:
+                self._count_silent(ip, -1)
         self._active.dec()
         del self._open[rep.id]
         self._open_keys.discard(entry.key)
@@ -411,7 +524,7 @@ class TftpService:
     # -- refusals ---------------------------------------------------------------------------
     def _refuse_counted(self, local_ip: str, addr: tuple[str, int], code: int, msg: str,
                         outcome: str) -> None:
-        self.app.metrics.requests.labels(SERVICE, outcome).inc()
+        self.metrics.requests.labels(SERVICE, outcome).inc()
         self._refuse(local_ip, addr, code, msg)
 
     def _refuse(self, local_ip: str, addr: tuple[str, int], code: int, msg: str) -> None:
@@ -423,6 +536,28 @@ class TftpService:
                 s.sendto(codec.build_error(code, msg), addr)
         except OSError as exc:
             log.debug("tftp: cannot send ERROR to %s: %s", addr, exc)
+
+
+def _size_rcvbuf(sock: socket.socket, want: int) -> int:
+    """Give a listener ``want`` bytes of receive buffer (the kernel doubles the value it
+    is given for its bookkeeping, and reports that). As root SO_RCVBUFFORCE passes
+    ``net.core.rmem_max``; otherwise SO_RCVBUF is capped by it. Why: at the default
+    (~208 KiB) a burst of 2,560 requests lost 1,931 in the kernel before the listener
+    could read them."""
+    force = getattr(socket, "SO_RCVBUFFORCE", 33)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, want)
+    except OSError:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
+        except OSError as exc:
+            log.warning("tftp: cannot size the listener's receive buffer: %s", exc)
+    got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if got < want:
+        log.warning("tftp: listener receive buffer is %d bytes, %d asked for "
+                    "(tftp.listen_rcvbuf): raise net.core.rmem_max or run as root",
+                    got, want)
+    return got
 
 
 def _pktinfo(anc: list) -> tuple[int, str | None]:
@@ -447,5 +582,12 @@ def interface_blksize(ifindex: int) -> int | None:
 
 
 def create(app: App) -> TftpService:
-    """Factory named in ``netbootd.app.SERVICE_FACTORIES``."""
-    return TftpService(app)
+    """Factory named in ``netbootd.app.SERVICE_FACTORIES``: the one place that reads the
+    App, and builds the service from the narrow views it needs."""
+    from ..views import InventoryNodes, StoreArtefacts
+
+    return TftpService(
+        app.settings, plans=app.planner,
+        artefacts=StoreArtefacts(lambda: app.store, lambda: app.render),
+        nodes=InventoryNodes(lambda: app.inventory, app.clients, lambda: app.settings),
+        addresses=app.clients, events=app.events, metrics=app.metrics)

@@ -2,12 +2,16 @@
 
 Only the *policy* is simplified (:class:`FixedImages` always resolves to one
 image directory, the honest fake of the store); the protocol side is the real
-engine on real sockets, talked to by real clients.
+service, built by the daemon's own factory (``server.create``) on real sockets and
+talked to by real clients. This module builds an App (it stands in for the daemon),
+so it is the one module under ``tftp/`` the fence test lets do that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import socket
 import textwrap
 import time
@@ -25,7 +29,8 @@ from ..neighbours import ClientAddresses
 from ..planner import Planner
 from ..render import Renderer
 from ..settings import load_settings
-from .server import TftpService
+from .server import TftpService, create
+from .vfs import VirtualTree
 
 CMDLINE_TEMPLATE = "console=serial0 root=/dev/nfs nfsroot={{ nfs.root_spec }} " \
                    "netbootd.mac={{ node.mac }} server={{ server.ip }} version={{ version }}\n"
@@ -33,17 +38,28 @@ CONFIG_TEMPLATE = "# netbootd: {{ node.hostname }} {{ version }}\n"
 
 
 class FixedImages:
-    """An image resolver whose store holds exactly one version of one image."""
+    """An image resolver whose store holds exactly one version of one image. Its
+    artefacts (the manifest's file list, which ``Artefacts.open`` serves from) are the
+    regular files under ``root`` when a plan is made, so a test may add files."""
 
     def __init__(self, root: Path, *, name: str = "demo", version: str = "1",
                  boot_tree: str = "boot") -> None:
+        self.root = root
         self.ref = ImageRef(name=name, version=version, root=root, kind="pi-boot+rootfs",
                             channel="prod",
                             boot={"boot_tree": boot_tree, "rootfs": "rootfs"})
 
     def resolve(self, image: str, channel: str, pin: str | None, *, mac: str | None = None
                 ) -> ImageRef | None:
-        return self.ref
+        return dataclasses.replace(self.ref, artefacts=listing(self.root))
+
+
+def listing(root: Path) -> tuple[str, ...]:
+    """Every file under ``root`` (symlinked directories not followed), relative."""
+    out = []
+    for d, _, files in os.walk(root):
+        out += [os.path.relpath(os.path.join(d, f), root) for f in files]
+    return tuple(sorted(out))
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
@@ -60,11 +76,15 @@ def write_templates(directory: Path) -> Path:
 
 
 def make_app(work: Path, image_root: Path, *, tftp: dict[str, Any] | None = None,
-             nodes_yaml: str | None = None, policy: str = "default") -> App:
+             nodes_yaml: str | None = None, policy: str = "default",
+             images: Any = None, boot: dict[str, Any] | None = None,
+             clock: Callable[[], float] | None = None) -> App:
     """An App with ``image_root`` as the only image and settings for 127.0.0.1:<free port>.
 
     ``nodes_yaml`` (inventory text) is optional; without it the default profile
-    boots every machine (``policy.unknown = default``).
+    boots every machine (``policy.unknown = default``). ``images`` replaces the one
+    image (any ``ImageResolver``), ``boot`` overrides ``settings.boot`` and ``clock``
+    is the planner's clock (session expiry without waiting).
     """
     work.mkdir(parents=True, exist_ok=True)
     templates = write_templates(work / "templates")
@@ -73,6 +93,7 @@ def make_app(work: Path, image_root: Path, *, tftp: dict[str, Any] | None = None
         "paths": {"templates": str(templates), "state": str(work / "state"),
                   "images": str(work / "images")},
         "policy": {"unknown": policy},
+        **({"boot": boot} if boot else {}),
     }
     settings = load_settings(None, overrides, use_default_path=False)
     if nodes_yaml is not None:
@@ -83,7 +104,8 @@ def make_app(work: Path, image_root: Path, *, tftp: dict[str, Any] | None = None
         inventory = Inventory.empty()
     app_box: dict[str, App] = {}
     planner = Planner(lambda: app_box["app"].settings, lambda: app_box["app"].inventory,
-                      FixedImages(image_root))
+                      images or FixedImages(image_root),
+                      **({"clock": clock} if clock is not None else {}))
     app = App(settings=settings, inventory=inventory, planner=planner,
               render=Renderer(settings), events=EventLog(None), metrics=Metrics(),
               clients=ClientAddresses(use_kernel=False))
@@ -91,10 +113,30 @@ def make_app(work: Path, image_root: Path, *, tftp: dict[str, Any] | None = None
     return app
 
 
+def virtual_tree(app: App) -> VirtualTree:
+    """The tree ``create(app)`` would build, for tests of name resolution alone."""
+    from ..views import InventoryNodes, StoreArtefacts
+
+    return VirtualTree(app.settings, plans=app.planner,
+                       artefacts=StoreArtefacts(lambda: app.store, lambda: app.render),
+                       nodes=InventoryNodes(lambda: app.inventory, app.clients,
+                                            lambda: app.settings),
+                       addresses=app.clients)
+
+
 @asynccontextmanager
 async def running(app: App, *, engine: str | None = None) -> AsyncIterator[TftpService]:
-    """The TFTP service started on the app's settings; always stopped afterwards."""
-    svc = TftpService(app, engine=engine)
+    """The TFTP service started on the app's settings; always stopped afterwards.
+    ``engine``: ``workers`` (worker processes, the default) or ``inprocess``
+    (``tftp.workers: 0``: the pump threads run in this process)."""
+    if engine not in (None, "workers", "inprocess"):
+        raise ValueError(f"unknown engine {engine!r}")
+    if engine is not None:
+        t = app.settings.tftp
+        workers = 0 if engine == "inprocess" else (t.workers or None)
+        app.settings = app.settings.model_copy(
+            update={"tftp": t.model_copy(update={"workers": workers})})
+    svc = create(app)
     await svc.start()
     try:
         yield svc

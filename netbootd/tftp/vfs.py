@@ -2,8 +2,8 @@
 
 A name resolves to bytes in one of three ways:
 
-1. a root file that is an iPXE binary (``undionly.kpxe``, ``ipxe.efi``, ...) ->
-   ``settings.tftp.ipxe_dir`` / ``extra_ipxe_dirs``;
+1. a root file that is an iPXE binary (``undionly.kpxe``, ``ipxe.efi``, ...; the one
+   list is :mod:`netbootd.bootfiles`) -> ``settings.tftp.ipxe_dir`` / ``extra_ipxe_dirs``;
 2. a Raspberry Pi path ``<prefix>/<file>`` (prefix = 8-hex serial, MAC with dashes, or
    ``settings.rpi.prefix_string``) or a root path of a Pi that dropped its prefix
    (client IP -> MAC) -> the planner's :class:`BootPlan` for that machine -> a file of
@@ -11,8 +11,12 @@ A name resolves to bytes in one of three ways:
    ``config.txt``;
 3. anything else -> ERROR 1 (the Pi then tries its next candidate).
 
-Files are opened from the version directory the plan names; versions are
-immutable and an open mmap keeps the inode alive, so a hot swap never changes the
+The tree sees the rest of the daemon only through the narrow views of
+:mod:`netbootd.interfaces` (``Plans``, ``Artefacts``, ``Nodes``, ``Addresses``): it
+cannot read past the plan, so it cannot disagree with it.
+
+Files are opened from the version directory the plan names (``Artefacts.open``);
+versions are immutable and an open mmap keeps the inode alive, so a hot swap never changes the
 bytes of a transfer in flight. Containment is checked on the *resolved* path, so a
 symlink in an image cannot point a client outside its boot tree.
 """
@@ -27,20 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..bootfiles import find_ipxe, ipxe_dirs, ipxe_names
 from ..model import BootPlan, ClientFacts, ClientKind, normalise_mac
+from ..render import RenderError, ServerInfo
+from ..rpi import eeprom
 from . import codec
 
 if TYPE_CHECKING:
-    from ..app import App
+    from ..interfaces import Addresses, Artefacts, Nodes, Plans
+    from ..settings import Settings
 
 log = logging.getLogger("netbootd.tftp.vfs")
-
-#: iPXE binaries served from the root for PXE clients (the DHCP boot file names in
-#: settings.dhcp are added at run time, so a renamed boot file keeps working).
-IPXE_NAMES = frozenset({
-    "undionly.kpxe", "undionly.kkpxe", "undionly.kkkpxe", "ipxe.pxe", "ipxe.kpxe",
-    "ipxe.efi", "snponly.efi", "snp.efi", "ipxe-arm64.efi", "ipxe.lkrn",
-})
 
 #: Files up to this size are read into memory at open; larger ones are mmapped (one
 #: syscall to map, none per block, pages shared by every transfer of the same file).
@@ -148,29 +149,26 @@ def _contained(base: Path, rel: str) -> Path | None:
 
 
 class VirtualTree:
-    """Resolves (path, client) -> :class:`FileSource` through the planner."""
+    """Resolves (path, client) -> :class:`FileSource` through the plan."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
+    def __init__(self, settings: Settings, *, plans: Plans, artefacts: Artefacts,
+                 nodes: Nodes, addresses: Addresses) -> None:
+        self.settings = settings
+        self.plans = plans
+        self.artefacts = artefacts
+        self.nodes = nodes
+        self.addresses = addresses
 
     # -- configuration checks ---------------------------------------------------------------
-    def ipxe_dirs(self) -> list[Path]:
-        t = self.app.settings.tftp
-        return [t.ipxe_dir, *t.extra_ipxe_dirs]
-
-    def ipxe_names(self) -> frozenset[str]:
-        d = self.app.settings.dhcp
-        return IPXE_NAMES | {d.bios_bootfile, d.uefi_x64_bootfile, d.uefi_arm64_bootfile}
-
     def startup_warnings(self) -> list[str]:
         """Problems an operator should see at start (missing iPXE directory/binaries)."""
-        dirs = self.ipxe_dirs()
+        dirs = ipxe_dirs(self.settings)
         found = [d for d in dirs if d.is_dir()]
         if not found:
             return [(f"no iPXE directory found ({', '.join(map(str, dirs))}); PXE clients "
                     "will get 'File not found' (install Debian's 'ipxe' package or set "
                     "tftp.ipxe_dir)")]
-        d = self.app.settings.dhcp
+        d = self.settings.dhcp
         return [f"iPXE boot file {name!r} not found in {', '.join(map(str, found))}"
                 for name in (d.bios_bootfile, d.uefi_x64_bootfile)
                 if not any((p / name).is_file() for p in found)]
@@ -180,18 +178,18 @@ class VirtualTree:
         """The bytes a client gets for ``path``; raises :class:`Refused`."""
         parts = normalise(path)
         name = "/".join(parts)
-        if len(parts) == 1 and parts[0] in self.ipxe_names():
+        if len(parts) == 1 and parts[0] in ipxe_names(self.settings):
             return self._ipxe(parts[0], client_ip)
         return self._pi(parts, name, client_ip, local_ip)
 
     def _ipxe(self, name: str, client_ip: str) -> FileSource:
-        for d in self.ipxe_dirs():
-            p = d / name
-            if p.is_file():
-                data, size, fd = open_file(p)
-                return FileSource(data, size, name, mac=self.app.clients.mac_for(client_ip),
-                                  origin=str(p), fd=fd)
-        raise not_found(f"iPXE binary {name} not in {', '.join(map(str, self.ipxe_dirs()))}")
+        p = find_ipxe(self.settings, name)
+        if p is None:
+            dirs = ", ".join(map(str, ipxe_dirs(self.settings)))
+            raise not_found(f"iPXE binary {name} not in {dirs}")
+        data, size, fd = open_file(p)
+        return FileSource(data, size, name, mac=self.addresses.mac_for(client_ip),
+                          origin=str(p), fd=fd)
 
     def _pi(self, parts: list[str], name: str, client_ip: str, local_ip: str) -> FileSource:
         serial: str | None = None
@@ -199,10 +197,10 @@ class VirtualTree:
         rest = parts
         if len(parts) > 1:
             first = parts[0].lower()
-            prefix_string = self.app.settings.rpi.prefix_string
+            prefix_string = self.settings.rpi.prefix_string
             if _SERIAL.fullmatch(first):
                 serial = first
-                mac = self.app.inventory.mac_for_serial(serial)
+                mac = self.nodes.mac_for_serial(serial)
                 rest = parts[1:]
             elif _MAC_DASHED.fullmatch(first):
                 mac = normalise_mac(first)
@@ -210,60 +208,84 @@ class VirtualTree:
             elif prefix_string and parts[0] == prefix_string.strip("/"):
                 rest = parts[1:]
         if mac is None:
-            mac = self.app.clients.mac_for(client_ip)
+            mac = self.addresses.mac_for(client_ip)
         if mac is None:
             raise not_found(f"no MAC known for {client_ip} (prefix {parts[0]!r})")
         facts = ClientFacts(mac=mac, kind=ClientKind.RPI, serial=serial, ip=client_ip)
-        plan = self.app.planner.plan(facts)
+        plan = self.plans.plan(facts)
         if not plan.answers or plan.image is None:
             raise not_found(f"plan for {mac}: {plan.action.value} ({plan.reason})")
         rel = "/".join(rest)
         image = plan.image
         meta = {"mac": mac, "image": image.name, "version": image.version}
+        if rel in eeprom.NAMES:
+            return self._pieeprom(plan, rel, name, meta)
         if rel == "cmdline.txt":
             text = self.rendered("cmdline.txt", plan, local_ip).encode()
             return FileSource(text, len(text), name, origin="rendered", **meta)
-        boot = self._boot_tree(plan)
+        tree, boot = self._boot_tree(plan)
         if rel == "config.txt":
             base = b""
-            target = _contained(boot, rel)
-            if target is not None and target.is_file():
-                base = target.read_bytes()
+            own = self._boot_file(plan, tree, boot, rel)
+            if own is not None:
+                base = own.read_bytes()
                 if base and not base.endswith(b"\n"):
                     base += b"\n"
             text = base + self.rendered("config.txt", plan, local_ip).encode()
             return FileSource(text, len(text), name, origin="rendered", **meta)
-        target = _contained(boot, rel)
+        target = self._boot_file(plan, tree, boot, rel)
         if target is None:
-            raise Refused(codec.ERR_ACCESS, "Access violation",
-                          log_reason=f"{rel!r} leaves the boot tree of {image.name}")
-        if not target.is_file():
+            if _contained(boot, rel) is None:
+                raise Refused(codec.ERR_ACCESS, "Access violation",
+                              log_reason=f"{rel!r} leaves the boot tree of {image.name}")
             raise not_found(f"{rel} not in {image.name} {image.version}")
         data, size, fd = open_file(target)
         return FileSource(data, size, name, origin=str(target), fd=fd, **meta)
 
-    def _boot_tree(self, plan: BootPlan) -> Path:
+    def _pieeprom(self, plan: BootPlan, rel: str, name: str, meta: dict[str, str]
+                  ) -> FileSource:
+        """``pieeprom.sig`` / ``pieeprom.upd``: the bootloader update the node's vars name
+        (``vars.pieeprom``, netbootd/rpi/eeprom.py), else "File not found" (normal: the
+        Pi then keeps its bootloader)."""
+        try:
+            upd = eeprom.update_for(plan, self.settings)
+            if rel == "pieeprom.sig":
+                return FileSource(upd.sig, len(upd.sig), name, origin="rendered", **meta)
+            data = eeprom.read_update(upd)
+        except eeprom.NotOffered as exc:
+            raise not_found(f"{rel}: {exc}") from None
+        return FileSource(data, len(data), name, origin=str(upd.path), **meta)
+
+    def _boot_tree(self, plan: BootPlan) -> tuple[str, Path]:
+        """The plan's boot tree: its name in the version, and its resolved directory."""
         image = plan.image
         assert image is not None
-        root = image.root.resolve()
-        boot = _contained(root, image.boot.get("boot_tree", "boot") or "boot")
+        tree = (image.boot.get("boot_tree", "boot") or "boot").strip("/")
+        boot = _contained(image.root.resolve(), tree)
         if boot is None:
             raise Refused(codec.ERR_ACCESS, "Access violation",
                           log_reason=f"boot_tree of {image.name} leaves the image")
-        return boot
+        return tree, boot
+
+    def _boot_file(self, plan: BootPlan, tree: str, boot: Path, rel: str) -> Path | None:
+        """A file of the version (``Artefacts.open``) that also stays inside its boot
+        tree once symlinks are followed."""
+        assert plan.image is not None
+        path = self.artefacts.open(plan.image, f"{tree}/{rel}")
+        if path is None:
+            return None
+        try:
+            path.resolve().relative_to(boot)
+        except (ValueError, OSError, RuntimeError):
+            return None
+        return path
 
     def rendered(self, artefact: str, plan: BootPlan, local_ip: str) -> str:
-        """Render a per-node file. Kept behind one function so the engine does not
-        depend on how rendering works; a template error is a refusal the operator sees
-        in the log and the event timeline, never a crash."""
-        from ..render import RenderError, ServerInfo
-
-        s = self.app.settings
-        ip = str(s.network.advertise) if s.network.advertise else local_ip
+        """Render a per-node file. A template error is a refusal the operator sees in
+        the log and the event timeline, never a crash."""
         try:
-            return self.app.render.render(
-                artefact, plan, ServerInfo(ip=ip, http_port=s.http.port,
-                                           public_url=s.http.public_url))
+            return self.artefacts.renderer().render(
+                artefact, plan, ServerInfo.for_arrival(self.settings, local_ip))
         except RenderError as exc:
             log.error("tftp: cannot render %s for %s: %s", artefact, plan.mac, exc)
             raise Refused(codec.ERR_UNDEFINED, f"cannot render {artefact}",

@@ -89,6 +89,37 @@ def lab_out(request: pytest.FixtureRequest) -> Iterator[Path]:
                 print("   ", line[:200])
 
 
+#: test-output/ is kept for people to read after a run; beyond this, oldest entries go.
+OUTPUT_BUDGET = 500 * 1000 * 1000
+
+
+def prune_output(root: Path = OUTPUT, budget: int = OUTPUT_BUDGET) -> list[Path]:
+    """Delete the oldest entries of test-output/ until it fits ``budget`` bytes."""
+    if not root.is_dir():
+        return []
+    sizes = []
+    for entry in root.iterdir():
+        files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
+        sizes.append((entry.stat().st_mtime, entry,
+                      sum(p.lstat().st_size for p in files)))
+    total = sum(s for _, _, s in sizes)
+    removed = []
+    for _, entry, size in sorted(sizes, key=lambda t: t[0]):
+        if total <= budget:
+            break
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        total -= size
+        removed.append(entry)
+    return removed
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _output_bounded() -> Iterator[None]:
+    prune_output()
+    yield
+    prune_output()
+
+
 @pytest.fixture(scope="session")
 def _stale_labs_removed() -> None:
     """Namespaces of a run that was SIGKILLed (no process left, over an hour old)."""

@@ -23,7 +23,7 @@ import pytest
 
 pytest.importorskip("netbootd.store.store")
 
-from netbootd.http.testkit import NODE_A, ServerThread, free_port, make_app
+from netbootd.http.testkit import NODE_A, ServerThread, free_port, give_address, make_app
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU = shutil.which("qemu-system-x86_64")
@@ -54,6 +54,8 @@ def test_ipxe_guest_boots_through_the_http_chain(tmp_path: Path):
     result = app.store.ingest_entry("demo-e2e")
     assert result is not None and result.accepted, result
     app.store.activate("demo", "e2e", "prod", by="test")
+    # QEMU's user-mode network reaches the server from 127.0.0.1: that is the node's address
+    give_address(app, NODE_A, "127.0.0.1")
 
     console = tmp_path / "console.log"
     with ServerThread(app):
@@ -93,8 +95,9 @@ def test_ipxe_guest_boots_through_the_http_chain(tmp_path: Path):
     kinds = [e.kind for e in timeline]
     assert kinds.index("kernel") < kinds.index("booted")
     assert state.version == "e2e"
-    assert app.planner.current(NODE_A) is None  # the booted callback ended the session
-    # the kernel and initrd were fetched from /files (events carry no MAC: slirp hides it)
+    # the booted callback ended the firmware session; the OS keeps the plan it booted
+    assert app.planner.current(NODE_A).image.version == "e2e"
+    # the kernel and initrd were fetched from /files
     served = {e.fields.get("file") for e in app.events.recent(500) if e.kind == "http"}
     assert "/files/demo/e2e/boot/vmlinuz" in served
     assert "/files/demo/e2e/boot/initrd.img" in served

@@ -222,8 +222,8 @@ class RangeServer:
     """Serves files with Range support; can drop the connection once at a byte offset;
     records every request line (the installer's events are GETs)."""
 
-    def __init__(self, root: Path, drop_at: int | None = None) -> None:
-        self.root, self.drop_at, self.dropped = root, drop_at, False
+    def __init__(self, root: Path, drop_at: int | None = None, ranges: bool = True) -> None:
+        self.root, self.drop_at, self.dropped, self.ranges = root, drop_at, False, ranges
         self.requests: list[tuple[str, str | None]] = []
         server = self
 
@@ -243,7 +243,7 @@ class RangeServer:
                     return
                 size = path.stat().st_size
                 a, b = 0, size - 1
-                rng = self.headers.get("Range")
+                rng = self.headers.get("Range") if server.ranges else None
                 if rng:
                     lo, hi = rng.split("=", 1)[1].split("-")
                     a, b = int(lo), (int(hi) if hi else size - 1)
@@ -293,7 +293,7 @@ class RangeServer:
 @pytest.fixture(scope="module")
 def small_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(raw, raw.zst): 6 MB, half incompressible, so the zst is ~3 MB (20 chunks)."""
-    need(["busybox", "zstd", "openssl"])
+    need(["busybox", "zstd", "openssl", "curl"])
     d = tmp_path_factory.mktemp("small")
     raw = d / "disk.img"
     raw.write_bytes(hashlib.shake_256(b"netbootd").digest(3_000_000) + bytes(3_000_000))
@@ -350,6 +350,30 @@ def test_installer_pipeline_refuses_a_wrong_sha256(small_image: tuple[Path, Path
     assert "failed" in phases and "installed" not in phases
     failed = next(e for e in srv.events() if e["phase"] == "failed")
     assert failed["reason"].startswith("sha256 mismatch")
+
+
+def test_installer_pipeline_refuses_a_server_without_ranges(
+        small_image: tuple[Path, Path], tmp_path: Path) -> None:
+    """A 200 with the whole file is refused before a byte reaches the disk."""
+    raw, zst = small_image
+    out = tmp_path / "t.img"
+    with RangeServer(zst.parent, ranges=False) as srv:
+        url = f"http://127.0.0.1:{srv.port}/{zst.name}"
+        res = run_lib(f'nbd_write_image {url} {zst.stat().st_size} {raw.stat().st_size} '
+                      f'{sha256(raw)} zst {out}; echo "rc=$? reason=$NBD_REASON"', tmp_path)
+    assert "rc=1 reason=server ignores Range requests (HTTP/1.1 200 OK)" in res.stdout, \
+        res.stdout + res.stderr
+    assert out.stat().st_size == 0
+    assert not list(tmp_path.glob("nbd-write.*")), "scratch files left behind"
+
+
+def test_installer_pipeline_tee_is_not_the_busybox_applet(tmp_path: Path) -> None:
+    """busybox ash runs its own 1 KiB-buffer tee for a bare `tee`; the pipeline names one
+    by path (the initrd's /usr/local/bin/tee, coreutils on the host)."""
+    need(["busybox", "tee"])
+    res = run_lib("nbd_tee_cmd", tmp_path)
+    tee = res.stdout.strip()
+    assert tee.startswith("/") and "busybox" not in os.path.realpath(tee), tee
 
 
 def _fake_disk(sys_root: Path, name: str, size_bytes: int, devpath: str,

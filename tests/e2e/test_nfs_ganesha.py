@@ -13,7 +13,7 @@ import pytest
 
 from netbootd.lab.netns import Topology
 from netbootd.model import ClientFacts, ClientKind
-from netbootd.nfs.service import NfsService
+from netbootd.nfs.service import create as create_nfs
 from netbootd.store.service import StoreService
 from tests.storekit import ONE_VERSION, drop_build, store_app, until
 
@@ -59,7 +59,7 @@ async def test_ganesha_exports_follow_store_and_sessions(netlab, lab_nfs, lab_ou
                      "nfs": {"backend": "ganesha", "ganesha_config": str(include),
                              "ganesha_reload": nfs_server.reload_argv(),
                              "clients": "0.0.0.0/0" if everyone else netlab.network}})
-    store_svc, nfs = StoreService(app), NfsService(app)
+    store_svc, nfs = StoreService(app), create_nfs(app)
     await store_svc.start()
     await nfs.start()
     try:
@@ -80,8 +80,13 @@ async def test_ganesha_exports_follow_store_and_sessions(netlab, lab_nfs, lab_ou
         assert await store_svc.run_gc() == []
         await asyncio.sleep(0.5)
         assert "etc" in await asyncio.to_thread(wait_ls, netlab, v1, True)
-        # the boot finished: GC retires version 1, its export disappears, 2 stays
-        app.planner.end_session(MAC)
+        # the boot finished, but its OS still runs on version 1's root: both stay
+        app.planner.end(MAC)
+        assert await store_svc.run_gc() == []
+        assert "etc" in await asyncio.to_thread(wait_ls, netlab, v1, True)
+        # the node boots again (version 2 now): version 1 is retired, its export goes
+        assert app.planner.plan(ClientFacts(mac=MAC, kind=ClientKind.RPI)).image.version == "2"
+        app.planner.handed_over(MAC)
         assert await store_svc.run_gc() == [("pi", "1")]
         await asyncio.to_thread(wait_ls, netlab, v1, False)
         assert "etc" in await asyncio.to_thread(wait_ls, netlab, v2, True)

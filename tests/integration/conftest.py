@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,8 @@ from tests.conftest import free_port
 @pytest.fixture
 async def dhcp_service(tmp_path: Path):
     """The proxy-DHCP service alone on 127.0.0.1 high ports; unknown machines boot
-    (policy default). Yields (app, service, ports); start and stop each under 1 s."""
+    (policy default). Yields (app, service, ports). (How fast start and stop are is the
+    daemon's stop contract, tested by test_serve and measured in bench/, not here.)"""
     ports = {"port": free_port(socket.SOCK_DGRAM), "pxe_port": free_port(socket.SOCK_DGRAM),
              "client_port": free_port(socket.SOCK_DGRAM), "bind": "127.0.0.1"}
     settings = load_settings(None, {"dhcp": ports, "policy": {"unknown": "default"},
@@ -26,12 +26,8 @@ async def dhcp_service(tmp_path: Path):
                              use_default_path=False)
     app = build_app(settings, inventory=Inventory.empty())
     svc = create(app)
-    t0 = time.monotonic()
     await svc.start()
-    assert time.monotonic() - t0 < 1.0
     try:
         yield app, svc, ports
     finally:
-        t0 = time.monotonic()
         await svc.stop()
-        assert time.monotonic() - t0 < 1.0

@@ -72,7 +72,6 @@ def mutate(rng: random.Random) -> bytes:
 async def test_listener_survives_100k_fuzzed_packets_and_still_answers(dhcp_service):
     app, svc, ports = dhcp_service
     rng = random.Random(SEED)
-    t0 = time.monotonic()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
         tx.bind(("127.0.0.1", 0))
         targets = [("127.0.0.1", ports["port"]), ("127.0.0.1", ports["pxe_port"])]
@@ -80,7 +79,13 @@ async def test_listener_survives_100k_fuzzed_packets_and_still_answers(dhcp_serv
             tx.sendto(mutate(rng), targets[i & 1])
             if i % 32 == 31:  # let the listener drain (same loop, real socket)
                 await asyncio.sleep(0)
-        await asyncio.sleep(0.2)
+        tx.setblocking(False)
+        loop = asyncio.get_running_loop()
+        # A valid request after the flood, resent like a real client would until its
+        # answer comes: the listener reads its socket in order, so once the answer is
+        # here every fuzzed packet before it was handled (or dropped by the kernel).
+        valid = c.pxe_bootserver_request("52:54:00:fe:ed:01", 0xC0FFEE, "127.0.0.1")
+        raw = await answer_to(loop, tx, valid, targets[1], 0xC0FFEE)
         h = svc.health()
         assert h["ok"], h
         handled = h["replies"] + h["dropped"]
@@ -90,20 +95,6 @@ async def test_listener_survives_100k_fuzzed_packets_and_still_answers(dhcp_serv
         errors = app.metrics.registry.get_sample_value(
             "netbootd_errors_total", {"service": "dhcp"}) or 0
         assert errors == svc.send_errors, f"internal errors while fuzzing (seed {SEED})"
-        tx.setblocking(False)
-        loop = asyncio.get_running_loop()
-        while True:  # discard replies to fuzz packets that reached us
-            try:
-                tx.recv(4096)
-            except BlockingIOError:
-                break
-        valid = c.pxe_bootserver_request("52:54:00:fe:ed:01", 0xC0FFEE, "127.0.0.1")
-        await loop.sock_sendto(tx, valid, targets[1])
-        deadline = time.monotonic() + 3
-        while True:
-            raw = await asyncio.wait_for(loop.sock_recv(tx, 4096), 3)
-            if BOOTP(raw).xid == 0xC0FFEE or time.monotonic() > deadline:
-                break
     msg = BOOTP(raw)
     assert msg.xid == 0xC0FFEE
     opts = {o[0]: o[1] for o in msg[DHCP].options if isinstance(o, tuple)}
@@ -111,4 +102,22 @@ async def test_listener_survives_100k_fuzzed_packets_and_still_answers(dhcp_serv
     malformed = app.metrics.registry.get_sample_value(
         "netbootd_malformed_inputs_total", {"service": "dhcp"})
     assert malformed and malformed > TOTAL * 0.2
-    assert time.monotonic() - t0 < 90
+    # (how fast the listener gets through the flood is measured in bench/, not here)
+
+
+async def answer_to(loop, tx: socket.socket, request: bytes, target, xid: int,
+                    *, resend: float = 1.0, bound: float = 120.0) -> bytes:
+    """Send ``request`` every ``resend`` seconds until the reply with ``xid`` arrives;
+    other datagrams (replies to fuzz packets) are read and discarded."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        await loop.sock_sendto(tx, request, target)
+        resend_at = time.monotonic() + resend
+        while (left := resend_at - time.monotonic()) > 0:
+            try:
+                raw = await asyncio.wait_for(loop.sock_recv(tx, 4096), left)
+            except TimeoutError:
+                break
+            if BOOTP(raw).xid == xid:
+                return raw
+    raise AssertionError(f"no answer to xid {xid:#x} within {bound:.0f} s")

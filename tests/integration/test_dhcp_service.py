@@ -66,7 +66,7 @@ async def test_inform_with_ciaddr_is_unicast_to_client_port(dhcp_service):
         tx.sendto(inform, ("127.0.0.1", ports["port"]))
         raw = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(rx, 4096), 2)
     assert opts(raw)["boot-file-name"] == b"ipxe.efi"
-    assert app.clients.mac_for("127.0.0.1") == MAC
+    assert app.clients.ip_for(MAC) is None, "an INFORM's ciaddr is a claim, not evidence"
 
 
 async def test_garbage_is_counted_and_service_keeps_answering(dhcp_service):

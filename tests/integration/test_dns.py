@@ -6,7 +6,7 @@ import socket
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from netbootd.daemon import build_app
-from netbootd.dns.server import DnsService
+from netbootd.dns.server import create
 from netbootd.settings import load_settings
 from tests.conftest import free_port
 
@@ -30,7 +30,7 @@ async def test_inventory_names_resolve(config_dir):
                              {"dns": {"enabled": True, "port": port, "bind": "127.0.0.1"}})
     app = build_app(settings)
     app.clients.learn("10.231.0.51", "d8:3a:dd:12:34:56")
-    svc = DnsService(app)
+    svc = create(app)
     await svc.start()
     try:
         r = await ask(port, "pi5-worker-1.lan")

@@ -22,6 +22,7 @@ from netbootd.http.testkit import (
     TOKEN,
     UNKNOWN,
     ServerThread,
+    give_address,
     make_app,
     write_version,
 )
@@ -97,7 +98,7 @@ def test_read_only_calls_open_by_default_and_closed_when_configured(tmp_path):
 
 def test_nodes_list_and_detail_with_timeline(server):
     call(server, "GET", f"/ipxe?mac={mac_dashes(NODE_A)}")
-    server.app.clients.learn("127.0.0.1", NODE_A)  # what DHCP learnt for the node
+    give_address(server.app, NODE_A, "127.0.0.1")  # its address (nodes.yaml ip)
     token = server.app.planner.current(NODE_A).token
     status, _ = call(server, "POST", "/api/v1/events",
                      {"mac": NODE_A, "phase": "booted", "message": "up", "token": token})

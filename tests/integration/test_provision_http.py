@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from netbootd.http.testkit import NODE_B, TOKEN, ServerThread, make_app
+from netbootd.http.testkit import NODE_B, TOKEN, ServerThread, give_address, make_app
 from netbootd.model import mac_dashes
 from tests.integration.test_http_boot import curl, ipxe_url
 
@@ -53,7 +53,7 @@ def test_install_then_hand_the_node_to_its_disk(server):
     # no proof: no token, or the token from another address -> 403, nothing changes
     assert report(server, "installing", token=None, progress=10) == 403
     assert report(server, "installing", token=token, progress=10) == 403  # address unknown
-    app.clients.learn("127.0.0.1", NODE_B)  # what DHCP learnt: the node's address
+    give_address(app, NODE_B, "127.0.0.1")  # its address (nodes.yaml ip)
     assert report(server, "installing", token=token, source="127.0.0.2", progress=10) == 403
     assert report(server, "installed", token="0" * 24) == 403
     assert node(server).get("lifecycle") is None
@@ -80,7 +80,7 @@ def test_install_then_hand_the_node_to_its_disk(server):
 
 
 def test_a_failed_install_is_never_installed_and_is_retried(server):
-    server.app.clients.learn("127.0.0.1", NODE_B)
+    give_address(server.app, NODE_B, "127.0.0.1")
     _, token = install_script(server)
     assert report(server, "installing", token=token, progress=50) == 200
     assert report(server, "failed", token=token, reason="sha256 mismatch") == 200
@@ -93,7 +93,7 @@ def test_a_failed_install_is_never_installed_and_is_retried(server):
 
 
 def test_power_cut_mid_install_reinstalls(server):
-    server.app.clients.learn("127.0.0.1", NODE_B)
+    give_address(server.app, NODE_B, "127.0.0.1")
     _, token = install_script(server)
     assert report(server, "installing", token=token, progress=45) == 200
     server.app.planner.forget(NODE_B)  # the machine lost power: its session is gone
@@ -102,7 +102,7 @@ def test_power_cut_mid_install_reinstalls(server):
 
 
 def test_operator_reinstall_over_the_api(server):
-    server.app.clients.learn("127.0.0.1", NODE_B)
+    give_address(server.app, NODE_B, "127.0.0.1")
     _, token = install_script(server)
     assert report(server, "installed", token=token) == 200
     url = f"{server.url}/api/v1/nodes/{mac_dashes(NODE_B)}/action"

@@ -79,16 +79,15 @@ def test_inventory_replaced_by_rename_takes_effect_and_bad_edit_is_kept_out(daem
     good = nodes.read_text() + "\n  02:00:00:00:00:42:\n    hostname: newcomer\n"
     tmp = config_dir / ".nodes.yaml.tmp"
     tmp.write_text(good)
-    t0 = time.monotonic()
     os.replace(tmp, nodes)
+    # generous bounds: a loaded machine is slow, not wrong (reload.settle_seconds applies)
     wait_for(lambda: any(e["fields"].get("outcome") == "ok" for e in config_events(state)),
-             2.0, "reload of a valid inventory")
-    assert time.monotonic() - t0 < 2.0
+             60.0, "reload of a valid inventory")
 
     tmp.write_text(good + "\n  not-a-mac: {}\n")
     os.replace(tmp, nodes)
     wait_for(lambda: any(e["fields"].get("outcome") == "error" for e in config_events(state)),
-             2.0, "rejection of an invalid inventory")
+             60.0, "rejection of an invalid inventory")
     err = [e for e in config_events(state) if e["fields"].get("outcome") == "error"][-1]
     assert "nodes.yaml:" in err["fields"]["error"] and "not-a-mac" in err["fields"]["error"]
     assert proc.poll() is None, "a bad edit must not stop the daemon"
@@ -143,6 +142,13 @@ def demo_in_store(config_dir: Path) -> str:
     assert result is not None and result.accepted, result
     if store.active("demo", "prod") != "2026.11.23-1":
         store.activate("demo", "2026.11.23-1", "prod", by="test")
+    # the example Pi's profile names the Pi demo image (a Pi needs a Pi boot tree)
+    sample_build(store.layout.incoming / "pi-demo-1", "pi-demo", "2026.11.23-1",
+                 "pi-boot+rootfs")
+    result = store.ingest_entry("pi-demo-1")
+    assert result is not None and result.accepted, result
+    if store.active("pi-demo", "prod") != "2026.11.23-1":
+        store.activate("pi-demo", "2026.11.23-1", "prod", by="test")
     return "2026.11.23-1"
 
 
@@ -160,7 +166,11 @@ def test_plan_for_example_nodes(mac, action, profile, config_dir, demo_in_store)
     expected_version = demo_in_store if action == "netboot" else None
     assert out["version"] == expected_version
     if action == "netboot":
-        assert f"/files/demo/{demo_in_store}/" in out["ipxe"]
+        assert out["image"] == ("pi-demo" if profile == "pi5-workers" else "demo")
+        if profile == "pi5-workers":  # a Pi boots a boot tree: its cmdline names the root
+            assert f"/store/pi-demo/{demo_in_store}/rootfs" in out["cmdline"]
+        else:
+            assert f"/files/demo/{demo_in_store}/" in out["ipxe"]
 
 
 def test_check_finds_missing_secret_file_and_missing_template(config_dir):

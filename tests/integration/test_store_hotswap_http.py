@@ -50,7 +50,9 @@ async def test_twenty_http_downloads_of_n_survive_activation_of_n_plus_1(tmp_pat
 
         async with aiohttp.ClientSession() as session:
             downloads = [asyncio.create_task(slow_download(session)) for _ in range(20)]
-            await asyncio.sleep(0.5)  # every download is under way
+            gauge = {"service": "http"}
+            await until(lambda: (app.metrics.registry.get_sample_value(
+                "netbootd_active_transfers", gauge) or 0) >= len(downloads), timeout=120)
             drop_build(app, tmp_path, "demo", "2", payload=KERNEL)
             await until(lambda: store.active("demo", "dev") == "2")
             assert not any(d.done() for d in downloads), "the swap must land mid-transfer"

@@ -30,16 +30,19 @@ async def test_twenty_tftp_downloads_of_n_survive_activation_of_n_plus_1(tmp_pat
     try:
         store = app.store
         drop_build(app, tmp_path, "pi", "1", kind="pi-boot+rootfs", payload=KERNEL)
-        await until(lambda: store.active("pi", "dev") == "1")
+        await until(lambda: store.active("pi", "dev") == "1", timeout=120)
         want = (store.layout.store / "pi" / "1" / "boot" / "kernel_2712.img").read_bytes()
 
         # blksize 512: ~16k round trips per transfer, so the swap lands mid-transfer
         downloads = [asyncio.create_task(fetch(("127.0.0.1", port),
                                                f"{SERIAL}/kernel_2712.img", blksize=512))
                      for _ in range(20)]
-        await asyncio.sleep(0.3)
+        # every transfer is under way (admitted by the server) before N+1 is dropped
+        await until(lambda: tftp.active >= len(downloads) or any(d.done() for d in downloads),
+                    timeout=120)
+        assert not any(d.done() for d in downloads), [d for d in downloads if d.done()]
         drop_build(app, tmp_path, "pi", "2", kind="pi-boot+rootfs", payload=KERNEL)
-        await until(lambda: store.active("pi", "dev") == "2")
+        await until(lambda: store.active("pi", "dev") == "2", timeout=120)
         assert not all(d.done() for d in downloads), "the swap must land mid-transfer"
         results = await asyncio.gather(*downloads)
         assert all(r.data == want for r in results), "every transfer must get N's bytes"

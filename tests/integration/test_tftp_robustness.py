@@ -50,7 +50,7 @@ def ack(n: int) -> bytes:
 class Peer:
     """A plain UDP socket with a receive timeout."""
 
-    def __init__(self, ip: str = "127.0.0.1", timeout: float = 2.0) -> None:
+    def __init__(self, ip: str = "127.0.0.1", timeout: float = 30.0) -> None:
         self.s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.s.bind((ip, 0))
         self.s.settimeout(timeout)
@@ -69,7 +69,7 @@ class Peer:
         except TimeoutError:
             return True
         finally:
-            self.s.settimeout(2.0)
+            self.s.settimeout(30.0)
 
     def close(self) -> None:
         self.s.close()
@@ -80,10 +80,11 @@ def error_code(pkt: bytes) -> int:
     return struct.unpack(">H", pkt[2:4])[0]
 
 
-@pytest.fixture(params=["workers", "thread"])
+@pytest.fixture(params=["workers", "inprocess"])
 async def srv(request: pytest.FixtureRequest, image: Path, tmp_path: Path):
-    """The service with transfers in worker processes (the daemon's default) and on the
-    engine thread (``tftp.workers: 0``); tests without this fixture run the default."""
+    """The service with transfers in worker processes (the daemon's default) and in
+    this process's pump threads (``tftp.workers: 0``); tests without this fixture run
+    the default."""
     app = make_app(tmp_path / "work", image, tftp={"retransmit_timeout": 0.3, "retries": 3})
     app.clients.learn("127.0.0.1", MAC)
     async with running(app, engine=request.param) as svc:
@@ -241,6 +242,8 @@ async def test_client_error_after_oack_is_aborted_not_failure(srv, message: byte
 
 
 async def test_limits_per_client_and_global(image: Path, tmp_path: Path):
+    """Transfers whose clients acknowledge data are never evicted: once every slot is
+    moving data, a newcomer is refused (per client first, then globally)."""
     app = make_app(tmp_path / "w", image, tftp={"max_per_client": 2, "max_transfers": 3})
     for i in range(1, 5):
         app.clients.learn(f"127.0.0.{i}", MAC)
@@ -250,16 +253,20 @@ async def test_limits_per_client_and_global(image: Path, tmp_path: Path):
         try:
             for i, p in enumerate(peers):
                 p.send(rrq("mid.bin"), server)
-                pkt, _ = p.recv()
+                pkt, tid = p.recv()
                 if i < 2 or i == 3:
-                    assert pkt[:2] == b"\x00\x03", i
+                    assert pkt[:4] == b"\x00\x03\x00\x01", i
+                    p.send(ack(1), tid)  # progress: block 2 follows, never ACKed
+                    assert p.recv()[0][:4] == b"\x00\x03\x00\x02"
+                    want = min(i + 1, 3)
+                    await eventually(lambda want=want: want == sum(
+                        e.progressed for e in svc._open.values()))
                 else:  # third from 127.0.0.1 (per client), then fourth overall (global)
                     assert error_code(pkt) == 0 and b"busy" in pkt, i
             assert svc.active == 3
             health = svc.health()
             assert health.pop("workers", svc.workers) == svc.workers
-            assert health.pop("pump_threads", 16) == 16  # the test suite needs it built
-            assert health == {"ok": True, "bound": svc.bound, "active": 3}
+            assert health == {"ok": True, "bound": svc.bound, "active": 3, "pump_threads": 16}
         finally:
             for p in peers:
                 p.close()
@@ -268,7 +275,7 @@ async def test_limits_per_client_and_global(image: Path, tmp_path: Path):
     assert svc.active == 0 and not svc.health()["ok"]
 
 
-@pytest.mark.parametrize("engine", ["workers", "thread"])
+@pytest.mark.parametrize("engine", ["workers", "inprocess"])
 async def test_stop_is_fast_and_tells_clients(image: Path, tmp_path: Path, engine: str):
     app = make_app(tmp_path / "w", image)
     app.clients.learn("127.0.0.1", MAC)
@@ -299,9 +306,14 @@ class LossyRelay:
     towards the client, one socket per server TID, so TFTP's port switch survives.
     """
 
-    def __init__(self, server: tuple[str, int], loss: float, seed: int = 7) -> None:
+    def __init__(self, server: tuple[str, int], loss: float, seed: int = 7, *,
+                 spare_handshake: bool = False, to_client_only: bool = False) -> None:
+        """``spare_handshake``: never drop the RRQ, the OACK or ACK 0;
+        ``to_client_only``: drop only what the server sends (see the atftp test)."""
         self.server = server
         self.loss = loss
+        self.spare_handshake = spare_handshake
+        self.to_client_only = to_client_only
         self.rng = random.Random(seed)
         self.loop = asyncio.get_running_loop()
         self.front = self._sock(self._on_front)
@@ -317,7 +329,12 @@ class LossyRelay:
         self.loop.add_reader(s.fileno(), cb, s, *args)
         return s
 
-    def _drop(self) -> bool:
+    def _drop(self, data: bytes, to_client: bool = False) -> bool:
+        if self.to_client_only and not to_client:
+            return False
+        if self.spare_handshake and (data[:2] in (b"\x00\x01", b"\x00\x06")
+                                     or data[:4] == b"\x00\x04\x00\x00"):
+            return False
         if self.rng.random() < self.loss:
             self.dropped += 1
             return True
@@ -327,7 +344,7 @@ class LossyRelay:
         data, client = s.recvfrom(65536)
         if client not in self.up:
             self.up[client] = self._sock(self._on_up, client)
-        if not self._drop():
+        if not self._drop(data):
             self.up[client].sendto(data, self.server)
 
     def _on_up(self, s: socket.socket, client: tuple) -> None:
@@ -335,12 +352,12 @@ class LossyRelay:
         key = (client, tid)
         if key not in self.face:
             self.face[key] = self._sock(self._on_face, client, tid)
-        if not self._drop():
+        if not self._drop(data, to_client=True):
             self.face[key].sendto(data, client)
 
     def _on_face(self, s: socket.socket, client: tuple, tid: tuple) -> None:
         data, _ = s.recvfrom(65536)
-        if not self._drop():
+        if not self._drop(data):
             self.up[client].sendto(data, tid)
 
     def close(self) -> None:
@@ -369,14 +386,22 @@ async def test_ten_percent_loss_both_directions(image: Path, tmp_path: Path):
 @pytest.mark.slow
 async def test_ten_percent_loss_atftp_windowsize(image: Path, tmp_path: Path):
     """RFC 7440 recovery under loss: a lost block makes the client ACK the last good one
-    and the server restarts the window there."""
+    and the server restarts the window there. Only the server's datagrams are dropped,
+    and never the OACK, because of two atftp 0.8.0 quirks that are not what this test
+    is about: it aborts ("unexpected OACK") when its ACK 0 is lost and the server
+    resends the OACK, as RFC 2347 has it; and when an ACK of a window is lost, it
+    ignores the resent window ("got wrong block") and re-ACKs only after its own
+    timeout, which each resent datagram restarts, so the transfer stalls until the
+    server gives up (main's code and this one alike, 3 of 5 runs each). Lost ACKs are
+    covered with the emulated Pi above."""
     if shutil.which("atftp") is None:
         pytest.skip("atftp not installed")
     app = make_app(tmp_path / "w", image, tftp={"retransmit_timeout": 0.1, "retries": 12})
     app.clients.learn("127.0.0.1", MAC)
     want = (image / "boot" / "loss.bin").read_bytes()
     async with running(app):
-        relay = LossyRelay(("127.0.0.1", app.settings.tftp.port), 0.10)
+        relay = LossyRelay(("127.0.0.1", app.settings.tftp.port), 0.10,
+                           spare_handshake=True, to_client_only=True)
         try:
             proc = await asyncio.create_subprocess_exec(
                 "atftp", "--tftp-timeout", "1", "--option", "windowsize 8", "--option",
@@ -386,6 +411,7 @@ async def test_ten_percent_loss_atftp_windowsize(image: Path, tmp_path: Path):
             out, _ = await asyncio.wait_for(proc.communicate(), 120)
             assert proc.returncode == 0, out.decode()
             assert (tmp_path / "atftp.out").read_bytes() == want
+            assert relay.dropped > 5
         finally:
             relay.close()
 

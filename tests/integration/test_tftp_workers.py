@@ -18,7 +18,6 @@ import pytest
 
 from netbootd.tftp.piclient import fetch
 from netbootd.tftp.testkit import eventually, make_app, running
-from netbootd.tftp.worker import load_pump
 
 MAC = "d8:3a:dd:00:00:01"
 
@@ -40,7 +39,7 @@ def rrq(name: str, **opts: str) -> bytes:
     return out
 
 
-def client(timeout: float = 2.0) -> socket.socket:
+def client(timeout: float = 30.0) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
     s.settimeout(timeout)
@@ -63,7 +62,7 @@ async def test_transfers_run_in_the_least_loaded_worker(image: Path, tmp_path: P
     app = make_app(tmp_path / "w", image, tftp={"workers": 2})
     app.clients.learn("127.0.0.1", MAC)
     async with running(app) as svc:
-        assert svc.engine == "workers" and svc.health()["workers"] == 2
+        assert svc.pool is not None and svc.health()["workers"] == 2
         peers = [client() for _ in range(4)]
         try:
             for p in peers:  # nobody ACKs: all four stay open
@@ -79,13 +78,11 @@ def threads_of(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-@pytest.mark.parametrize("pump_threads", [2, 0])
-async def test_c_threads_up_to_pump_threads_then_the_event_loop(image: Path,
-                                                                 tmp_path: Path,
-                                                                 pump_threads: int):
-    """``tftp.pump_threads`` transfers per worker run in a C thread each; more share the
-    worker's event loop (no new thread); 0 = all on the event loop. All complete."""
-    assert load_pump() is not None, "netbootd/tftp/_pump.c is not built (gcc, python3-dev)"
+@pytest.mark.parametrize("pump_threads", [1, 2, 6])
+async def test_transfers_share_up_to_pump_threads_threads(image: Path, tmp_path: Path,
+                                                          pump_threads: int):
+    """A new transfer gets a thread of its own while fewer than ``tftp.pump_threads``
+    run; beyond that it joins the least loaded thread (no new thread). All complete."""
     app = make_app(tmp_path / "w", image, tftp={"workers": 1, "pump_threads": pump_threads})
     app.clients.learn("127.0.0.1", MAC)
     server = ("127.0.0.1", app.settings.tftp.port)
@@ -98,12 +95,13 @@ async def test_c_threads_up_to_pump_threads_then_the_event_loop(image: Path,
             for p in peers:  # nobody ACKs: all four stay open
                 p.sendto(rrq("mid.bin"), server)
                 assert p.recvfrom(600)[0][:4] == b"\x00\x03\x00\x01"
-            assert threads_of(w.pid) == idle + pump_threads
+            assert threads_of(w.pid) == idle + min(pump_threads, 4)
+            res = await fetch(server, "big.bin", blksize=1468)
+            assert res.data == (image / "boot" / "big.bin").read_bytes()
+            assert threads_of(w.pid) == idle + min(pump_threads, 5)
         finally:
             for p in peers:
                 p.close()
-        res = await fetch(server, "big.bin", blksize=1468)
-        assert res.data == (image / "boot" / "big.bin").read_bytes()
 
 
 async def test_worker_death_is_accounted_and_the_worker_restarted(image: Path,
@@ -133,7 +131,7 @@ async def test_worker_death_is_accounted_and_the_worker_restarted(image: Path,
             res = await fetch(server, "mid.bin")
             assert res.data == (image / "boot" / "mid.bin").read_bytes()
             # ... then the new worker takes over
-            await eventually(lambda: len(svc.pool.live()) == 1, timeout=5)
+            await eventually(lambda: len(svc.pool.live()) == 1, timeout=60)
             (again,) = svc.pool.live()
             assert again.pid != worker.pid and svc.pool.restarts == 1
             assert not alive(worker.pid)  # reaped, not a zombie
@@ -217,7 +215,7 @@ def _fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-@pytest.mark.parametrize("engine", ["workers", "thread"])
+@pytest.mark.parametrize("engine", ["workers", "inprocess"])
 async def test_no_descriptor_leaks(image: Path, tmp_path: Path, engine: str):
     app = make_app(tmp_path / "w", image, tftp={"workers": 1})
     app.clients.learn("127.0.0.1", MAC)

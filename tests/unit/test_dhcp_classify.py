@@ -13,7 +13,9 @@ from netbootd.dhcp import packet as pk
 from netbootd.dhcp.classify import Classifier, pi_machine_id, user_class_text
 from netbootd.inventory import Inventory, load_inventory
 from netbootd.model import ClientKind
+from netbootd.neighbours import ClientAddresses
 from netbootd.settings import load_settings
+from netbootd.views import InventoryNodes
 
 PI_MAC = "d8:3a:dd:12:34:56"
 ODD_MAC = "02:11:22:33:44:55"  # locally administered: no Pi OUI
@@ -22,7 +24,8 @@ ODD_MAC = "02:11:22:33:44:55"  # locally administered: no Pi OUI
 def classifier(inventory: Inventory | None = None) -> Classifier:
     s = load_settings(None, use_default_path=False)
     inv = inventory or Inventory.empty()
-    return Classifier(s.rpi.ouis, lambda: inv)
+    nodes = InventoryNodes(lambda: inv, ClientAddresses(use_kernel=False), lambda: s)
+    return Classifier(s.rpi.ouis, nodes.says_pi)
 
 
 def classify(raw: bytes, inventory: Inventory | None = None):

@@ -15,7 +15,7 @@ from netbootd.daemon import build_app
 from netbootd.dhcp import clients as c
 from netbootd.dhcp import packet as pk
 from netbootd.dhcp.netif import Interface, Interfaces
-from netbootd.dhcp.responder import Responder
+from netbootd.dhcp.testkit import responder_for
 from netbootd.inventory import load_inventory
 from netbootd.settings import load_settings
 
@@ -45,7 +45,7 @@ def make(tmp_path: Path, **overrides) -> tuple:
     app = build_app(settings, inventory=load_inventory(tmp_path / "nodes.yaml"))
     ifs = Interfaces()
     ifs.by_index = {IFINDEX: Interface(IFINDEX, "veth0", [(SERVER, 24)])}
-    return app, Responder(app, ifs, available=frozenset({"undionly.kpxe", "ipxe.efi",
+    return app, responder_for(app, ifs, available=frozenset({"undionly.kpxe", "ipxe.efi",
                                                          "snp.efi"}))
 
 
@@ -98,7 +98,9 @@ def test_pi5_discover_gets_broadcast_proxy_offer(tmp_path, tag):
     assert ev.fields["client"] == "rpi" and ev.fields["arch"] == 0
 
 
-def test_pi_request_gets_ack_and_address_is_learnt(tmp_path):
+def test_pi_request_gets_ack_but_its_claimed_address_is_not_learnt(tmp_path):
+    """Option 50 / ciaddr are what the client *says*: anyone can send them with any
+    chaddr, so they never bind an address to a node (docs/security.md)."""
     app, r = make(tmp_path)
     raw = c.request(PI_MAC, 5, [(53, b"\x03"), (50, bytes([10, 231, 1, 150])),
                                 (93, b"\x00\x00"), (97, c.pi_machine_id(PI_MAC, 1)),
@@ -106,7 +108,8 @@ def test_pi_request_gets_ack_and_address_is_learnt(tmp_path):
     out = ask(r, raw)
     _, opts = decode(out.payload)
     assert opts["message-type"] == pk.ACK
-    assert app.clients.mac_for("10.231.1.150") == PI_MAC
+    assert app.clients.ip_for(PI_MAC) is None
+    assert app.clients.owner_of("10.231.1.150") is None
 
 
 def test_boot_string_is_configurable(tmp_path):

@@ -27,7 +27,7 @@ def test_relative_and_size():
     assert relative(100 - 42, 100) == "42 s ago"
     assert relative(100 - 7200, 100) == "2 h ago"
     assert human_size(512) == "512 B"
-    assert human_size(3 << 20) == "3.0 MiB"
+    assert human_size(3 << 20) == "3.1 MB"
     assert human_size(None) == "—"
 
 

@@ -98,7 +98,45 @@ nodes:
     assert i.view(ClientFacts(mac="aa:bb:cc:dd:ee:04")).profile == "default"
 
 
-def test_node_found_by_serial(tmp_path):
+def test_node_found_by_serial_only_with_match_serial(tmp_path):
+    """A serial from another MAC names the node only when it says ``match: serial``
+    (option 97 is bytes anyone can send; docs/dhcp.md)."""
+    facts = ClientFacts(mac="ff:ff:ff:00:00:01", serial="deadbeef", kind=ClientKind.RPI)
     i = inv(tmp_path, "nodes:\n  aa:bb:cc:dd:ee:01: {serial: 10000000deadbeef, hostname: p1}\n")
-    v = i.view(ClientFacts(mac="ff:ff:ff:00:00:01", serial="deadbeef", kind=ClientKind.RPI))
+    assert not i.view(facts).known
+    i = inv(tmp_path, "nodes:\n  aa:bb:cc:dd:ee:01: {serial: 10000000deadbeef, hostname: p1, "
+               "match: serial}\n")
+    v = i.view(facts)
     assert v.known and v.hostname == "p1" and v.mac == "aa:bb:cc:dd:ee:01"
+
+
+@pytest.mark.parametrize("text", [
+    (REPO / "config" / "nodes.yaml").read_text(),
+    (REPO / "config" / "netbootd.yaml").read_text(),
+    "a: 1\nb: '2'\nc: 12:34:56\nd: yes\ne: ~\nf: 1.5\ng: 2026-01-01\nh: [1, {x: y}]\n",
+    "", "# only a comment\n", "- 1\n- b: c\n", "a: &A {x: 1}\nb: *A\n", "a: 0x1f\nb: .inf\n",
+    "a: !!str 1\n", "<<: {a: 1}\n", "a: 1\na: 2\n", "--- a\n--- b\n", "? [a]\n: 1\n",
+    "a: {b: 1\n", "a: *nope\n",
+])
+def test_fast_yaml_path_builds_what_the_reference_loader_builds(text):
+    """Values, key and item lines, and errors are the reference loader's, whichever
+    path parsed the text."""
+    import yaml
+
+    from netbootd import yamlfile
+
+    def shape(v):
+        if isinstance(v, yamlfile.LineDict):
+            return ("map", v.line, [(k, v.key_lines[k], shape(x)) for k, x in v.items()])
+        if isinstance(v, yamlfile.LineList):
+            return ("seq", v.line, list(v.item_lines), [shape(x) for x in v])
+        return (type(v).__name__, v)
+
+    def outcome(load):
+        try:
+            return shape(load(text))
+        except Exception as exc:  # noqa: BLE001 - the error is the outcome compared
+            return ("error", type(exc).__name__, str(exc))
+
+    assert outcome(yamlfile.parse_yaml_text) == outcome(
+        lambda t: yaml.load(t, Loader=yamlfile._Loader))

@@ -146,8 +146,23 @@ def test_plan_without_image_is_never_sticky(tmp_path):
     pi = ClientFacts(mac="aa:bb:cc:dd:ee:01")
     assert planner.plan(pi).image is None
     clock.now += 0.4
+    assert planner.plan(pi).image is None
     store.active = "1"  # the image goes live while the machine keeps retrying
+    planner.changed()  # what the store service does on every activation
+    clock.now += 0.4
     assert planner.plan(pi).image.version == "1"
+
+
+def test_a_plan_that_boots_nothing_is_reused_only_briefly(tmp_path):
+    store = CountingStore(active=None)
+    planner, clock = planner_for(tmp_path, store)
+    pc = ClientFacts(mac="aa:bb:cc:dd:ee:01")
+    first = planner.plan(pc)
+    clock.now += 0.5
+    assert planner.plan(pc) is first, "a retry within the second is not decided again"
+    store.active = "1"  # activated without telling the planner: seen within a second
+    clock.now += 0.6
+    assert planner.plan(pc).image.version == "1"
 
 
 def test_transfer_in_progress_holds_the_session(tmp_path):
@@ -232,4 +247,52 @@ nodes:
     warnings = fit_warnings(inv, settings, CountingStore(boards=("x86_64",)))
     assert len(warnings) == 1 and "pi1" in warnings[0] and "no Raspberry Pi boot tree" \
         in warnings[0]
-    assert fit_warnings(inv, settings, CountingStore(boards=("rpi5",))) == []
+    # boards alone are not a Pi boot tree: the image must carry one
+    assert len(fit_warnings(inv, settings, CountingStore(boards=("rpi5",)))) == 1
+
+
+class DiskStore:
+    """Channels of a disk image ``gold`` and an installer, switchable by the test."""
+
+    def __init__(self) -> None:
+        self.gold = "1"
+
+    def resolve(self, image, channel, pin, *, mac=None):
+        from netbootd.model import DiskImage
+
+        if image == "installer":
+            return ImageRef(name=image, version="i1", root=Path("/s/installer/i1"),
+                            kind="installer", channel=channel)
+        version = pin or self.gold
+        return ImageRef(name=image, version=version, root=Path(f"/s/gold/{version}"),
+                        kind="disk", channel=channel, pinned=bool(pin),
+                        disk=DiskImage(path="d.img.zst", compression="zst", size=1,
+                                       sha256="0" * 64, uncompressed_size=2,
+                                       uncompressed_sha256="1" * 64))
+
+
+def test_installed_nodes_with_upgrade_auto_follow_their_disk_channel(tmp_path):
+    from netbootd.nodestate import NodeRecord, Stage
+
+    (tmp_path / "nodes.yaml").write_text("""
+nodes:
+  aa:bb:cc:dd:ee:01: {hostname: auto, action: install, install: {image: gold, upgrade: auto}}
+  aa:bb:cc:dd:ee:02: {hostname: manual, action: install, install: {image: gold}}
+""")
+    settings = load_settings(None, {"paths": {"inventory": str(tmp_path / "nodes.yaml")}},
+                             use_default_path=False)
+    inv = load_inventory(settings.paths.inventory)
+    store = DiskStore()
+
+    def plan(mac):
+        rec = NodeRecord(mac=mac, stage=Stage.LOCAL, image="gold", version="1",
+                         desired="install")
+        return decide(ClientFacts(mac=mac, kind=ClientKind.IPXE), inv, settings, store,
+                      record=rec)
+
+    assert plan("aa:bb:cc:dd:ee:01").action == Action.LOCAL, "on disk = wanted: silence"
+    store.gold = "2"  # a newer disk image activated (or a rollback to an older one)
+    up = plan("aa:bb:cc:dd:ee:01")
+    assert up.action == Action.INSTALL and up.disk.version == "2"
+    assert "upgrade: gold 1 on disk, gold 2 wanted" in up.reason
+    assert plan("aa:bb:cc:dd:ee:02").action == Action.LOCAL, "manual nodes wait for reinstall"

@@ -7,7 +7,7 @@ import pytest
 from netbootd.inventory import load_inventory
 from netbootd.model import ClientFacts, ClientKind, ImageRef
 from netbootd.planner import decide
-from netbootd.render import Renderer, RenderError, ServerInfo
+from netbootd.render import ARTEFACTS, CheckCache, Renderer, RenderError, ServerInfo
 from netbootd.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,6 +81,83 @@ def test_undefined_variable_is_a_check_problem_with_line(tmp_path, shipped):
     with pytest.raises(RenderError):
         plan = decide(ClientFacts(mac="52:54:00:a0:00:01"), inv, s2, OneImage())
         Renderer(s2).render("meta-data", plan, ServerInfo("10.0.0.1"))
+
+
+def _edited(tmp_path, text: str):
+    p = tmp_path / "nodes.yaml"
+    p.write_text(text)
+    return load_inventory(p)
+
+
+FLEET = """
+profiles:
+  pis: {selectors: {kind: rpi}, vars: {join: none}}
+nodes:
+  aa:bb:cc:dd:ee:01: {hostname: n1, serial: 10000001}
+  aa:bb:cc:dd:ee:02: {hostname: n2, serial: 10000002}
+  aa:bb:cc:dd:ee:03: {hostname: n3, vars: {cmdline: quiet}}
+"""
+
+
+def test_a_one_node_edit_renders_only_that_node(tmp_path, shipped):
+    """A reload keeps what the last check found per node: only the edited node (and
+    nothing else) is rendered again; a template edit renders every node again."""
+    settings, _inv, _ = shipped
+    cache = CheckCache()
+    first = Renderer(settings, check_cache=cache)
+    assert first.check(_edited(tmp_path, FLEET), OneImage(), cache=cache) == []
+    per_node = len(ARTEFACTS)
+    assert first.check_renders == 4 * per_node  # three nodes and the default profile
+    again = Renderer(settings, check_cache=cache)
+    edited = FLEET.replace("hostname: n2,", "hostname: n2b,")
+    assert again.check(_edited(tmp_path, edited), OneImage(), cache=cache) == []
+    assert again.check_renders == per_node
+    unchanged = Renderer(settings, check_cache=cache)
+    assert unchanged.check(_edited(tmp_path, edited), OneImage(), cache=cache) == []
+    assert unchanged.check_renders == 0
+    sources = dict(first.sources)
+    sources["cloud-init/meta-data.j2"] += "# edited\n"
+    new_templates = Renderer(settings, sources, check_cache=cache)
+    assert new_templates.check(_edited(tmp_path, edited), OneImage(), cache=cache) == []
+    assert new_templates.check_renders == 4 * per_node
+
+
+def test_a_missing_var_is_reported_with_its_node_also_from_the_cache(tmp_path, shipped):
+    settings, _inv, _ = shipped
+    sources = dict(Renderer(settings).sources)
+    sources["cloud-init/meta-data.j2"] = ("instance-id: x\n"
+                                          "{% if node.hostname == 'n3' %}{{ vars.nope }}{% endif %}\n")
+    cache = CheckCache()
+    for _ in range(2):  # the second check finds it in the cache, renders nothing
+        r = Renderer(settings, sources, check_cache=cache)
+        problems = r.check(_edited(tmp_path, FLEET), OneImage(), cache=cache)
+        (p,) = problems
+        assert p.file.endswith("meta-data.j2") and p.line == 2 and "nope" in p.message
+        assert p.field == "meta-data for n3"
+    assert r.check_renders == 0
+
+
+def test_saved_check_results_are_trusted_only_for_the_same_generation(tmp_path, shipped):
+    settings, _inv, _ = shipped
+    inv = _edited(tmp_path, FLEET)
+    cache = CheckCache()
+    Renderer(settings, check_cache=cache).check(inv, OneImage(), cache=cache)
+    cache.save(tmp_path / "saved")
+    loaded = CheckCache()
+    loaded.load(tmp_path / "saved")
+    warm = Renderer(settings, check_cache=loaded)
+    assert warm.check(inv, OneImage(), cache=loaded) == [] and warm.check_renders == 0
+    sources = dict(warm.sources)
+    sources["rpi/config.txt.j2"] = "{{ nope }}\n"
+    loaded = CheckCache()
+    loaded.load(tmp_path / "saved")
+    broken = Renderer(settings, sources, check_cache=loaded)
+    problems = broken.check(inv, OneImage(), cache=loaded)
+    assert problems and problems[0].file.endswith("config.txt.j2")
+    (tmp_path / "saved").write_bytes(b"garbage")
+    ignored = CheckCache()
+    ignored.load(tmp_path / "saved")
+    assert ignored.generation is None
 
 
 def test_k3s_user_data_of_a_node_running_its_installed_disk(shipped):

@@ -80,4 +80,26 @@ def test_startup_scan(w) -> None:
     touch(w, "b.tar.gz")
     touch(w, ".c.tmp")
     w.scan(now=5.0)
-    assert sorted(w.due(5.0)) == ["a", "b.tar.gz"]
+    assert w.due(5.0) == [], "no event history: nothing says it is complete yet"
+    assert sorted(w.due(6.0)) == ["a", "b.tar.gz"], "unchanged over the settle window"
+
+
+def test_a_change_restarts_the_quiet_window(w) -> None:
+    """A rename-looking drop whose content changes (a writer inotify did not report: a
+    file made in a new directory before its watch existed) is not due until it stays
+    unchanged for a whole settle window."""
+    d = touch(w, "demo-5", d=True)
+    w.note(Change.added, d, 10.0)
+    (d / "manifest.json").write_bytes(b"{}")  # no event for it
+    assert w.due(11.0) == [], "changed since it was seen: the window starts again"
+    assert w.due(11.5) == []
+    assert w.due(12.0) == ["demo-5"]
+
+
+def test_a_scanned_file_still_growing_is_not_due(w) -> None:
+    p = touch(w, "demo-6.tar")
+    w.scan(now=1.0)
+    with open(p, "ab") as fh:
+        fh.write(b"more")
+    assert w.due(2.0) == [] and w.due(2.5) == []
+    assert w.due(3.0) == ["demo-6.tar"]

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from netbootd.render import Renderer
 from netbootd.tftp import codec
-from netbootd.tftp.testkit import make_app
+from netbootd.tftp.testkit import make_app, virtual_tree
 from netbootd.tftp.vfs import SMALL_FILE, Refused, VirtualTree, normalise
 
 PI_MAC = "d8:3a:dd:12:34:56"
@@ -36,7 +37,7 @@ def image(tmp_path: Path) -> Path:
 
 
 def tree_for(tmp_path: Path, image: Path, **kw) -> VirtualTree:
-    return VirtualTree(make_app(tmp_path / "work", image, **kw))
+    return virtual_tree(make_app(tmp_path / "work", image, **kw))
 
 
 @pytest.mark.parametrize("path,parts", [
@@ -113,8 +114,9 @@ def test_cmdline_is_rendered_with_local_address(tmp_path: Path, image: Path):
 def test_render_error_is_a_refusal(tmp_path: Path, image: Path):
     app = make_app(tmp_path / "work", image, nodes_yaml=NODES)
     (app.settings.paths.templates / "rpi" / "cmdline.txt.j2").write_text("{{ nope.x }}")
+    app.render = Renderer(app.settings)  # templates take effect when a renderer reads them
     with pytest.raises(Refused) as exc:
-        VirtualTree(app).open(f"{PI_SERIAL}/cmdline.txt", "10.0.0.7", "10.0.0.1")
+        virtual_tree(app).open(f"{PI_SERIAL}/cmdline.txt", "10.0.0.7", "10.0.0.1")
     assert exc.value.code == codec.ERR_UNDEFINED
 
 
@@ -129,13 +131,13 @@ def test_prefix_string(tmp_path: Path, image: Path):
     app.settings = app.settings.model_copy(update={
         "rpi": app.settings.rpi.model_copy(update={"prefix_string": "fleet"})})
     app.clients.learn("10.0.0.11", "d8:3a:dd:00:00:11")
-    src = VirtualTree(app).open("fleet/kernel_2712.img", "10.0.0.11", "10.0.0.1")
+    src = virtual_tree(app).open("fleet/kernel_2712.img", "10.0.0.11", "10.0.0.1")
     assert src.mac == "d8:3a:dd:00:00:11"
 
 
 def test_root_path_and_unknown_serial_map_by_client_ip(tmp_path: Path, image: Path):
     app = make_app(tmp_path / "work", image, nodes_yaml=NODES)
-    tree = VirtualTree(app)
+    tree = virtual_tree(app)
     for path in ("kernel_2712.img", "0badc0de/kernel_2712.img"):
         with pytest.raises(Refused) as exc:  # no MAC known for this IP yet
             tree.open(path, "10.0.0.7", "10.0.0.1")

@@ -3,7 +3,7 @@
   "use strict";
   async function refresh() {
     try {
-      const r = await fetch(window.location.pathname, { cache: "no-store" });
+      const r = await fetch(window.location.pathname + window.location.search, { cache: "no-store" });
       if (!r.ok) return;
       const doc = new DOMParser().parseFromString(await r.text(), "text/html");
       for (const id of ["content", "ready", "generated"]) {

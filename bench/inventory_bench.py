@@ -1,0 +1,411 @@
+#!/usr/bin/env python3
+"""Inventory scale: `netbootd check`, start-up, hot reload and RSS for 1k-100k nodes.
+
+    .venv/bin/python bench/inventory_bench.py [--sizes 1000,10000,100000]
+        [--baseline /path/to/other/worktree] [--baseline-max 10000]
+        [--svg docs/inventory-scale.svg] [--rate 200]
+
+For each size a config directory is generated (a copy of config/ whose nodes.yaml has
+that many nodes: half Raspberry Pis with serials and labels, the rest x86 machines with
+kubeadm vars, every tenth of those `action: local`), and for each code tree (this one,
+and ``--baseline``'s, up to ``--baseline-max`` nodes: its code runs in the same run, on
+the same load):
+
+* **check**: wall time of ``python -m netbootd check``;
+* **start-up**: ``netbootd serve`` (DHCP, TFTP, HTTP on loopback high ports) from exec
+  to the first ``/healthz`` 200, first with no saved check results (cold), then again
+  (warm: the render check's results saved by the first run), and the daemon's RSS then;
+* **reload, one node**: a hostname edited by rename; from the rename to the reload
+  counter moving (``reload.settle_seconds: 0``, so this is the reload's own work plus
+  the watcher's notice: watchfiles yields a change after 50 ms without another one);
+* **reload, every node**: a template edited (every node must be rendered again);
+* **proxy-DHCP during the reload**: port-4011 boot-server requests for inventory MACs,
+  paced at ``--rate``/s from a thread of this script, each timed send to reply; p50 / p99
+  / max of the requests sent while the every-node reload ran, and of as many before it.
+
+Progress goes to stderr; a markdown table to stdout; ``--svg`` writes a log-log plot of
+this tree's figures (SVG written by hand: no plotting library needed). Only loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Self
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+STEP = 0.05  # watchfiles yields changes after this long without another (reload.py)
+
+
+def progress(msg: str) -> None:
+    print(f"[inventory-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mac_of(i: int) -> str:
+    prefix = "d8:3a:dd" if i % 2 == 0 else "52:54:00"
+    return f"{prefix}:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}"
+
+
+def nodes_yaml(n: int, head: str, edit: int | None = None) -> str:
+    lines = [head.rstrip("\n"), "nodes:"]
+    for i in range(n):
+        lines.append(f"  {mac_of(i)}:")
+        suffix = "-edited" if i == edit else ""
+        if i % 2 == 0:
+            lines += [f"    serial: 10000000{i:08x}", f"    hostname: pi-{i}{suffix}",
+                      f"    labels: {{role: worker, rack: r{i // 40}}}",
+                      "    profile: pi5-workers"]
+        elif i % 10 == 9:
+            lines += [f"    hostname: storage-{i}{suffix}", "    action: local"]
+        else:
+            lines += [f"    hostname: x86-{i}{suffix}", "    profile: x86-uefi", "    vars:",
+                      "      join: kubeadm", "      kubeadm_endpoint: 10.0.0.10:6443",
+                      f"      kubeadm_ca_hash: sha256:{'0' * 64}"]
+    return "\n".join(lines) + "\n"
+
+
+def make_config(tmp: Path, n: int) -> Path:
+    cfg = tmp / f"config-{n}"
+    if cfg.exists():
+        shutil.rmtree(cfg)
+    shutil.copytree(REPO / "config", cfg)
+    head = (cfg / "nodes.yaml").read_text().split("\nnodes:")[0]
+    (cfg / "nodes.head").write_text(head)
+    (cfg / "nodes.yaml").write_text(nodes_yaml(n, head))
+    ports = {k: free_port(socket.SOCK_DGRAM) for k in ("dhcp", "pxe", "client", "tftp")}
+    ports["http"] = free_port()
+    (cfg / "netbootd.yaml").write_text(
+        f"dhcp: {{port: {ports['dhcp']}, pxe_port: {ports['pxe']}, "
+        f"client_port: {ports['client']}, bind: 127.0.0.1, rate_limit_per_mac: 1000000, "
+        "learn_from_acks: false}\n"
+        f"tftp: {{port: {ports['tftp']}, bind: 127.0.0.1}}\n"
+        f"http: {{port: {ports['http']}, bind: 127.0.0.1, api_token_file: secrets/api-token}}\n"
+        # state and images beside the config directory, as in the shipped layout: the
+        # config watcher must see only the inventory and templates change
+        f"paths: {{images: ../images-{n}, state: ../state-{n}, inventory: nodes.yaml, "
+        "templates: templates}\n"
+        "reload: {settle_seconds: 0, max_node_loss: 1.0}\n"
+        "secrets: {k3s_token: secrets/k3s-token, kubeadm_token: secrets/kubeadm-token}\n")
+    (cfg / "ports").write_text(repr(ports))
+    return cfg
+
+
+def ports_of(cfg: Path) -> dict:
+    import ast
+
+    return ast.literal_eval((cfg / "ports").read_text())
+
+
+def env_for(tree: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(tree)
+    return env
+
+
+def time_check(tree: Path, cfg: Path) -> float:
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "netbootd", "--config",
+                          str(cfg / "netbootd.yaml"), "check"], env=env_for(tree), cwd=tree,
+                         capture_output=True, text=True, timeout=900, check=False)
+    took = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"check failed: {out.stderr[-2000:]}")
+    return took
+
+
+def get(url: str, timeout: float = 2.0) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
+def reloads_ok(http: int) -> float:
+    text = get(f"http://127.0.0.1:{http}/metrics") or ""
+    m = re.search(r'netbootd_config_reloads_total\{outcome="ok"\} ([0-9.e+]+)', text)
+    return float(m.group(1)) if m else 0.0
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Daemon:
+    def __init__(self, tree: Path, cfg: Path) -> None:
+        self.tree, self.cfg = tree, cfg
+        self.ports = ports_of(cfg)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        log = open(self.cfg / "daemon.log", "a")  # noqa: SIM115 - closed with the process
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "netbootd", "--config", str(self.cfg / "netbootd.yaml"),
+             "serve"], env=env_for(self.tree), cwd=self.tree, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{self.ports['http']}/healthz"
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: {(self.cfg / 'daemon.log').read_text()[-3000:]}")
+            if get(url, timeout=0.5) is not None:
+                return time.perf_counter() - t0
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def timed_reload(self, change) -> float:
+        """Seconds from ``change()`` to the ok-reload counter moving (the watcher's notice
+        included)."""
+        http = self.ports["http"]
+        before = reloads_ok(http)
+        t0 = time.perf_counter()
+        change()
+        while reloads_ok(http) <= before:
+            if time.perf_counter() - t0 > 600:
+                raise RuntimeError("reload did not finish")
+            time.sleep(0.005)
+        return time.perf_counter() - t0
+
+
+class Prober:
+    """Paced port-4011 boot-server requests from a thread; (send time, latency) each."""
+
+    def __init__(self, port: int, macs: list[str], rate: float) -> None:
+        from netbootd.dhcp import clients
+
+        self.reqs = [clients.pxe_bootserver_request(m, 0, "127.0.0.1") for m in macs]
+        self.port, self.rate = port, rate
+        self.samples: list[tuple[float, float]] = []
+        self.lost = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(0.5)
+        interval, nxt, xid = 1.0 / self.rate, time.perf_counter(), 0x5000
+        while not self._stop.is_set():
+            nxt += interval
+            xid += 1
+            p = self.reqs[xid % len(self.reqs)]
+            pkt = p[:4] + xid.to_bytes(4, "big") + p[8:]
+            t0 = time.perf_counter()
+            sock.sendto(pkt, ("127.0.0.1", self.port))
+            try:
+                while True:
+                    data = sock.recv(4096)
+                    if int.from_bytes(data[4:8], "big") == xid:
+                        break
+                self.samples.append((t0, time.perf_counter() - t0))
+            except TimeoutError:
+                self.lost += 1
+            delay = nxt - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                nxt = time.perf_counter()
+        sock.close()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def measure(tree: Path, cfg: Path, n: int, rate: float) -> dict:
+    out: dict = {"check": time_check(tree, cfg)}
+    progress(f"  check {out['check']:.2f} s")
+    state = cfg.parent / f"state-{n}"
+    state.mkdir(exist_ok=True)
+    for f in state.glob(".render-check*"):
+        f.unlink()
+    d = Daemon(tree, cfg)
+    try:
+        out["start_cold"] = d.start()
+        out["rss"] = rss_mb(d.proc.pid)
+        progress(f"  start-up (cold) {out['start_cold']:.2f} s, RSS {out['rss']:.0f} MB")
+    finally:
+        d.stop()
+    d = Daemon(tree, cfg)
+    try:
+        out["start_warm"] = d.start()
+        progress(f"  start-up (warm) {out['start_warm']:.2f} s")
+        head = (cfg / "nodes.head").read_text()
+        edited = nodes_yaml(n, head, edit=n // 2 + 1)
+
+        def one_node() -> None:
+            tmp = cfg / ".nodes.yaml.tmp"
+            tmp.write_text(edited)
+            os.replace(tmp, cfg / "nodes.yaml")
+
+        out["reload_one"] = d.timed_reload(one_node)
+        progress(f"  reload, one node edited: {out['reload_one']:.3f} s")
+        tpl = cfg / "templates" / "cloud-init" / "meta-data.j2"
+        text = tpl.read_text()
+
+        def every_node() -> None:
+            tmp = tpl.with_name(".meta-data.j2.tmp")
+            tmp.write_text(text + f"# edited {time.time()}\n")
+            os.replace(tmp, tpl)
+
+        # x86 machines that netboot (a silent `local` node would only time out)
+        macs = [mac_of(i) for i in range(1, n, 2) if i % 10 != 9][:256]
+        with Prober(ports_of(cfg)["pxe"], macs, rate) as probe:
+            time.sleep(2.0)
+            t_start = time.perf_counter()
+            out["reload_all"] = d.timed_reload(every_node)
+            t_end = time.perf_counter()
+            time.sleep(0.5)
+        during = [lat for t, lat in probe.samples if t_start + STEP <= t <= t_end]
+        quiet = [lat for t, lat in probe.samples if t < t_start][-max(len(during), 50):]
+        out.update(p50_quiet=pct(quiet, .5) * 1e6, p99_quiet=pct(quiet, .99) * 1e6,
+                   p50_reload=pct(during, .5) * 1e6, p99_reload=pct(during, .99) * 1e6,
+                   max_reload=max(during, default=float("nan")) * 1e6,
+                   n_reload=len(during), lost=probe.lost)
+        progress(f"  reload, every node: {out['reload_all']:.3f} s; DHCP p99 quiet "
+                 f"{out['p99_quiet']:.0f} µs, during reload {out['p99_reload']:.0f} µs "
+                 f"(max {out['max_reload']:.0f} µs, {len(during)} requests, lost "
+                 f"{probe.lost})")
+    finally:
+        d.stop()
+    return out
+
+
+def svg(results: dict[int, dict], path: Path) -> None:
+    """Log-log plot of seconds against nodes, one line per measurement."""
+    import math
+
+    series = [("check", "netbootd check", "#1f77b4"), ("start_cold", "start-up, cold", "#d62728"),
+              ("start_warm", "start-up, warm", "#ff7f0e"),
+              ("reload_all", "reload, every node", "#2ca02c"),
+              ("reload_one", "reload, one node", "#9467bd")]
+    sizes = sorted(results)
+    vals = [results[n][k] for n in sizes for k, _, _ in series if results[n].get(k, 0) > 0]
+    lo, hi = math.floor(math.log10(min(vals))), math.ceil(math.log10(max(vals)))
+    xlo, xhi = math.log10(sizes[0]), math.log10(sizes[-1])
+    W, H, L, R, T, B = 640, 400, 70, 190, 30, 50
+
+    def x(n: float) -> float:
+        return L + (math.log10(n) - xlo) / max(xhi - xlo, 1e-9) * (W - L - R)
+
+    def y(v: float) -> float:
+        return H - B - (math.log10(v) - lo) / max(hi - lo, 1e-9) * (H - T - B)
+
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+              f'font-family="sans-serif" font-size="12">'),
+             f'<rect width="{W}" height="{H}" fill="white"/>',
+             f'<text x="{L}" y="18" font-size="14">netbootd inventory scale (log-log)</text>']
+    for e in range(lo, hi + 1):
+        yy = y(10 ** e)
+        parts.append(f'<line x1="{L}" y1="{yy:.1f}" x2="{W - R}" y2="{yy:.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{L - 6}" y="{yy + 4:.1f}" text-anchor="end">{10.0 ** e:g} s</text>')
+    for n in sizes:
+        parts.append(f'<line x1="{x(n):.1f}" y1="{T}" x2="{x(n):.1f}" y2="{H - B}" stroke="#ddd"/>')
+        parts.append(f'<text x="{x(n):.1f}" y="{H - B + 16}" text-anchor="middle">{n:,}</text>')
+    parts.append(f'<text x="{(L + W - R) / 2:.0f}" y="{H - 12}" text-anchor="middle">nodes in '
+                 'nodes.yaml</text>')
+    for i, (key, label, colour) in enumerate(series):
+        pts = [(x(n), y(results[n][key])) for n in sizes if results[n].get(key, 0) > 0]
+        if pts:
+            d = " ".join(f"{px:.1f},{py:.1f}" for px, py in pts)
+            parts.append(f'<polyline points="{d}" fill="none" stroke="{colour}" '
+                         'stroke-width="2"/>')
+            parts += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3" fill="{colour}"/>'
+                      for px, py in pts]
+        ly = T + 20 + i * 20
+        parts.append(f'<line x1="{W - R + 12}" y1="{ly}" x2="{W - R + 32}" y2="{ly}" '
+                     f'stroke="{colour}" stroke-width="2"/>')
+        parts.append(f'<text x="{W - R + 38}" y="{ly + 4}">{label}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts) + "\n")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="1000,10000,100000")
+    p.add_argument("--baseline", type=Path, help="another worktree (e.g. main) to run too")
+    p.add_argument("--baseline-max", type=int, default=10000,
+                   help="largest size the baseline runs (its 100k takes minutes)")
+    p.add_argument("--rate", type=float, default=200.0, help="proxy-DHCP probes per second")
+    p.add_argument("--svg", type=Path, help="write a log-log plot of this tree's figures")
+    args = p.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    trees = [("new", REPO)] + ([("base", args.baseline.resolve())] if args.baseline else [])
+    results: dict[str, dict[int, dict]] = {name: {} for name, _ in trees}
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="inventory-bench-") as tmp:
+        for n in sizes:
+            cfg = make_config(Path(tmp), n)
+            for name, tree in trees:
+                if name == "base" and n > args.baseline_max:
+                    continue
+                progress(f"{n:,} nodes, {name} ({tree})")
+                results[name][n] = measure(tree, cfg, n, args.rate)
+    load_after = os.getloadavg()
+    print(f"Machine: {platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}, Python "
+          f"{platform.python_version()}), {time.strftime('%Y-%m-%d %H:%M %Z')}; load average "
+          f"{load[0]:.1f} before, {load_after[0]:.1f} after.\n")
+    print("| nodes | code | check s | start-up cold s | start-up warm s | RSS MB | reload one "
+          "node s | reload every node s | DHCP p50 / p99 µs quiet | DHCP p50 / p99 / max µs "
+          "during reload (n) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---|---|")
+    for n in sizes:
+        for name, _ in trees:
+            r = results[name].get(n)
+            if r is None:
+                continue
+            print(f"| {n:,} | {name} | {r['check']:.2f} | {r['start_cold']:.2f} | "
+                  f"{r['start_warm']:.2f} | {r['rss']:.0f} | {r['reload_one']:.3f} | "
+                  f"{r['reload_all']:.3f} | {r['p50_quiet']:.0f} / {r['p99_quiet']:.0f} | "
+                  f"{r['p50_reload']:.0f} / {r['p99_reload']:.0f} / {r['max_reload']:.0f} "
+                  f"({r['n_reload']}) |")
+    if args.svg:
+        svg(results["new"], args.svg)
+        progress(f"plot written to {args.svg}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
