@@ -220,8 +220,10 @@ def prov(module_lab: Topology, module_out: Path, make_golden, make_installer
         if cap is not None:
             cap.stop()
         dhcp.stop()
-        for raw in out.glob("*.raw"):
-            raw.unlink()          # 1 GiB each; the guests' disks stay for a post-mortem
+        # The decompressed images and the guests' disks (~1 GB each, apparent size): kept,
+        # they would push test-output/ over its budget and the logs would be pruned too.
+        for big in (*out.glob("*.raw"), *out.glob("*.disk")):
+            big.unlink()
 
 
 # ------------------------------------------------------------------------------ helpers
