@@ -195,7 +195,9 @@ def prov(module_lab: Topology, module_out: Path, make_golden, make_installer
     dhcp = SiteDhcp(lab, out).start()
     cap = nbd = None
     try:
-        cap = Capture(lab, "srv", out / "srv.pcap").start()
+        # DHCP, TFTP, ARP: the evidence. Not the image downloads over HTTP (hundreds of MB
+        # per install, which would push test-output/ over its budget).
+        cap = Capture(lab, "srv", out / "srv.pcap", bpf="not tcp port 8080").start()
         nbd = Netbootd(lab, out, nodes=nodes, settings={"secrets": {"k3s_token": str(token)}})
         nbd.start()
         seed = f"http://{srv}:{nbd.http_port}/cloud-init/by-address/"
