@@ -51,11 +51,17 @@ class Capture:
             self.proc.kill()
             self.proc.wait(3)
 
-    def read(self, bpf: str) -> list[str]:
-        """Packets in the pcap matching ``bpf``, one summary line each (tcpdump -r)."""
-        out = subprocess.run(["tcpdump", "-n", "-e", "-r", str(self.pcap), bpf],
-                             check=False, capture_output=True, text=True, timeout=30)
-        return [line for line in out.stdout.splitlines() if line.strip()]
+    def read(self, bpf: str, *, since: float | None = None) -> list[str]:
+        """Packets in the pcap matching ``bpf``, one summary line each (tcpdump -r).
+        ``since`` (Unix time): only packets captured then or later; their lines then
+        start with the Unix timestamp (``-tt``)."""
+        argv = ["tcpdump", "-n", "-e", *(["-tt"] if since is not None else []),
+                "-r", str(self.pcap), bpf]
+        out = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60)
+        lines = [line for line in out.stdout.splitlines() if line.strip()]
+        if since is not None:
+            lines = [line for line in lines if float(line.split()[0]) >= since]
+        return lines
 
     def __enter__(self) -> Self:
         return self.start()

@@ -20,7 +20,9 @@ distro boot reaches ``bootcmd_dhcp`` after finding no disk, or with AAVMF (UEFI)
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -61,18 +63,24 @@ class Guest:
     @classmethod
     def netboot(cls, lab: Topology, outdir: Path, *, firmware: Firmware = "bios",
                 name: str | None = None, mac: str | None = None, timeout: float = 90,
-                memory: str = "512M", ipxe_rom: bool = True) -> Guest:
+                memory: str = "512M", ipxe_rom: bool = True, disk: Path | None = None,
+                reboot: bool = False) -> Guest:
         """A guest that network-boots from its virtio NIC on a fresh tap of ``lab``.
 
         ``ipxe_rom=False`` (UEFI only) leaves the NIC without iPXE's option ROM, so OVMF's
         own PXE client boots: it fetches ``ipxe.efi`` over TFTP first, as real UEFI
         machines do. With the ROM, the firmware already *is* iPXE and goes straight to HTTP.
+
+        ``disk``: a raw file as a virtio disk, second in the boot order (network first, then
+        disk, as a provisioned machine is set up): when netbootd stays silent the firmware
+        falls through to it. ``reboot=True`` lets a guest reboot in place (a reboot is a
+        new firmware run with the same disk) instead of QEMU exiting (``-no-reboot``).
         """
         mac = mac or random_mac()
         name = name or f"{firmware}-{mac[-5:].replace(':', '')}"
         tap = lab.add_tap()
         console = outdir / f"{name}.serial.log"
-        argv = _base_argv(memory, console) + [
+        argv = _base_argv(memory, console, reboot=reboot) + [
             "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
             # bootindex, not -boot n, and QEMU's default ROM (ipxe-qemu's efi-virtio.rom):
             # measured here, -boot n or an explicit romfile= leave SeaBIOS without a
@@ -80,6 +88,9 @@ class Guest:
             "-device", f"virtio-net-pci,netdev=n0,mac={mac},bootindex=1"
             + ("" if ipxe_rom else ",romfile="),
         ]
+        if disk is not None:
+            argv += ["-drive", f"id=d0,file={disk},format=raw,if=none,cache=writeback",
+                     "-device", "virtio-blk-pci,drive=d0,bootindex=2"]
         if firmware == "uefi":
             ovmf = ovmf_path()
             if ovmf is None:
@@ -166,6 +177,43 @@ class Guest:
             self.proc.kill()
             self.proc.wait(3)
 
+    def qemu_pid(self) -> int | None:
+        """QEMU's own PID: the child of the ``timeout`` wrapper this object started."""
+        if not self.running():
+            return None
+        assert self.proc is not None
+        try:
+            kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except OSError:
+            return None
+        pids = [int(p) for p in kids.split()]
+        return pids[0] if pids else None
+
+    def power_cut(self, timeout: float = 10) -> None:
+        """Pull the plug: SIGKILL QEMU by its PID (no shutdown, no flush of the guest's
+        caches), then wait for the wrapper to end."""
+        pid = self.qemu_pid()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.stop()
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait until QEMU ends by itself (e.g. ``-no-reboot`` and a reboot); its exit
+        code, or None if it still runs after ``timeout`` s."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def __enter__(self) -> Self:
         return self.start()
 
@@ -202,8 +250,8 @@ class Guest:
                 if "NETBOOTD-TEST:" in line]
 
 
-def _base_argv(memory: str, console: Path) -> list[str]:
+def _base_argv(memory: str, console: Path, *, reboot: bool = False) -> list[str]:
     return [QEMU, "-accel", "tcg", "-m", memory, "-smp", "1", "-display", "none",
-            "-monitor", "none", "-no-reboot", "-nodefaults",
+            "-monitor", "none", *([] if reboot else ["-no-reboot"]), "-nodefaults",
             # SeaBIOS' debug port: its boot decisions, for diagnosing "nothing booted".
             "-debugcon", f"file:{console.with_suffix('.firmware.log')}", "-global", "isa-debugcon.iobase=0x402"]

@@ -16,6 +16,16 @@ Fixtures (all skip with a reason when not root or a tool is missing):
 * ``boot_lab``     factory: ``boot_lab(nodes={mac: {...}})`` -> BootLab (lab, site DHCP,
                    pcap of the srv namespace, netbootd); ``.publish(build)`` drops a build
                    into incoming/ and waits until it is active; ``.guest("bios"|"uefi")``.
+
+Module-scoped, for tests that share one slow set-up (the provisioning tests: one lab, one
+golden build, several guests):
+
+* ``module_out``   test-output/<module>/, kept after the run.
+* ``module_lab``   a Topology for the whole module; asserts nothing is left afterwards.
+* ``make_golden``  session factory: ``make_golden(version, seed_url, size_mib=None)`` -> build dir of
+                   images/build_golden.py (debootstrap tree cached in images/cache).
+* ``make_installer`` session factory: ``make_installer(version)`` -> images/build_installer.py
+                   build named ``installer``.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from netbootd.lab.tools import (
     NFS_TOOLS,
     REPO,
     drop_build,
+    insist,
     lab_problem,
     load_builder,
     require,
@@ -247,3 +258,86 @@ def boot_lab(netlab: Topology, site_dhcp: SiteDhcp, lab_out: Path,
     finally:
         for c in caps:
             c.stop()
+
+
+# ------------------------------------------------------------------ module-scoped (provisioning)
+
+@pytest.fixture(scope="module")
+def module_out(request: pytest.FixtureRequest) -> Path:
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("needs root (network namespaces, taps, QEMU on a bridge)")
+        pytest.skip("needs root (network namespaces, taps, QEMU on a bridge)")
+    out = OUTPUT / Path(str(request.node.path)).stem
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def module_lab(_stale_labs_removed: None, module_out: Path) -> Iterator[Topology]:
+    insist(LAB_TOOLS)
+    lab = Topology().up()
+    try:
+        yield lab
+    finally:
+        lab.close()
+    left = lab.leftovers()
+    assert not left, f"lab {lab.name} left behind: {left}"
+
+
+def _load_images_module(name: str) -> Any:
+    import importlib.util
+    import sys
+
+    images = REPO / "images"
+    sys.path.insert(0, str(images))  # build_golden imports build_image by name
+    try:
+        spec = importlib.util.spec_from_file_location(f"netbootd_{name}", images / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(images))
+
+
+@pytest.fixture(scope="session")
+def make_golden(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Golden disk builds (images/build_golden.py). The debootstrap tree is cached in
+    images/cache/golden (made here when missing: minutes); a build from it takes seconds
+    plus zstd. Same (name, version, seed_url) twice = same build."""
+    insist(["debootstrap", "mkfs.ext4", "mkfs.fat", "mcopy", "syslinux", "sfdisk", "zstd",
+            "dd"])
+    bg = _load_images_module("build_golden")
+    root = tmp_path_factory.mktemp("golden")
+    built: dict[tuple[str, str, str, int | None], Path] = {}
+
+    def make(version: str, seed_url: str, *, name: str = "gold",
+             size_mib: int | None = None) -> Path:
+        key = (name, version, seed_url, size_mib)
+        if key not in built:
+            built[key] = bg.build(name=name, version=version, seed_url=seed_url,
+                                  cache=REPO / "images" / "cache", size_mib=size_mib,
+                                  out=root / f"{name}-{version}-{len(built)}", incoming=None)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_installer(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """The installer image (images/build_installer.py), named ``installer``."""
+    insist(["busybox", "zstd", "openssl", "apt-get", "dpkg-deb", "depmod"])
+    bi = _load_images_module("build_installer")
+    root = tmp_path_factory.mktemp("installer")
+    built: dict[str, Path] = {}
+
+    def make(version: str = "e2e-1") -> Path:
+        if version not in built:
+            built[version] = bi.build(name="installer", version=version,
+                                      cache=REPO / "images" / "cache",
+                                      out=root / f"installer-{version}", incoming=None)
+        return built[version]
+
+    return make
