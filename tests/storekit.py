@@ -43,7 +43,7 @@ def drop_build(app: App, work: Path, image: str, version: str, **kw: Any) -> Non
     os.rename(src, app.store.layout.incoming / f"{image}-{version}")
 
 
-async def until(pred, timeout: float = 10.0) -> None:
+async def until(pred, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         assert time.monotonic() < deadline, "timed out"

@@ -173,6 +173,8 @@ async def test_incoming_removed_under_the_daemon_is_recreated(running, tmp_path)
     app, svc = running
     store = app.store
     await until(lambda: store.active("demo", "dev") == "1")
+    # the drop is consumed first (removing incoming/ under a running intake is another test)
+    await until(lambda: not any(store.layout.incoming.iterdir()), timeout=120)
     shutil.rmtree(store.layout.incoming)
     await until(lambda: store.layout.incoming.is_dir() and svc.watcher.ready.is_set())
     src = tmp_path / "ci" / "again"
