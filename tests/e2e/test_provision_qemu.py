@@ -423,7 +423,13 @@ def test_wrong_sha256_ends_in_install_failed_with_the_reason(prov: ProvLab) -> N
     assert rec["reason"].startswith("sha256 mismatch: image is "), rec
     assert rec["reason"].endswith(f"expected {wrong}"), rec
     assert all(stage != "installed" for stage, _ in seen), seen
+    # the record is written before the event, and the event log's writer thread writes
+    # its file every 50 ms: wait for the event to reach the file
+    deadline = time.monotonic() + 60
     kinds = [e["kind"] for e in prov.events(mac)]
+    while "failed" not in kinds and time.monotonic() < deadline:
+        time.sleep(0.1)
+        kinds = [e["kind"] for e in prov.events(mac)]
     assert "installed" not in kinds and "failed" in kinds, kinds
     failed = next(e for e in prov.events(mac) if e["kind"] == "failed")
     assert failed["message"].startswith("sha256 mismatch"), failed
