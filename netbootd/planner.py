@@ -81,7 +81,7 @@ def incompatibility(facts: ClientFacts, image: ImageRef) -> str | None:
     if facts.kind is ClientKind.PXE_UEFI_ARM64:
         arch = 11 if arch is None else arch
     if facts.kind is ClientKind.UBOOT:
-        # A U-Boot seen only over TFTP (no DHCP in this session) is taken to be arm64:
+        # A U-Boot seen only over TFTP (no DHCP from it yet) is taken to be arm64:
         # the board family netbootd has U-Boot images for.
         arch = 22 if arch is None else arch
     if arch in _X86_ARCHES and not set(boards) & X86_BOARDS:
