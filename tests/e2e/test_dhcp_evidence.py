@@ -38,6 +38,7 @@ from netbootd.neighbours import ClientAddresses
 from netbootd.nfs.service import NfsService
 from netbootd.settings import load_settings
 from netbootd.views import InventoryNodes, hooks
+from tests.conftest import wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -54,16 +55,6 @@ ROLES = ("sw", "dhcp", "srv", "node", "evil")
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=check)
-
-
-def until(pred: Callable[[], object], timeout: float, what: str) -> object:
-    end = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @dataclass
@@ -198,7 +189,7 @@ def evil_sends(lab: Lab, payload: bytes, src_ip: str) -> None:
 def test_forged_request_and_inform_do_not_move_the_node(lab):
     # 1. The real node gets its address from the site server; netbootd sees the ACK.
     node_ip = udhcpc(lab)
-    until(lambda: node_ip in lab.learnt(NODE_MAC), 10, "the site server's ACK to be learnt")
+    wait_for(lambda: node_ip in lab.learnt(NODE_MAC), 10, "the site server's ACK to be learnt")
     sh("ip", "-n", lab.ns("node"), "addr", "add", f"{node_ip}/24", "dev", "eth0")
 
     # 2. A neighbour forges a REQUEST (option 50 = its address) and an INFORM (ciaddr =
@@ -212,7 +203,7 @@ def test_forged_request_and_inform_do_not_move_the_node(lab):
         (77, b"iPXE")],
         ciaddr=lab.evil_ip), lab.evil_ip)
     # netbootd handled both (its ACKs are recorded): only then is "nothing learnt" news.
-    until(lambda: sum(1 for e in lab.events()[before:] if e.get("kind") == "dhcp"
+    wait_for(lambda: sum(1 for e in lab.events()[before:] if e.get("kind") == "dhcp"
                       and e.get("mac") == NODE_MAC
                       and e["fields"].get("decision") == "ack") >= 2,
           10, "netbootd to answer the forged packets")
@@ -287,7 +278,7 @@ def test_state_export_follows_only_a_confirmed_settled_address(lab, tmp_path):
         addresses.learn(ip1, NODE_MAC)
         t0 = time.monotonic()
         assert state_to() is None, "exported on the first sighting"
-        until(lambda: state_to() == ip1, 10, "the confirmed address to settle")
+        wait_for(lambda: state_to() == ip1, 10, "the confirmed address to settle")
         assert time.monotonic() - t0 >= settle
 
         # A forged ACK moves the learnt address; the kernel says another MAC is there.
@@ -295,13 +286,13 @@ def test_state_export_follows_only_a_confirmed_settled_address(lab, tmp_path):
            "nud", "permanent")
         addresses.learn(ip2, NODE_MAC)
         t1 = time.monotonic()
-        until(lambda: time.monotonic() - t1 > settle * 1.5, 10, "the settle time to pass")
+        wait_for(lambda: time.monotonic() - t1 > settle * 1.5, 10, "the settle time to pass")
         assert state_to() == ip1, "a forged address re-pointed the read-write export"
 
         # The node really moved: the kernel confirms, and after settling it follows.
         sh("ip", "-n", ns, "neigh", "replace", ip2, "lladdr", NODE_MAC, "dev", "eth0",
            "nud", "permanent")
-        until(lambda: state_to() == ip2, 10, "the genuine move to settle")
+        wait_for(lambda: state_to() == ip2, 10, "the genuine move to settle")
     finally:
         for ip in (ip1, ip2):
             sh("ip", "-n", ns, "neigh", "del", ip, "dev", "eth0", check=False)
