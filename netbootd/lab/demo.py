@@ -112,8 +112,9 @@ def run_lab(args: argparse.Namespace) -> int:
     if problem:
         print(f"netbootd lab: {problem}", file=sys.stderr)
         return 2
-    # The arm64 image's NFS root is built but not exercised by the tests: initrd only.
-    use_nfs = not args.no_nfs and args.arch == "amd64" and lab_problem(NFS_TOOLS) is None
+    # NFS root whenever ganesha is there: both architectures' images carry a rootfs, and
+    # U-Boot's extlinux append and GRUB's linux line name it as iPXE's script does.
+    use_nfs = not args.no_nfs and lab_problem(NFS_TOOLS) is None
     tools = GUEST_TOOLS if args.arch == "amd64" else (
         ARM64_GUEST_TOOLS if args.firmware == "uboot" else ARM64_UEFI_TOOLS)
     problem = lab_problem(LAB_TOOLS + tools)
