@@ -245,7 +245,13 @@ class VirtualTree:
             if grub:
                 data = self.rendered("grub.cfg", plan, local_ip).encode()
             elif uboot.is_pxelinux(parts):
-                data = self.rendered("extlinux.conf", plan, local_ip).encode()
+                text = self.rendered("extlinux.conf", plan, local_ip)
+                for n in uboot.long_appends(text):
+                    # Served anyway: the board's U-Boot may have a larger buffer.
+                    log.warning("pxelinux.cfg for %s: append is %d bytes; U-Boot builds with "
+                                "a %d-byte bootargs buffer refuse it (bootarg overflow)",
+                                mac, n, uboot.UBOOT_BOOTARGS_SIZE)
+                data = text.encode()
             else:
                 data = uboot.script_image(self.rendered("boot.scr", plan, local_ip))
             return FileSource(data, len(data), name, origin="rendered", **meta)
