@@ -13,6 +13,8 @@ the same markers.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from netbootd.lab.guests import random_mac
@@ -43,7 +45,7 @@ def _nfs_node(hostname: str, nfs: NfsServer) -> dict:
             "vars": {"cmdline": nfs.kernel_args}}
 
 
-def _nfs_settings(exports, nfs: NfsServer) -> dict:
+def _nfs_settings(exports: Path, nfs: NfsServer) -> dict:
     """netbootd manages the lab ganesha's exports (the x86 NFS-root test's set-up)."""
     return {"nfs": {"backend": "ganesha", "ganesha_config": str(exports),
                     "ganesha_pidfile": str(nfs.dir / "ganesha.pid")}}
@@ -53,8 +55,9 @@ def _reaches_provisioned(bl, g, mac: str, version: str) -> dict:
     """Wait for the guest's NFS-root boot: ``booted`` from the initrd once the planned
     version's rootfs is mounted, then ``provisioned`` from that rootfs; the API agrees."""
     m = g.wait_for(BOOTED + r"|(bootarg overflow.*)", BOOT_TIMEOUT)
-    assert m and not m.group(2), f"U-Boot: {m.group(2)}; the append is too long"
-    assert m and m.group(1) == "reported booted", f"console: {g.console}"
+    assert m, f"no boot within {BOOT_TIMEOUT}s; console: {g.console}"
+    assert not m.group(2), f"U-Boot: {m.group(2)}: the append is too long; {g.console}"
+    assert m.group(1) == "reported booted", f"console: {g.console}"
     m = g.wait_for(PROVISIONED, ROOT_TIMEOUT)
     assert m and m.group(1) == "reported provisioned", f"console: {g.console}"
     node = bl.nbd.wait_node(mac, "provisioned", 60, version=version)
