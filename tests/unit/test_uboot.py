@@ -184,14 +184,15 @@ def test_a_too_long_append_is_served_with_a_warning(arm64, caplog):
     with caplog.at_level("WARNING", logger="netbootd.tftp.vfs"):
         src = tree.open(f"pxelinux.cfg/01-{DASHED}", "10.231.0.5", "10.231.0.2")
     assert b"x" * 600 in bytes(src.data)
+    assert "bootarg overflow" in src.note  # the transfer's event message
     assert any(MAC in r.getMessage() and "bootarg overflow" in r.getMessage()
                for r in caplog.records), caplog.text
     caplog.clear()
     images.cmdline = "console=ttyAMA0"
     app.planner.end(MAC)
     with caplog.at_level("WARNING", logger="netbootd.tftp.vfs"):
-        tree.open(f"pxelinux.cfg/01-{DASHED}", "10.231.0.5", "10.231.0.2")
-    assert "bootarg overflow" not in caplog.text
+        src = tree.open(f"pxelinux.cfg/01-{DASHED}", "10.231.0.5", "10.231.0.2")
+    assert "bootarg overflow" not in caplog.text and src.note == ""
 
 
 def test_boot_script_is_rendered_and_wrapped(arm64):
