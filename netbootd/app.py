@@ -56,6 +56,8 @@ class App:
     store: Any = None  #: netbootd.store.store.ImageStore once the store service is up
     #: The provisioning lifecycle records (nodestate.NodeState); set by build_app.
     node_state: Any = None
+    #: cluster.Cluster with ``cluster.backend: etcd`` (shared state), else None.
+    cluster: Any = None
     services: dict[str, Service] = field(default_factory=dict)
     config_error: str | None = None  #: last rejected reload, shown on the status page
     #: Called after a successful reload (services that cache config-derived state).

@@ -193,10 +193,11 @@ def _demo_note(image: Any) -> str | None:
 
 
 def _node_state(settings: Any) -> Any:
-    """The lifecycle records, read-only here (LocalNodeState makes its directory)."""
-    from .nodestate import LocalNodeState
+    """The lifecycle records: etcd's with ``cluster.backend: etcd``, else the local files
+    (not created here: LocalNodeState makes its directory when it writes)."""
+    from .cluster import open_node_state
 
-    return LocalNodeState(settings.lifecycle_dir, create=False)
+    return open_node_state(settings, create=False)
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
