@@ -60,6 +60,8 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
                                     or mac in app.inventory.nodes)
     app.node_state = state
     app.cluster = cluster
+    if cluster is not None:
+        cluster.share_sessions(planner, lambda: app.settings.boot.session_ttl)
     # A Pi on HTTP boot gets a boot token stable per version, so its signed boot.img
     # can be built before it asks (netbootd/rpi/bootimg.py).
     planner.token_for = token_hook(lambda: app.settings)

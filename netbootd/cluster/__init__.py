@@ -31,11 +31,22 @@ class Cluster:
     sessions: Any = None  #: cluster.sessions.SharedSessions (set by the daemon)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def share_sessions(self, planner: Any, session_ttl: Any) -> None:
+        """Make ``planner``'s new boots claimed in etcd (first replica wins), and end its
+        copies of boots that ended on other replicas."""
+        from .sessions import SharedSessions
+
+        self.sessions = SharedSessions(self.etcd, self.prefix, self.name, session_ttl)
+        self.sessions.on_ended = planner.ended_elsewhere
+        planner.shared = self.sessions
+
     def health(self) -> dict[str, Any]:
         """For /readyz and the status page: is etcd reachable from this replica?"""
         e = self.etcd
         out: dict[str, Any] = {"ok": bool(e.reachable), "backend": "etcd",
                                "replica": self.name, "endpoints": e.endpoints}
+        if self.sessions is not None:
+            out["sessions"] = self.sessions.health()
         if not e.reachable:
             out["error"] = ("etcd unreachable: open boots and known nodes are served from "
                             f"memory, activations are refused ({e.last_error})")

@@ -134,6 +134,8 @@ class Etcd:
         self.reachable = True
         self.last_error = ""
         self.last_ok = 0.0
+        #: Requests etcd answered (metrics; the tests count round trips with it).
+        self.requests = 0
         self._loop = asyncio.new_event_loop()
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
@@ -190,6 +192,7 @@ class Etcd:
                 errors.append(f"{url}: {type(exc).__name__} {exc}".strip())
                 continue
             self._good = idx
+            self.requests += 1
             self.reachable = True
             self.last_ok = time.time()
             self.last_error = ""
