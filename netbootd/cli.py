@@ -70,7 +70,10 @@ def _resolver(settings: Settings) -> Any:
         from .planner import NoImages
 
         return NoImages()
-    return mod.ImageStore(settings.paths.images, settings.paths.state, settings.store)
+    from .cluster import store_sharing
+
+    return mod.ImageStore(settings.paths.images, settings.paths.state, settings.store,
+                          shared=store_sharing(settings))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

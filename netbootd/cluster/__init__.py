@@ -40,6 +40,15 @@ class Cluster:
         self.sessions.on_ended = planner.ended_elsewhere
         planner.shared = self.sessions
 
+    def store_state(self) -> Any:
+        """What the image store takes to keep channel pointers, pins and the activation
+        history in etcd (``ImageStore(shared=...)``)."""
+        if "store" not in self.extra:
+            from .pointers import SharedStoreState
+
+            self.extra["store"] = SharedStoreState(self.etcd, self.prefix, self.name)
+        return self.extra["store"]
+
     def health(self) -> dict[str, Any]:
         """For /readyz and the status page: is etcd reachable from this replica?"""
         e = self.etcd
@@ -69,6 +78,12 @@ def open_cluster(settings: Settings) -> Cluster | None:
                   key_file=e.key_file)
     state = EtcdNodeState(client, e.key_prefix, max_nodes=settings.provision.max_nodes)
     return Cluster(name=c.replica, etcd=client, prefix=e.key_prefix, node_state=state)
+
+
+def store_sharing(settings: Settings) -> Any:
+    """For a CLI ``ImageStore``: the etcd channels and pins when shared, else None."""
+    cluster = open_cluster(settings)
+    return cluster.store_state() if cluster is not None else None
 
 
 def open_node_state(settings: Settings, *, create: bool = True) -> NodeState:
