@@ -96,6 +96,7 @@ class AppStatus:
 #: A module that is missing (a service not built yet) is skipped with a warning, so
 #: the core runs on its own and each service plugs in by adding its line here.
 SERVICE_FACTORIES: dict[str, str] = {
+    "cluster": "netbootd.cluster.service:create",
     "store": "netbootd.store.service:create",
     "nfs": "netbootd.nfs.service:create",
     "dhcp": "netbootd.dhcp.proxy:create",
@@ -107,6 +108,7 @@ SERVICE_FACTORIES: dict[str, str] = {
 
 def enabled_services(settings: Settings) -> list[str]:
     on = {
+        "cluster": settings.cluster.backend == "etcd",
         "store": True,
         "nfs": True,  # with backend "none" it still computes and shows the export set
         "dhcp": settings.dhcp.enabled,
