@@ -50,10 +50,35 @@ class StoreMirror:
         #: Called (client thread) with ("channel", image, channel) / ("pin", mac) when
         #: another writer changed something: the store's listeners must hear it.
         self.listeners: list[Any] = []
-        kvs, revision = etcd.range_prefix(self.prefix)
-        for kv in kvs:
-            self._apply(kv.key, kv.value, kv.mod_revision, deleted=False)
-        etcd.watch(self.prefix, revision, self._on_events)
+        #: False until the first full read: a replica started while etcd is unreachable
+        #: knows no pointer (boots nothing rather than a guess) and refuses every change.
+        self.loaded = False
+        try:
+            self._load()
+        except Unreachable as exc:
+            log.warning("channel pointers: %s; nothing is planned until etcd answers", exc)
+            threading.Thread(target=self._retry, name="etcd-store-load", daemon=True).start()
+
+    def _load(self) -> None:
+        kvs, revision = self.etcd.range_prefix(self.prefix)
+        with self.lock:
+            for kv in kvs:
+                self._apply(kv.key, kv.value, kv.mod_revision, deleted=False)
+            self.loaded = True
+        self.etcd.watch(self.prefix, revision, self._on_events)
+
+    def _retry(self) -> None:
+        while not self.loaded and not self.etcd._closed:
+            time.sleep(self.etcd.timeout)
+            try:
+                self._load()
+            except Unreachable:
+                continue
+            for fn in list(self.listeners):
+                try:
+                    fn(("channel", "", ""))
+                except Exception:
+                    log.exception("store change listener failed")
 
     def _apply(self, key: str, value: bytes, rev: int, *, deleted: bool) -> tuple | None:
         rest = key[len(self.prefix):]
@@ -102,6 +127,10 @@ class StoreMirror:
                 except Exception:
                     log.exception("store change listener failed")
 
+    def need_loaded(self, what: str) -> None:
+        if not self.loaded:
+            raise self.refused(what, Unreachable("not read from etcd yet"))
+
     def refused(self, what: str, exc: Exception) -> Conflict:
         return Conflict(f"{what} refused: the cluster's etcd is unreachable from replica "
                         f"{self.replica}, so the other replicas could not see it; nothing "
@@ -143,6 +172,7 @@ class EtcdChannels(Channels):
                  why: str = "") -> None:
         valid_name(channel, "channel")
         self.versions.need(image, version)
+        self.mirror.need_loaded(f"activating {image} {version} on {channel}")
         key = self._key(image, channel)
         with self._lock:
             with self.mirror.lock:
@@ -240,6 +270,7 @@ class EtcdPins(Pins):
                               "name the image")
             image = having[0]
         self.versions.need(image, version)
+        self.mirror.need_loaded(f"pinning {mac}")
         value = {"version": version, "image": image, "by": by, "when": now_iso()}
         try:
             self.mirror.etcd.put(f"{self.mirror.prefix}pins/{mac}",
@@ -277,11 +308,7 @@ class SharedStoreState:
 
     def mirror(self) -> StoreMirror:
         if self._mirror is None:
-            try:
-                self._mirror = StoreMirror(self._etcd, self._prefix, self._replica)
-            except Unreachable as exc:
-                raise Conflict(f"the cluster's etcd is unreachable at start; the image "
-                               f"store cannot know the channel pointers ({exc})") from exc
+            self._mirror = StoreMirror(self._etcd, self._prefix, self._replica)
         return self._mirror
 
     def channels(self, layout: Layout, versions: Versions, signals: Signals,

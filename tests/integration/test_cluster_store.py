@@ -122,3 +122,28 @@ def test_two_replicas_on_one_store_directory_are_refused(replica, tmp_path, etcd
         first.close()
         for c in clients:
             c.close()
+
+
+def test_a_replica_started_without_etcd_boots_nothing_until_it_answers(replica, etcd_one,
+                                                                       tmp_path):
+    a = replica("a")
+    a.activate("demo", "1", "prod")
+    prefix = a.pointers.mirror.prefix[: -len("store/")]
+    client = Etcd([f"http://127.0.0.1:{free_port()}"], timeout=0.3)  # etcd away at start
+    try:
+        late = ImageStore(tmp_path / "late" / "images", tmp_path / "late" / "state",
+                          StoreSettings(auto_activate={}),
+                          shared=SharedStoreState(client, prefix, "late"))
+        sample_build(tmp_path / "late-build", "demo", "1")
+        os.rename(tmp_path / "late-build", late.layout.incoming / "demo-1")
+        assert late.ingest_entry("demo-1").accepted
+        assert late.active("demo", "prod") is None
+        with pytest.raises(Conflict, match="refused"):
+            late.activate("demo", "1", "prod")
+        heard: list[int] = []
+        late.on_change.append(lambda: heard.append(1))
+        client.endpoints = etcd_one.endpoints  # etcd answers again
+        wait_for(lambda: late.active("demo", "prod") == "1" and heard, 60,
+                 "pointers read once etcd answers, listeners told")
+    finally:
+        client.close()
