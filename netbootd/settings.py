@@ -353,7 +353,22 @@ class ClusterSettings(_Section):
     name: str = Field(
         "", description="This replica's name in the cluster (status page, who planned a "
         "boot); empty = the host name. Unique per replica.")
+    peer_url: str = Field(
+        "", description="The URL other replicas reach this replica's HTTP service at (to "
+        "copy builds from it); empty = http://<network.advertise, else the host name>:"
+        "<http.port>.")
+    replicate: bool = Field(
+        True, description="Copy every build another replica holds and this one lacks "
+        "(over HTTP, verified against the manifest). Activation through the API waits "
+        "until every live replica holds the version.")
     etcd: EtcdSettings = Field(default_factory=EtcdSettings)
+
+    @field_validator("peer_url")
+    @classmethod
+    def _peer_url(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://")):
+            raise ValueError(f"peer_url {v!r} must be an http:// or https:// URL")
+        return v.rstrip("/")
 
     @field_validator("name")
     @classmethod

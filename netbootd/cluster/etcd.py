@@ -156,12 +156,17 @@ class Etcd:
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Any:
         """Run ``coro`` on the client's loop; returns its concurrent future."""
+        if self._closed and not self._loop.is_running():
+            coro.close()
+            raise Unreachable("etcd client closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """One request, waited for by the (any-thread) caller; raises :class:`Unreachable`."""
         if threading.current_thread() is self._thread:
             raise RuntimeError("Etcd.call() on the client's own loop would deadlock")
+        if self._closed:
+            raise Unreachable("etcd client closed (the daemon is stopping)")
         fut = self.submit(self.post(path, body))
         try:
             return fut.result(self.timeout * (len(self.endpoints) + 1))
@@ -234,9 +239,9 @@ class Etcd:
         data = self.call("/v3/lease/grant", {"TTL": str(max(1, int(ttl + 0.999)))})
         return int(data["ID"])
 
-    async def keepalive(self, lease: int) -> bool:
-        """Refresh a lease once; False if it is gone."""
-        data = await self.post("/v3/lease/keepalive", {"ID": str(lease)})
+    def keepalive(self, lease: int) -> bool:
+        """Refresh a lease once (a put does not); False if it is gone."""
+        data = self.call("/v3/lease/keepalive", {"ID": str(lease)})
         return int(data.get("result", {}).get("TTL", 0)) > 0
 
     def members(self) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,12 +26,13 @@ TOKEN = "replica-test-token"
 
 
 class Replica:
-    def __init__(self, base: Path, name: str, endpoints: list[str], prefix: str) -> None:
+    def __init__(self, base: Path, name: str, endpoints: list[str], prefix: str,
+                 versions: tuple[str, ...] = ("1", "2"), replicate: bool = True) -> None:
         self.name = name
         self.dir = base / name
         self.port = free_port()
         (self.dir / "images" / "incoming").mkdir(parents=True)
-        for v in ("1", "2"):  # the same two builds dropped on every replica
+        for v in versions:  # the same builds dropped on every replica
             src = self.dir / f"build-{v}"
             sample_build(src, "demo", v)
             os.rename(src, self.dir / "images" / "incoming" / f"demo-{v}")
@@ -43,7 +45,8 @@ class Replica:
                       "templates": str(REPO / "config" / "templates")},
             "store": {"settle_seconds": 0.1, "auto_activate": {}},
             "nfs": {"backend": "none"},
-            "cluster": {"backend": "etcd", "name": name,
+            "cluster": {"backend": "etcd", "name": name, "replicate": replicate,
+                        "peer_url": f"http://127.0.0.1:{self.port}",
                         "etcd": {"endpoints": endpoints, "key_prefix": prefix,
                                  "timeout": 1.0}},
         }
@@ -76,6 +79,14 @@ class Replica:
             if img.get("name") == "demo":
                 return (img.get("channels") or {}).get("prod")
         return None
+
+    def versions(self) -> list[str]:
+        status, body = self.call("GET", "/api/v1/images")
+        for img in body.get("images", []) if status == 200 else []:
+            if img.get("name") == "demo":
+                return [v if isinstance(v, str) else v.get("version")
+                        for v in img.get("versions", [])]
+        return []
 
     def ready(self) -> tuple[int, dict]:
         return self.call("GET", "/readyz")
@@ -159,3 +170,52 @@ def test_replicas_share_activation_and_survive_etcd_failures(cluster):
                            {"version": "1", "channel": "prod"})
     assert status == 200, body
     wait_for(lambda: r2.prod() == "1", 60, "r2 follows again after etcd came back")
+
+
+def test_a_build_dropped_on_one_replica_is_copied_and_activation_waits_for_all(tmp_path):
+    etcd = EtcdCluster(tmp_path / "etcd", members=1)
+    replicas: list[Replica] = []
+    try:
+        prefix = f"/copy-{os.getpid()}/"
+        replicas = [Replica(tmp_path, "r1", etcd.endpoints, prefix, versions=("1",)),
+                    Replica(tmp_path, "r2", etcd.endpoints, prefix, versions=("1",)),
+                    Replica(tmp_path, "r3", etcd.endpoints, prefix, versions=("1",),
+                            replicate=False)]
+        r1, r2, r3 = replicas
+        for r in replicas:
+            wait_for(lambda r=r: r.ready()[0] == 200 and len(
+                r.ready()[1]["services"]["cluster"]["replicas"]) == 3, 120,
+                f"{r.name} ready with three replicas\n{r.tail()}")
+        # a CI drop on r1 only ...
+        build = tmp_path / "demo-3"
+        sample_build(build, "demo", "3", kind="pi-boot+rootfs", payload=3 << 20)
+        shutil.copytree(build, tmp_path / "r1-copy", symlinks=True)
+        os.rename(tmp_path / "r1-copy", r1.dir / "images" / "incoming" / "demo-3")
+        # ... reaches r2 by content hash over HTTP, verified by r2's ingest
+        wait_for(lambda: "3" in r2.versions() and r2.ready()[1]["services"]["cluster"][
+            "replication"]["copied"] >= 1, 180, f"r2 copies demo 3\n{r2.tail()}")
+        rep = r2.ready()[1]["services"]["cluster"]["replication"]
+        assert not rep["failed"], rep
+        same = (r1.dir / "images" / "store" / "demo" / "3" / "boot" / "kernel_2712.img")
+        assert (r2.dir / "images" / "store" / "demo" / "3" / "boot" / "kernel_2712.img"
+                ).read_bytes() == same.read_bytes()
+        # r3 does not copy: activation through any API is refused, naming it
+        wait_for(lambda: "demo 3" in r1.ready()[1]["services"]["cluster"]["replicas"].get(
+            "r2", {}).get("versions", []), 60, "r2's presence lists demo 3")
+        status, body = r2.call("POST", "/api/v1/images/demo/activate",
+                               {"version": "3", "channel": "prod"})
+        assert status == 409 and "r3 lack it" in json.dumps(body), body
+        # the build dropped on r3 too: now every live replica holds it, activation works
+        shutil.copytree(build, tmp_path / "r3-copy", symlinks=True)
+        os.rename(tmp_path / "r3-copy", r3.dir / "images" / "incoming" / "demo-3")
+        wait_for(lambda: "demo 3" in r2.ready()[1]["services"]["cluster"]["replicas"].get(
+            "r3", {}).get("versions", []), 120, "r3 holds demo 3")
+        status, body = r2.call("POST", "/api/v1/images/demo/activate",
+                               {"version": "3", "channel": "prod"})
+        assert status == 200, body
+        for r in replicas:
+            wait_for(lambda r=r: r.prod() == "3", 30, f"{r.name} follows")
+    finally:
+        for r in replicas:
+            r.stop()
+        etcd.close()
