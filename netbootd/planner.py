@@ -58,6 +58,10 @@ class SharedBoots(Protocol):
         """The firmware handed over here: the next boot plans afresh everywhere."""
         ...
 
+    def forget(self, mac: str) -> None:
+        """Drop this MAC's boot everywhere (its lifecycle changed: re-plan at once)."""
+        ...
+
 
 class NoImages:
     """A resolver with an empty store (the daemon before the store is up, unit tests)."""
@@ -373,6 +377,8 @@ class Planner:
             self._sessions.pop(mac, None)
             self._booted.pop(mac, None)
             self._brief.pop(mac, None)
+        if self.shared is not None:
+            self.shared.forget(mac)
 
     def _mark_used(self, plan: BootPlan) -> None:
         """Retention is recorded where a session starts, never when someone only asks."""

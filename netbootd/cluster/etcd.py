@@ -142,6 +142,11 @@ class Etcd:
         self._thread = threading.Thread(target=self._run, name="etcd-client", daemon=True)
         self._thread.start()
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (background loops end)."""
+        return self._closed
+
     # -- the client's loop ---------------------------------------------------------------------
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)

@@ -71,7 +71,7 @@ class EtcdNodeState:
         self.etcd.watch(self.prefix, revision, self._on_events)
 
     def _retry_load(self) -> None:
-        while not self.loaded and not self.etcd._closed:
+        while not self.loaded and not self.etcd.closed:
             time.sleep(self.etcd.timeout)
             try:
                 self._load()

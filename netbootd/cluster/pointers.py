@@ -72,7 +72,7 @@ class StoreMirror:
         self.etcd.watch(self.prefix, revision, self._on_events)
 
     def _retry(self) -> None:
-        while not self.loaded and not self.etcd._closed:
+        while not self.loaded and not self.etcd.closed:
             time.sleep(self.etcd.timeout)
             try:
                 self._load()

@@ -122,7 +122,7 @@ class SharedSessions:
         ``session_ttl / 4`` (bounded to 1..30 s), on the client's loop."""
         import asyncio
 
-        while not self.etcd._closed:
+        while not self.etcd.closed:
             ttl = self._ttl()
             await asyncio.sleep(min(30.0, max(1.0, ttl / 4)))
             try:
@@ -238,6 +238,20 @@ class SharedSessions:
                 self.etcd.txn([mod_is(key, c.rev)], [delete_op(key)])
 
         threading.Thread(target=drop, name="etcd-session-end", daemon=True).start()
+
+    def forget(self, mac: str) -> None:
+        """An operator changed this node's lifecycle: whatever boot was claimed for it
+        ends everywhere, so the next request on any replica plans afresh. Background."""
+        with self._lock:
+            self._claims.pop(mac, None)
+            self._written.pop(mac, None)
+        key = self._key(mac)
+
+        def drop() -> None:
+            with contextlib.suppress(Unreachable):
+                self.etcd.delete(key)
+
+        threading.Thread(target=drop, name="etcd-session-forget", daemon=True).start()
 
     def _on_events(self, events: list[Event], _revision: int) -> None:
         ended = []

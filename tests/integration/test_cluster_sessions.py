@@ -138,3 +138,16 @@ def test_a_claim_nobody_uses_expires_with_its_lease(replicas):
     # nobody asks any more: the lease (2 x session_ttl) ends the claim everywhere
     wait_for(lambda: sa.lookup(MAC) is None and sb.lookup(MAC) is None, 60, "lease expiry")
     assert b.plan(PI).session != first.session
+
+
+def test_an_operator_verb_ends_the_claimed_boot_everywhere(replicas):
+    a, _ = replicas("a", ReplicaStore("1", {"1", "2"}))
+    b, sb = replicas("b", ReplicaStore("1", {"1", "2"}))
+    first = a.plan(PI)
+    assert b.plan(PI).session == first.session
+    a.images.active = b.images.active = "2"
+    # `netbootd nodes reinstall` (or an install report) on a: every replica re-plans
+    a.forget(MAC)
+    b.forget(MAC)  # the daemon's lifecycle watch does this on every replica
+    wait_for(lambda: sb.etcd.get(sb.prefix + MAC) is None, 30, "claim deleted in etcd")
+    assert b.plan(PI).image.version == "2" and a.plan(PI).image.version == "2"
