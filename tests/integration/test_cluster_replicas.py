@@ -130,6 +130,11 @@ def test_replicas_share_activation_and_survive_etcd_failures(cluster):
     wait_for(lambda: r1.ready()[1]["services"]["cluster"]["replicas"]["r2"]["versions"]
              == ["demo 1", "demo 2"], 60, "r1 lists the versions r2 holds")
 
+    # the status page shows the cluster: both replicas, etcd reachable
+    with urllib.request.urlopen(f"http://127.0.0.1:{r1.port}/", timeout=30) as page:
+        html = page.read().decode()
+    assert 'id="cluster"' in html and "r2" in html and "reachable" in html
+
     # an activation through r1's API is seen by r2
     status, body = r1.call("POST", "/api/v1/images/demo/activate",
                            {"version": "1", "channel": "prod"})
@@ -152,6 +157,8 @@ def test_replicas_share_activation_and_survive_etcd_failures(cluster):
     wait_for(lambda: r1.ready()[0] == 503, 60, "r1 unready without etcd")
     reasons = " ".join(r1.ready()[1]["reasons"])
     assert "etcd unreachable" in reasons and "activations are refused" in reasons
+    with urllib.request.urlopen(f"http://127.0.0.1:{r1.port}/", timeout=30) as page:
+        assert "<strong>unreachable</strong>" in page.read().decode()
     status, body = r1.call("POST", "/api/v1/images/demo/activate",
                            {"version": "1", "channel": "prod"})
     assert status == 409, body
