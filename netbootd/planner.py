@@ -413,6 +413,8 @@ class Planner:
                 if hit is not None and (hit.holds or now - hit.last < ttl):
                     hit.last = now
                     table.move_to_end(mac)
+                    if self.shared is not None and table is self._sessions:
+                        self.shared.touch(mac)
                     return hit.plan
         return None
 
@@ -454,8 +456,8 @@ class Planner:
         boot = self._settings().boot
         with self._lock:
             hit = self._sessions.get(mac)
-            if hit is None or hit.plan.session != session:
-                return
+            if hit is None or hit.plan.session != session or hit.holds:
+                return  # a transfer of it runs here: this replica finishes that boot
             del self._sessions[mac]
             self._booted_locked(mac, hit, now, boot)
 

@@ -127,8 +127,10 @@ def test_replicas_share_activation_and_survive_etcd_failures(cluster):
             and r.call("GET", "/api/v1/images")[1].get("images"), 120,
             f"{r.name} ready with both replicas listed\n{r.tail()}")
     # the status shows which versions each replica holds (once both have ingested)
-    wait_for(lambda: r1.ready()[1]["services"]["cluster"]["replicas"]["r2"]["versions"]
-             == ["demo 1", "demo 2"], 60, "r1 lists the versions r2 holds")
+    for me, other in ((r1, "r2"), (r2, "r1")):
+        wait_for(lambda me=me, other=other: me.ready()[1]["services"]["cluster"][
+            "replicas"].get(other, {}).get("versions") == ["demo 1", "demo 2"], 60,
+            f"{me.name} lists the versions {other} holds")
 
     # the status page shows the cluster: both replicas, etcd reachable
     with urllib.request.urlopen(f"http://127.0.0.1:{r1.port}/", timeout=30) as page:

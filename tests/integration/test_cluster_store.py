@@ -72,6 +72,7 @@ def test_an_activation_on_one_replica_is_seen_by_the_others(replica):
     hist = [h for h in a.history("demo") if h["channel"] == "prod"]
     assert [(h["version"], h["previous"], h["replica"]) for h in hist] == [
         ("1", None, "a"), ("2", "1", "b")]
+    wait_for(lambda: c.active("demo", "prod") == "2", 30, "b's activation seen by c")
     assert c.rollback("demo", "prod", by="api") == "1"  # from any replica
     wait_for(lambda: a.active("demo", "prod") == "1" == b.active("demo", "prod"), 30,
              "rollback seen everywhere")
