@@ -136,6 +136,10 @@ class Etcd:
         self.last_ok = 0.0
         #: Requests etcd answered (metrics; the tests count round trips with it).
         self.requests = 0
+        #: Requests tried (answered or not).
+        self.attempts = 0
+        #: time.monotonic() of the last request no endpoint answered.
+        self.failed_at = 0.0
         self._loop = asyncio.new_event_loop()
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
@@ -182,6 +186,7 @@ class Etcd:
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST to the endpoints in turn, from the one that answered last."""
         errors = []
+        self.attempts += 1
         n = len(self.endpoints)
         for i in range(n):
             idx = (self._good + i) % n
@@ -208,8 +213,15 @@ class Etcd:
             self.last_error = ""
             return data
         self.reachable = False
+        self.failed_at = time.monotonic()
         self.last_error = "; ".join(errors)[:500]
         raise Unreachable(f"etcd unreachable: {self.last_error}")
+
+    def recently_down(self, within: float) -> bool:
+        """Did the last request find no endpoint, less than ``within`` seconds ago? The
+        protocol paths then skip etcd instead of waiting out the timeout per request;
+        a background request (presence, lease) finds it back."""
+        return not self.reachable and time.monotonic() - self.failed_at < within
 
     # -- the calls -----------------------------------------------------------------------------
     def range_prefix(self, prefix: str) -> tuple[list[KV], int]:

@@ -22,7 +22,10 @@ through their watch and end their copy of the session the same way.
 
 When etcd is unreachable a claim is not possible: the replica keeps serving the
 sessions it holds and plans new boots locally (counted in :attr:`unshared`), which is
-what a single daemon would do; it converges when etcd answers again.
+what a single daemon would do; it converges when etcd answers again. Only the first
+new boot after etcd stops answering waits out the request timeout: for the next
+:attr:`SharedSessions.DOWN` seconds new boots do not ask, and the lease loop probes
+etcd every second until it answers.
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ class Claim:
 class SharedSessions:
     """The claims under ``<prefix>sessions/``, and this replica's lease for them."""
 
+    #: Seconds after etcd last failed to answer during which new boots do not ask it.
+    DOWN = 5.0
+
     def __init__(self, etcd: Etcd, prefix: str, replica: str,
                  session_ttl: Callable[[], float]) -> None:
         self.etcd = etcd
@@ -124,9 +130,12 @@ class SharedSessions:
 
         while not self.etcd.closed:
             ttl = self._ttl()
-            await asyncio.sleep(min(30.0, max(1.0, ttl / 4)))
+            # while etcd is away, probe every second: new boots skip it until it answers
+            pause = 1.0 if not self.etcd.reachable else min(30.0, max(1.0, ttl / 4))
+            await asyncio.sleep(pause)
             try:
-                if time.monotonic() - self._lease_at > ttl / 2 or not self._lease:
+                if time.monotonic() - self._lease_at > ttl / 2 or not self._lease \
+                        or not self.etcd.reachable:
                     await asyncio.to_thread(self._renew_lease)
             except Unreachable:
                 continue
@@ -139,6 +148,11 @@ class SharedSessions:
         """Claim this boot (one round trip): returns ``mine`` if it won, the standing claim
         if another replica planned it first, None if etcd is unreachable."""
         key = self._key(mac)
+        if self.etcd.recently_down(self.DOWN):
+            # etcd did not answer moments ago: a boot must not wait a timeout per new
+            # machine; plan here, as a single daemon would (the lease loop probes etcd)
+            self.unshared += 1
+            return None
         try:
             if not self._lease:
                 self._renew_lease()

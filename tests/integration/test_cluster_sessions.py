@@ -19,6 +19,7 @@ from tests.etcdkit import EtcdCluster, wait_for
 
 MAC = "dc:a6:32:00:00:11"
 PI = ClientFacts(mac=MAC, serial="1234abcd", kind=ClientKind.RPI)
+OTHER = ClientFacts(mac="dc:a6:32:00:00:12", serial="1234abce", kind=ClientKind.RPI)
 
 
 class ReplicaStore:
@@ -50,7 +51,8 @@ def etcd_one(tmp_path_factory):
 def replicas(etcd_one, tmp_path):
     """make(name, store, endpoints=None, session_ttl=60) -> (planner, shared)."""
     (tmp_path / "nodes.yaml").write_text(
-        f"nodes:\n  {MAC}: {{hostname: pi1, serial: '1234abcd'}}\n")
+        f"nodes:\n  {MAC}: {{hostname: pi1, serial: '1234abcd'}}\n"
+        f"  {OTHER.mac}: {{hostname: pi2, serial: '{OTHER.serial}'}}\n")
     prefix = f"/t-{uuid.uuid4().hex[:8]}/"
     made: list[Etcd] = []
 
@@ -128,6 +130,10 @@ def test_without_etcd_a_replica_plans_locally_and_keeps_open_boots(replicas):
     assert p.answers and p.image.version == "1" and sc.unshared == 1
     assert c.plan(PI).session == p.session
     assert not sc.etcd.reachable
+    # further new boots do not wait for an etcd that just failed: no request is tried
+    tried = sc.etcd.attempts
+    assert c.plan(OTHER).answers
+    assert sc.etcd.attempts == tried and sc.unshared == 2
 
 
 def test_a_claim_nobody_uses_expires_with_its_lease(replicas):
