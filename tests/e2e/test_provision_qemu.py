@@ -106,17 +106,18 @@ class ProvLab:
     def make_active(self, gold: Gold) -> None:
         """Make ``gold`` the active version on prod: published as CI does the first time,
         activated through the API after that (a version is ingested only once)."""
+        image = gold.manifest["image"]
         published = self.shared.setdefault("published", set())
-        if gold.version not in published:
+        if (image, gold.version) not in published:
             self.publish(gold.build)
-            published.add(gold.version)
+            published.add((image, gold.version))
             return
-        if self.nbd.active_version("gold") != gold.version:
-            status, body = self.nbd.request("POST", "/api/v1/images/gold/activate",
+        if self.nbd.active_version(image) != gold.version:
+            status, body = self.nbd.request("POST", f"/api/v1/images/{image}/activate",
                                             {"version": gold.version, "channel": "prod"},
                                             auth=True)
             assert status == 200, (status, body)
-        assert self.nbd.wait_active("gold", gold.version, timeout=60)
+        assert self.nbd.wait_active(image, gold.version, timeout=60)
 
     # -- the operator's CLI ----------------------------------------------------------------
     def cli(self, *argv: str) -> subprocess.CompletedProcess[str]:
