@@ -117,6 +117,17 @@ def incompatibility(facts: ClientFacts, image: ImageRef) -> str | None:
     return None
 
 
+def follows_channel(node: NodeView, record: NodeRecord | None) -> bool:
+    """Is this an installed node whose disk follows its install channel (or pin)?
+
+    Only for such a node does the action depend on the store (``wanted`` of
+    :func:`effective_action`); callers that avoid resolving images (the node list) must
+    resolve for these, or they would show ``local`` for a node whose next boot installs.
+    """
+    return (record is not None and record.stage in (Stage.INSTALLED, Stage.LOCAL)
+            and node.install.get("upgrade") == "auto" and bool(node.install.get("image")))
+
+
 def effective_action(node: NodeView, record: NodeRecord | None, *, retry_failed: bool = True,
                      wanted: ImageRef | None = None) -> tuple[Action, str]:
     """The action a node gets: nodes.yaml's, unless its lifecycle says otherwise.
@@ -145,9 +156,8 @@ def effective_action(node: NodeView, record: NodeRecord | None, *, retry_failed:
         if retry_failed:
             return Action.INSTALL, f"lifecycle install-failed ({record.reason}): retrying"
         return Action.LOCAL, f"lifecycle install-failed ({record.reason}): not retried"
-    if stage in (Stage.INSTALLED, Stage.LOCAL) and node.install.get("upgrade") == "auto" \
-            and wanted is not None and record.version and (wanted.name, wanted.version) != \
-            (record.image, record.version):
+    if follows_channel(node, record) and wanted is not None and record.version and \
+            (wanted.name, wanted.version) != (record.image, record.version):
         return Action.INSTALL, (f"upgrade: {record.image} {record.version} on disk, "
                                 f"{wanted.name} {wanted.version} wanted")
     if stage in (Stage.INSTALLED, Stage.LOCAL):
@@ -177,7 +187,7 @@ def decide(facts: ClientFacts, inventory: Inventory, settings: Settings,
     channel = node.channel or settings.boot.default_channel
     spec = node.install
     wanted = None
-    if record is not None and spec.get("upgrade") == "auto" and spec.get("image"):
+    if follows_channel(node, record):
         wanted = images.resolve(spec["image"], spec.get("channel") or channel, spec.get("pin"),
                                 mac=None)
     action, why_action = effective_action(node, record, wanted=wanted,

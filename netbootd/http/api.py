@@ -22,7 +22,7 @@ from .. import __version__
 from ..errors import Conflict, DiskFull, NotFound, TooLarge
 from ..lifecycle import Verdict
 from ..model import Action, ClientFacts, ClientKind, NodeView, normalise_serial
-from ..planner import effective_action
+from ..planner import effective_action, follows_channel
 from ..render import RenderError
 from . import auth
 from .boot import beacon
@@ -140,13 +140,18 @@ def status_for(exc: BaseException) -> int:
 
 # -- nodes -------------------------------------------------------------------------------
 def _expected_action(ctx: HttpContext, view: NodeView) -> str:
-    """The action a machine gets, without resolving images (cheap enough for a list)."""
+    """The action a machine gets. Images are resolved only for installed nodes with
+    ``upgrade: auto`` (their next boot installs when the channel moved), so the list
+    stays cheap for every other node."""
     current = ctx.plans.current(view.mac)
     if current is not None:
         return current.action.value
     if not view.known and ctx.settings.policy.unknown == "ignore":
         return Action.IGNORE.value
-    action, _ = effective_action(view, ctx.node_state.get(view.mac),
+    record = ctx.node_state.get(view.mac)
+    if follows_channel(view, record):
+        return ctx.plans.peek(ctx.nodes.facts_for(view.mac)).action.value
+    action, _ = effective_action(view, record,
                                  retry_failed=ctx.settings.provision.retry_failed)
     return action.value
 

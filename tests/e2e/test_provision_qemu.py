@@ -15,6 +15,9 @@ image and the real golden Debian 12 image (images/build_installer.py, images/bui
    reason, never ``installed``.
 4. ``netbootd nodes reinstall NODE`` after a newer golden image is active: the guest
    installs and boots the new version.
+5. ``install.upgrade: auto``: the node of scenario 2 (installed, the older version on its
+   disk) installs the newer version at its next boot with no operator verb and boots it;
+   ``netbootd images rollback`` brings the older version back the same way.
 
 One lab, one netbootd and one installer for the module; each golden version is built once
 (from the debootstrap tree cached in images/cache) with the lab's seed URL baked in.
@@ -99,6 +102,33 @@ class ProvLab:
             f"{manifest['image']} {manifest['version']} not active after {timeout}s; "
             f"see {self.nbd.log}")
         return manifest["version"]
+
+    def make_active(self, gold: Gold) -> None:
+        """Make ``gold`` the active version on prod: published as CI does the first time,
+        activated through the API after that (a version is ingested only once)."""
+        image = gold.manifest["image"]
+        published = self.shared.setdefault("published", set())
+        if (image, gold.version) not in published:
+            self.publish(gold.build)
+            published.add((image, gold.version))
+            return
+        if self.nbd.active_version(image) != gold.version:
+            status, body = self.nbd.request("POST", f"/api/v1/images/{image}/activate",
+                                            {"version": gold.version, "channel": "prod"},
+                                            auth=True)
+            assert status == 200, (status, body)
+        assert self.nbd.wait_active(image, gold.version, timeout=60)
+
+    # -- the operator's CLI ----------------------------------------------------------------
+    def cli(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """``netbootd ARGV`` as an operator runs it beside the running daemon (same config
+        file, same state directories); fails the test unless it exits 0."""
+        proc = subprocess.run(
+            [*netbootd_argv(), "--config", str(self.nbd.config_file), *argv],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=str(self.nbd.dir))
+        assert proc.returncode == 0, f"netbootd {' '.join(argv)}: {proc.stdout}{proc.stderr}"
+        return proc
 
     # -- guests --------------------------------------------------------------------------
     def guest(self, name: str, disk: Path, *, reboot: bool = False) -> Guest:
@@ -186,8 +216,10 @@ def prov(module_lab: Topology, module_out: Path, make_golden, make_installer
                          "install": {"image": "gold", "channel": "prod"},
                          "vars": {**disk_vars, "join": "k3s",
                                   "k3s_server": f"https://{srv}:6443"}},
+        # auto: scenario 5 upgrades and rolls back the disk scenario 2 leaves installed
         macs["prov-b"]: {"hostname": "prov-b", "action": "install",
-                         "install": {"image": "gold", "channel": "prod"}, "vars": disk_vars},
+                         "install": {"image": "gold", "channel": "prod", "upgrade": "auto"},
+                         "vars": disk_vars},
         macs["prov-c"]: {"hostname": "prov-c", "action": "install",
                          "install": {"image": "badgold", "channel": "prod"},
                          "vars": disk_vars},
@@ -214,7 +246,7 @@ def prov(module_lab: Topology, module_out: Path, make_golden, make_installer
 
         pl = ProvLab(lab, out, dhcp, nbd, cap, macs, make_gold)
         pl.publish(make_installer("e2e-1"))
-        pl.publish(make_gold("e2e-1").build)
+        pl.make_active(make_gold("e2e-1"))
         yield pl
     finally:
         if nbd is not None:
@@ -289,11 +321,16 @@ def _check_node_api(pl: ProvLab, mac: str, gold: Gold) -> dict[str, Any]:
     return node
 
 
+def _check_disk_os(root: RootFs, hostname: str, gold: Gold) -> None:
+    """The disk's root file system is ``gold``'s, and cloud-init named it ``hostname``."""
+    assert (root.read("/etc/netbootd-image") or "").split() == ["gold", gold.version]
+    assert (root.read("/etc/hostname") or "").strip() == hostname
+
+
 def _check_identity(pl: ProvLab, disk: Path, hostname: str, gold: Gold) -> None:
     srv = pl.lab.ip("srv")
     with RootFs(disk, pl.out) as root:
-        assert (root.read("/etc/netbootd-image") or "").split() == ["gold", gold.version]
-        assert (root.read("/etc/hostname") or "").strip() == hostname
+        _check_disk_os(root, hostname, gold)
         k3s = root.read("/etc/rancher/k3s/config.yaml")
         assert k3s is not None, "cloud-init did not write the k3s config"
         assert f"token: {K3S_TOKEN}" in k3s, k3s
@@ -303,6 +340,25 @@ def _check_identity(pl: ProvLab, disk: Path, hostname: str, gold: Gold) -> None:
         # the seed URL the image carries is netbootd's by-address URL, nothing per node
         cfg = root.read("/etc/cloud/cloud.cfg.d/90_netbootd.cfg") or ""
         assert f"seedfrom: http://{srv}:8080/cloud-init/by-address/" in cfg, cfg
+
+
+def _reinstall_and_boot(pl: ProvLab, name: str, disk: Path, gold: Gold) -> None:
+    """An installed node whose next boot plans ``install``: power it on, it installs
+    ``gold`` over its disk; power it on again, it boots that version from the disk and is
+    ``local`` with it."""
+    mac = pl.macs[name.split(".")[0]]
+    t0 = time.time()
+    _, installed_at = _install(pl, f"{name}-install", disk, gold)
+    assert pl.proxy_answers(mac, t0), f"{name}: the reinstall boot got no proxy answer"
+    _boot_from_disk(pl, f"{name}-disk-boot", disk, gold, installed_at)
+    _check_node_api(pl, mac, gold)
+
+
+def _newer_gold(pl: ProvLab) -> Gold:
+    """The second golden version, active on prod (built from the same cached tree)."""
+    v2 = pl.make_gold("e2e-2")
+    pl.make_active(v2)
+    return v2
 
 
 def _install_and_boot_a(pl: ProvLab) -> dict[str, Any]:
@@ -380,6 +436,7 @@ def test_power_cut_mid_install_reinstalls_and_half_a_disk_is_never_installed(
     assert restart and restart[0]["ts"] < installed[0]["ts"], evs
     # Both boots took a proxy answer from netbootd (the second is a fresh install boot).
     assert prov.proxy_answers(mac, cut)
+    prov.shared["b"] = disk
 
 
 def _bad_disk_image(out: Path) -> Path:
@@ -442,25 +499,68 @@ def test_wrong_sha256_ends_in_install_failed_with_the_reason(prov: ProvLab) -> N
 def test_operator_reinstall_after_a_newer_image_boots_the_new_version(prov: ProvLab) -> None:
     a = _install_and_boot_a(prov)
     mac = prov.macs["prov-a"]
-    v2 = prov.make_gold("e2e-2")
-    prov.publish(v2.build)
+    v2 = _newer_gold(prov)
     # A newer version on the channel changes nothing for an installed node by itself.
     node = prov.nbd.node(mac)
     assert node is not None and (node["lifecycle"], node["action"]) == ("local", "local"), node
-    cli = subprocess.run(
-        [*netbootd_argv(), "--config", str(prov.nbd.config_file), "nodes", "reinstall",
-         "prov-a"], capture_output=True, text=True, timeout=60, check=False,
-        env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=str(prov.nbd.dir))
-    assert cli.returncode == 0, cli.stdout + cli.stderr
+    cli = prov.cli("nodes", "reinstall", "prov-a")
     assert "lifecycle install" in cli.stdout, cli.stdout
     node = prov.nbd.node(mac)
     assert node is not None and (node["lifecycle"], node["action"]) == ("install", "install")
-    t0 = time.time()
-    _, installed_at = _install(prov, "prov-a.reinstall", a["disk"], v2)
-    assert prov.proxy_answers(mac, t0), "the reinstall boot got no proxy answer"
-    _boot_from_disk(prov, "prov-a.disk-boot-2", a["disk"], v2, installed_at)
-    _check_node_api(prov, mac, v2)
+    _reinstall_and_boot(prov, "prov-a.reinstall", a["disk"], v2)
     _check_identity(prov, a["disk"], "prov-a", v2)
+
+
+def _installed_b(pl: ProvLab) -> Path:
+    """prov-b's disk with e2e-1 installed and verified: what scenario 2 leaves, or (when
+    this test runs alone) one install now."""
+    if "b" in pl.shared:
+        return pl.shared["b"]
+    v1 = pl.make_gold("e2e-1")
+    pl.make_active(v1)
+    disk = blank_disk(pl.out / "prov-b.disk", v1.usize + DISK_SLACK)
+    _install(pl, "prov-b.install", disk, v1)
+    pl.shared["b"] = disk
+    return disk
+
+
+def _plan(pl: ProvLab, mac: str) -> dict[str, Any]:
+    """``netbootd plan --json MAC``: what the node gets at its next boot, and why."""
+    return json.loads(pl.cli("plan", "--json", mac).stdout)
+
+
+def test_auto_upgrade_and_images_rollback_reinstall_at_the_next_boot(prov: ProvLab) -> None:
+    """``install.upgrade: auto``: the channel decides what is on the disk. No operator verb:
+    activating a newer version, then ``netbootd images rollback``, each make the node
+    install at its next boot and boot that version."""
+    mac = prov.macs["prov-b"]
+    disk = _installed_b(prov)
+    v1 = prov.make_gold("e2e-1")
+    rec = prov.record(mac)
+    assert rec is not None and (rec["stage"], rec["version"]) == ("installed", v1.version), rec
+
+    # A newer version becomes active (as CI publishes it): the next boot installs it.
+    v2 = _newer_gold(prov)
+    node = prov.nbd.node(mac)
+    assert node is not None and (node["lifecycle"], node["action"]) == ("installed", "install")
+    plan = _plan(prov, mac)
+    assert (plan["action"], plan["disk"]) == ("install", f"gold {v2.version}"), plan
+    assert f"upgrade: gold {v1.version} on disk, gold {v2.version} wanted" in plan["reason"]
+    _reinstall_and_boot(prov, "prov-b.upgrade", disk, v2)
+    assert _plan(prov, mac)["action"] == "local"
+
+    # The operator rolls the channel back with the CLI, beside the running daemon.
+    out = prov.cli("images", "rollback", "gold", "--channel", "prod").stdout
+    assert f"gold rolled back to {v1.version} on prod" in out, out
+    assert prov.nbd.active_version("gold") == v1.version
+    node = prov.nbd.node(mac)
+    assert node is not None and (node["lifecycle"], node["action"]) == ("local", "install")
+    plan = _plan(prov, mac)
+    assert (plan["action"], plan["disk"]) == ("install", f"gold {v1.version}"), plan
+    assert f"upgrade: gold {v2.version} on disk, gold {v1.version} wanted" in plan["reason"]
+    _reinstall_and_boot(prov, "prov-b.rollback", disk, v1)
+    with RootFs(disk, prov.out) as root:
+        _check_disk_os(root, "prov-b", v1)
 
 
 def test_no_guest_outlives_the_tests(prov: ProvLab) -> None:

@@ -8,12 +8,20 @@ parameters; the disk OS's side is cloud-init asking /cloud-init/by-address/.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 
-from netbootd.http.testkit import NODE_B, TOKEN, ServerThread, give_address, make_app
+from netbootd.http.testkit import (
+    NODE_B,
+    TOKEN,
+    ServerThread,
+    give_address,
+    make_app,
+    write_disk_version,
+)
 from netbootd.model import mac_dashes
 from tests.integration.test_http_boot import curl, ipxe_url
 
@@ -116,3 +124,28 @@ def test_operator_reinstall_over_the_api(server):
     status, _, _ = curl(*AUTH, "-X", "POST", "-H", "Content-Type: application/json", "--data",
                         json.dumps({"action": "explode"}), url)
     assert status == 400
+
+
+def test_an_auto_upgrade_shows_as_install_in_the_node_api(server):
+    """``install.upgrade: auto``: once the channel names another disk version than the
+    node's, the API says ``install`` (what its next boot gets), not ``local``; a rollback
+    to the installed version makes it ``local`` again."""
+    app = server.app
+    inv = app.inventory
+    b = inv.nodes[NODE_B]
+    nodes = {**inv.nodes, NODE_B: b.model_copy(update={
+        "install": b.install.model_copy(update={"upgrade": "auto"})})}
+    app.inventory = replace(inv, nodes=nodes)
+    give_address(app, NODE_B, "127.0.0.1")
+    _, token = install_script(server)
+    assert report(server, "installed", token=token) == 200
+    assert (node(server)["installed"], node(server)["action"]) == ("gold 1.0", "local")
+    write_disk_version(app.settings.paths.images, "gold", "2.0", b"version two" * 100)
+    app.planner.images.channels[("gold", "prod")] = "2.0"  # activated
+    n = node(server)
+    assert (n["lifecycle"], n["installed"], n["action"]) == ("installed", "gold 1.0", "install")
+    text = curl(ipxe_url(server, NODE_B))[2].decode()
+    assert "installs gold 2.0 to disk" in text, text
+    app.planner.forget(NODE_B)  # that boot never happened
+    app.planner.images.channels[("gold", "prod")] = "1.0"  # rolled back
+    assert node(server)["action"] == "local"
