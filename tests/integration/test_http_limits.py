@@ -146,17 +146,18 @@ def test_accept_errors_are_logged_once_per_interval(caplog):
 
 
 # -- uploads and the disk ------------------------------------------------------------------
-def free_bytes(path: Path) -> int:
+def fs_size(path: Path) -> int:
     st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
+    return st.f_blocks * st.f_frsize
 
 
 @pytest.fixture
 def reserve_server(tmp_path: Path):
     pytest.importorskip("netbootd.store.store")
     app = make_app(tmp_path / "d", real_store=True)
-    # a reserve above the free space: any upload would eat into it (no disk is filled)
-    reserve = free_bytes(app.settings.paths.images) + (1 << 30)
+    # a reserve of the whole file system, above the free space whatever other processes on
+    # the machine write or delete meanwhile: any upload would eat into it (no disk is filled)
+    reserve = fs_size(app.settings.paths.images)
     store = app.settings.store.model_copy(update={"min_free_bytes": reserve})
     app.settings = app.settings.model_copy(update={"store": store})
     app.store.settings = store
