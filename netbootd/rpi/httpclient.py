@@ -22,6 +22,7 @@ import hashlib
 import subprocess
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class HttpBootLog:
     files: dict[str, bytes] = field(default_factory=dict)
     sig: str = ""
     image_bytes: int = 0
+    image_sha256: str = ""
     eeprom_fetched: bool = False
     seconds: float = 0.0
 
@@ -71,8 +73,9 @@ def load_public_key(pem: bytes) -> rsa.RSAPublicKey:
     return key
 
 
-def check_signature(sig_text: str, image: bytes, key: rsa.RSAPublicKey) -> None:
-    """What the bootloader checks; raises :class:`BootRefused`."""
+def check_signature(sig_text: str, image: bytes, key: rsa.RSAPublicKey) -> str:
+    """What the bootloader checks; raises :class:`BootRefused`. Returns the image's
+    sha256 (hex)."""
     lines = [ln.strip() for ln in sig_text.splitlines() if ln.strip()]
     digest = hashlib.sha256(image).digest()
     if not lines or lines[0].lower() != digest.hex():
@@ -85,6 +88,7 @@ def check_signature(sig_text: str, image: bytes, key: rsa.RSAPublicKey) -> None:
                    utils.Prehashed(hashes.SHA256()))
     except (InvalidSignature, ValueError):
         raise BootRefused("boot.sig signature does not verify with the EEPROM key") from None
+    return digest.hex()
 
 
 def read_fat(image: bytes, names: tuple[str, ...]) -> dict[str, bytes]:
@@ -117,8 +121,12 @@ async def _get(session: aiohttp.ClientSession, url: str) -> bytes | None:
 
 async def pi5_http_boot(base_url: str, board: Board, *, reads: tuple[str, ...] = PI5_READS,
                         session: aiohttp.ClientSession | None = None,
-                        timeout: float = 120.0) -> HttpBootLog:
-    """One HTTP boot from ``base_url`` (``http://HTTP_HOST:HTTP_PORT/HTTP_PATH``)."""
+                        timeout: float = 120.0,
+                        between: Callable[[], Awaitable[None]] | None = None
+                        ) -> HttpBootLog:
+    """One HTTP boot from ``base_url`` (``http://HTTP_HOST:HTTP_PORT/HTTP_PATH``).
+    ``between`` runs after boot.sig and before boot.img: a board that is slow to ask
+    for the image (tests hold it there to move a channel in between)."""
     log = HttpBootLog()
     t0 = time.monotonic()
     own = session is None
@@ -139,6 +147,8 @@ async def pi5_http_boot(base_url: str, board: Board, *, reads: tuple[str, ...] =
         sig_body = await _get(session, f"{base}/boot.sig")
         if sig_body is None:
             raise BootRefused("no boot.sig")
+        if between is not None:
+            await between()
         image = await _get(session, f"{base}/boot.img")
         if image is None:
             raise BootRefused("no boot.img")
@@ -148,7 +158,8 @@ async def pi5_http_boot(base_url: str, board: Board, *, reads: tuple[str, ...] =
     log.sig = sig_body.decode()
     log.image_bytes = len(image)
     # hashing 30+ MB releases the GIL: a storm of emulated Pis checks in parallel
-    await asyncio.to_thread(check_signature, log.sig, image, board.public_key)
+    log.image_sha256 = await asyncio.to_thread(check_signature, log.sig, image,
+                                               board.public_key)
     if reads:
         log.files = await asyncio.to_thread(read_fat, image, reads)
     log.seconds = time.monotonic() - t0

@@ -18,6 +18,7 @@ from dnslib import QTYPE, DNSRecord
 from netbootd.cli import main as cli_main
 from netbootd.dns.server import create as create_dns
 from netbootd.http.app import create as create_http
+from netbootd.lab.pihttp import eeprom_from
 from netbootd.rpi.httpclient import (
     Board,
     BootRefused,
@@ -50,9 +51,7 @@ def generate_keys(out: Path) -> bytes:
         assert cli_main(["keys", "generate", "--out", str(out)]) == 0
     text = buf.getvalue()
     assert "BOOT_ORDER=0xf17" in text and "HTTP_PATH=netboot" in text
-    start = text.index("-----BEGIN PUBLIC KEY-----")
-    end = text.index("-----END PUBLIC KEY-----") + len("-----END PUBLIC KEY-----")
-    return text[start:end].encode() + b"\n"
+    return eeprom_from(text).public_pem
 
 
 @pytest.fixture
