@@ -239,15 +239,19 @@ class Prebuilder:
                      "network.advertise); images are built when Pis ask")
             return
         t0 = time.monotonic()
+        # as many nodes at a time as builds may run: the first node's image is ready
+        # first, not after every node's files were collected
+        lanes = asyncio.Semaphore(images.parallel)
 
         async def one(mac: str, plan: BootPlan, server: ServerInfo) -> bool:
-            try:
-                content = await asyncio.to_thread(collect, plan, ctx.artefacts, server)
-                await images.get(content)
-                return True
-            except (RenderError, BuildError) as exc:
-                log.error("http-boot: boot.img for %s: %s", mac, exc)
-                return False
+            async with lanes:
+                try:
+                    content = await asyncio.to_thread(collect, plan, ctx.artefacts, server)
+                    await images.get(content)
+                    return True
+                except (RenderError, BuildError) as exc:
+                    log.error("http-boot: boot.img for %s: %s", mac, exc)
+                    return False
 
         jobs = []
         for mac in ctx.nodes.macs():
@@ -258,7 +262,6 @@ class Prebuilder:
             if not enabled_for(plan, s):
                 continue
             jobs += [one(mac, plan, ServerInfo.for_arrival(s, ip)) for ip in ips]
-        # all at once: BootImages runs as many builds in parallel as it allows, in order
         n = sum(await asyncio.gather(*jobs))
         if n:
             log.info("http-boot: %d boot.img ready (%.1f s)", n, time.monotonic() - t0)

@@ -226,6 +226,11 @@ class BootImages:
         self.refused = 0  #: cached images whose bytes did not match their signature
         self.last_ready: dict[tuple[str, str], float] = {}  #: (image, version) -> first ready
 
+    @property
+    def parallel(self) -> int:
+        """How many builds run at once."""
+        return self._parallel
+
     # -- key -----------------------------------------------------------------------------
     def private_key(self) -> rsa.RSAPrivateKey:
         path = self._settings().rpi.http_boot.key_file

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -104,47 +103,94 @@ def read_fat(image: bytes | bytearray, names: tuple[str, ...]) -> dict[str, byte
         raise BootRefused(f"boot.img: {exc}") from None
 
 
-async def _get(host: str, port: int, path: str) -> bytearray | None:
-    """One ``GET`` on a connection of its own, as small as a bootloader's HTTP: the body
-    is received straight into one buffer of the announced ``Content-Length`` (netbootd
-    always sends one; a body without it is refused). 404 -> None."""
-    loop = asyncio.get_running_loop()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setblocking(False)
-        await loop.sock_connect(sock, (host, port))
-        await loop.sock_sendall(sock, (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                                       "Connection: close\r\n\r\n").encode())
-        head = bytearray()
-        chunk = bytearray(1 << 16)
-        while (end := head.find(b"\r\n\r\n")) < 0:
-            n = await loop.sock_recv_into(sock, chunk)
-            if n == 0 or len(head) > 1 << 16:
-                raise BootRefused(f"GET {path}: no HTTP response header")
-            head += chunk[:n]
-        lines = head[:end].decode("latin-1").split("\r\n")
-        try:
-            status = int(lines[0].split()[1])
-        except (IndexError, ValueError):
-            raise BootRefused(f"GET {path}: bad status line {lines[0]!r}") from None
+class _Response(asyncio.BufferedProtocol):
+    """One HTTP/1.1 response, received by the event loop straight into its buffers: the
+    header into a small scratch buffer, the body into one buffer of the announced
+    ``Content-Length`` (netbootd always sends one; a body without it is refused). The
+    socket stays registered for the whole body, unlike ``sock_recv_into`` per piece."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.scratch = bytearray(1 << 16)
+        self.head = bytearray()
+        self.status = 0
+        self.body: bytearray | None = None
+        self.view: memoryview | None = None
+        self.got = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def get_buffer(self, sizehint: int) -> memoryview | bytearray:
+        if self.view is not None and self.got < len(self.view):
+            return self.view[self.got:]
+        return self.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.done.done():
+            return
+        if self.view is not None and self.got < len(self.view):
+            self.got += nbytes
+        else:
+            self._header(nbytes)
+        if self.view is not None and self.got >= len(self.view):
+            self.done.set_result(None)
+
+    def _header(self, nbytes: int) -> None:
+        if self.view is not None:
+            self._fail("more bytes than Content-Length")
+            return
+        self.head += self.scratch[:nbytes]
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.head) > 1 << 16:
+                self._fail("no HTTP response header")
+            return
+        lines = self.head[:end].decode("latin-1").split("\r\n")
         fields = {k.strip().lower(): v.strip() for k, _, v in
                   (ln.partition(":") for ln in lines[1:])}
-        if status == 404:
-            return None
-        if status != 200:
-            raise BootRefused(f"GET {path}: HTTP {status}")
-        if "content-length" not in fields:
-            raise BootRefused(f"GET {path}: no Content-Length")
-        length = int(fields["content-length"])
-        body = bytearray(length)
-        view = memoryview(body)
-        got = min(length, len(head) - end - 4)
-        view[:got] = head[end + 4:end + 4 + got]
-        while got < length:
-            n = await loop.sock_recv_into(sock, view[got:])
-            if n == 0:
-                raise BootRefused(f"GET {path}: closed after {got} of {length} bytes")
-            got += n
-        return body
+        try:
+            self.status = int(lines[0].split()[1])
+            length = int(fields["content-length"])
+        except (IndexError, ValueError):
+            self._fail(f"bad status line {lines[0]!r}")
+            return
+        except KeyError:
+            self._fail("no Content-Length")
+            return
+        self.body = bytearray(length)
+        self.view = memoryview(self.body)
+        rest = self.head[end + 4:end + 4 + length]
+        self.view[:len(rest)] = rest
+        self.got = len(rest)
+
+    def _fail(self, why: str) -> None:
+        if not self.done.done():
+            self.done.set_exception(BootRefused(f"GET {self.path}: {why}"))
+
+    def eof_received(self) -> bool:
+        self._fail(f"closed after {self.got} bytes")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(f"connection lost ({exc})")
+
+
+async def _get(host: str, port: int, path: str) -> bytearray | None:
+    """One ``GET`` on a connection of its own, as small as a bootloader's HTTP client.
+    404 -> None; any other status but 200 refuses the boot."""
+    loop = asyncio.get_running_loop()
+    transport, resp = await loop.create_connection(lambda: _Response(path), host, port)
+    try:
+        transport.write((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                         "Connection: close\r\n\r\n").encode())
+        await resp.done
+    finally:
+        transport.close()
+    if resp.status == 404:
+        return None
+    if resp.status != 200:
+        raise BootRefused(f"GET {path}: HTTP {resp.status}")
+    assert resp.body is not None
+    return resp.body
 
 
 async def pi5_http_boot(base_url: str, board: Board, *, reads: tuple[str, ...] = PI5_READS,
