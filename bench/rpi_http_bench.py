@@ -9,9 +9,12 @@ them, on 127.0.0.1) with N inventory Pis on HTTP boot; a synthetic ~33 MB Pi 5 b
 * a storm of N emulated Pi 5s over HTTP (netbootd.rpi.httpclient: pieeprom.sig, boot.sig,
   boot.img, signature check, cmdline.txt read out of the FAT image), then a storm of N
   over TFTP (netbootd.tftp.piclient: the Pi 5 file order with probe-and-abort): time until
-  all booted, the slowest Pi, and the server's CPU seconds (process and its TFTP workers).
+  all booted, the slowest Pi, the server's CPU seconds (process and its TFTP workers)
+  and the client processes' CPU seconds (what real Pis would spend on their own CPUs);
+* the 1-minute load average after each storm: on a shared machine the wall times follow
+  how much CPU the storm gets, so compare the ratios of one run.
 
-Usage: python bench/rpi_http_bench.py [--pis 20 100] [--pin] [--clients 2]
+Usage: python bench/rpi_http_bench.py [--pis 20 100] [--pin] [--clients N]
 Run under `flock /tmp/netbootd-bench.lock`.
 """
 
@@ -194,7 +197,9 @@ def run(pis: int, args: argparse.Namespace) -> dict:
         ready = json.loads(server.stdout.readline())
         out: dict = {"pis": pis, **ready}
         for kind in ("http", "tftp"):
-            clients = args.clients
+            # one client process per 25 emulated Pis (at least 2): with 50 Pis in one
+            # process an HTTP Pi cost twice the CPU it costs with 25 (measured 112 / 56 ms)
+            clients = args.clients or max(2, -(-pis // 25))
             per = [pis // clients + (1 if k < pis % clients else 0) for k in range(clients)]
             cpu0 = cpu_seconds(server.pid)
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -258,8 +263,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pis", type=int, nargs="+", default=[20, 100])
     ap.add_argument("--pin", action="store_true", help="server on CPU 0, clients on CPU 1")
-    ap.add_argument("--clients", type=int, default=2,
-                    help="client processes per storm (the same for HTTP and TFTP)")
+    ap.add_argument("--clients", type=int, default=0,
+                    help="client processes per storm, the same for HTTP and TFTP "
+                    "(default: one per 25 Pis, at least 2)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--storm", choices=["http", "tftp"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)

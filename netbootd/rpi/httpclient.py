@@ -166,12 +166,17 @@ class _Response(asyncio.BufferedProtocol):
         if not self.done.done():
             self.done.set_exception(BootRefused(f"GET {self.path}: {why}"))
 
+    def _where(self) -> str:
+        if self.view is None:
+            return f"with {len(self.head)} bytes of the response header"
+        return f"after {self.got} of {len(self.view)} body bytes (HTTP {self.status})"
+
     def eof_received(self) -> bool:
-        self._fail(f"closed after {self.got} bytes")
+        self._fail(f"closed by the server {self._where()}")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(f"connection lost ({exc})")
+        self._fail(f"connection lost {self._where()} ({exc})")
 
 
 async def _get(host: str, port: int, path: str) -> bytearray | None:

@@ -13,7 +13,6 @@ changes none of those boots, and the next boots all get the new version.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -30,8 +29,9 @@ from netbootd.lab.netns import Topology
 from netbootd.lab.pihttp import Eeprom, eeprom_from
 from netbootd.lab.server import Netbootd, netbootd_argv
 from netbootd.lab.sitedhcp import SiteDhcp
-from netbootd.lab.tools import REPO, drop_build
+from netbootd.lab.tools import REPO
 from netbootd.rpi.httpclient import check_signature, load_public_key
+from tests.storekit import flip
 
 pytestmark = pytest.mark.slow
 
@@ -49,20 +49,14 @@ class PiLab:
     eeprom_file: Path
     pis: list[tuple[str, str, str]]  #: (namespace role, MAC, serial)
 
-    def publish(self, build: Path, timeout: float = 60) -> str:
-        manifest = json.loads((build / "manifest.json").read_text())
-        drop_build(build, self.nbd.incoming)
-        assert self.nbd.wait_active(manifest["image"], manifest["version"], timeout=timeout), (
-            f"{manifest['version']} not active after {timeout}s; see {self.nbd.log}")
-        return manifest["version"]
-
-    def boot_all(self, tag: str, *, hold: Path | None = None, hand_over: bool = True,
+    def boot_all(self, tag: str, *, pis: list[tuple[str, str, str]] | None = None,
+                 hold: Path | None = None, hand_over: bool = True,
                  before_finish: Callable[[], None] | None = None,
                  timeout: float = 300) -> list[dict]:
-        """Boot every Pi at once (one process in each Pi's namespace); their results.
-        ``before_finish`` runs once all are started (with ``hold``: once all are held)."""
+        """Boot every Pi (or ``pis``) at once, one process in each Pi's namespace; their
+        results. ``before_finish`` runs once all started (with ``hold``: all held)."""
         procs, outs = [], []
-        for role, _mac, serial in self.pis:
+        for role, _mac, serial in pis or self.pis:
             out = self.out / f"{tag}-{role}.json"
             out.unlink(missing_ok=True)
             argv = [sys.executable, "-m", "netbootd.lab.pihttp", "--serial", serial,
@@ -147,14 +141,6 @@ def cached_image(nbd: Netbootd, sha256: str) -> Path:
     return hits[0]
 
 
-def flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(-1, io.SEEK_CUR)
-        f.write(bytes([b[0] ^ 0xFF]))
-
-
 def assert_own_boot(r: dict, mac: str, version: str, lab: PiLab, hostname: str) -> None:
     """One Pi's HTTP boot: verified by the printed key, one version, its own files."""
     h = r.get("http") or {}
@@ -175,7 +161,7 @@ def test_pi5s_boot_over_http_signed_with_the_printed_key_tamper_never_served(
         pi_lab: PiLab, make_image) -> None:
     lab = pi_lab
     assert lab.eeprom.http_host == HOST_NAME and lab.eeprom.http_path == "netboot"
-    version = lab.publish(make_image("pi-1", pi=True))
+    version = lab.nbd.publish(make_image("pi-1", pi=True))
     results = lab.boot_all("boot")
     for i, ((_role, mac, _serial), r) in enumerate(zip(lab.pis, results, strict=True)):
         # DHCP: the address from the site server; netbootd's proxy offer beside it
@@ -198,8 +184,7 @@ def test_pi5s_boot_over_http_signed_with_the_printed_key_tamper_never_served(
     img = cached_image(lab.nbd, first["sig"].split("\n", 1)[0])
     flip(img, first["image_bytes"] // 2)
     tampered = img.read_bytes()
-    again = PiLab(lab.lab, lab.out, lab.nbd, lab.dhcp, lab.eeprom, lab.eeprom_file,
-                  [lab.pis[0]]).boot_all("after-tamper")[0]
+    again = lab.boot_all("after-tamper", pis=lab.pis[:1])[0]
     assert_own_boot(again, mac, version, lab, "pi-http-0")
     with pytest.raises(Exception, match="sha256"):
         check_signature(again["http"]["sig"], tampered, load_public_key(lab.eeprom.public_pem))
@@ -210,7 +195,7 @@ def test_hot_swap_mid_storm_leaves_every_pi_on_one_version(pi_lab: PiLab, make_i
     lab = pi_lab
     v1_build = make_image("pi-1", pi=True)
     v2_build = make_image("pi-2", pi=True, marker="second pi build")
-    v1 = lab.publish(v1_build)
+    v1 = lab.nbd.publish(v1_build)
     # v2 is staged beside incoming/ now, so activating it mid-storm is one rename
     staged = lab.nbd.incoming / f".{v2_build.name}.staged"
     shutil.copytree(v2_build, staged)

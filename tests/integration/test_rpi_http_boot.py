@@ -30,7 +30,7 @@ from netbootd.store.service import StoreService
 from netbootd.tftp.piclient import fetch
 from netbootd.tftp.server import create as create_tftp
 from tests.conftest import free_port
-from tests.storekit import drop_build, store_app, until
+from tests.storekit import drop_build, flip, store_app, until
 
 REPO = Path(__file__).resolve().parents[2]
 PIS = 20
@@ -91,15 +91,6 @@ async def daemon(tmp_path: Path):
         await http.stop()
         await store_svc.stop()
         app.events.close()
-
-
-def flip(path: Path, offset: int) -> None:
-    """Flip one byte of a file in place (as a disk error or an intruder would)."""
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(-1, io.SEEK_CUR)
-        f.write(bytes([b[0] ^ 0xFF]))
 
 
 def url(port: int, i: int) -> str:
