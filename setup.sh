@@ -19,12 +19,13 @@ APT_RUNTIME=(python3 python3-venv python3-pip ipxe busybox-static cpio iproute2 
              gcc libc6-dev python3-dev mtools e2fsprogs xz-utils)
 # Tests: real peers (lab.md): site DHCP server, QEMU + firmware, NFS server/client, TFTP
 # clients and servers, nginx (benchmarks), podman (container smoke test), chromium (status page),
+# etcd (replicas sharing state: their own members on loopback, never the packaged service),
 # and what builds the provisioning images without loop devices (mkfs/mtools/syslinux/sfdisk).
 APT_TEST=(qemu-system-x86 ipxe-qemu ovmf dnsmasq-base tcpdump tftp-hpa atftp tftpd-hpa
           nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils curl nginx-light
           podman buildah debootstrap runc chromium udhcpc
           dosfstools mtools syslinux syslinux-common fdisk kmod zstd openssl xz-utils e2fsprogs
-          systemd util-linux
+          systemd util-linux etcd-server etcd-client
           qemu-system-arm u-boot-qemu qemu-efi-aarch64 grub-common)
 # The container build (./setup.sh container).
 APT_CONTAINER=(podman buildah debootstrap runc)

@@ -70,9 +70,13 @@ def _packets(n: int) -> list[bytes]:
             for i in range(n)]
 
 
-def generate(server: str, mode: str, seconds: float, rate: float, window: int) -> dict:
-    """Run in the client namespace; returns counts and latencies (µs) as a dict."""
-    pkts = _packets(CLIENTS)
+def generate(server: str, mode: str, seconds: float, rate: float, window: int,
+             clients: int = CLIENTS) -> dict:
+    """Run in the client namespace; returns counts and latencies (µs) as a dict.
+    ``clients`` MACs take turns (up to 65536: more than a run sends = every request is
+    a new machine's first DISCOVER)."""
+    pkts = _packets(clients)
+    n_pkts = len(pkts)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -89,7 +93,7 @@ def generate(server: str, mode: str, seconds: float, rate: float, window: int) -
     def send_one() -> None:
         nonlocal xid, sent
         xid = (xid + 1) & 0xFFFFFFFF
-        p = pkts[xid % CLIENTS]
+        p = pkts[xid % n_pkts]
         pending[xid] = clock()
         try:
             send(p[:4] + xid.to_bytes(4, "big") + p[8:], dest)
@@ -214,11 +218,12 @@ class Bench:
             raise RuntimeError(f"dnsmasq exited: {(self.tmp / f'{name}.log').read_text()}")
         return p
 
-    def generate(self, mode: str, seconds: float, rate: float, window: int) -> dict:
+    def generate(self, mode: str, seconds: float, rate: float, window: int,
+                 clients: int = CLIENTS) -> dict:
         cmd = ["ip", "netns", "exec", self.cli_ns, "taskset", "-c", "1", sys.executable,
                str(Path(__file__).resolve()), "--generate", "--server", self.server_ip,
                "--mode", mode, "--seconds", str(seconds), "--rate", str(rate),
-               "--window", str(window)]
+               "--window", str(window), "--clients", str(clients)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60,
                              check=True, cwd=REPO)
         return json.loads(out.stdout)
@@ -325,10 +330,11 @@ def main() -> int:
     p.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--server", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=("closed", "paced"), help=argparse.SUPPRESS)
+    p.add_argument("--clients", type=int, default=CLIENTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.generate:
         print(json.dumps(generate(args.server, args.mode, args.seconds, args.rate,
-                                  args.window)))
+                                  args.window, args.clients)))
         return 0
     return run(args)
 

@@ -56,6 +56,8 @@ class App:
     store: Any = None  #: netbootd.store.store.ImageStore once the store service is up
     #: The provisioning lifecycle records (nodestate.NodeState); set by build_app.
     node_state: Any = None
+    #: cluster.Cluster with ``cluster.backend: etcd`` (shared state), else None.
+    cluster: Any = None
     services: dict[str, Service] = field(default_factory=dict)
     config_error: str | None = None  #: last rejected reload, shown on the status page
     #: Called after a successful reload (services that cache config-derived state).
@@ -94,6 +96,7 @@ class AppStatus:
 #: A module that is missing (a service not built yet) is skipped with a warning, so
 #: the core runs on its own and each service plugs in by adding its line here.
 SERVICE_FACTORIES: dict[str, str] = {
+    "cluster": "netbootd.cluster.service:create",
     "store": "netbootd.store.service:create",
     "nfs": "netbootd.nfs.service:create",
     "dhcp": "netbootd.dhcp.proxy:create",
@@ -105,6 +108,7 @@ SERVICE_FACTORIES: dict[str, str] = {
 
 def enabled_services(settings: Settings) -> list[str]:
     on = {
+        "cluster": settings.cluster.backend == "etcd",
         "store": True,
         "nfs": True,  # with backend "none" it still computes and shows the export set
         "dhcp": settings.dhcp.enabled,

@@ -70,7 +70,10 @@ def _resolver(settings: Settings) -> Any:
         from .planner import NoImages
 
         return NoImages()
-    return mod.ImageStore(settings.paths.images, settings.paths.state, settings.store)
+    from .cluster import store_sharing
+
+    return mod.ImageStore(settings.paths.images, settings.paths.state, settings.store,
+                          shared=store_sharing(settings))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -193,10 +196,11 @@ def _demo_note(image: Any) -> str | None:
 
 
 def _node_state(settings: Any) -> Any:
-    """The lifecycle records, read-only here (LocalNodeState makes its directory)."""
-    from .nodestate import LocalNodeState
+    """The lifecycle records: etcd's with ``cluster.backend: etcd``, else the local files
+    (not created here: LocalNodeState makes its directory when it writes)."""
+    from .cluster import open_node_state
 
-    return LocalNodeState(settings.lifecycle_dir, create=False)
+    return open_node_state(settings, create=False)
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from .app import App, enabled_services, load_factory
+from .cluster import open_cluster
 from .events import EventLog, EventTableCollector
 from .inventory import Inventory
 from .metrics import Metrics
@@ -35,7 +36,9 @@ STOP_BUDGET = 1.5  # seconds for all services together; the contract is 2 s
 def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
     """The App for these settings; raises ``ConfigError`` if inventory/templates are bad."""
     holder: dict[str, Any] = {}
-    state = LocalNodeState(settings.lifecycle_dir, max_nodes=settings.provision.max_nodes)
+    cluster = open_cluster(settings)  # None on cluster.backend: local
+    state = cluster.node_state if cluster is not None else \
+        LocalNodeState(settings.lifecycle_dir, max_nodes=settings.provision.max_nodes)
     planner = Planner(lambda: holder["app"].settings, lambda: holder["app"].inventory, NoImages(),
                       state=state)
     metrics = Metrics()
@@ -56,6 +59,9 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
     app.events.fleet = lambda mac: (app.settings.policy.unknown == "default"
                                     or mac in app.inventory.nodes)
     app.node_state = state
+    app.cluster = cluster
+    if cluster is not None:
+        cluster.share_sessions(planner, lambda: app.settings.boot.session_ttl)
     # A Pi on HTTP boot gets a boot token stable per version, so its signed boot.img
     # can be built before it asks (netbootd/rpi/bootimg.py).
     planner.token_for = token_hook(lambda: app.settings)
@@ -154,6 +160,8 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.app.services.clear()
         self.app.events.close()
+        if self.app.cluster is not None:
+            self.app.cluster.close()
 
 
 #: Allocations between young-generation collections (CPython's default is 700).

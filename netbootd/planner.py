@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from .inventory import Inventory
 from .model import Action, BootPlan, ClientFacts, ClientKind, ImageRef, NodeView
@@ -36,6 +36,30 @@ class ImageResolver(Protocol):
         """The version a node gets: the inventory pin, else a pin the store keeps for
         ``mac`` (``netbootd images pin``), else the channel's active version. Pure: asking
         changes nothing (``netbootd plan`` must not change what GC keeps)."""
+        ...
+
+
+class SharedBoots(Protocol):
+    """Boot sessions shared with other replicas (``cluster/sessions.py`` over etcd).
+
+    The planner asks it only when a *new* firmware session starts (one round trip);
+    a session already open here is answered from memory, as on a single daemon.
+    """
+
+    def agree(self, plan: BootPlan, images: ImageResolver) -> BootPlan:
+        """The plan of this boot cluster-wide: ``plan``, or the first replica's."""
+        ...
+
+    def touch(self, mac: str) -> None:
+        """A session was used here (keeps its shared claim alive; memory only)."""
+        ...
+
+    def ended(self, mac: str, session: str) -> None:
+        """The firmware handed over here: the next boot plans afresh everywhere."""
+        ...
+
+    def forget(self, mac: str) -> None:
+        """Drop this MAC's boot everywhere (its lifecycle changed: re-plan at once)."""
         ...
 
 
@@ -279,6 +303,8 @@ class Planner:
         self._brief: OrderedDict[str, tuple[BootPlan, float]] = OrderedDict()
         #: Sessions dropped because the table was full (a metric; a flood of MACs).
         self.evicted = 0
+        #: Boots shared with other replicas (cluster.backend: etcd); None = this daemon alone.
+        self.shared: SharedBoots | None = None
         #: A plan's boot token when it must not be random (a Pi on HTTP boot, whose
         #: boot.img is built ahead of time: netbootd/rpi/bootimg.py); None = random.
         self.token_for: Callable[[BootPlan], str | None] | None = None
@@ -293,12 +319,17 @@ class Planner:
             if hit is not None and (hit.holds or now - hit.last < boot.session_ttl):
                 hit.last = now
                 self._sessions.move_to_end(facts.mac)
+                if self.shared is not None:
+                    self.shared.touch(facts.mac)
                 return hit.plan
             brief = self._brief.get(facts.mac)
             if brief is not None and 0 <= now - brief[1] < self.BRIEF and \
                     brief[0].facts == facts:
                 return brief[0]
         fresh = self._decide(facts, now)
+        if self.shared is not None and fresh.answers and fresh.image is not None:
+            # One round trip: the first replica to plan this boot wins, the others adopt.
+            fresh = self.shared.agree(fresh, self.images)
         if not fresh.answers or fresh.image is None:
             # Never sticky: no session is held, and this answer is reused only briefly.
             with self._lock:
@@ -346,6 +377,8 @@ class Planner:
             self._sessions.pop(mac, None)
             self._booted.pop(mac, None)
             self._brief.pop(mac, None)
+        if self.shared is not None:
+            self.shared.forget(mac)
 
     def _mark_used(self, plan: BootPlan) -> None:
         """Retention is recorded where a session starts, never when someone only asks."""
@@ -380,6 +413,8 @@ class Planner:
                 if hit is not None and (hit.holds or now - hit.last < ttl):
                     hit.last = now
                     table.move_to_end(mac)
+                    if self.shared is not None and table is self._sessions:
+                        self.shared.touch(mac)
                     return hit.plan
         return None
 
@@ -410,10 +445,28 @@ class Planner:
             hit = self._sessions.pop(mac, None)
             if hit is None:
                 return
-            hit.last = now
-            self._booted[mac] = hit
-            self._booted.move_to_end(mac)
-            self._expire(self._booted, now, boot.os_plan_ttl, boot.max_sessions)
+            self._booted_locked(mac, hit, now, boot)
+        if self.shared is not None:
+            self.shared.ended(mac, hit.plan.session)
+
+    def ended_elsewhere(self, mac: str, session: str) -> None:
+        """Another replica ended this boot (its firmware handed over there) or its shared
+        claim expired: this replica's copy of the session ends the same way."""
+        now = self._clock()
+        boot = self._settings().boot
+        with self._lock:
+            hit = self._sessions.get(mac)
+            if hit is None or hit.plan.session != session or hit.holds:
+                return  # a transfer of it runs here: this replica finishes that boot
+            del self._sessions[mac]
+            self._booted_locked(mac, hit, now, boot)
+
+    def _booted_locked(self, mac: str, hit: _Session, now: float, boot: Any) -> None:
+        """Keep an ended firmware session's plan for the OS it booted (lock held)."""
+        hit.last = now
+        self._booted[mac] = hit
+        self._booted.move_to_end(mac)
+        self._expire(self._booted, now, boot.os_plan_ttl, boot.max_sessions)
 
     def end(self, mac: str) -> None:
         """The boot is over (``booted``/``installed`` with proof): the next boot plans

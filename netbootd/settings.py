@@ -10,6 +10,8 @@ paths in the file are relative to the file's directory, so the repo's
 from __future__ import annotations
 
 import os
+import re
+import socket
 from contextvars import ContextVar
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -303,6 +305,90 @@ class ProvisionSettings(_Section):
     max_nodes: int = Field(100_000, ge=1, description="Lifecycle records kept at most.")
 
 
+class EtcdSettings(_Section):
+    endpoints: list[str] = Field(
+        default_factory=list, description="etcd client URLs (http:// or https://), tried in "
+        "order; list every member so losing one changes nothing.")
+    key_prefix: str = Field(
+        "/netbootd/", description="Every key netbootd writes starts with this (one prefix "
+        "per group of replicas sharing a fleet); must start and end with '/'.")
+    ca_file: Path | None = Field(None, description="CA bundle that signed the etcd servers' "
+                                 "certificates (https endpoints).")
+    cert_file: Path | None = Field(None, description="Client certificate for etcd "
+                                   "(--client-cert-auth); needs key_file.")
+    key_file: Path | None = Field(None, description="Private key of cert_file.")
+    timeout: float = Field(
+        1.0, gt=0, le=30, description="Seconds one etcd request may take before the next "
+        "endpoint is tried; past it the cluster counts as unreachable (open boots keep "
+        "their plans, activations are refused).")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            scheme, sep, rest = url.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest.strip("/"):
+                raise ValueError(f"etcd endpoint {url!r} must be an http:// or https:// URL")
+        return [u.rstrip("/") for u in v]
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not (v.startswith("/") and v.endswith("/")) or len(v) < 2:
+            raise ValueError(f"key_prefix {v!r} must start and end with '/' (e.g. /netbootd/)")
+        return v
+
+    @model_validator(mode="after")
+    def _pair(self) -> EtcdSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (client certificate and key)")
+        return self
+
+
+class ClusterSettings(_Section):
+    backend: Literal["local", "etcd"] = Field(
+        "local", description="Where boot sessions, node lifecycle state, channel pointers "
+        "and pins live: 'local' (this machine's state directory: one replica) or 'etcd' "
+        "(shared by every replica using the same etcd key_prefix; docs/replicas.md).")
+    name: str = Field(
+        "", description="This replica's name in the cluster (status page, who planned a "
+        "boot); empty = the host name. Unique per replica.")
+    peer_url: str = Field(
+        "", description="The URL other replicas reach this replica's HTTP service at (to "
+        "copy builds from it); empty = http://<network.advertise, else the host name>:"
+        "<http.port>.")
+    replicate: bool = Field(
+        True, description="Copy every build another replica holds and this one lacks "
+        "(over HTTP, verified against the manifest). Activation through the API waits "
+        "until every live replica holds the version.")
+    etcd: EtcdSettings = Field(default_factory=EtcdSettings)
+
+    @field_validator("peer_url")
+    @classmethod
+    def _peer_url(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://")):
+            raise ValueError(f"peer_url {v!r} must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", v):
+            raise ValueError(f"replica name {v!r}: letters, digits, '.', '_', '-' (<= 63)")
+        return v
+
+    @model_validator(mode="after")
+    def _endpoints_for_etcd(self) -> ClusterSettings:
+        if self.backend == "etcd" and not self.etcd.endpoints:
+            raise ValueError("cluster.backend is 'etcd' but cluster.etcd.endpoints is empty")
+        return self
+
+    @property
+    def replica(self) -> str:
+        """The replica name in force (the host name unless configured)."""
+        return self.name or socket.gethostname()
+
+
 class NfsSettings(_Section):
     backend: Literal["none", "exportfs", "ganesha"] = Field(
         "none", description="How exports are applied.")
@@ -349,6 +435,7 @@ class Settings(BaseSettings):
     reload: ReloadSettings = Field(default_factory=ReloadSettings)
     events: EventSettings = Field(default_factory=EventSettings)
     provision: ProvisionSettings = Field(default_factory=ProvisionSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     secrets: dict[str, Path] = Field(
         default_factory=dict, description="Secret name -> file. Read at render time, only into "
         "the user-data of the node being served; never logged.")
@@ -457,11 +544,15 @@ def _resolve_paths(s: Settings, base: Path, path: Path | None) -> Settings:
         "http_boot": hb.model_copy(update={
             "key_file": rel(hb.key_file) if hb.key_file else None,
             "cache_dir": rel(hb.cache_dir) if hb.cache_dir else None})})
+    etcd = s.cluster.etcd
+    cluster = s.cluster.model_copy(update={"etcd": etcd.model_copy(update={
+        k: rel(getattr(etcd, k)) for k in ("ca_file", "cert_file", "key_file")
+        if getattr(etcd, k) is not None})})
     tftp = s.tftp.model_copy(update={"ipxe_dir": rel(s.tftp.ipxe_dir),
                                      "extra_ipxe_dirs": [rel(p) for p in s.tftp.extra_ipxe_dirs]})
     return s.model_copy(update={
         "paths": paths, "http": http, "secrets": secrets, "store": store, "rpi": rpi,
-        "tftp": tftp,
+        "tftp": tftp, "cluster": cluster,
         "config_file": path.resolve() if path else None})
 
 

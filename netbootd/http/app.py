@@ -76,6 +76,10 @@ def build_web_app(ctx: HttpContext) -> web.Application:
     web_app.add_routes(matchbox.routes())
     web_app.add_routes(api.routes())
     web_app.add_routes(metrics.routes())
+    if ctx.settings.cluster.backend == "etcd":  # replicas copy builds from each other
+        from . import peers
+
+        web_app.add_routes(peers.routes())
     ui.setup(web_app)
     # last: its pattern (/<path>/boot.img) must never shadow a route above
     web_app[rpiboot.PREBUILDER_KEY] = rpiboot.Prebuilder(ctx)

@@ -202,7 +202,30 @@ def page_context(ctx: HttpContext, query: dict[str, str] | None = None) -> dict[
         "counts": counts, "relative": lambda ts: relative(ts, now),
         "nfs_warnings": _nfs_warnings(ctx, health, images),
         "events": _events(ctx, node_filter, now), "node_filter": node_filter,
+        "cluster": _cluster(health, images, now),
     }
+
+
+def _cluster(health: dict[str, dict[str, Any]], images: list[dict], now: float
+             ) -> dict[str, Any] | None:
+    """The replicas panel (``cluster.backend: etcd``): who is live, what each holds,
+    whether each holds every active version, etcd's health. None on a single daemon."""
+    h = health.get("cluster")
+    if h is None:
+        return None
+    active = sorted({f"{i['name']} {v}" for i in images
+                     for v in (i.get("channels") or {}).values()})
+    rows = []
+    for name, r in (h.get("replicas") or {}).items():
+        held = set(r.get("versions") or [])
+        rows.append({"name": name, "me": name == h.get("replica"), "held": len(held),
+                     "missing": [a for a in active if a not in held],
+                     "since": relative(r["since"], now) if r.get("since") else ""})
+    rep = h.get("replication") or {}
+    return {"ok": bool(h.get("ok")), "error": h.get("error", ""), "replica": h.get("replica"),
+            "members": h.get("etcd_members") or [], "endpoints": h.get("endpoints") or [],
+            "rows": rows, "copying": rep.get("copying"), "failed": rep.get("failed") or {},
+            "sessions": h.get("sessions") or {}}
 
 
 async def index(request: web.Request) -> web.Response:

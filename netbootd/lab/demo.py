@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .etcd import EtcdMembers
 from .forward import Forwarder
 from .guests import Guest, ovmf_path, random_mac
-from .netns import LabError, Topology
+from .netns import REPLICA_ROLES, LabError, Topology
 from .nfs import NfsServer
 from .server import Netbootd
 from .sitedhcp import SiteDhcp
@@ -40,6 +41,9 @@ from .tools import (
 
 ANSI = re.compile(r"\x1b\[[0-9;?=]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
 DEMO_CACHE = REPO / "images" / "cache" / "lab-demo"
+#: What U-Boot prints when the extlinux append does not fit its bootargs buffer: it then
+#: boots nothing, so the demo stops at once instead of waiting out --timeout.
+OVERFLOW = "bootarg overflow"
 
 
 def add_parser(sub: Any) -> None:
@@ -63,6 +67,10 @@ def add_parser(sub: Any) -> None:
                    help="exit (and clean up) as soon as the guest has booted")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds the guest may take to boot (default 120, arm64 300)")
+    p.add_argument("--replicas", type=int, choices=(1, 2, 3), default=1,
+                   help="netbootd replicas sharing state through a 3-member etcd (one "
+                   "member per replica's namespace; docs/replicas.md); the build is dropped "
+                   "on the first and copied to the others")
     p.set_defaults(func=run_lab)
 
 
@@ -112,8 +120,10 @@ def run_lab(args: argparse.Namespace) -> int:
     if problem:
         print(f"netbootd lab: {problem}", file=sys.stderr)
         return 2
-    # The arm64 image's NFS root is built but not exercised by the tests: initrd only.
-    use_nfs = not args.no_nfs and args.arch == "amd64" and lab_problem(NFS_TOOLS) is None
+    # NFS root whenever ganesha is there: both architectures' images carry a rootfs, and
+    # U-Boot's extlinux append and GRUB's linux line name it as iPXE's script does.
+    # Replicas: initrd only (how nodes follow a replica's NFS root: docs/replicas.md).
+    use_nfs = not args.no_nfs and lab_problem(NFS_TOOLS) is None and args.replicas == 1
     tools = GUEST_TOOLS if args.arch == "amd64" else (
         ARM64_GUEST_TOOLS if args.firmware == "uboot" else ARM64_UEFI_TOOLS)
     problem = lab_problem(LAB_TOOLS + tools)
@@ -132,7 +142,8 @@ def run_lab(args: argparse.Namespace) -> int:
     out = args.out or REPO / "test-output" / time.strftime("lab-demo-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with Topology() as lab:
+        roles = ("sw", "dhcp", *REPLICA_ROLES[:args.replicas], "pi")
+        with Topology(roles=roles) as lab:
             return _run(args, lab, out, build, use_nfs, grub)
     except KeyboardInterrupt:
         _say("interrupted; lab torn down")
@@ -176,13 +187,28 @@ def _run(args: argparse.Namespace, lab: Topology, out: Path, build: Path,
                             "vars": {"nfs_root": use_nfs}}
     if use_nfs:
         node["vars"]["cmdline"] = nfs.kernel_args
-    nbd = Netbootd(lab, out, nodes={mac: node}, settings=settings).start()
-    _say(f"netbootd on {lab.ip('srv')} (log {nbd.log})")
+    members = None
+    if args.replicas > 1:
+        members = EtcdMembers(lab, out, REPLICA_ROLES[:args.replicas]).start()
+        _say(f"etcd members on {', '.join(members.endpoints)}")
+    replicas = []
+    for role in REPLICA_ROLES[:args.replicas]:
+        extra = dict(settings)
+        if members is not None:
+            extra["cluster"] = {"backend": "etcd", "name": role,
+                                "etcd": {"endpoints": members.endpoints}}
+        replicas.append(Netbootd(lab, out, nodes={mac: node}, settings=extra,
+                                 role=role).start())
+        _say(f"netbootd on {lab.ip(role)} (log {replicas[-1].log})")
+    nbd = replicas[0]
     version = json.loads((build / "manifest.json").read_text())["version"]
     drop_build(build, nbd.incoming)
-    if not nbd.wait_active(image, version, timeout=60):
-        raise LabError(f"{image} {version} was not activated; see {nbd.log}")
-    _say(f"image {image} {version} active on prod")
+    for r in replicas:  # dropped on the first; the others copy it (content hash, HTTP)
+        if not r.wait_active(image, version, timeout=60) or not _holds(r, image, version, 120):
+            raise LabError(f"{image} {version} is not active and held on {r.role}; "
+                           f"see {r.log}")
+    _say(f"image {image} {version} active on prod" +
+         (f", held by all {len(replicas)} replicas" if len(replicas) > 1 else ""))
     fwd = None
     if args.ui_port:
         try:
@@ -203,8 +229,20 @@ def _run(args: argparse.Namespace, lab: Topology, out: Path, build: Path,
     done = "NETBOOTD-TEST: reported provisioned" if use_nfs else "NETBOOTD-TEST: reported booted"
     try:
         guest.start()
-        ok = _stream(guest, done, args.timeout)
+        ok = _stream(guest, f"{done}|{OVERFLOW}", args.timeout)
         state = nbd.node(mac) or {}
+        if OVERFLOW in guest.text():
+            print(flush=True)  # the console stopped mid-line
+            _say("U-Boot refused the kernel command line (512 bytes at most, docs/tftp.md); "
+                 f"the NFS root path under {out} is part of it: try a shorter --out, or "
+                 "--no-nfs")
+            return 1
+        if len(replicas) > 1:  # the replica that served the boot knows its phase
+            served = [r for r in replicas if (r.node(mac) or {}).get("phase") in
+                      ("booted", "provisioned")]
+            state = (served[0].node(mac) or {}) if served else state
+            if served:
+                _say(f"served by replica {served[0].role} ({lab.ip(served[0].role)})")
         if not ok:
             _say(f"the guest did not boot within {args.timeout:.0f}s; see {guest.console}")
             return 1
@@ -220,7 +258,24 @@ def _run(args: argparse.Namespace, lab: Topology, out: Path, build: Path,
         guest.stop()
         if fwd is not None:
             fwd.stop()
-        nbd.stop()
+        for r in replicas:
+            r.stop()
+        if members is not None:
+            members.close()
+
+
+def _holds(nbd: Netbootd, image: str, version: str, timeout: float) -> bool:
+    """Does this replica's store hold the version (copied from another replica)?"""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, data = nbd.request("GET", "/api/v1/images")
+        for img in data.get("images", []) if status == 200 and isinstance(data, dict) else []:
+            versions = [v if isinstance(v, str) else v.get("version")
+                        for v in img.get("versions", [])]
+            if img.get("name") == image and version in versions:
+                return True
+        time.sleep(0.5)
+    return False
 
 
 def _stream(guest: Guest, done: str, timeout: float) -> bool:

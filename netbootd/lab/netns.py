@@ -37,11 +37,13 @@ log = logging.getLogger("netbootd.lab.netns")
 
 PREFIX = "nbd-"
 #: Exactly the names Topology makes: other tools' nbd-* namespaces are never touched.
-_OURS = re.compile(r"^nbd-[0-9a-f]{6}-(sw|dhcp|srv|pi[0-9]*)$")
+_OURS = re.compile(r"^nbd-[0-9a-f]{6}-(sw|dhcp|srv|srv2|srv3|pi[0-9]*)$")
 ROLES = ("sw", "dhcp", "srv", "pi")
+#: The servers of a lab with replicas (``netbootd lab --replicas N``): srv, srv2, srv3.
+REPLICA_ROLES = ("srv", "srv2", "srv3")
 
 #: Host part of each role's address in 10.231.X.0/24.
-HOSTS = {"srv": 1, "dhcp": 2, "pi": 3}
+HOSTS = {"srv": 1, "dhcp": 2, "pi": 3, "srv2": 4, "srv3": 5}
 POOL = (100, 199)  #: site DHCP pool host range
 
 

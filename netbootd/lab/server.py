@@ -41,9 +41,11 @@ class Netbootd:
     def __init__(self, lab: Topology, outdir: Path, *, nodes: dict[str, dict] | None = None,
                  profiles: dict[str, dict] | None = None, unknown: str = "ignore",
                  settings: dict[str, Any] | None = None, http_port: int = 8080,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", role: str = "srv") -> None:
         self.lab = lab
-        self.dir = outdir / "netbootd"
+        #: The namespace it runs in: ``srv``, or ``srv2``/``srv3`` for further replicas.
+        self.role = role
+        self.dir = outdir / ("netbootd" if role == "srv" else f"netbootd-{role}")
         self.nodes = nodes or {}
         self.profiles = profiles or {"default": {"image": "demo", "channel": "prod",
                                                  "action": "netboot"}}
@@ -74,16 +76,17 @@ class Netbootd:
 
     @property
     def log(self) -> Path:
-        return self.dir.parent / "netbootd.log"
+        return self.dir.parent / ("netbootd.log" if self.role == "srv"
+                                  else f"netbootd-{self.role}.log")
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.lab.ip('srv')}:{self.http_port}"
+        return f"http://{self.lab.ip(self.role)}:{self.http_port}"
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {
-            "network": {"interfaces": ["eth0"], "advertise": self.lab.ip("srv")},
+            "network": {"interfaces": ["eth0"], "advertise": self.lab.ip(self.role)},
             "dhcp": {"enabled": True},
             "tftp": {"enabled": True},
             "http": {"enabled": True, "port": self.http_port, "api_token_file": "api-token",
@@ -127,7 +130,8 @@ class Netbootd:
                                   "serve"]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         env.pop("NETBOOTD_CONFIG", None)
-        self.proc = self.lab.popen("srv", argv, log_file=self.log, cwd=str(self.dir), env=env)
+        self.proc = self.lab.popen(self.role, argv, log_file=self.log, cwd=str(self.dir),
+                                   env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -161,7 +165,7 @@ class Netbootd:
             argv += ["-H", "Content-Type: application/json", "--data-binary", json.dumps(body)]
         if auth:
             argv += ["-H", f"Authorization: Bearer {self.token}"]
-        proc = self.lab.run_in("srv", argv, check=False, timeout=timeout + 5)
+        proc = self.lab.run_in(self.role, argv, check=False, timeout=timeout + 5)
         text, _, code = proc.stdout.rpartition("\n")
         try:
             status = int(code)
@@ -194,7 +198,14 @@ class Netbootd:
         return None
 
     def active_version(self, image: str, channel: str = "prod") -> str | None:
-        """The version the channel pointer names (the store's on-disk contract), or None."""
+        """The version the channel pointer names (the store's on-disk contract; with
+        replicas, what the API says: the pointer lives in etcd), or None."""
+        if self.extra.get("cluster", {}).get("backend") == "etcd":
+            status, data = self.request("GET", "/api/v1/images")
+            for img in data.get("images", []) if status == 200 else []:
+                if img.get("name") == image:
+                    return (img.get("channels") or {}).get(channel)
+            return None
         try:
             return (self.images / "channels" / image / channel).read_text().strip() or None
         except OSError:

@@ -299,7 +299,10 @@ def _print_list(images: list[dict], pins: dict[str, dict]) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run one ``images`` subcommand; 0 on success, 2 on a user mistake (message printed)."""
-    store = ImageStore(settings.paths.images, settings.paths.state, settings.store)
+    from ..cluster import store_sharing
+
+    store = ImageStore(settings.paths.images, settings.paths.state, settings.store,
+                       shared=store_sharing(settings))
     cmd = args.images_command
     try:
         if cmd == "ingest":

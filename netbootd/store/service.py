@@ -45,7 +45,9 @@ class StoreService:
         # The daemon is the store's one writer for its whole life: a second daemon on the
         # same images directory fails here (StoreLocked names this one's pid).
         store = ImageStore(s.paths.images, s.paths.state, s.store, events=self.app.events,
-                           metrics=self.app.metrics, writer=True)
+                           metrics=self.app.metrics, writer=True,
+                           shared=self.app.cluster.store_state()
+                           if self.app.cluster is not None else None)
         try:
             self._recovered = await asyncio.to_thread(store.recover)
         except BaseException:

@@ -59,7 +59,8 @@ class ImageStore:
     """
 
     def __init__(self, images_root: Path, state_dir: Path, settings: StoreSettings, *,
-                 events: Any = None, metrics: Any = None, writer: bool = False) -> None:
+                 events: Any = None, metrics: Any = None, writer: bool = False,
+                 shared: Any = None) -> None:
         self.layout = Layout(Path(images_root), Path(state_dir))
         self.layout.ensure()
         self.settings = settings
@@ -71,8 +72,12 @@ class ImageStore:
         #: Set to make a running ingest stop at its next chunk (daemon shutdown).
         self.cancel = threading.Event()
         self.catalogue = Versions(self.layout, lock)
-        self.pointers = Channels(self.layout, self.catalogue, self.signals, lock)
-        self.pinboard = Pins(self.layout, self.catalogue, self.signals, lock)
+        # The one seam for replicas (cluster.backend: etcd): ``shared`` builds channels and
+        # pins whose state lives in etcd (cluster/pointers.py); the bytes stay here.
+        make_channels = shared.channels if shared is not None else Channels
+        make_pins = shared.pins if shared is not None else Pins
+        self.pointers = make_channels(self.layout, self.catalogue, self.signals, lock)
+        self.pinboard = make_pins(self.layout, self.catalogue, self.signals, lock)
         self.retention = Retention(self.layout, self.catalogue, self.pointers, self.pinboard,
                                    settings, self.signals, self.writer, lock)
         self.rejects = Rejects(self.layout)

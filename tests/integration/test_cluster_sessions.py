@@ -1,0 +1,159 @@
+"""Boot sessions shared through a real etcd: the first replica to plan a boot wins, the
+others adopt its plan; an open session never waits for etcd; etcd away = plan locally."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from netbootd.cluster.etcd import Etcd
+from netbootd.cluster.sessions import SharedSessions
+from netbootd.inventory import load_inventory
+from netbootd.model import Action, ClientFacts, ClientKind, ImageRef
+from netbootd.planner import Planner
+from netbootd.settings import load_settings
+from tests.conftest import free_port
+from tests.etcdkit import EtcdCluster, wait_for
+
+MAC = "dc:a6:32:00:00:11"
+PI = ClientFacts(mac=MAC, serial="1234abcd", kind=ClientKind.RPI)
+OTHER = ClientFacts(mac="dc:a6:32:00:00:12", serial="1234abce", kind=ClientKind.RPI)
+
+
+class ReplicaStore:
+    """One replica's own store: the versions it holds and its active one (a policy
+    stand-in for the image store, which has its own tests; etcd is the real peer here)."""
+
+    def __init__(self, active: str, held: set[str]) -> None:
+        self.active = active
+        self.held = held
+
+    def resolve(self, image, channel, pin, *, mac=None):
+        version = pin or self.active
+        if version not in self.held:
+            return None
+        return ImageRef(name=image, version=version, root=Path("/store") / image / version,
+                        channel=channel or None, pinned=bool(pin))
+
+
+@pytest.fixture(scope="module")
+def etcd_one(tmp_path_factory):
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"), members=1)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def replicas(etcd_one, tmp_path):
+    """make(name, store, endpoints=None, session_ttl=60) -> (planner, shared)."""
+    (tmp_path / "nodes.yaml").write_text(
+        f"nodes:\n  {MAC}: {{hostname: pi1, serial: '1234abcd'}}\n"
+        f"  {OTHER.mac}: {{hostname: pi2, serial: '{OTHER.serial}'}}\n")
+    prefix = f"/t-{uuid.uuid4().hex[:8]}/"
+    made: list[Etcd] = []
+
+    def make(name, store, endpoints=None, session_ttl=60.0, timeout=2.0):
+        settings = load_settings(None, {"paths": {"inventory": str(tmp_path / "nodes.yaml")},
+                                        "boot": {"session_ttl": 60}}, use_default_path=False)
+        settings = settings.model_copy(update={"boot": settings.boot.model_copy(
+            update={"session_ttl": session_ttl})})
+        inv = load_inventory(settings.paths.inventory)
+        client = Etcd(endpoints or etcd_one.endpoints, timeout=timeout)
+        made.append(client)
+        planner = Planner(lambda: settings, lambda: inv, store)
+        shared = SharedSessions(client, prefix, name, lambda: settings.boot.session_ttl)
+        shared.on_ended = planner.ended_elsewhere
+        planner.shared = shared
+        return planner, shared
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def test_first_replica_wins_the_other_adopts_with_one_round_trip(replicas):
+    a, sa = replicas("a", ReplicaStore("1", {"1", "2"}))
+    b, sb = replicas("b", ReplicaStore("2", {"1", "2"}))  # b already sees version 2 active
+    before = sa.etcd.requests
+    pa = a.plan(PI)
+    assert sa.etcd.requests - before == 1, "a new session costs one etcd round trip"
+    assert pa.image.version == "1" and sa.won == 1
+    before = sb.etcd.requests
+    pb = b.plan(PI)
+    assert sb.etcd.requests - before == 1
+    assert (pb.session, pb.token, pb.image.version) == (pa.session, pa.token, "1")
+    assert "planned by replica a" in pb.reason and sb.adopted == 1
+    # memo hits never ask etcd: even with etcd gone for both
+    for planner, shared in ((a, sa), (b, sb)):
+        shared.etcd.endpoints = [f"http://127.0.0.1:{free_port()}"]
+        n = shared.etcd.requests
+        for _ in range(50):
+            assert planner.plan(PI).session == pa.session
+        assert shared.etcd.requests == n and shared.etcd.reachable
+
+
+def test_hand_over_ends_the_boot_on_every_replica(replicas):
+    a, sa = replicas("a", ReplicaStore("1", {"1", "2"}))
+    b, sb = replicas("b", ReplicaStore("1", {"1", "2"}))
+    first = a.plan(PI)
+    assert b.plan(PI).session == first.session
+    a.handed_over(MAC)  # the kernel started (beacon / cloud-init reached replica a)
+    wait_for(lambda: MAC not in b._sessions, 30, "replica b ends its copy of the boot")
+    assert b.current(MAC).session == first.session, "the OS still sees the plan it booted"
+    b.images.active = a.images.active = "2"  # hot swap: the next boot gets version 2
+    wait_for(lambda: sb.lookup(MAC) is None and sa.lookup(MAC) is None, 30, "claim gone")
+    second = b.plan(PI)
+    assert second.session != first.session and second.image.version == "2"
+    assert a.plan(PI).session == second.session
+
+
+def test_a_replica_never_plans_a_version_it_lacks(replicas):
+    a, _ = replicas("a", ReplicaStore("7", {"7"}))
+    b, _ = replicas("b", ReplicaStore("6", {"6"}))
+    assert a.plan(PI).image.version == "7"
+    pb = b.plan(PI)
+    assert pb.action is Action.IGNORE and not pb.answers and pb.image is None
+    assert "replica a planned this boot on demo 7" in pb.reason
+    b.images.held.add("7")  # replicated meanwhile: b now answers with a's plan
+    b.changed()
+    assert b.plan(PI).image.version == "7"
+
+
+def test_without_etcd_a_replica_plans_locally_and_keeps_open_boots(replicas):
+    dead = [f"http://127.0.0.1:{free_port()}"]
+    c, sc = replicas("c", ReplicaStore("1", {"1"}), endpoints=dead, timeout=0.3)
+    p = c.plan(PI)
+    assert p.answers and p.image.version == "1" and sc.unshared == 1
+    assert c.plan(PI).session == p.session
+    assert not sc.etcd.reachable
+    # further new boots do not wait for an etcd that just failed: no request is tried
+    tried = sc.etcd.attempts
+    assert c.plan(OTHER).answers
+    assert sc.etcd.attempts == tried and sc.unshared == 2
+
+
+def test_a_claim_nobody_uses_expires_with_its_lease(replicas):
+    a, sa = replicas("a", ReplicaStore("1", {"1"}), session_ttl=2.0)
+    b, sb = replicas("b", ReplicaStore("1", {"1"}), session_ttl=2.0)
+    first = a.plan(PI)
+    assert b.plan(PI).session == first.session
+    # nobody asks any more: the lease (2 x session_ttl) ends the claim everywhere
+    wait_for(lambda: sa.lookup(MAC) is None and sb.lookup(MAC) is None, 60, "lease expiry")
+    assert b.plan(PI).session != first.session
+
+
+def test_an_operator_verb_ends_the_claimed_boot_everywhere(replicas):
+    a, _ = replicas("a", ReplicaStore("1", {"1", "2"}))
+    b, sb = replicas("b", ReplicaStore("1", {"1", "2"}))
+    first = a.plan(PI)
+    assert b.plan(PI).session == first.session
+    a.images.active = b.images.active = "2"
+    # `netbootd nodes reinstall` (or an install report) on a: every replica re-plans
+    a.forget(MAC)
+    b.forget(MAC)  # the daemon's lifecycle watch does this on every replica
+    wait_for(lambda: sb.etcd.get(sb.prefix + MAC) is None, 30, "claim deleted in etcd")
+    assert b.plan(PI).image.version == "2" and a.plan(PI).image.version == "2"
