@@ -153,7 +153,7 @@ def dhcp(iface: str, serial: str, collect: float) -> dict[str, Any]:
         server_id = bytes.fromhex(lease["options"]["54"])
         acks = exchange(sock, dhcp_packet(mac, xid, 3,
                                           [(50, socket.inet_aton(lease["yiaddr"])),
-                                           (54, server_id)], ser), xid, 3.0,
+                                           (54, server_id)], ser), xid, collect,
                         lambda replies: any(_site_ack(a) for a in replies))
     # netbootd may ACK the REQUEST too (a proxy ACK without address): the lease is the
     # site server's

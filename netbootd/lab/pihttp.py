@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eeprom", type=Path, required=True,
                     help="what `netbootd keys generate` printed")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--collect", type=float, default=3.0, help="seconds to collect offers")
+    ap.add_argument("--collect", type=float, default=3.0,
+                    help="seconds at most to collect the offers, and then the ACK")
     ap.add_argument("--hold", type=Path, help="wait for this file before boot.img")
     ap.add_argument("--hand-over", action="store_true",
                     help="then fetch cloud-init meta-data, as the booted OS does")

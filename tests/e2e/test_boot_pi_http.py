@@ -60,7 +60,8 @@ class PiLab:
             out = self.out / f"{tag}-{role}.json"
             out.unlink(missing_ok=True)
             argv = [sys.executable, "-m", "netbootd.lab.pihttp", "--serial", serial,
-                    "--eeprom", str(self.eeprom_file), "--out", str(out)]
+                    "--eeprom", str(self.eeprom_file), "--out", str(out),
+                    "--collect", "20"]  # an upper bound: DHCP returns once both answered
             argv += ["--hold", str(hold)] if hold is not None else []
             argv += ["--hand-over"] if hand_over else []
             procs.append(self.lab.popen(role, argv, log_file=self.out / f"{tag}-{role}.log"))
