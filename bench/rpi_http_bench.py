@@ -9,9 +9,12 @@ them, on 127.0.0.1) with N inventory Pis on HTTP boot; a synthetic ~33 MB Pi 5 b
 * a storm of N emulated Pi 5s over HTTP (netbootd.rpi.httpclient: pieeprom.sig, boot.sig,
   boot.img, signature check, cmdline.txt read out of the FAT image), then a storm of N
   over TFTP (netbootd.tftp.piclient: the Pi 5 file order with probe-and-abort): time until
-  all booted, the slowest Pi, and the server's CPU seconds (process and its TFTP workers).
+  all booted, the slowest Pi, the server's CPU seconds (process and its TFTP workers)
+  and the client processes' CPU seconds (what real Pis would spend on their own CPUs);
+* the 1-minute load average after each storm: on a shared machine the wall times follow
+  how much CPU the storm gets, so compare the ratios of one run.
 
-Usage: python bench/rpi_http_bench.py [--pis 20 100] [--pin]
+Usage: python bench/rpi_http_bench.py [--pis 20 100] [--pin] [--clients N]
 Run under `flock /tmp/netbootd-bench.lock`.
 """
 
@@ -22,6 +25,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -171,6 +175,12 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def client_cpu(before: resource.struct_rusage) -> float:
+    """user + system seconds of the client processes waited for since ``before``."""
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def pin(cpu: int, on: bool) -> list[str]:
     return ["taskset", "-c", str(cpu)] if on and shutil.which("taskset") else []
 
@@ -187,9 +197,12 @@ def run(pis: int, args: argparse.Namespace) -> dict:
         ready = json.loads(server.stdout.readline())
         out: dict = {"pis": pis, **ready}
         for kind in ("http", "tftp"):
-            clients = 2
+            # one client process per 25 emulated Pis (at least 2): with 50 Pis in one
+            # process an HTTP Pi cost twice the CPU it costs with 25 (measured 112 / 56 ms)
+            clients = args.clients or max(2, -(-pis // 25))
             per = [pis // clients + (1 if k < pis % clients else 0) for k in range(clients)]
             cpu0 = cpu_seconds(server.pid)
+            ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             procs = [subprocess.Popen(
                 [*pin(1, args.pin), sys.executable, __file__, "--storm", kind, "--first",
                  str(sum(per[:k])), "--count", str(c), "--http-port", str(http_port),
@@ -201,6 +214,8 @@ def run(pis: int, args: argparse.Namespace) -> dict:
             out[kind] = {"wall": max(r["wall"] for r in res),
                          "slowest": max(r["slowest"] for r in res),
                          "cpu": cpu_seconds(server.pid) - cpu0,
+                         "client_cpu": client_cpu(ru0),
+                         "load": os.getloadavg()[0],
                          "n_errors": sum(r["n_errors"] for r in res),
                          "errors": [e for r in res for e in r["errors"]][:3]}
             print(f"# {pis} {kind}: {out[kind]}", file=sys.stderr, flush=True)
@@ -226,16 +241,21 @@ def table(results: list[dict]) -> str:
             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
     lines = [when, "",
              ("| Pis | boot tree | first boot.img ready after activation | all ready | "
-              "HTTP: all booted | HTTP slowest Pi | HTTP server CPU | TFTP: all booted | "
-              "TFTP slowest Pi | TFTP server CPU | TFTP / HTTP time | errors |"),
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "HTTP: all booted | HTTP slowest Pi | HTTP server CPU | HTTP clients' CPU | "
+              "TFTP: all booted | TFTP slowest Pi | TFTP server CPU | TFTP clients' CPU | "
+              "TFTP / HTTP time | TFTP / HTTP CPU (server + clients) | errors | load (1 min) "
+              "after HTTP / TFTP |"),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         h, t = r["http"], r["tftp"]
         lines.append(
             f"| {r['pis']} | {r['boot_tree_bytes'] / 1e6:.1f} MB | {r['first_ready_s']:.2f} s "
             f"| {r['all_ready_s']:.1f} s | {h['wall']:.2f} s | {h['slowest']:.2f} s | "
-            f"{h['cpu']:.1f} s | {t['wall']:.1f} s | {t['slowest']:.1f} s | {t['cpu']:.1f} s | "
-            f"{t['wall'] / h['wall']:.1f}x | {h['n_errors']} / {t['n_errors']} |")
+            f"{h['cpu']:.1f} s | {h['client_cpu']:.1f} s | {t['wall']:.1f} s | "
+            f"{t['slowest']:.1f} s | {t['cpu']:.1f} s | {t['client_cpu']:.1f} s | "
+            f"{t['wall'] / h['wall']:.1f}x | "
+            f"{(t['cpu'] + t['client_cpu']) / (h['cpu'] + h['client_cpu']):.1f}x | "
+            f"{h['n_errors']} / {t['n_errors']} | {h['load']:.1f} / {t['load']:.1f} |")
     return "\n".join(lines)
 
 
@@ -243,6 +263,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pis", type=int, nargs="+", default=[20, 100])
     ap.add_argument("--pin", action="store_true", help="server on CPU 0, clients on CPU 1")
+    ap.add_argument("--clients", type=int, default=0,
+                    help="client processes per storm, the same for HTTP and TFTP "
+                    "(default: one per 25 Pis, at least 2)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--storm", choices=["http", "tftp"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)

@@ -8,6 +8,7 @@ services are started by each test itself, so only what they need is running.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import time
 from pathlib import Path
@@ -48,3 +49,12 @@ async def until(pred, timeout: float = 60.0) -> None:
     while not pred():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+def flip(path: Path, offset: int) -> None:
+    """Flip one byte of a file in place (as a disk error or an intruder would)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(-1, io.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))

@@ -239,7 +239,21 @@ class Prebuilder:
                      "network.advertise); images are built when Pis ask")
             return
         t0 = time.monotonic()
-        n = 0
+        # as many nodes at a time as builds may run: the first node's image is ready
+        # first, not after every node's files were collected
+        lanes = asyncio.Semaphore(images.parallel)
+
+        async def one(mac: str, plan: BootPlan, server: ServerInfo) -> bool:
+            async with lanes:
+                try:
+                    content = await asyncio.to_thread(collect, plan, ctx.artefacts, server)
+                    await images.get(content)
+                    return True
+                except (RenderError, BuildError) as exc:
+                    log.error("http-boot: boot.img for %s: %s", mac, exc)
+                    return False
+
+        jobs = []
         for mac in ctx.nodes.macs():
             facts = ctx.nodes.facts_for(mac)
             if facts.kind is not ClientKind.RPI:
@@ -247,14 +261,8 @@ class Prebuilder:
             plan = ctx.plans.peek(facts)
             if not enabled_for(plan, s):
                 continue
-            for ip in ips:
-                server = ServerInfo.for_arrival(s, ip)
-                try:
-                    content = await asyncio.to_thread(collect, plan, ctx.artefacts, server)
-                    await images.get(content)
-                    n += 1
-                except (RenderError, BuildError) as exc:
-                    log.error("http-boot: boot.img for %s: %s", mac, exc)
+            jobs += [one(mac, plan, ServerInfo.for_arrival(s, ip)) for ip in ips]
+        n = sum(await asyncio.gather(*jobs))
         if n:
             log.info("http-boot: %d boot.img ready (%.1f s)", n, time.monotonic() - t0)
 

@@ -2,7 +2,9 @@
 
 Topology (lab.md): a ``sw`` namespace holds the bridge (STP off, forward delay 0, so a port
 forwards at once instead of after 2x15 s) and the QEMU taps; ``dhcp``, ``srv`` and ``pi``
-each get one veth into the bridge. One private /24 ``10.231.X.0/24`` lives only inside
+each get one veth into the bridge; ``add_pi()`` adds more Pi namespaces (``pi2``, ``pi3``,
+...: one board each, so every emulated Pi has its own MAC, address and routes, as real
+boards on one switch do). One private /24 ``10.231.X.0/24`` lives only inside
 these namespaces; X is chosen per instance so parallel labs never share addresses.
 
 Teardown kills the PIDs ``ip netns pids`` lists (only the lab's own processes live in its
@@ -35,7 +37,7 @@ log = logging.getLogger("netbootd.lab.netns")
 
 PREFIX = "nbd-"
 #: Exactly the names Topology makes: other tools' nbd-* namespaces are never touched.
-_OURS = re.compile(r"^nbd-[0-9a-f]{6}-(sw|dhcp|srv|srv2|srv3|pi)$")
+_OURS = re.compile(r"^nbd-[0-9a-f]{6}-(sw|dhcp|srv|srv2|srv3|pi[0-9]*)$")
 ROLES = ("sw", "dhcp", "srv", "pi")
 #: The servers of a lab with replicas (``netbootd lab --replicas N``): srv, srv2, srv3.
 REPLICA_ROLES = ("srv", "srv2", "srv3")
@@ -103,6 +105,7 @@ class Topology:
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
     _created: list[str] = field(default_factory=list, init=False)
     _taps: list[str] = field(default_factory=list, init=False)
+    _pi_macs: dict[str, str] = field(default_factory=dict, init=False)
     _old_handlers: dict[int, Any] = field(default_factory=dict, init=False)
     _closed: bool = field(default=False, init=False)
 
@@ -170,6 +173,8 @@ class Topology:
         run(["ip", "-n", sw, "link", "set", port, "master", "br0", "up"])
         if role == "pi":
             run(["ip", "-n", ns, "link", "set", "eth0", "address", self.pi_mac])
+        elif role in self._pi_macs:
+            run(["ip", "-n", ns, "link", "set", "eth0", "address", self._pi_macs[role]])
         if role in HOSTS and role != "pi":
             run(["ip", "-n", ns, "addr", "add", f"{self.ip(role)}/24", "dev", "eth0"])
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
@@ -182,6 +187,22 @@ class Topology:
         run(["ip", "-n", sw, "link", "set", name, "master", "br0", "up"])
         self._taps.append(name)
         return name
+
+    def add_pi(self, mac: str | None = None) -> str:
+        """Another Pi board: a namespace of its own (``pi2``, ``pi3``, ...) with one veth
+        into the bridge and a Raspberry Pi MAC. Returns its role name for ``popen`` and
+        ``run_in``; ``close()`` removes it with the rest of the lab."""
+        role = f"pi{len(self._pi_macs) + 2}"
+        self._pi_macs[role] = mac or random_mac("d8:3a:dd")
+        run(["ip", "netns", "add", self.ns(role)])
+        self._created.append(self.ns(role))
+        run(["ip", "-n", self.ns(role), "link", "set", "lo", "up"])
+        self._veth(role)
+        return role
+
+    def pi_mac_of(self, role: str) -> str:
+        """The MAC of a Pi role's eth0 (``pi`` or one made by :meth:`add_pi`)."""
+        return self.pi_mac if role == "pi" else self._pi_macs[role]
 
     def add_address(self, role: str, cidr: str) -> None:
         """An extra address inside a namespace (e.g. the pi namespace's own /24 address)."""

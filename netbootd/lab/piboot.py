@@ -122,7 +122,14 @@ def exchange(sock: socket.socket, frame: bytes, xid: int, seconds: float,
     return replies
 
 
-def run(iface: str, serial: str, out: Path, collect: float) -> dict[str, Any]:
+def _site_ack(reply: dict[str, Any]) -> bool:
+    return reply["type"] == 5 and reply["yiaddr"] != "0.0.0.0"
+
+
+def dhcp(iface: str, serial: str, collect: float) -> dict[str, Any]:
+    """The Pi's DHCP: DISCOVER, both offers, REQUEST/ACK with the site server, and the
+    acked address put on ``iface``. The result says what was offered (``offers``,
+    ``proxy``, ``site``, ``ack``) and, once bound, ``ip``."""
     mac = bytes.fromhex(Path(f"/sys/class/net/{iface}/address").read_text().strip()
                         .replace(":", ""))
     ser = int(serial[-8:], 16)
@@ -134,25 +141,38 @@ def run(iface: str, serial: str, out: Path, collect: float) -> dict[str, Any]:
         return (any(o["yiaddr"] != "0.0.0.0" for o in replies)
                 and any("43" in o["options"] for o in replies))
 
-    offers = exchange(sock, dhcp_packet(mac, xid, 1, [], ser), xid, collect, both)
-    proxy = [o for o in offers if o["yiaddr"] == "0.0.0.0" and "43" in o["options"]]
-    site = [o for o in offers if o["yiaddr"] != "0.0.0.0" and o["type"] == 2]
-    result: dict[str, Any] = {"mac": mac.hex(":"), "offers": offers, "proxy": proxy[:1],
-                              "site": site[:1], "files": {}, "text": {}}
-    if not site:
-        return result
-    lease = site[0]
-    server_id = bytes.fromhex(lease["options"]["54"])
-    acks = exchange(sock, dhcp_packet(mac, xid, 3, [(50, socket.inet_aton(lease["yiaddr"])),
-                                                    (54, server_id)], ser), xid, 3.0,
-                    lambda replies: any(a["type"] == 5 for a in replies))
-    result["ack"] = [a for a in acks if a["type"] == 5][:1]
+    with sock:
+        offers = exchange(sock, dhcp_packet(mac, xid, 1, [], ser), xid, collect, both)
+        proxy = [o for o in offers if o["yiaddr"] == "0.0.0.0" and "43" in o["options"]]
+        site = [o for o in offers if o["yiaddr"] != "0.0.0.0" and o["type"] == 2]
+        result: dict[str, Any] = {"mac": mac.hex(":"), "offers": offers, "proxy": proxy[:1],
+                                  "site": site[:1], "files": {}, "text": {}}
+        if not site:
+            return result
+        lease = site[0]
+        server_id = bytes.fromhex(lease["options"]["54"])
+        acks = exchange(sock, dhcp_packet(mac, xid, 3,
+                                          [(50, socket.inet_aton(lease["yiaddr"])),
+                                           (54, server_id)], ser), xid, collect,
+                        lambda replies: any(_site_ack(a) for a in replies))
+    # netbootd may ACK the REQUEST too (a proxy ACK without address): the lease is the
+    # site server's
+    result["ack"] = [a for a in acks if _site_ack(a)][:1]
     result["dhcp_seconds"] = round(time.monotonic() - t0, 3)
-    if not result["ack"] or not proxy:
+    if result["ack"]:
+        result["ip"] = lease["yiaddr"]
+        subprocess.run(["ip", "addr", "add", f"{lease['yiaddr']}/24", "dev", iface],
+                       check=False)
+    return result
+
+
+def run(iface: str, serial: str, out: Path, collect: float) -> dict[str, Any]:
+    """DHCP, then the Pi 5 file set over TFTP from the proxy offer's server."""
+    result = dhcp(iface, serial, collect)
+    if "ip" not in result or not result["proxy"]:
         return result
-    ip = lease["yiaddr"]
-    subprocess.run(["ip", "addr", "add", f"{ip}/24", "dev", iface], check=False)
-    tftp_ip = proxy[0]["siaddr"]
+    ip = result["ip"]
+    tftp_ip = result["proxy"][0]["siaddr"]
     t1 = time.monotonic()
     log = asyncio.run(pi5_boot((tftp_ip, 69), serial[-8:].lower(), bind_ip=ip))
     result["tftp_seconds"] = round(time.monotonic() - t1, 3)

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from .netns import LabError, Topology
+from .tools import drop_build
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -209,6 +210,16 @@ class Netbootd:
             return (self.images / "channels" / image / channel).read_text().strip() or None
         except OSError:
             return None
+
+    def publish(self, build: Path, channel: str = "prod", timeout: float = 30) -> str:
+        """Drop a build into incoming/ (as CI does) and wait until it is active on
+        ``channel``; its version."""
+        manifest = json.loads((build / "manifest.json").read_text())
+        drop_build(build, self.incoming)
+        if not self.wait_active(manifest["image"], manifest["version"], channel, timeout):
+            raise LabError(f"{manifest['image']} {manifest['version']} not active after "
+                           f"{timeout}s; see {self.log}")
+        return manifest["version"]
 
     def wait_active(self, image: str, version: str, channel: str = "prod",
                     timeout: float = 30, poll: float = 0.2) -> bool:

@@ -8,6 +8,8 @@ DHCP server next to it, as every real LAN has. dnsmasq runs alone in the ``dhcp`
 * router advertisements with router lifetime 0 on a ULA that exists only inside the lab
   (pitfall 2: iPXE waits ~13 s for IPv6 autoconfiguration when no router answers);
 * no router and no DNS options (the lab has neither), no DNS service (``--port=0``);
+  with ``dns=`` it names that server (netbootd's own DNS, which answers a Pi's
+  ``HTTP_HOST`` name) in every lease, as a site points its DHCP at a resolver;
 * its own lease file and log in the lab's output directory, so tests can see who got what;
 * for U-Boot clients (vendor class ``U-Boot...``) only, ``next-server`` = netbootd and the
   boot script's name: a stock U-Boot (no ``CONFIG_SERVERIP_FROM_PROXYDHCP``) drops every
@@ -37,8 +39,9 @@ class SiteDhcp:
     """dnsmasq in the lab's ``dhcp`` namespace. ``start()``, then ``lease_for(mac)``."""
 
     def __init__(self, lab: Topology, outdir: Path, *, lease_time: str = "10m",
-                 uboot_next_server: bool = True) -> None:
+                 uboot_next_server: bool = True, dns: str | None = None) -> None:
         self.lab = lab
+        self.dns = dns
         self.uboot_next_server = uboot_next_server
         self.outdir = outdir
         self.lease_time = lease_time
@@ -56,7 +59,9 @@ class SiteDhcp:
             "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
             "--interface=eth0", "--bind-interfaces", "--user=root", "--group=root",
             f"--dhcp-range={lo},{hi},255.255.255.0,{self.lease_time}",
-            "--dhcp-option=3", "--dhcp-option=6",  # no router, no DNS: the lab has neither
+            "--dhcp-option=3",  # no router: the lab has none
+            # no DNS unless asked; forced, as a board may not list option 6 in its request
+            f"--dhcp-option-force=6,{self.dns}" if self.dns else "--dhcp-option=6",
             "--no-ping", "--dhcp-authoritative", "--log-dhcp",
             f"--dhcp-leasefile={self.leasefile}", f"--log-facility={self.logfile}",
             f"--pid-file={self.outdir / 'dnsmasq.pid'}",

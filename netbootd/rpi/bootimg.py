@@ -208,13 +208,16 @@ class BootImages:
     """The boot.img cache of one daemon: build, sign, check, prune.
 
     ``settings`` is a getter (a reload may change the key file). Builds run in threads,
-    at most ``parallel`` at a time; two asks for the same image share one build.
+    at most ``parallel`` at a time (default: one per CPU, at most 4: a build is mtools
+    subprocesses and hashing, which both run outside the GIL); two asks for the same
+    image share one build.
     """
 
-    def __init__(self, settings: Callable[[], Settings], *, parallel: int = 1) -> None:
+    def __init__(self, settings: Callable[[], Settings], *, parallel: int | None = None
+                 ) -> None:
         self._settings = settings
         self._sem: asyncio.Semaphore | None = None
-        self._parallel = parallel
+        self._parallel = parallel or max(1, min(4, os.cpu_count() or 1))
         self._building: dict[str, asyncio.Future[Entry]] = {}
         self._checked: dict[str, tuple[tuple[int, int, int, int], str]] = {}
         self._key_cache: tuple[tuple[int, int, int], Any] | None = None
@@ -222,6 +225,11 @@ class BootImages:
         self.built = 0  #: images built (metrics, tests)
         self.refused = 0  #: cached images whose bytes did not match their signature
         self.last_ready: dict[tuple[str, str], float] = {}  #: (image, version) -> first ready
+
+    @property
+    def parallel(self) -> int:
+        """How many builds run at once."""
+        return self._parallel
 
     # -- key -----------------------------------------------------------------------------
     def private_key(self) -> rsa.RSAPrivateKey:
@@ -341,8 +349,9 @@ class BootImages:
             write_image(content, tmp_img, work)
             sha = sign.file_sha256(tmp_img)
             sig_text = sign.boot_sig(key, sha, int(time.time()))
-            with open(tmp_img, "rb+") as f:
-                os.fsync(f.fileno())
+            # No fsync of the image: after a crash a torn image fails the check against
+            # its boot.sig (the first hand-out hashes it) and is rebuilt, so flushing a
+            # 30+ MB file per node to disk (under a storm of activations) buys nothing.
             sigp.unlink(missing_ok=True)  # no .sig while the image is being replaced
             os.replace(tmp_img, img)
             _atomic_write(sigp, sig_text.encode())

@@ -30,7 +30,6 @@ golden build, several guests):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -52,7 +51,6 @@ from netbootd.lab.tools import (
     LAB_TOOLS,
     NFS_TOOLS,
     REPO,
-    drop_build,
     insist,
     lab_problem,
     load_builder,
@@ -233,12 +231,7 @@ class BootLab:
 
     def publish(self, build: Path, timeout: float = 30) -> str:
         """Drop a build into netbootd's incoming/ and wait until it is active on prod."""
-        manifest = json.loads((build / "manifest.json").read_text())
-        drop_build(build, self.nbd.incoming)
-        assert self.nbd.wait_active(manifest["image"], manifest["version"], timeout=timeout), (
-            f"{manifest['image']} {manifest['version']} not active after {timeout}s; "
-            f"see {self.nbd.log}")
-        return manifest["version"]
+        return self.nbd.publish(build, timeout=timeout)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from dnslib import QTYPE, DNSRecord
 from netbootd.cli import main as cli_main
 from netbootd.dns.server import create as create_dns
 from netbootd.http.app import create as create_http
+from netbootd.lab.pihttp import eeprom_from
 from netbootd.rpi.httpclient import (
     Board,
     BootRefused,
@@ -29,7 +30,7 @@ from netbootd.store.service import StoreService
 from netbootd.tftp.piclient import fetch
 from netbootd.tftp.server import create as create_tftp
 from tests.conftest import free_port
-from tests.storekit import drop_build, store_app, until
+from tests.storekit import drop_build, flip, store_app, until
 
 REPO = Path(__file__).resolve().parents[2]
 PIS = 20
@@ -50,9 +51,7 @@ def generate_keys(out: Path) -> bytes:
         assert cli_main(["keys", "generate", "--out", str(out)]) == 0
     text = buf.getvalue()
     assert "BOOT_ORDER=0xf17" in text and "HTTP_PATH=netboot" in text
-    start = text.index("-----BEGIN PUBLIC KEY-----")
-    end = text.index("-----END PUBLIC KEY-----") + len("-----END PUBLIC KEY-----")
-    return text[start:end].encode() + b"\n"
+    return eeprom_from(text).public_pem
 
 
 @pytest.fixture
@@ -92,15 +91,6 @@ async def daemon(tmp_path: Path):
         await http.stop()
         await store_svc.stop()
         app.events.close()
-
-
-def flip(path: Path, offset: int) -> None:
-    """Flip one byte of a file in place (as a disk error or an intruder would)."""
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(-1, io.SEEK_CUR)
-        f.write(bytes([b[0] ^ 0xFF]))
 
 
 def url(port: int, i: int) -> str:
