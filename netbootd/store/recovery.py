@@ -5,7 +5,8 @@ Removed: stale staging (half ingests, half GC deletions), promoted leftovers in 
 (``.done-*``), interrupted uploads, temp files of pointer and state rewrites. Repaired: a
 pointer naming a missing version goes back to the last existing version in its history;
 a pointer the history does not know (crash between swap and append) gets a
-``by: recovery`` entry. Builds still in incoming/ are left for the watcher to re-ingest.
+``by: recovery`` entry. Last, the content pool is swept: an object no version links (its
+build died in staging, or GC died before its sweep) is deleted. Builds still in incoming/ are left for the watcher to re-ingest.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import logging
 
 from .catalogue import Versions
 from .layout import DONE_PREFIX, Layout, is_upload_leftover, remove_tree, write_atomic
+from .objects import Pool
 from .pointers import Channels
 
 log = logging.getLogger("netbootd.store")
 
 
-def recover(layout: Layout, versions: Versions, channels: Channels) -> list[str]:
+def recover(layout: Layout, versions: Versions, channels: Channels, pool: Pool | None = None
+            ) -> list[str]:
     """Repair the store; return what was done, one line each (the daemon's health shows it).
 
     The caller holds the writer lock: staging/ may be in use by any other writer.
@@ -64,6 +67,10 @@ def recover(layout: Layout, versions: Versions, channels: Channels) -> list[str]
                                          last.get("version") if last else None,
                                          "history missed this activation (crash)")
                 done.append(f"{image}/{channel}: history repaired ({version})")
+    if pool is not None:
+        count, freed = pool.sweep()
+        if count:
+            done.append(f"removed {count} unreferenced objects ({freed} bytes)")
     for line in done:
         log.info("recovery: %s", line)
     return done

@@ -8,6 +8,8 @@
 ``recovery``       start-up repair after a crash
 ``intake``         ingest orchestration: incoming/ or upload -> store/ or rejected/
 ``rejects``        the rejected/ directory
+``objects``        the content pool: versions share equal files by hard links
+``usage``          logical and physical bytes per image and for the store
 ``lookup``         resolve (pure) and the overview listing
 ``writer``         one writer per store (``writer.lock``)
 ``layout``         every path, and durable writes
@@ -37,6 +39,7 @@ from .intake import Intake
 from .layout import Layout
 from .lookup import LIST_HISTORY
 from .manifest import Manifest
+from .objects import Pool
 from .pins import Pins
 from .pointers import Channels
 from .recovery import recover
@@ -70,14 +73,15 @@ class ImageStore:
         lock = threading.RLock()
         #: Set to make a running ingest stop at its next chunk (daemon shutdown).
         self.cancel = threading.Event()
+        self.pool = Pool(self.layout.objects)
         self.catalogue = Versions(self.layout, lock)
         self.pointers = Channels(self.layout, self.catalogue, self.signals, lock)
         self.pinboard = Pins(self.layout, self.catalogue, self.signals, lock)
         self.retention = Retention(self.layout, self.catalogue, self.pointers, self.pinboard,
-                                   settings, self.signals, self.writer, lock)
+                                   settings, self.signals, self.writer, lock, self.pool)
         self.rejects = Rejects(self.layout)
         self.intake = Intake(self.layout, self.catalogue, self.pointers, self.rejects,
-                             settings, self.signals, self.writer, self.cancel)
+                             settings, self.signals, self.writer, self.cancel, self.pool)
         #: Versions the daemon knows are in use (boot sessions, inventory pins); every GC
         #: keeps them, whoever calls it (API, service). Set by the store service.
         self.in_use_hook: Callable[[], set[tuple[str, str]]] | None = None
@@ -193,7 +197,7 @@ class ImageStore:
     def recover(self) -> list[str]:
         """Start-up repair (the daemon, before it watches incoming/); needs the writer lock."""
         with self.writer.held("recovery"):
-            return recover(self.layout, self.catalogue, self.pointers)
+            return recover(self.layout, self.catalogue, self.pointers, self.pool)
 
     def incoming_candidates(self) -> list[str]:
         return self.intake.candidates()
