@@ -94,6 +94,13 @@ class Metrics:
         self.image_activations = Counter(
             "netbootd_image_activations", "Channel pointer swaps", ["image", "channel"],
             registry=r)
+        self.store_bytes = Gauge(
+            "netbootd_store_bytes", "Bytes of the image store: logical (every version a full "
+            "tree) and physical (each file shared between versions counted once)", ["kind"],
+            registry=r)
+        self.image_bytes = Gauge(
+            "netbootd_image_bytes", "Bytes of an image's versions, logical and physical "
+            "(see netbootd_store_bytes)", ["image", "kind"], registry=r)
         self.ingest_failures = Counter(
             "netbootd_ingest_failures", "Builds rejected by ingest", registry=r)
         self.config_reloads = Counter(

@@ -46,6 +46,7 @@ from .recovery import recover
 from .rejects import Rejects
 from .retention import Retention
 from .signals import Signals
+from .usage import StoreUsage, Usage
 from .writer import WriterLock
 
 __all__ = ["LIST_HISTORY", "ImageStore", "StoreError", "StoreLocked"]
@@ -79,9 +80,12 @@ class ImageStore:
         self.pinboard = Pins(self.layout, self.catalogue, self.signals, lock)
         self.retention = Retention(self.layout, self.catalogue, self.pointers, self.pinboard,
                                    settings, self.signals, self.writer, lock, self.pool)
+        self.usage = Usage(self.layout, self.catalogue)
         self.rejects = Rejects(self.layout)
         self.intake = Intake(self.layout, self.catalogue, self.pointers, self.rejects,
                              settings, self.signals, self.writer, self.cancel, self.pool)
+        if metrics is not None:
+            self.on_change.append(self.publish_usage)
         #: Versions the daemon knows are in use (boot sessions, inventory pins); every GC
         #: keeps them, whoever calls it (API, service). Set by the store service.
         self.in_use_hook: Callable[[], set[tuple[str, str]]] | None = None
@@ -140,7 +144,20 @@ class ImageStore:
         return self.rejects.list()
 
     def list_images(self) -> list[dict]:
-        return lookup.overview(self.catalogue, self.pointers, self.pinboard)
+        return lookup.overview(self.catalogue, self.pointers, self.pinboard,
+                               self.usage.report())
+
+    def bytes_used(self) -> dict[str, int]:
+        """The whole store: ``logical_bytes`` (every version a full tree) and
+        ``physical_bytes`` (each file shared through the content pool counted once)."""
+        return self.usage.report().total.to_dict()
+
+    def publish_usage(self) -> StoreUsage:
+        """Set the store's byte gauges (``netbootd_store_bytes``, ``netbootd_image_bytes``)
+        from a fresh report; the store service calls it at start and on every change."""
+        report = self.usage.report()
+        self.signals.usage(report)
+        return report
 
     def resolve(self, image: str, channel: str, pin: str | None, *, mac: str | None = None
                 ) -> ImageRef | None:

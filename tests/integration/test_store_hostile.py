@@ -367,7 +367,11 @@ async def test_rewriting_the_source_after_a_directory_drop_changes_nothing(watch
         os.close(held)
     stored_matches_manifest(watched.store, "demo", "8")
     for p in ("boot/initrd.img", "boot/vmlinuz"):
-        assert os.stat(L.version_dir("demo", "8") / p).st_nlink == 1
+        stored = os.stat(L.version_dir("demo", "8") / p)
+        assert stored.st_ino != os.stat(out / p).st_ino, "a copy, not the CI source's inode"
+        # its links: the version's path and its object in the content pool, nothing else
+        assert stored.st_nlink == 2
+        assert [o for o, ost in watched.store.pool.objects() if ost.st_ino == stored.st_ino]
 
 
 def test_bomb_in_memory_stream_is_capped(tmp_path) -> None:
