@@ -53,7 +53,6 @@ class StoreService:
             raise
         self.store = store
         self.app.store = store
-        await asyncio.to_thread(store.publish_usage)  # the byte gauges before any change
         self.app.planner.images = store
         # An activation, pin or ingest must reach a machine that was told "nothing to boot"
         # a moment ago at its very next request.

@@ -45,15 +45,3 @@ class Signals:
         if self.metrics is not None:
             self.metrics.ingest_failures.inc()
 
-    def usage(self, report: Any) -> None:
-        """The store's bytes (a :class:`netbootd.store.usage.StoreUsage`) into the gauges."""
-        if self.metrics is None:
-            return
-        total = self.metrics.store_bytes
-        total.labels("logical").set(report.total.logical)
-        total.labels("physical").set(report.total.physical)
-        per_image = self.metrics.image_bytes
-        per_image.clear()  # a GC'd image's series go
-        for image, b in report.images.items():
-            per_image.labels(image, "logical").set(b.logical)
-            per_image.labels(image, "physical").set(b.physical)

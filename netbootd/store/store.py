@@ -46,7 +46,7 @@ from .recovery import recover
 from .rejects import Rejects
 from .retention import Retention
 from .signals import Signals
-from .usage import StoreUsage, Usage
+from .usage import Usage
 from .writer import WriterLock
 
 __all__ = ["LIST_HISTORY", "ImageStore", "StoreError", "StoreLocked"]
@@ -84,8 +84,8 @@ class ImageStore:
         self.rejects = Rejects(self.layout)
         self.intake = Intake(self.layout, self.catalogue, self.pointers, self.rejects,
                              settings, self.signals, self.writer, self.cancel, self.pool)
-        if metrics is not None:
-            self.on_change.append(self.publish_usage)
+        if metrics is not None:  # /metrics reads the store's bytes at each scrape
+            metrics.store_bytes.source = self.usage.report
         #: Versions the daemon knows are in use (boot sessions, inventory pins); every GC
         #: keeps them, whoever calls it (API, service). Set by the store service.
         self.in_use_hook: Callable[[], set[tuple[str, str]]] | None = None
@@ -151,13 +151,6 @@ class ImageStore:
         """The whole store: ``logical_bytes`` (every version a full tree) and
         ``physical_bytes`` (each file shared through the content pool counted once)."""
         return self.usage.report().total.to_dict()
-
-    def publish_usage(self) -> StoreUsage:
-        """Set the store's byte gauges (``netbootd_store_bytes``, ``netbootd_image_bytes``)
-        from a fresh report; the store service calls it at start and on every change."""
-        report = self.usage.report()
-        self.signals.usage(report)
-        return report
 
     def resolve(self, image: str, channel: str, pin: str | None, *, mac: str | None = None
                 ) -> ImageRef | None:
