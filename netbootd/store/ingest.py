@@ -730,6 +730,8 @@ def _share_dropped(src: Path, dest: Path, st: os.stat_result, rel: str, keep_own
     the metadata a copy would get (``copystat``: mode, times, xattrs; the owner when
     root). The dropped file is hashed on the way: a wrong one is rejected, as it would be
     by validation. False: copy it."""
+    if dedup.pool is None or rel not in dedup.expected:
+        return False
     meta = Meta(stat.S_IMODE(st.st_mode),
                 st.st_uid if keep_owner else os.geteuid(),
                 st.st_gid if keep_owner else os.getegid(),
