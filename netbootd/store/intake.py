@@ -137,9 +137,9 @@ class Intake:
                 if expect and (m.image, m.version) != expect:
                     raise Rejected(f"upload names {expect[0]}/{expect[1]} but the manifest "
                                    f"says {m.image}/{m.version}")
-                t_valid = time.monotonic()
                 # before promotion: a version is in the store only with its objects
                 added = self.pool.adopt_all((root / a.path, a.sha256) for a in m.artefacts)
+                t_valid = time.monotonic()  # built, verified, shared: now the swap
                 result = self._promote(name, root, m)
                 result.shared_files = dedup.shared_files
                 result.written_bytes = m.total_size - dedup.shared_bytes
