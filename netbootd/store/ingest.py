@@ -88,7 +88,8 @@ class IngestResult:
     shared_files: int = 0
     written_bytes: int = 0
     seconds: float = 0.0
-    #: unpack + checksums; then promotion + activation ("build complete -> pointer swapped")
+    #: unpack + checksums + sharing; then promotion + activation ("build complete ->
+    #: pointer swapped")
     verify_seconds: float = 0.0
     swap_seconds: float = 0.0
 
