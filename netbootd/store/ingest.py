@@ -254,8 +254,12 @@ class Dedup:
     hashes: dict[str, str] = field(default_factory=dict)
     #: path relative to the unpack directory -> (sha256, size) the manifest declares
     expected: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: staged paths that are links to pool objects already (nothing left to share)
+    linked_paths: set[str] = field(default_factory=set)
     shared_files: int = 0
     shared_bytes: int = 0
+    #: bytes of regular files written into staging (an archive's or a directory drop's)
+    written: int = 0
 
     def expect(self, manifest: Manifest | None, prefix: str) -> None:
         """The manifest of the build at ``prefix`` (relative to the unpack directory)."""
@@ -277,6 +281,7 @@ class Dedup:
 
     def linked(self, dest: Path, sha: str, size: int) -> None:
         self.hashes[str(dest)] = sha
+        self.linked_paths.add(str(dest))
         self.shared_files += 1
         self.shared_bytes += size
 
@@ -366,6 +371,7 @@ def _extract_regular(tf: tarfile.TarFile, member: tarfile.TarInfo, dest: Path,
     else:
         got = _write_regular(data, target, meta, keep_owner, cancel)
     dedup.hashes[str(target)] = got
+    dedup.written += member.size
 
 
 def fingerprint(path: Path) -> tuple:
@@ -558,7 +564,6 @@ def unpack_archive(src: Path, dest: Path, *, allow_devices: bool = False,
     pool) and hashed by :class:`Dedup`; everything else is tarfile's.
     """
     dedup = dedup if dedup is not None else Dedup()
-    dedup.hashes.clear()  # a retry starts from an empty directory
     dest.mkdir(parents=True, exist_ok=True)
     keep_owner = os.geteuid() == 0
     size = src.stat().st_size
@@ -702,6 +707,7 @@ def copy_tree(src: Path, dest: Path, *, allow_devices: bool = False,
                 if _share_dropped(s, d, st, rel, keep_owner, dedup, cancel):
                     continue
                 copy_file(s, d, st.st_size, budget, cancel)
+                dedup.written += st.st_size
                 shutil.copystat(s, d, follow_symlinks=False)  # modes, times, xattrs
                 if keep_owner:
                     os.chown(d, st.st_uid, st.st_gid)

@@ -138,11 +138,14 @@ class Intake:
                     raise Rejected(f"upload names {expect[0]}/{expect[1]} but the manifest "
                                    f"says {m.image}/{m.version}")
                 # before promotion: a version is in the store only with its objects
-                added = self.pool.adopt_all((root / a.path, a.sha256) for a in m.artefacts)
+                added = self.pool.adopt_all((root / a.path, a.sha256) for a in m.artefacts
+                                            if str(root / a.path) not in dedup.linked_paths)
                 t_valid = time.monotonic()  # built, verified, shared: now the swap
                 result = self._promote(name, root, m)
                 result.shared_files = dedup.shared_files
-                result.written_bytes = m.total_size - dedup.shared_bytes
+                # a disk image import writes every file (no sharing until promotion)
+                result.written_bytes = dedup.written if dedup.written or dedup.shared_files \
+                    else m.total_size
                 result.seconds = time.monotonic() - t0
                 result.verify_seconds = t_valid - t0
                 result.swap_seconds = result.seconds - result.verify_seconds

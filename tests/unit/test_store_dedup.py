@@ -92,7 +92,8 @@ def test_next_version_shares_equal_files_and_writes_only_the_changed(store, tmp_
                                           "rootfs/usr/lib/new.so": big}))
     assert r2 is not None and r2.accepted, r2
     assert r2.shared_files == 40, "every unchanged package file linked, not written"
-    assert r2.written_bytes == len(big) + 2
+    manifest = (store.layout.version_dir("demo", "2") / "manifest.json").stat().st_size
+    assert r2.written_bytes == len(big) + 2 + manifest, "the new files and the manifest"
     for i in (0, 17, 39):
         rel = f"rootfs/usr/share/pkg{i % 4}/file{i}"
         assert ino(store, "1", rel) == ino(store, "2", rel)
