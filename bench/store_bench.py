@@ -240,16 +240,18 @@ def main() -> int:
     ok = True
     if sharing:
         print("| drop | files | N+1 logical | new physical for N+1 | ingest N+1 full / "
-              "after N | swap full / after N |")
+              "N full / N+1 after N | swap full / after N |")
         print("|---|---|---|---|---|---|")
         for r in sharing:
             share = r["new_physical"] / r["logical"]
-            speed = r["next_seconds"] / r["full_seconds"]
+            # against the faster of the two full ingests: the first of a run may be cold
+            speed = r["next_seconds"] / min(r["full_seconds"], r["first_seconds"])
             ok &= share <= 0.10 and speed <= 0.5
             print(f"| {r['fmt']} | {r['files']} | {r['logical'] / 1e6:.1f} MB | "
                   f"{r['new_physical'] / 1e6:.2f} MB ({100 * share:.2f} %; "
                   f"{r['shared']} files linked, {r['written'] / 1e6:.2f} MB written) | "
-                  f"{r['full_seconds']:.2f} s / {r['next_seconds']:.2f} s ({speed:.2f}x) | "
+                  f"{r['full_seconds']:.2f} s / {r['first_seconds']:.2f} s / "
+                  f"{r['next_seconds']:.2f} s ({speed:.2f}x) | "
                   f"{r['swap_full'] * 1000:.0f} ms / {r['swap_next'] * 1000:.0f} ms |")
         for r in sharing:
             print(f"\n{r['fmt']}: store after N and N+1: "
