@@ -348,7 +348,8 @@ def _extract_regular(tf: tarfile.TarFile, member: tarfile.TarInfo, dest: Path,
     """One regular tar member: linked from the pool when it holds this content with this
     metadata (its bytes hashed, not written), else written and hashed."""
     target = dest / member.name
-    target.parent.mkdir(parents=True, exist_ok=True)  # as tarfile: parents not listed
+    if not os.path.isdir(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)  # as tarfile: parents not listed
     meta = Meta(member.mode & 0o7777,
                 member.uid if keep_owner else os.geteuid(),
                 member.gid if keep_owner else os.getegid(),
