@@ -130,7 +130,9 @@ async def test_bomb_declared_small_is_rejected_before_it_writes(watched, tmp_pat
     assert "more than its manifest declares" in rej["reason"], rej
     assert (rej.get("image"), rej.get("version")) == ("demo", "1")
     assert L.rejected_entry(rej["name"]).is_file(), "a small archive is kept as it came"
-    assert not list(L.staging.iterdir()) and not list(L.incoming.iterdir())
+    # the reason is written first, then the build leaves incoming/ (kill -9 order)
+    await until(lambda: not list(L.staging.iterdir()) and not list(L.incoming.iterdir()),
+                timeout=60)
     await watched.rescans(3)
     assert len(watched.store.rejected()) == 1 and len(watched.results) == 1, "not retried"
     assert watched.store.versions("demo") == []
@@ -146,7 +148,9 @@ async def test_bomb_without_manifest_first_stops_at_max_unpacked(watched, tmp_pa
     await until(lambda: watched.store.rejected(), timeout=60)
     [rej] = watched.store.rejected()
     assert "store.max_unpacked_bytes" in rej["reason"], rej
-    assert not list(L.staging.iterdir()) and not list(L.incoming.iterdir())
+    # the reason is written first, then the build leaves incoming/ (kill -9 order)
+    await until(lambda: not list(L.staging.iterdir()) and not list(L.incoming.iterdir()),
+                timeout=60)
     await watched.rescans(3)
     assert len(watched.results) == 1, "not retried"
 
@@ -175,7 +179,9 @@ async def test_disk_full_fails_the_build_once_with_a_reason(tmp_path) -> None:
         assert rej["reason"].startswith("disk full"), rej
         assert "store.min_free_bytes" in rej["reason"]
         L = w.store.layout
-        assert not list(L.staging.iterdir()) and not list(L.incoming.iterdir())
+        # the reason is written first, then the build leaves incoming/ (kill -9 order)
+        await until(lambda: not list(L.staging.iterdir()) and not list(L.incoming.iterdir()),
+                    timeout=60)
         await w.rescans(3)
         assert len(w.results) == 1 and len(w.store.rejected()) == 1, "not retried"
     finally:
