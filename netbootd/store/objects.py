@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import stat
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +130,8 @@ class Pool:
         if ost is not None:
             if (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino):
                 return None  # already that object (a tar hard link of an earlier member)
-            tmp = file.with_name(f".share-{file.name}")
+            # a name no build has (a build may hold ".share-<name>" files of its own)
+            tmp = file.with_name(f".netbootd-share-{os.getpid()}-{time.time_ns()}.tmp")
             if not self.link(obj, tmp):
                 return None
             os.rename(tmp, file)  # atomic: the path is the old copy or the object

@@ -111,7 +111,8 @@ def test_metadata_differing_twins_are_not_shared(store, tmp_path) -> None:
     """Same bytes, another mode / mtime / owner / xattr: each its own inode, within a
     build and across builds."""
     same = b"identical content\n" * 100
-    twins = {f"rootfs/twin/{k}": same for k in ("a", "mode", "mtime", "owner", "xattr", "b")}
+    twins = {f"rootfs/twin/{k}": same for k in ("a", "mode", "mtime", "owner", "xattr", "b",
+                                                 ".share-b")}
     src = tmp_path / "ci" / "demo-1"
     rootfs(src, "1", changed=twins, files=4)
     t = src / "rootfs/twin"
