@@ -44,4 +44,3 @@ class Signals:
     def ingest_failure(self) -> None:
         if self.metrics is not None:
             self.metrics.ingest_failures.inc()
-
