@@ -145,6 +145,26 @@ class Pool:
         os.rename(tmp, obj)
         return obj
 
+    def enrol(self, file: Path, sha256: str) -> Path | None:
+        """Make a stored file (of a version promoted before the pool existed) an object,
+        if the pool has none of its content and metadata; never replace the file: a
+        version may be exported and in use, and an NFS client holding the old inode
+        would get ESTALE. Returns the new object, else None."""
+        st = os.lstat(file)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return None
+        obj = self.path(sha256, Meta.of_stat(st, read_xattrs(file)))
+        if os.path.lexists(obj):
+            return None
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        tmp = obj.with_name(f".{obj.name}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if not self.link(file, tmp):
+            return None
+        os.rename(tmp, obj)
+        return obj
+
     def adopt_all(self, files: Iterable[tuple[Path, str]]) -> list[Path]:
         """:meth:`adopt` each (path, sha256); the object directories are fsynced, so an
         object a promoted version shares is durable before the version is."""

@@ -208,3 +208,25 @@ def test_bytes_per_image_and_store(store, tmp_path) -> None:
     assert img["physical_bytes"] == one + 1000 + m1 + m2
     assert store.bytes_used() == {"logical_bytes": img["logical_bytes"],
                                   "physical_bytes": img["physical_bytes"]}
+
+
+def test_versions_from_before_the_pool_are_enrolled_without_touching_their_files(
+        store, tmp_path) -> None:
+    """A version promoted by a store without the pool (one link per file): recovery makes
+    its files objects by adding links, never by replacing a file a client may hold, and
+    the next build shares with it."""
+    src = tmp_path / "ci" / "old"
+    rootfs(src, "1")
+    old = store.layout.version_dir("demo", "1")
+    old.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(src, old)  # what promotion did before the pool
+    before = {p: p.lstat().st_ino for p in old.rglob("*") if p.is_file()}
+    done = store.recover()
+    assert any("enrolled in the content pool" in line for line in done), done
+    assert {p: p.lstat().st_ino for p in before} == before, "files untouched"
+    assert_pool_clean(store)
+    assert store.recover() == [], "enrolled once"
+    r = store.ingest_entry(drop(store, tmp_path, "2", "tar.zst"))
+    assert r is not None and r.accepted and r.shared_files == 40, r
+    assert ino(store, "2", "rootfs/usr/share/pkg3/file7") == \
+        before[old / "rootfs/usr/share/pkg3/file7"]
