@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 
 class Tally:
@@ -63,6 +64,37 @@ class _FoldTallies:
         return []
 
 
+class _StoreBytes:
+    """The image store's logical and physical bytes, read at each scrape (another
+    process may ingest or GC; a gauge set on change would go stale)."""
+
+    def __init__(self) -> None:
+        #: Returns a ``netbootd.store.usage.StoreUsage``; set by the store.
+        self.source: Callable[[], Any] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.source is None:
+            return
+        report = self.source()
+        total = GaugeMetricFamily(
+            "netbootd_store_bytes", "Bytes of the image store: logical (every version a full "
+            "tree) and physical (each file shared between versions counted once)",
+            labels=["kind"])
+        total.add_metric(["logical"], report.total.logical)
+        total.add_metric(["physical"], report.total.physical)
+        per_image = GaugeMetricFamily(
+            "netbootd_image_bytes", "Bytes of an image's versions, logical and physical "
+            "(see netbootd_store_bytes)", labels=["image", "kind"])
+        for image, b in report.images.items():
+            per_image.add_metric([image, "logical"], b.logical)
+            per_image.add_metric([image, "physical"], b.physical)
+        yield total
+        yield per_image
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
 class Metrics:
     """All netbootd metrics. Services get this via ``app.metrics``."""
 
@@ -94,6 +126,9 @@ class Metrics:
         self.image_activations = Counter(
             "netbootd_image_activations", "Channel pointer swaps", ["image", "channel"],
             registry=r)
+        #: the store sets ``store_bytes.source`` (netbootd_store_bytes, netbootd_image_bytes)
+        self.store_bytes = _StoreBytes()
+        r.register(self.store_bytes)
         self.ingest_failures = Counter(
             "netbootd_ingest_failures", "Builds rejected by ingest", registry=r)
         self.config_reloads = Counter(

@@ -217,8 +217,11 @@ async def list_images(request: web.Request) -> web.Response:
     images = _jsonable(await _store(request, "list_images"))
     rejected_fn = getattr(context(request).catalogue, "rejected", None)
     rejected = _jsonable(await _store(request, "rejected")) if rejected_fn else []
+    has_bytes = getattr(context(request).catalogue, "bytes_used", None) is not None
+    used = _jsonable(await _store(request, "bytes_used")) if has_bytes else {}
     return _json(ImagesOut(images=[_as_dict(i) for i in images or []],
-                           rejected=[_as_dict(r) for r in rejected or []]))
+                           rejected=[_as_dict(r) for r in rejected or []],
+                           store=used if isinstance(used, dict) else {}))
 
 
 def _as_dict(v: Any) -> dict[str, Any]:

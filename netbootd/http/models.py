@@ -125,6 +125,9 @@ class ImagesOut(BaseModel):
                                          "the store reports them.")
     rejected: list[dict[str, Any]] = Field(default_factory=list,
                                            description="Builds rejected by ingest, with reason.")
+    store: dict[str, int] = Field(default_factory=dict, description=(
+        "The whole store: logical_bytes (every version a full tree) and physical_bytes "
+        "(each file shared between versions counted once). Each image has the same two."))
 
 
 class PlanOut(BaseModel):

@@ -84,6 +84,16 @@ def _images(ctx: HttpContext) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     return images, rejected, None
 
 
+def _store_bytes(ctx: HttpContext) -> dict[str, int] | None:
+    """The whole store's logical and physical bytes (versions share files), if known."""
+    store = ctx.catalogue
+    try:
+        return store.bytes_used() if store is not None and hasattr(store, "bytes_used") \
+            else None
+    except Exception:  # noqa: BLE001 - the page must render even if the store is sick
+        return None
+
+
 def _services(ctx: HttpContext) -> list[dict[str, Any]]:
     out = []
     for name, h in ctx.daemon.health().items():
@@ -198,6 +208,7 @@ def page_context(ctx: HttpContext, query: dict[str, str] | None = None) -> dict[
         "all_unknown": all_unknown, "ignored_total": ignored_total,
         "ignored_recent": [(mac, relative(ts, now)) for mac, ts in ignored_recent[:UNKNOWN_SHOWN]],
         "images": images, "rejected": rejected, "store_error": store_error,
+        "store_bytes": _store_bytes(ctx),
         "services": _services(ctx), "ready": ready, "config_error": ctx.daemon.config_error(),
         "counts": counts, "relative": lambda ts: relative(ts, now),
         "nfs_warnings": _nfs_warnings(ctx, health, images),

@@ -280,17 +280,24 @@ def _node(settings: Settings, node: str) -> tuple[str, str | None]:
     return mac, None
 
 
-def _print_list(images: list[dict], pins: dict[str, dict]) -> None:
+def _bytes(d: dict) -> str:
+    return (f"{d.get('physical_bytes', 0) / 1e6:.1f} MB on disk, "
+            f"{d.get('logical_bytes', 0) / 1e6:.1f} MB logical")
+
+
+def _print_list(images: list[dict], pins: dict[str, dict], total: dict[str, int]) -> None:
     if not images:
         print("no images")
     for img in images:
         chans = ", ".join(f"{c}={v}" for c, v in img["channels"].items()) or "no channels"
-        print(f"{img['name']}  ({chans})")
+        print(f"{img['name']}  ({chans})  {_bytes(img)}")
         for v in img["versions"]:
             tags = [f"active:{c}" for c in v["active_on"]]
             tags += [f"pinned:{m}" for m in v["pinned_by"]]
             print(f"  {v['version']:24} {v['kind']:15} {v['size'] / 1e6:9.1f} MB  "
                   f"{v['created'][:19]}  {' '.join(tags)}")
+    if images:
+        print(f"store: {_bytes(total)} (files equal between versions are stored once)")
     if pins:
         print("pins:")
         for mac, p in sorted(pins.items()):
@@ -313,9 +320,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             images = store.list_images()
             if args.json:
                 print(json.dumps({"images": images, "pins": store.pins(),
-                                  "rejected": store.rejected()}, indent=2))
+                                  "rejected": store.rejected(), "store": store.bytes_used()},
+                                 indent=2))
             else:
-                _print_list(images, store.pins())
+                _print_list(images, store.pins(), store.bytes_used())
         elif cmd == "activate":
             store.activate(args.image, args.version, args.channel, by=_who(), why=args.why)
             print(f"{args.image} {args.version} is active on {args.channel}")

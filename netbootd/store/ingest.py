@@ -27,7 +27,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,6 +40,7 @@ from .manifest import (
     parse_manifest,
     verify_signature,
 )
+from .objects import Meta, Pool, read_xattrs
 
 log = logging.getLogger("netbootd.store.ingest")
 
@@ -83,8 +84,12 @@ class IngestResult:
     activated: str | None = None
     already_present: bool = False
     bytes: int = 0
+    #: files linked from the content pool instead of written, and the bytes written
+    shared_files: int = 0
+    written_bytes: int = 0
     seconds: float = 0.0
-    #: unpack + checksums; then promotion + activation ("build complete -> pointer swapped")
+    #: unpack + checksums + sharing; then promotion + activation ("build complete ->
+    #: pointer swapped")
     verify_seconds: float = 0.0
     swap_seconds: float = 0.0
 
@@ -92,6 +97,7 @@ class IngestResult:
         return {"name": self.name, "accepted": self.accepted, "image": self.image,
                 "version": self.version, "reason": self.reason, "activated": self.activated,
                 "already_present": self.already_present, "bytes": self.bytes,
+                "shared_files": self.shared_files, "written_bytes": self.written_bytes,
                 "seconds": round(self.seconds, 3)}
 
 
@@ -230,6 +236,145 @@ class _BoundedStream:
         return True
 
 
+@dataclass
+class Dedup:
+    """Sharing while a build is unpacked or copied: only content the store lacks is written.
+
+    Once the build's manifest has been read (a directory drop's first, an archive's first
+    member as ``netbootd.store.build.pack`` writes it), each regular file has an
+    expected sha256. When the pool holds an object of that content *and* of the
+    metadata the file would get, the file's bytes are read and hashed but not written,
+    and the staged path becomes a link to the object; other files are written (and
+    hashed while written). Either way every byte is hashed once, and the verified
+    digests go into ``hashes`` so validation does not read the files again.
+    """
+
+    pool: Pool | None = None
+    #: absolute staged path -> sha256 of its bytes, computed while they were written/read
+    hashes: dict[str, str] = field(default_factory=dict)
+    #: path relative to the unpack directory -> (sha256, size) the manifest declares
+    expected: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: staged paths that are links to pool objects already (nothing left to share)
+    linked_paths: set[str] = field(default_factory=set)
+    shared_files: int = 0
+    shared_bytes: int = 0
+    #: bytes of regular files written into staging (an archive's or a directory drop's)
+    written: int = 0
+
+    def expect(self, manifest: Manifest | None, prefix: str) -> None:
+        """The manifest of the build at ``prefix`` (relative to the unpack directory)."""
+        if manifest is None:
+            return
+        top = prefix.strip("/")
+        self.expected = {(f"{top}/{a.path}" if top else a.path): (a.sha256, a.size)
+                         for a in manifest.artefacts}
+
+    def find(self, rel: str, meta: Meta) -> tuple[str, Path | None]:
+        """(expected sha256 or "", the pool object to link or None)."""
+        want = self.expected.get(rel)
+        if want is None:
+            return "", None
+        sha, size = want
+        if self.pool is None:
+            return sha, None
+        return sha, self.pool.find(sha, meta, size)
+
+    def linked(self, dest: Path, sha: str, size: int) -> None:
+        self.hashes[str(dest)] = sha
+        self.linked_paths.add(str(dest))
+        self.shared_files += 1
+        self.shared_bytes += size
+
+
+def _hash_through(reader: Any, cancel: threading.Event | None, what: str) -> str:
+    """sha256 of a stream read to its end, written nowhere."""
+    h = hashlib.sha256()
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(what)
+        chunk = reader.read(CHUNK)
+        if not chunk:
+            return h.hexdigest()
+        h.update(chunk)
+
+
+def _write_regular(reader: Any, dest: Path, meta: Meta, keep_owner: bool,
+                   cancel: threading.Event | None) -> str:
+    """Write a stream to a new file, hashing it on the way; fsync it; give it ``meta``
+    (owner before mode: a chown clears setuid; xattrs after both; mtime last). Returns
+    the sha256 of what was written."""
+    if os.path.lexists(dest) and not os.path.isdir(dest):
+        os.unlink(dest)  # never write through a path that may be a link to a pool object
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    h = hashlib.sha256()
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(str(dest))
+            chunk = reader.read(CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
+        if keep_owner:
+            os.fchown(fd, meta.uid, meta.gid)
+        os.fchmod(fd, meta.mode)
+        for name, value in meta.xattrs:
+            try:
+                os.setxattr(fd, name, value)
+            except OSError as exc:
+                log.debug("xattr %s on %s not kept: %s", name, dest, exc)
+    finally:
+        os.close(fd)
+    os.utime(dest, ns=(meta.mtime_ns, meta.mtime_ns), follow_symlinks=False)
+    return h.hexdigest()
+
+
+def _tar_mtime_ns(mtime: float) -> int:
+    return int(mtime) * 1_000_000_000 if isinstance(mtime, int) else round(mtime * 1e9)
+
+
+def _pax_xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+    return [(k[len("SCHILY.xattr."):], v.encode("utf-8", "surrogateescape"))
+            for k, v in member.pax_headers.items() if k.startswith("SCHILY.xattr.")]
+
+
+def _extract_regular(tf: tarfile.TarFile, member: tarfile.TarInfo, dest: Path,
+                     keep_owner: bool, dedup: Dedup, cancel: threading.Event | None) -> None:
+    """One regular tar member: linked from the pool when it holds this content with this
+    metadata (its bytes hashed, not written), else written and hashed."""
+    target = dest / member.name
+    if not os.path.isdir(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)  # as tarfile: parents not listed
+    meta = Meta(member.mode & 0o7777,
+                member.uid if keep_owner else os.geteuid(),
+                member.gid if keep_owner else os.getegid(),
+                _tar_mtime_ns(member.mtime),
+                tuple(sorted(_pax_xattrs(member))) if keep_owner else ())
+    sha, obj = dedup.find(member.name, meta)
+    data = tf.extractfile(member)
+    assert data is not None  # a regular member always has a data stream
+    if obj is not None:
+        got = _hash_through(data, cancel, member.name)
+        if got != sha:
+            raise Rejected(f"checksum mismatch for {member.name!r}")
+        if os.path.lexists(target) and not os.path.isdir(target):
+            os.unlink(target)
+        if dedup.pool is not None and dedup.pool.link(obj, target):
+            dedup.linked(target, sha, member.size)
+            return
+        with open(obj, "rb") as src:  # no hard links here: a private copy of the object
+            got = _write_regular(src, target, meta, keep_owner, cancel)
+    else:
+        got = _write_regular(data, target, meta, keep_owner, cancel)
+    dedup.hashes[str(target)] = got
+    dedup.written += member.size
+
+
 def fingerprint(path: Path) -> tuple:
     """What an incoming entry looks like now: every entry's type, size, mtime and inode
     (for a directory, the whole tree). Two equal fingerprints a settle window apart
@@ -345,6 +490,8 @@ def _make_filter(dest: Path, allow_devices: bool, keep_owner: bool, budget: Budg
 def _apply_xattrs(dest: Path, members: list[tarfile.TarInfo]) -> None:
     """tarfile keeps pax ``SCHILY.xattr.*`` records but does not apply them; we do."""
     for m in members:
+        if m.isreg() or m.islnk():
+            continue  # written with their xattrs (a link shares its file's inode)
         xattrs = {k[len("SCHILY.xattr."):]: v for k, v in m.pax_headers.items()
                   if k.startswith("SCHILY.xattr.")}
         if not xattrs:
@@ -356,6 +503,42 @@ def _apply_xattrs(dest: Path, members: list[tarfile.TarInfo]) -> None:
                             follow_symlinks=False)
             except OSError as exc:
                 log.debug("xattr %s on %s not kept: %s", key, target, exc)
+
+
+def _extract_all(tf: tarfile.TarFile, dest: Path,
+                 check: Callable[[tarfile.TarInfo, str], tarfile.TarInfo | None],
+                 keep_owner: bool, budget: Budget, dedup: Dedup,
+                 cancel: threading.Event | None) -> None:
+    """``extractall`` with our filter, regular files by :func:`_extract_regular`, and
+    directory attributes set last (as tarfile does: children change a directory's
+    mtime, and a read-only directory could not take them)."""
+    directories: list[tarfile.TarInfo] = []
+    for member in tf:
+        info = check(member, str(dest))
+        if info is None:
+            continue
+        if info.isreg():
+            _extract_regular(tf, info, dest, keep_owner, dedup, cancel)
+            parts = info.name.split("/")
+            if parts[-1] == MANIFEST and len(parts) <= 2 and budget.manifest_bytes is None:
+                read_declared(dest / info.name, budget)
+                dedup.expect(budget.manifest, "/".join(parts[:-1]))
+            continue
+        if info.isdir():
+            directories.append(info)
+        # a hard link takes the attributes of the file it links (perhaps a pool object:
+        # setting them again could change another version)
+        tf.extract(info, str(dest), set_attrs=not (info.isdir() or info.islnk()),
+                   numeric_owner=True, filter="fully_trusted")
+    directories.sort(key=lambda a: a.name, reverse=True)
+    for info in directories:
+        path = str(dest / info.name)
+        try:
+            tf.chown(info, path, numeric_owner=True)
+            tf.utime(info, path)
+            tf.chmod(info, path)
+        except tarfile.ExtractError as exc:
+            log.debug("directory attributes of %s: %s", info.name, exc)
 
 
 def read_declared(path: Path, budget: Budget) -> None:
@@ -371,15 +554,17 @@ def read_declared(path: Path, budget: Budget) -> None:
 
 
 def unpack_archive(src: Path, dest: Path, *, allow_devices: bool = False,
-                   cancel: threading.Event | None = None, budget: Budget | None = None
-                   ) -> None:
+                   cancel: threading.Event | None = None, budget: Budget | None = None,
+                   dedup: Dedup | None = None) -> None:
     """Unpack tar / tar.gz / tar.zst (detected by magic bytes) into ``dest`` safely.
 
     Streams (``r|``) so a multi-GB rootfs is never held in memory and a truncated
     archive fails at its end instead of being half accepted. ``budget`` bounds what it
     may write (:class:`Budget`); gzip is decompressed here, not by tarfile, so that the
-    decompressed stream is capped too.
+    decompressed stream is capped too. Regular files are written (or linked from the
+    pool) and hashed by :class:`Dedup`; everything else is tarfile's.
     """
+    dedup = dedup if dedup is not None else Dedup()
     dest.mkdir(parents=True, exist_ok=True)
     keep_owner = os.geteuid() == 0
     size = src.stat().st_size
@@ -400,9 +585,9 @@ def unpack_archive(src: Path, dest: Path, *, allow_devices: bool = False,
                 reader = counted
             bounded = _BoundedStream(reader, budget)
             with tarfile.open(fileobj=bounded, mode="r|", errorlevel=1) as tf:
-                tf.extractall(dest, numeric_owner=True,
-                              filter=_make_filter(dest, allow_devices, keep_owner, budget,
-                                                  bounded))
+                _extract_all(tf, dest, _make_filter(dest, allow_devices, keep_owner, budget,
+                                                    bounded),
+                             keep_owner, budget, dedup, cancel)
                 members = list(tf.members)
         except (Rejected, Cancelled):
             raise
@@ -482,20 +667,25 @@ def copy_file(src: Path, dest: Path, size: int, budget: Budget,
 
 
 def copy_tree(src: Path, dest: Path, *, allow_devices: bool = False,
-              cancel: threading.Event | None = None, budget: Budget | None = None) -> None:
+              cancel: threading.Event | None = None, budget: Budget | None = None,
+              dedup: Dedup | None = None) -> None:
     """Copy a dropped directory into staging. Always a copy (or a reflink), never a hard
     link: the dropper may rewrite its files in place afterwards (CI reusing its output
     directory, ``open(..., "r+b")``), and a stored version must not change with them
     (docs/store.md, "Directory drops are copied"). Symlinks are recreated (not
     followed) and checked like tar members. ``budget`` bounds what is written: the
     manifest (read first) declares the sizes, and each file is charged before it is
-    copied."""
+    copied. With ``dedup``, a file the pool holds with the same content and metadata
+    is read and hashed but not written: the staged path links the pool's object."""
     keep_owner = os.geteuid() == 0
     budget = budget if budget is not None else Budget(1 << 62)
+    dedup = dedup if dedup is not None else Dedup()
     for cand in (src / MANIFEST, *(e / MANIFEST for e in src.iterdir()
                                    if e.is_dir() and not e.is_symlink())):
         if os.path.lexists(cand):
             read_declared(cand, budget)
+            top = os.path.relpath(cand.parent, src)
+            dedup.expect(budget.manifest, "" if top == "." else top)
             break
     budget.check_space()
     dest.mkdir(parents=True, exist_ok=False)
@@ -515,7 +705,10 @@ def copy_tree(src: Path, dest: Path, *, allow_devices: bool = False,
                 dirs.append((s, d))
             elif stat.S_ISREG(st.st_mode):
                 budget.charge(st.st_size, rel)
+                if _share_dropped(s, d, st, rel, keep_owner, dedup, cancel):
+                    continue
                 copy_file(s, d, st.st_size, budget, cancel)
+                dedup.written += st.st_size
                 shutil.copystat(s, d, follow_symlinks=False)  # modes, times, xattrs
                 if keep_owner:
                     os.chown(d, st.st_uid, st.st_gid)
@@ -537,6 +730,31 @@ def copy_tree(src: Path, dest: Path, *, allow_devices: bool = False,
         if keep_owner:
             st = s.lstat()
             os.lchown(d, st.st_uid, st.st_gid)
+
+
+def _share_dropped(src: Path, dest: Path, st: os.stat_result, rel: str, keep_owner: bool,
+                   dedup: Dedup, cancel: threading.Event | None) -> bool:
+    """Link ``dest`` to the pool's object when it holds the dropped file's content with
+    the metadata a copy would get (``copystat``: mode, times, xattrs; the owner when
+    root). The dropped file is hashed on the way: a wrong one is rejected, as it would be
+    by validation. False: copy it."""
+    if dedup.pool is None or rel not in dedup.expected:
+        return False
+    meta = Meta(stat.S_IMODE(st.st_mode),
+                st.st_uid if keep_owner else os.geteuid(),
+                st.st_gid if keep_owner else os.getegid(),
+                st.st_mtime_ns, tuple(sorted(read_xattrs(src))))
+    sha, obj = dedup.find(rel, meta)
+    if obj is None or dedup.pool is None:
+        return False
+    with open(src, "rb", buffering=0) as fh:
+        got = _hash_through(fh, cancel, rel)
+    if got != sha:
+        raise Rejected(f"checksum mismatch for {rel!r}")
+    if not dedup.pool.link(obj, dest):
+        return False
+    dedup.linked(dest, sha, st.st_size)
+    return True
 
 
 def find_root(unpacked: Path) -> Path:
@@ -624,13 +842,16 @@ def check_kind(m: Manifest, files: set[str], dirs: set[str]) -> None:
 
 def validate_build(root: Path, *, require_signature: bool = False, keys: list[Any] | None = None,
                    cancel: threading.Event | None = None,
-                   progress_sink: Callable[[str, int, int], None] | None = None) -> Manifest:
+                   progress_sink: Callable[[str, int, int], None] | None = None,
+                   hashed: dict[str, str] | None = None) -> Manifest:
     """Check a staged build completely; return its manifest or raise :class:`Rejected`.
 
     Rules (docs/store.md): every regular file except manifest.json (and
     manifest.json.sig) is listed in ``artefacts`` — an unlisted file is a rejection,
     so nothing unverified is ever served; listed paths are regular files reached
-    without symlinks; absolute symlinks only inside ``boot.rootfs``.
+    without symlinks; absolute symlinks only inside ``boot.rootfs``. ``hashed`` holds
+    digests computed while the files were written (absolute path -> sha256): those
+    files are compared, not read again.
     """
     mpath = root / MANIFEST
     if not mpath.exists() or not stat.S_ISREG(mpath.lstat().st_mode):
@@ -672,8 +893,15 @@ def validate_build(root: Path, *, require_signature: bool = False, keys: list[An
             raise Rejected(f"size mismatch for {a.path!r}: manifest {a.size}, file {size}")
     progress = Progress(f"verify {m.image}/{m.version}", m.total_size, cancel=cancel,
                         sink=progress_sink)
+    known = hashed or {}
     for a in m.artefacts:
-        if sha256_file(root / a.path, progress, fsync=True) != a.sha256:
+        p = root / a.path
+        got = known.get(str(p))
+        if got is None:
+            got = sha256_file(p, progress, fsync=True)
+        else:
+            progress.add(a.size)
+        if got != a.sha256:
             raise Rejected(f"checksum mismatch for {a.path!r}")
     return m
 

@@ -26,6 +26,7 @@ from .ingest import (
     DISK_FULL_ERRNOS,
     Budget,
     Cancelled,
+    Dedup,
     IngestResult,
     Rejected,
     copy_tree,
@@ -38,6 +39,7 @@ from .ingest import (
 )
 from .layout import READY_SUFFIX, Layout, fsync_dir, is_ignored_name, remove_tree
 from .manifest import MANIFEST, Manifest, ManifestError, load_public_key, parse_manifest
+from .objects import Pool
 from .pointers import Channels
 from .rejects import Rejects
 from .signals import Signals
@@ -51,8 +53,10 @@ class Intake:
 
     def __init__(self, layout: Layout, versions: Versions, channels: Channels,
                  rejects: Rejects, settings: StoreSettings, signals: Signals,
-                 writer: WriterLock, cancel: threading.Event) -> None:
+                 writer: WriterLock, cancel: threading.Event, pool: Pool) -> None:
         self.layout = layout
+        #: the content pool: a version's files are links to its objects (objects.py)
+        self.pool = pool
         self.versions = versions
         self.channels = channels
         self.rejects = rejects
@@ -99,19 +103,21 @@ class Intake:
             budget = Budget(self.settings.max_unpacked_bytes,
                             min_free=self.settings.min_free_bytes, where=self.layout.staging)
             m: Manifest | None = None
+            dedup = Dedup(self.pool)
+            added: list[Path] = []
             try:
                 try:
                     unpacked = stage / "build"
                     if src.is_dir() and not src.is_symlink():
                         copy_tree(src, unpacked, allow_devices=self.settings.allow_devices,
-                                  cancel=self.cancel, budget=budget)
+                                  cancel=self.cancel, budget=budget, dedup=dedup)
                     elif looks_like_disk_image(src):  # a Raspberry Pi OS .img[.xz] drop
                         image, version = name_version(src.name, src.stat().st_mtime)
                         import_image(src, unpacked, image=image, version=version,
                                      cancel=self.cancel, scratch=stage)
                     elif src.is_file() and not src.is_symlink():
                         unpack_archive(src, unpacked, allow_devices=self.settings.allow_devices,
-                                       cancel=self.cancel, budget=budget)
+                                       cancel=self.cancel, budget=budget, dedup=dedup)
                     else:
                         raise Rejected("not a directory or a regular file")
                 except OSError as exc:
@@ -127,12 +133,19 @@ class Intake:
                 m = _peek_manifest(root)  # for the reason file, should validation fail
                 m = validate_build(root, require_signature=self.settings.require_signature,
                                    keys=self._trusted_keys() if self.settings.require_signature
-                                   else [], cancel=self.cancel)
+                                   else [], cancel=self.cancel, hashed=dedup.hashes)
                 if expect and (m.image, m.version) != expect:
                     raise Rejected(f"upload names {expect[0]}/{expect[1]} but the manifest "
                                    f"says {m.image}/{m.version}")
-                t_valid = time.monotonic()
+                # before promotion: a version is in the store only with its objects
+                added = self.pool.adopt_all((root / a.path, a.sha256) for a in m.artefacts
+                                            if str(root / a.path) not in dedup.linked_paths)
+                t_valid = time.monotonic()  # built, verified, shared: now the swap
                 result = self._promote(name, root, m)
+                result.shared_files = dedup.shared_files
+                # a disk image import writes every file (no sharing until promotion)
+                result.written_bytes = dedup.written if dedup.written or dedup.shared_files \
+                    else m.total_size
                 result.seconds = time.monotonic() - t0
                 result.verify_seconds = t_valid - t0
                 result.swap_seconds = result.seconds - result.verify_seconds
@@ -158,6 +171,8 @@ class Intake:
                 return None
             finally:
                 remove_tree(stage)
+                if added:  # objects only this build's staged copy referenced
+                    self.pool.sweep(added)
             self._consume(src, marker)
         log.info("ingested %s %s from %s (%d bytes, %.2f s)%s", result.image, result.version,
                  name, result.bytes, result.seconds,

@@ -4,7 +4,10 @@
 
     <images>/incoming/               CI drops builds here (rename, marker, HTTP upload)
     <images>/staging/                unpack + verify (same file system as store/)
-    <images>/store/<image>/<version>/  immutable once renamed into place
+    <images>/store/<image>/<version>/  immutable once renamed into place; its regular
+                                     files are hard links to objects/ (objects.py)
+    <images>/objects/<aa>/<sha256>.<meta>  the content pool: one inode per distinct
+                                     content + metadata, shared by the versions
     <images>/channels/<image>/<channel>  pointer file: the active version, one line
     <images>/rejected/<name> + <name>.reason   builds that failed validation
     <state>/store/history.jsonl      activation history (JSON lines, append + fsync)
@@ -62,6 +65,11 @@ class Layout:
     @property
     def store(self) -> Path:
         return self.images / "store"
+
+    @property
+    def objects(self) -> Path:
+        """The content pool (same file system as store/ and staging/: hard links)."""
+        return self.images / "objects"
 
     @property
     def channels(self) -> Path:
@@ -141,8 +149,8 @@ class Layout:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=self.staging))
 
     def ensure(self) -> None:
-        for d in (self.incoming, self.staging, self.store, self.channels, self.rejected,
-                  self.state_dir):
+        for d in (self.incoming, self.staging, self.store, self.objects, self.channels,
+                  self.rejected, self.state_dir):
             d.mkdir(parents=True, exist_ok=True)
 
 

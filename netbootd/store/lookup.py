@@ -16,6 +16,7 @@ from ..model import ImageRef
 from .catalogue import Versions
 from .pins import Pins
 from .pointers import Channels
+from .usage import StoreUsage
 
 log = logging.getLogger("netbootd.store")
 
@@ -53,9 +54,11 @@ def resolve(versions: Versions, channels: Channels, pins: Pins, image: str, chan
     return replace(ref, channel=channel)
 
 
-def overview(versions: Versions, channels: Channels, pins: Pins) -> list[dict]:
+def overview(versions: Versions, channels: Channels, pins: Pins,
+             usage: StoreUsage | None = None) -> list[dict]:
     """JSON-able list of images: channels, versions (kind, size, boards, where active,
-    who pins them) and recent activation history."""
+    who pins them), recent activation history, and with ``usage`` the image's logical
+    and physical bytes."""
     pinned = pins.pins()
     hist = channels.history()
     out = []
@@ -76,5 +79,8 @@ def overview(versions: Versions, channels: Channels, pins: Pins) -> list[dict]:
             })
         mine = [h for h in hist if h.get("image") == image]
         out.append({"name": image, "channels": chans, "versions": rows,
-                    "history": mine[-LIST_HISTORY:]})
+                    "history": mine[-LIST_HISTORY:],
+                    **(usage.images[image].to_dict()
+                       if usage is not None and image in usage.images
+                       else {"logical_bytes": 0, "physical_bytes": 0})})
     return out

@@ -5,21 +5,33 @@ Removed: stale staging (half ingests, half GC deletions), promoted leftovers in 
 (``.done-*``), interrupted uploads, temp files of pointer and state rewrites. Repaired: a
 pointer naming a missing version goes back to the last existing version in its history;
 a pointer the history does not know (crash between swap and append) gets a
-``by: recovery`` entry. Builds still in incoming/ are left for the watcher to re-ingest.
+``by: recovery`` entry. Last, the content pool is swept: an object no version links (its
+build died in staging, or GC died before its sweep) is deleted, and the files of versions
+promoted before the pool existed are enrolled in it (new links only). Builds still in incoming/ are left for the watcher to re-ingest.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 from .catalogue import Versions
-from .layout import DONE_PREFIX, Layout, is_upload_leftover, remove_tree, write_atomic
+from .layout import (
+    DONE_PREFIX,
+    Layout,
+    fsync_dir,
+    is_upload_leftover,
+    remove_tree,
+    write_atomic,
+)
+from .objects import Pool
 from .pointers import Channels
 
 log = logging.getLogger("netbootd.store")
 
 
-def recover(layout: Layout, versions: Versions, channels: Channels) -> list[str]:
+def recover(layout: Layout, versions: Versions, channels: Channels, pool: Pool | None = None
+            ) -> list[str]:
     """Repair the store; return what was done, one line each (the daemon's health shows it).
 
     The caller holds the writer lock: staging/ may be in use by any other writer.
@@ -64,6 +76,36 @@ def recover(layout: Layout, versions: Versions, channels: Channels) -> list[str]
                                          last.get("version") if last else None,
                                          "history missed this activation (crash)")
                 done.append(f"{image}/{channel}: history repaired ({version})")
+    if pool is not None:
+        count, freed = pool.sweep()
+        if count:
+            done.append(f"removed {count} unreferenced objects ({freed} bytes)")
+        done += enrol_old_versions(versions, pool)
     for line in done:
         log.info("recovery: %s", line)
+    return done
+
+
+def enrol_old_versions(versions: Versions, pool: Pool) -> list[str]:
+    """Versions promoted before the content pool existed: their files become objects
+    (new links, the versions' files untouched), so the next build shares with them. A
+    version is recognised by its first artefact having one link: one ``lstat`` per
+    version at start-up once they are enrolled."""
+    done = []
+    for image in versions.images():
+        for v in versions.versions(image):
+            m = versions.manifest(image, v)
+            if m is None or not m.artefacts:
+                continue
+            root = versions.layout.version_dir(image, v)
+            try:
+                if os.lstat(root / m.artefacts[0].path).st_nlink != 1:
+                    continue
+            except FileNotFoundError:
+                continue
+            added = [o for a in m.artefacts if (o := pool.enrol(root / a.path, a.sha256))]
+            for d in sorted({o.parent for o in added}):
+                fsync_dir(d)
+            if added:
+                done.append(f"{image}/{v}: {len(added)} files enrolled in the content pool")
     return done

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..settings import StoreSettings
 from .catalogue import Versions
 from .layout import Layout, fsync_dir, read_json, remove_tree, write_json_atomic
+from .objects import Pool
 from .pins import Pins
 from .pointers import Channels
 from .signals import Signals
@@ -36,8 +37,9 @@ class Retention:
 
     def __init__(self, layout: Layout, versions: Versions, channels: Channels, pins: Pins,
                  settings: StoreSettings, signals: Signals, writer: WriterLock,
-                 lock: threading.RLock) -> None:
+                 lock: threading.RLock, pool: Pool) -> None:
         self.layout = layout
+        self.pool = pool
         self.versions = versions
         self.channels = channels
         self.pins = pins
@@ -97,7 +99,8 @@ class Retention:
         Needs the writer lock (a daemon's GC and a CLI's must not rename the same version
         away twice): :class:`StoreLocked` when a daemon owns the store. A version is first
         renamed out of store/ (invisible at once, atomically), then listeners re-apply
-        exports, then its files are deleted.
+        exports, then its files are deleted, then the pool's objects no remaining version
+        links (a crash in between leaves them to recovery's sweep).
         """
         if dry_run:
             return self.plan(in_use)
@@ -119,6 +122,7 @@ class Retention:
             self.signals.changed()
             for d in trash:
                 remove_tree(d)
+            self.pool.sweep()
         for image, version in victims:
             self.signals.event(f"deleted {image} {version}", image=image, version=version,
                                outcome="deleted")

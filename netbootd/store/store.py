@@ -8,6 +8,8 @@
 ``recovery``       start-up repair after a crash
 ``intake``         ingest orchestration: incoming/ or upload -> store/ or rejected/
 ``rejects``        the rejected/ directory
+``objects``        the content pool: versions share equal files by hard links
+``usage``          logical and physical bytes per image and for the store
 ``lookup``         resolve (pure) and the overview listing
 ``writer``         one writer per store (``writer.lock``)
 ``layout``         every path, and durable writes
@@ -37,12 +39,14 @@ from .intake import Intake
 from .layout import Layout
 from .lookup import LIST_HISTORY
 from .manifest import Manifest
+from .objects import Pool
 from .pins import Pins
 from .pointers import Channels
 from .recovery import recover
 from .rejects import Rejects
 from .retention import Retention
 from .signals import Signals
+from .usage import Usage
 from .writer import WriterLock
 
 __all__ = ["LIST_HISTORY", "ImageStore", "StoreError", "StoreLocked"]
@@ -71,6 +75,7 @@ class ImageStore:
         lock = threading.RLock()
         #: Set to make a running ingest stop at its next chunk (daemon shutdown).
         self.cancel = threading.Event()
+        self.pool = Pool(self.layout.objects)
         self.catalogue = Versions(self.layout, lock)
         # The one seam for replicas (cluster.backend: etcd): ``shared`` builds channels and
         # pins whose state lives in etcd (cluster/pointers.py); the bytes stay here.
@@ -79,10 +84,13 @@ class ImageStore:
         self.pointers = make_channels(self.layout, self.catalogue, self.signals, lock)
         self.pinboard = make_pins(self.layout, self.catalogue, self.signals, lock)
         self.retention = Retention(self.layout, self.catalogue, self.pointers, self.pinboard,
-                                   settings, self.signals, self.writer, lock)
+                                   settings, self.signals, self.writer, lock, self.pool)
+        self.usage = Usage(self.layout, self.catalogue)
         self.rejects = Rejects(self.layout)
         self.intake = Intake(self.layout, self.catalogue, self.pointers, self.rejects,
-                             settings, self.signals, self.writer, self.cancel)
+                             settings, self.signals, self.writer, self.cancel, self.pool)
+        if metrics is not None:  # /metrics reads the store's bytes at each scrape
+            metrics.store_bytes.source = self.usage.report
         #: Versions the daemon knows are in use (boot sessions, inventory pins); every GC
         #: keeps them, whoever calls it (API, service). Set by the store service.
         self.in_use_hook: Callable[[], set[tuple[str, str]]] | None = None
@@ -141,7 +149,13 @@ class ImageStore:
         return self.rejects.list()
 
     def list_images(self) -> list[dict]:
-        return lookup.overview(self.catalogue, self.pointers, self.pinboard)
+        return lookup.overview(self.catalogue, self.pointers, self.pinboard,
+                               self.usage.report())
+
+    def bytes_used(self) -> dict[str, int]:
+        """The whole store: ``logical_bytes`` (every version a full tree) and
+        ``physical_bytes`` (each file shared through the content pool counted once)."""
+        return self.usage.report().total.to_dict()
 
     def resolve(self, image: str, channel: str, pin: str | None, *, mac: str | None = None
                 ) -> ImageRef | None:
@@ -198,7 +212,7 @@ class ImageStore:
     def recover(self) -> list[str]:
         """Start-up repair (the daemon, before it watches incoming/); needs the writer lock."""
         with self.writer.held("recovery"):
-            return recover(self.layout, self.catalogue, self.pointers)
+            return recover(self.layout, self.catalogue, self.pointers, self.pool)
 
     def incoming_candidates(self) -> list[str]:
         return self.intake.candidates()

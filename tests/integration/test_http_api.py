@@ -285,3 +285,20 @@ def test_unknown_api_path_and_method_are_json_errors(server):
     assert status == 404 and "error" in resp
     status, resp = call(server, "PATCH", "/api/v1/nodes")
     assert status == 405 and "error" in resp
+
+
+def test_images_and_metrics_report_logical_and_physical_bytes(server):
+    status, body = call(server, "GET", "/api/v1/images")
+    assert status == 200
+    [demo] = [i for i in body["images"] if i["name"] == "demo"]
+    assert 0 < demo["physical_bytes"] <= demo["logical_bytes"]
+    assert body["store"]["physical_bytes"] <= body["store"]["logical_bytes"]
+    assert body["store"]["logical_bytes"] >= demo["logical_bytes"]
+    status, text = call(server, "GET", "/metrics")
+    assert status == 200
+    [got] = [float(line.split()[-1]) for line in text.splitlines()
+             if line.startswith('netbootd_store_bytes{kind="physical"}')]
+    assert got == body["store"]["physical_bytes"]
+    assert 'netbootd_image_bytes{image="demo",kind="logical"}' in text
+    status, page = call(server, "GET", "/")
+    assert status == 200 and 'id="store-bytes"' in page and "logical" in page

@@ -137,7 +137,9 @@ async def test_bomb_declared_small_is_rejected_before_it_writes(watched, tmp_pat
     assert "more than its manifest declares" in rej["reason"], rej
     assert (rej.get("image"), rej.get("version")) == ("demo", "1")
     assert L.rejected_entry(rej["name"]).is_file(), "a small archive is kept as it came"
-    assert not list(L.staging.iterdir()) and not list(L.incoming.iterdir())
+    # the reason is written first, then the build leaves incoming/ (kill -9 order)
+    await until(lambda: not list(L.staging.iterdir()) and not list(L.incoming.iterdir()),
+                timeout=60)
     await watched.rescans(3)
     assert len(watched.store.rejected()) == 1 and len(watched.results) == 1, "not retried"
     assert watched.store.versions("demo") == []
@@ -153,7 +155,9 @@ async def test_bomb_without_manifest_first_stops_at_max_unpacked(watched, tmp_pa
     await until(lambda: rejection_done(watched.store), timeout=60)
     [rej] = watched.store.rejected()
     assert "store.max_unpacked_bytes" in rej["reason"], rej
-    assert not list(L.staging.iterdir()) and not list(L.incoming.iterdir())
+    # the reason is written first, then the build leaves incoming/ (kill -9 order)
+    await until(lambda: not list(L.staging.iterdir()) and not list(L.incoming.iterdir()),
+                timeout=60)
     await watched.rescans(3)
     assert len(watched.results) == 1, "not retried"
 
@@ -182,7 +186,9 @@ async def test_disk_full_fails_the_build_once_with_a_reason(tmp_path) -> None:
         assert rej["reason"].startswith("disk full"), rej
         assert "store.min_free_bytes" in rej["reason"]
         L = w.store.layout
-        assert not list(L.staging.iterdir()) and not list(L.incoming.iterdir())
+        # the reason is written first, then the build leaves incoming/ (kill -9 order)
+        await until(lambda: not list(L.staging.iterdir()) and not list(L.incoming.iterdir()),
+                    timeout=60)
         await w.rescans(3)
         assert len(w.results) == 1 and len(w.store.rejected()) == 1, "not retried"
     finally:
@@ -375,7 +381,11 @@ async def test_rewriting_the_source_after_a_directory_drop_changes_nothing(watch
         os.close(held)
     stored_matches_manifest(watched.store, "demo", "8")
     for p in ("boot/initrd.img", "boot/vmlinuz"):
-        assert os.stat(L.version_dir("demo", "8") / p).st_nlink == 1
+        stored = os.stat(L.version_dir("demo", "8") / p)
+        assert stored.st_ino != os.stat(out / p).st_ino, "a copy, not the CI source's inode"
+        # its links: the version's path and its object in the content pool, nothing else
+        assert stored.st_nlink == 2
+        assert [o for o, ost in watched.store.pool.objects() if ost.st_ino == stored.st_ino]
 
 
 def test_bomb_in_memory_stream_is_capped(tmp_path) -> None:

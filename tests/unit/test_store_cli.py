@@ -45,6 +45,9 @@ def test_activate_rollback_pin_gc(cfg, capsys) -> None:
     [img] = data["images"]
     assert img["channels"] == {"dev": "3", "prod": "2"}
     assert data["pins"][MAC]["version"] == "1"
+    assert 0 < img["physical_bytes"] <= img["logical_bytes"]
+    assert data["store"] == {"logical_bytes": img["logical_bytes"],
+                             "physical_bytes": img["physical_bytes"]}
     assert cli(cfg, "gc", "--dry-run") == 0
     assert "nothing to delete" in capsys.readouterr().out  # 1 pinned, 2 prod, 3 dev/newest
     assert cli(cfg, "unpin", MAC.upper()) == 0
@@ -53,6 +56,7 @@ def test_activate_rollback_pin_gc(cfg, capsys) -> None:
     assert cli(cfg, "list") == 0
     out = capsys.readouterr().out
     assert "active:prod" in out and "demo  (dev=3, prod=2)" in out
+    assert "MB on disk" in out and "\nstore: " in out
 
 
 def test_user_mistakes_exit_2_with_a_message(cfg, capsys) -> None:
