@@ -290,7 +290,7 @@ def _load_inventory(path: Path, text: str | None) -> Inventory:
                                         f"nodes.{seen[mac]}.serial",
                                         f"serial {node.serial} also used by {by_serial[node.serial]}"))
             by_serial[node.serial] = mac
-    problems.extend(_ambiguous_profiles(path, data, profiles))
+    problems.extend(ambiguous_profiles(path, data, profiles))
     if problems:
         raise ConfigError(problems)
     return Inventory(nodes=dict(parsed.nodes), profiles=profiles, by_serial=by_serial,
@@ -307,7 +307,7 @@ def _relined(data: Any, nodes_in: LineDict) -> Any:
     return out
 
 
-def _ambiguous_profiles(path: Path, data: Any, profiles: dict[str, Profile]) -> list[Problem]:
+def ambiguous_profiles(path: Path, data: Any, profiles: dict[str, Profile]) -> list[Problem]:
     """Two profiles with equally many selectors that one machine could satisfy both of."""
     problems = []
     names = [n for n in profiles if n != DEFAULT_PROFILE and profiles[n].selectors.pairs()]
