@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .events import EventLog
 from .inventory import Inventory
+from .inventorycache import InventoryLoader
 from .metrics import Metrics
 from .neighbours import ClientAddresses
 from .planner import Planner
@@ -60,6 +61,8 @@ class App:
     config_error: str | None = None  #: last rejected reload, shown on the status page
     #: Called after a successful reload (services that cache config-derived state).
     on_reload: list[Callable[[], None]] = field(default_factory=list)
+    #: Loads nodes.yaml for reloads, reusing the entries whose text did not change.
+    inventory_loader: InventoryLoader = field(default_factory=InventoryLoader)
     #: Reload config now (API, SIGHUP); returns None or the error text (old config kept).
     reload: Callable[[], str | None] = lambda: None
 

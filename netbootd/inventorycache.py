@@ -132,7 +132,8 @@ class InventoryLoader:
             return inventory
 
     def _incremental(self, path: Path, pieces: Pieces) -> Inventory:
-        new = [p for p in pieces.entries if p not in self._entries]
+        entries = self._entries
+        new = [p for p in pieces.entries if p not in entries]
         if len(new) > max(16, REPARSE_SHARE * len(pieces.entries)):
             raise _Vouch("too much changed")
         profiles, allow_shrink = self._profiles(pieces.head)
@@ -140,7 +141,7 @@ class InventoryLoader:
         nodes: dict[str, Node] = {}
         by_serial: dict[str, str] = {}
         for piece in pieces.entries:
-            entry = fresh.get(piece) or self._entries[piece]
+            entry = entries.get(piece) or fresh[piece]
             if entry.mac in nodes:
                 raise _Vouch("duplicate")
             node = entry.node
@@ -151,9 +152,11 @@ class InventoryLoader:
                 if node.serial in by_serial:
                     raise _Vouch("duplicate serial")
                 by_serial[node.serial] = entry.mac
-        # what the next reload reuses: this file's entries only (bounded by the fleet)
-        kept = {p: fresh.get(p) or self._entries[p] for p in pieces.entries}
-        self._entries = kept
+        # what the next reload reuses; entries of earlier files are dropped once they
+        # are as many as this file's (memory stays bounded by the fleet)
+        entries.update(fresh)
+        if len(entries) > 2 * len(pieces.entries) + 64:
+            self._entries = {p: entries[p] for p in pieces.entries}
         self.reused, self.parsed = len(pieces.entries) - len(new), len(new)
         return Inventory(nodes=nodes, profiles=profiles, by_serial=by_serial, source=path,
                          allow_shrink=allow_shrink)

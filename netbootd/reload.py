@@ -30,7 +30,7 @@ from pathlib import Path
 import watchfiles
 
 from .app import App
-from .inventory import Inventory, load_inventory
+from .inventory import Inventory
 from .render import Renderer, is_source_name, scrub, template_sources
 from .yamlfile import ConfigError, Problem
 
@@ -117,7 +117,7 @@ def validate_config(app: App, sources: Sources | None = None) -> tuple[Inventory
     path = app.settings.paths.inventory
     if sources.inventory is None:
         raise ConfigError.single(path, 0, "", "cannot read: No such file or directory")
-    inventory = load_inventory(path, sources.inventory)
+    inventory = app.inventory_loader.load(path, sources.inventory)
     # What earlier checks found per node carries over: a node whose content, templates
     # and settings are unchanged is not rendered again (docs/configuration.md). A fresh
     # daemon starts from what the last one saved.
@@ -126,7 +126,8 @@ def validate_config(app: App, sources: Sources | None = None) -> tuple[Inventory
     if cache.generation is None:
         cache.load(saved)
     before = cache.generation, len(cache.results)
-    renderer = Renderer(app.settings, sources.templates, check_cache=cache)
+    renderer = Renderer(app.settings, sources.templates, check_cache=cache,
+                        previous=app.render)
     problems = renderer.check(inventory, app.planner.images, cache=cache)
     if problems:
         raise ConfigError(problems)

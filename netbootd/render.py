@@ -24,6 +24,7 @@ import hashlib
 import os
 import shlex
 import threading
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -214,13 +215,24 @@ class Renderer:
     """
 
     def __init__(self, settings: Settings, sources: dict[str, str] | None = None, *,
-                 check_cache: CheckCache | None = None) -> None:
+                 check_cache: CheckCache | None = None, previous: Renderer | None = None
+                 ) -> None:
         self.settings = settings
         #: What ``check`` found per node; a reload hands it from renderer to renderer.
         self.check_cache = check_cache if check_cache is not None else CheckCache()
         if sources is None:
             sources = template_sources(settings.paths.templates)
         self.sources: dict[str, str] = dict(sources)
+        #: Artefacts rendered by ``check`` (a node found in its cache costs none).
+        self.check_renders = 0
+        #: Machines ``check`` planned (an unchanged node of a clean check costs none).
+        self.check_planned = 0
+        if (previous is not None and previous.sources == self.sources
+                and previous.settings.paths.templates == settings.paths.templates):
+            # the same sources: the templates ``previous`` compiled are these (a reload
+            # of nodes.yaml alone compiles nothing)
+            self.env = previous.env
+            return
         self.env = jinja2.Environment(
             loader=_SnapshotLoader(settings.paths.templates, self.sources),
             undefined=jinja2.StrictUndefined,
@@ -230,8 +242,6 @@ class Renderer:
         )
         self.env.filters["shquote"] = shlex.quote
         self.env.filters["mac_dashes"] = mac_dashes
-        #: Artefacts rendered by ``check`` (a node found in its cache costs none).
-        self.check_renders = 0
 
     def template_name(self, artefact: str, plan: BootPlan) -> str:
         if artefact not in DEFAULT_TEMPLATES:
@@ -413,16 +423,28 @@ class Renderer:
 
         resolver = images or NoImages()
         server = ServerInfo(ip="192.0.2.1", http_port=self.settings.http.port)
-        machines = [ClientFacts(mac=m, serial=n.serial,
-                                kind=ClientKind.RPI if n.serial else ClientKind.IPXE)
-                    for m, n in inventory.nodes.items()]
-        machines.append(ClientFacts(mac="02:00:00:00:00:01", kind=ClientKind.IPXE))
+        generation = self.generation()
+        epoch = cache.images_epoch(resolver) if cache is not None else None
+        base = cache.base_for(generation, epoch, inventory) if cache is not None else None
+        if base is not None:
+            # Only nodes that differ from the last clean check can find anything new: the
+            # templates, settings, profiles and images are the same (see CheckCache.base).
+            old_nodes = base.inventory.nodes
+            machines = [ClientFacts(mac=m, serial=n.serial,
+                                    kind=ClientKind.RPI if n.serial else ClientKind.IPXE)
+                        for m, n in inventory.nodes.items()
+                        if (o := old_nodes.get(m)) is not n and o != n]
+        else:
+            machines = [ClientFacts(mac=m, serial=n.serial,
+                                    kind=ClientKind.RPI if n.serial else ClientKind.IPXE)
+                        for m, n in inventory.nodes.items()]
+            machines.append(ClientFacts(mac=_DEFAULT_MACHINE, kind=ClientKind.IPXE))
         # the default profile is checked too, as if unknown machines were booted
         as_default = self.settings.model_copy(
             update={"policy": self.settings.policy.model_copy(update={"unknown": "default"})})
-        generation = self.generation()
         known = cache.results_for(generation) if cache is not None else {}
         found: dict[bytes, tuple[_Found, ...]] = {}
+        keys: dict[str, bytes] = {}
         problems: list[Problem] = []
         seen: set[tuple[str, str]] = set()
         for facts in machines:
@@ -442,6 +464,7 @@ class Renderer:
                 if errors is None:
                     errors = self._check_plan(plan, server)
                 found[key] = errors
+                keys[facts.mac] = key
             for artefact, template, text, line, message in errors:
                 dedup = (template, text)
                 if dedup in seen:
@@ -450,8 +473,18 @@ class Renderer:
                 problems.append(Problem(
                     str(self.settings.paths.templates / template), line,
                     f"{artefact} for {plan.node.hostname}", message))
+        self.check_planned = len(machines)
         if cache is not None:
+            if base is not None:
+                # every node of this inventory: its new key, or the clean one it had
+                keys = {m: keys.get(m) or base.keys[m] for m in (*inventory.nodes,
+                                                                 _DEFAULT_MACHINE)}
+                results = dict.fromkeys(keys.values(), ())
+                results.update(found)
+                found = results
             cache.update(generation, found)
+            if not problems:
+                cache.set_base(CheckBase(generation, epoch, inventory, keys))
         return problems
 
     def _check_plan(self, plan: BootPlan, server: ServerInfo) -> tuple[_Found, ...]:
@@ -483,6 +516,8 @@ class Renderer:
 #: What ``check`` found for one plan: (artefact, template, error text, line, message) each.
 _Found = tuple[str, str, str, int, str]
 _CHECK_SESSION = "c" * 12
+#: The machine that stands for every unknown one (the default profile) in a check.
+_DEFAULT_MACHINE = "02:00:00:00:00:01"
 _CHECK_TOKEN = "c" * 24
 #: Changes whenever this module's code does: a persisted check result from older code
 #: (a context built differently) is not trusted.
@@ -496,6 +531,21 @@ def _plan_key(plan: BootPlan) -> bytes:
                  plan.image.boot if plan.image else None, plan.disk,
                  plan.disk.boot if plan.disk else None))
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class CheckBase:
+    """The last check that found nothing: what it checked, and each machine's plan key.
+
+    A later check with the same ``generation`` (templates, settings, secrets, code), the
+    same ``images_epoch`` (no store change since) and the same profiles plans and renders
+    only the nodes whose entry differs from this inventory's: nothing else a node's
+    templates see can have changed."""
+
+    generation: bytes
+    images_epoch: Any
+    inventory: Inventory
+    keys: dict[str, bytes]  #: MAC (and the default machine) -> plan key
 
 
 class CheckCache:
@@ -513,6 +563,50 @@ class CheckCache:
         self.generation: bytes | None = None
         self.results: dict[bytes, tuple[_Found, ...]] = {}
         self._lock = threading.Lock()
+        self._base: CheckBase | None = None
+        self._watched: Any = None  #: weak reference to the image store counted
+        self._store_changes = 0
+
+    def images_epoch(self, images: Any) -> Any:
+        """A value that stays the same while ``images`` does not change: the store's
+        change count (its ``on_change`` listeners), or None for a resolver that cannot
+        say (then every check plans every node)."""
+        from .planner import NoImages
+
+        if type(images) is NoImages:
+            return "no images"
+        hooks = getattr(images, "on_change", None)
+        if not isinstance(hooks, list):
+            return None
+        with self._lock:
+            watched = self._watched() if self._watched is not None else None
+            if watched is not images:
+                try:
+                    self._watched = weakref.ref(images)
+                except TypeError:
+                    return None
+                hooks.append(self._store_changed)
+                self._store_changes += 1
+            return (id(images), self._store_changes)
+
+    def _store_changed(self) -> None:
+        with self._lock:
+            self._store_changes += 1
+
+    def base_for(self, generation: bytes, epoch: Any, inventory: Inventory
+                 ) -> CheckBase | None:
+        """The last clean check, if a check of ``inventory`` may start from it."""
+        with self._lock:
+            base = self._base
+        if (base is None or epoch is None or base.generation != generation
+                or base.images_epoch != epoch
+                or base.inventory.profiles != inventory.profiles):
+            return None
+        return base
+
+    def set_base(self, base: CheckBase) -> None:
+        with self._lock:
+            self._base = base
 
     def results_for(self, generation: bytes) -> dict[bytes, tuple[_Found, ...]]:
         with self._lock:
