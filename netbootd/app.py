@@ -59,6 +59,9 @@ class App:
     node_state: Any = None
     services: dict[str, Service] = field(default_factory=dict)
     config_error: str | None = None  #: last rejected reload, shown on the status page
+    #: Why the config in force is not yet fully checked (``netbootd serve`` renders every
+    #: node's templates once its services answer), or None; /readyz waits for it.
+    config_pending: str | None = None
     #: Called after a successful reload (services that cache config-derived state).
     on_reload: list[Callable[[], None]] = field(default_factory=list)
     #: Loads nodes.yaml for reloads, reusing the entries whose text did not change.
@@ -88,6 +91,9 @@ class AppStatus:
     def inventory_loaded(self) -> bool:
         inv = self._app.inventory
         return inv.source is not None or bool(inv.nodes)
+
+    def config_pending(self) -> str | None:
+        return self._app.config_pending
 
     def reload(self) -> str | None:
         return self._app.reload()

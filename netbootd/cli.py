@@ -79,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not settings.http.access_log and log.getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("netbootd.http.access").setLevel(logging.WARNING)
-    app = build_app(settings)
+    app = build_app(settings, check_later=True)
     return asyncio.run(serve(app))
 
 

@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import signal
+import threading
 import time
 from typing import Any
 
@@ -22,7 +23,7 @@ from .metrics import Metrics
 from .neighbours import ClientAddresses
 from .nodestate import LocalNodeState
 from .planner import NoImages, Planner
-from .reload import reload_now, validate_config, watch_config
+from .reload import check_started_config, load_config, reload_now, validate_config, watch_config
 from .render import Renderer
 from .rpi.bootimg import token_hook
 from .settings import Settings
@@ -32,8 +33,13 @@ log = logging.getLogger("netbootd.daemon")
 STOP_BUDGET = 1.5  # seconds for all services together; the contract is 2 s
 
 
-def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
-    """The App for these settings; raises ``ConfigError`` if inventory/templates are bad."""
+def build_app(settings: Settings, *, inventory: Inventory | None = None,
+              check_later: bool = False) -> App:
+    """The App for these settings; raises ``ConfigError`` if inventory/templates are bad.
+
+    ``check_later`` (``netbootd serve``): nodes.yaml is parsed and validated now, but the
+    render check of every node's templates is left to ``serve``, which runs it once the
+    services answer (``app.config_pending`` until then)."""
     holder: dict[str, Any] = {}
     state = LocalNodeState(settings.lifecycle_dir, max_nodes=settings.provision.max_nodes)
     planner = Planner(lambda: holder["app"].settings, lambda: holder["app"].inventory, NoImages(),
@@ -60,7 +66,10 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
     # can be built before it asks (netbootd/rpi/bootimg.py).
     planner.token_for = token_hook(lambda: app.settings)
     app.reload = lambda: reload_now(app)
-    if inventory is None:
+    if inventory is None and check_later:
+        app.inventory, app.render = load_config(app)
+        app.config_pending = "templates not yet checked for every node"
+    elif inventory is None:
         app.inventory, app.render = validate_config(app)
     app.events.subscribe(_count_phase(app))
     return app
@@ -232,7 +241,19 @@ async def serve(app: App) -> int:
         return 1
     settle_heap()
     log.info("netbootd serving: %s", ", ".join(app.services))
+    rejected: list[str] = []
+    if app.config_pending:
+        # every node's templates rendered once, in a thread, while the services answer
+        # (a daemon thread: a stop never waits for it); a config that fails stops the
+        # daemon, as it would have refused to start
+        def check() -> None:
+            problems = check_started_config(app)
+            if problems:
+                rejected.append(problems)
+                loop.call_soon_threadsafe(daemon.request_stop)
+
+        threading.Thread(target=check, name="config-check", daemon=True).start()
     await daemon.wait()
     log.info("stopping")
     await daemon.stop()
-    return 0
+    return 1 if rejected else 0
