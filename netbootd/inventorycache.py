@@ -77,7 +77,7 @@ def cut(text: str) -> Pieces | None:
         return None  # nodes: {...} or a value on the line: the full load reads it
     top = _TOP_LINE.search(t, eol)
     end = top.start() if top else len(t)
-    block = t[eol:end]
+    block = t[eol:end + 1]  # with the newline that ends its last line
     head = (t[:at] + t[end:])[1:]
     first = _FIRST_CONTENT.search(block)
     if first is None:
