@@ -189,3 +189,50 @@ def test_k3s_user_data_of_a_node_running_its_installed_disk(shipped):
     assert f"node-name: {plan.node.hostname}" in text
     assert f"instance-id: {plan.node.hostname}-gold-2026.12.05-1" in r.render("meta-data", plan,
                                                                                 server)
+
+
+class StoreLike(OneImage):
+    """A resolver that says when it changes, as the image store does (``on_change``)."""
+
+    def __init__(self) -> None:
+        self.on_change: list = []
+
+    def changed(self) -> None:
+        for fn in self.on_change:
+            fn()
+
+
+def test_a_store_change_plans_every_node_again(tmp_path, shipped):
+    """Unchanged nodes are skipped only while the store is unchanged: an activation may
+    change what a node's templates see."""
+    settings, _inv, _ = shipped
+    cache, store = CheckCache(), StoreLike()
+    inv = _edited(tmp_path, FLEET)
+    assert Renderer(settings, check_cache=cache).check(inv, store, cache=cache) == []
+    same = Renderer(settings, check_cache=cache)
+    assert same.check(_edited(tmp_path, FLEET), store, cache=cache) == []
+    assert (same.check_planned, same.check_renders) == (0, 0)
+    store.changed()
+    after = Renderer(settings, check_cache=cache)
+    assert after.check(inv, store, cache=cache) == []
+    assert after.check_planned == 4 and after.check_renders == 0  # same plans: cached
+    other = Renderer(settings, check_cache=cache)
+    assert other.check(inv, OneImage(), cache=cache) == [] and other.check_planned == 4
+
+
+def test_a_broken_node_is_found_after_clean_checks(tmp_path, shipped):
+    """Skipping unchanged nodes never hides a new problem in a changed one."""
+    settings, _inv, _ = shipped
+    sources = dict(Renderer(settings).sources)
+    sources["cloud-init/meta-data.j2"] = ("instance-id: x\n"
+                                          "{% if node.hostname == 'bad' %}{{ vars.nope }}{% endif %}\n")
+    cache, store = CheckCache(), StoreLike()
+    assert Renderer(settings, sources, check_cache=cache).check(
+        _edited(tmp_path, FLEET), store, cache=cache) == []
+    broken = Renderer(settings, sources, check_cache=cache)
+    (p,) = broken.check(_edited(tmp_path, FLEET.replace("n3,", "bad,")), store, cache=cache)
+    assert p.field == "meta-data for bad" and broken.check_planned == 1
+    # the rejected check is no base: the next one starts from the last clean check
+    fixed = Renderer(settings, sources, check_cache=cache)
+    assert fixed.check(_edited(tmp_path, FLEET), store, cache=cache) == []
+    assert fixed.check_planned == 0
