@@ -32,6 +32,7 @@ import watchfiles
 from .app import App
 from .inventory import Inventory
 from .render import Renderer, is_source_name, scrub, template_sources
+from .rendercheck import CheckCache
 from .yamlfile import ConfigError, Problem
 
 log = logging.getLogger("netbootd.reload")
@@ -173,7 +174,7 @@ def check_started_config(app: App) -> str | None:
 def check_cache_file(app: App) -> Path:
     """Where the daemon keeps the keys of nodes whose templates rendered cleanly (a
     dot-file: a state directory inside the watched config tree never triggers a reload)."""
-    return app.settings.paths.state / ".render-check.cache"
+    return app.settings.paths.state / CheckCache.FILE_NAME
 
 
 def shrink_problem(app: App, old: Inventory, new: Inventory) -> Problem | None:

@@ -19,23 +19,21 @@ event files publish.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import shlex
-import threading
-import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 
-from . import __version__
 from .inventory import Inventory
-from .model import Action, BootPlan, ClientFacts, ClientKind, ImageRef, mac_dashes
+from .model import Action, BootPlan, mac_dashes
 from .settings import Settings
-from .yamlfile import Problem, paused_gc
+from .yamlfile import Problem
+
+if TYPE_CHECKING:
+    from .rendercheck import CheckCache
 
 #: artefact -> default template file (relative to paths.templates); a profile or node
 #: overrides one with ``templates: {artefact: file}``.
@@ -162,6 +160,11 @@ class _Secrets:
         return name in self._files
 
 
+def placeholder_secrets(settings: Settings) -> _Secrets:
+    """The ``secrets`` a check renders with: ``<secret:NAME>`` for each readable file."""
+    return _Secrets(settings.secrets, placeholders=True)
+
+
 def is_source_name(name: str) -> bool:
     """Files in the template directory that are templates (not editor droppings)."""
     return not (name.startswith(".") or name.endswith(("~", ".swp", ".tmp")))
@@ -218,8 +221,12 @@ class Renderer:
                  check_cache: CheckCache | None = None, previous: Renderer | None = None
                  ) -> None:
         self.settings = settings
+        if check_cache is None:
+            from .rendercheck import CheckCache
+
+            check_cache = CheckCache()
         #: What ``check`` found per node; a reload hands it from renderer to renderer.
-        self.check_cache = check_cache if check_cache is not None else CheckCache()
+        self.check_cache = check_cache
         if sources is None:
             sources = template_sources(settings.paths.templates)
         self.sources: dict[str, str] = dict(sources)
@@ -227,12 +234,16 @@ class Renderer:
         self.check_renders = 0
         #: Machines ``check`` planned (an unchanged node of a clean check costs none).
         self.check_planned = 0
+        #: Templates ``check`` found (the environment's lookup, once per name).
+        self._compiled: dict[str, jinja2.Template] = {}
         if (previous is not None and previous.sources == self.sources
                 and previous.settings.paths.templates == settings.paths.templates):
             # the same sources: the templates ``previous`` compiled are these (a reload
             # of nodes.yaml alone compiles nothing)
-            self.env = previous.env
+            self.env, self.stamps = previous.env, previous.stamps
             return
+        #: Template name -> digest of its source and the templates it uses (rendercheck).
+        self.stamps: dict[str, bytes] = {}
         self.env = jinja2.Environment(
             loader=_SnapshotLoader(settings.paths.templates, self.sources),
             undefined=jinja2.StrictUndefined,
@@ -337,7 +348,9 @@ class Renderer:
         ``fast`` (``check``): the context already holds the environment's globals and
         is used as it is (jinja never writes to it) instead of a copy per render."""
         try:
-            template = self.env.get_template(name)
+            template = self._compiled.get(name) if fast else None
+            if template is None:
+                template = self._compiled[name] = self.env.get_template(name)
             if fast and not template.globals.maps[0]:  # no globals of its own
                 text = self._render_shared(template, make_context())
             else:
@@ -383,276 +396,20 @@ class Renderer:
             return True
         return bool(tracker.read)
 
-    def generation(self) -> bytes:
-        """Digest of everything besides the plan that decides what a check finds: the
-        template sources, the settings, which secret files are readable, and the code
-        that builds the context. Two checks with the same generation and the same plan
-        find the same problems."""
-        h = hashlib.blake2b(digest_size=16)
-        for part in (__version__, jinja2.__version__, _CODE_STAMP):
-            h.update(part.encode() + b"\0")
-        try:
-            h.update(self.settings.model_dump_json().encode())
-        except Exception:  # noqa: BLE001 - an unserialisable value: fall back to its repr
-            h.update(repr(self.settings).encode())
-        for name in sorted(self.sources):
-            h.update(b"\0" + name.encode() + b"\0" + self.sources[name].encode())
-        for name, path in sorted(self.settings.secrets.items()):
-            ok = os.access(path, os.R_OK) and path.is_file()
-            h.update(f"\0{name}={path}:{ok}".encode())
-        return h.digest()
-
     def check(self, inventory: Inventory, images: Any = None, *,
               cache: CheckCache | None = None) -> list[Problem]:
-        """Render every artefact for every node and the default profile; collect problems.
+        """Render every artefact for every node and the default profile; collect problems
+        (``rendercheck.check``; ``cache``: what earlier checks found, updated in place).
 
-        Secrets are checked for presence of the file, not rendered into anything kept.
+        Secrets are checked for presence of the file, not rendered into anything kept."""
+        from .rendercheck import check
 
-        ``cache``: what earlier checks found, per node, keyed by the renderer's
-        ``generation`` and the node's plan (everything it renders from, bar the boot's
-        random session and token). A node whose key is there is not rendered again, so
-        a reload after a one-node edit renders that node only; the cache is updated in
-        place with this check's nodes. ``check_renders`` counts the renders done.
-        """
-        with paused_gc():  # yamlfile.paused_gc says why
-            return self._check(inventory, images, cache)
+        return check(self, inventory, images, cache)
 
-    def _check(self, inventory: Inventory, images: Any,
-               cache: CheckCache | None) -> list[Problem]:
-        from .planner import NoImages, decide
-
-        resolver = images or NoImages()
-        server = ServerInfo(ip="192.0.2.1", http_port=self.settings.http.port)
-        generation = self.generation()
-        epoch = cache.images_epoch(resolver) if cache is not None else None
-        base = cache.base_for(generation, epoch, inventory) if cache is not None else None
-        if base is not None:
-            # Only nodes that differ from the last clean check can find anything new: the
-            # templates, settings, profiles and images are the same (see CheckCache.base).
-            old_nodes = base.inventory.nodes
-            machines = [ClientFacts(mac=m, serial=n.serial,
-                                    kind=ClientKind.RPI if n.serial else ClientKind.IPXE)
-                        for m, n in inventory.nodes.items()
-                        if (o := old_nodes.get(m)) is not n and o != n]
-        else:
-            machines = [ClientFacts(mac=m, serial=n.serial,
-                                    kind=ClientKind.RPI if n.serial else ClientKind.IPXE)
-                        for m, n in inventory.nodes.items()]
-            machines.append(ClientFacts(mac=_DEFAULT_MACHINE, kind=ClientKind.IPXE))
-        # the default profile is checked too, as if unknown machines were booted
-        as_default = self.settings.model_copy(
-            update={"policy": self.settings.policy.model_copy(update={"unknown": "default"})})
-        known = cache.results_for(generation) if cache is not None else {}
-        found: dict[bytes, tuple[_Found, ...]] = {}
-        keys: dict[str, bytes] = {}
-        problems: list[Problem] = []
-        seen: set[tuple[str, str]] = set()
-        for facts in machines:
-            plan = decide(facts, inventory, as_default, resolver)
-            # check templates even before any image exists; the session and token are
-            # random per boot: fixed here, so the key (and the text rendered) is the
-            # node's content only
-            plan = replace(plan, session=_CHECK_SESSION, token=_CHECK_TOKEN, created=0.0,
-                           image=plan.image or _PLACEHOLDER_IMAGE)
-            if cache is None:
-                errors = self._check_plan(plan, server)
-            else:
-                key = _plan_key(plan)
-                errors = known.get(key)
-                if errors is None:
-                    errors = found.get(key)
-                if errors is None:
-                    errors = self._check_plan(plan, server)
-                found[key] = errors
-                keys[facts.mac] = key
-            for artefact, template, text, line, message in errors:
-                dedup = (template, text)
-                if dedup in seen:
-                    continue
-                seen.add(dedup)
-                problems.append(Problem(
-                    str(self.settings.paths.templates / template), line,
-                    f"{artefact} for {plan.node.hostname}", message))
-        self.check_planned = len(machines)
-        if cache is not None:
-            if base is not None:
-                # every node of this inventory: its new key, or the clean one it had
-                keys = {m: keys.get(m) or base.keys[m] for m in (*inventory.nodes,
-                                                                 _DEFAULT_MACHINE)}
-                results = dict.fromkeys(keys.values(), ())
-                results.update(found)
-                found = results
-            cache.update(generation, found)
-            if not problems:
-                cache.set_base(CheckBase(generation, epoch, inventory, keys))
-        return problems
-
-    def _check_plan(self, plan: BootPlan, server: ServerInfo) -> tuple[_Found, ...]:
-        """Every artefact of one plan rendered once, as ``check`` reports failures.
-
-        Cheaper than ``render`` per artefact, with the same outcome: one context per
-        node (user-data gets the secrets, as placeholders), and each template rendered
-        over that context plus the environment's globals without jinja copying both
-        into a new dict per render."""
-        # what jinja's render reads: the environment's globals under the context
-        context = {**self.env.globals, **self.context(plan, server, placeholders=True)}
-        out: list[_Found] = []
-        for artefact in ARTEFACTS:
-            self.check_renders += 1
-            name = self.template_name(artefact, plan)
-            if artefact == "user-data":
-                ctx = dict(context)
-                ctx["secrets"] = _Secrets(self.settings.secrets, placeholders=True)
-            else:
-                ctx = context
-            try:
-                self._render_in(artefact, name, lambda c=ctx: c, fast=True)
-            except RenderError as exc:
-                out.append((artefact, exc.template, str(exc), exc.line,
-                            str(exc).split(": ", 2)[-1]))
-        return tuple(out)
-
-
-#: What ``check`` found for one plan: (artefact, template, error text, line, message) each.
-_Found = tuple[str, str, str, int, str]
-_CHECK_SESSION = "c" * 12
-#: The machine that stands for every unknown one (the default profile) in a check.
-_DEFAULT_MACHINE = "02:00:00:00:00:01"
-_CHECK_TOKEN = "c" * 24
-#: Changes whenever this module's code does: a persisted check result from older code
-#: (a context built differently) is not trusted.
-_CODE_STAMP = hashlib.blake2b(Path(__file__).read_bytes(), digest_size=8).hexdigest()
-
-
-def _plan_key(plan: BootPlan) -> bytes:
-    """Digest of what a plan renders from: the node's effective content and the plan's
-    decision (``repr`` covers every field, the image's ``boot`` section included)."""
-    text = repr((plan.action, plan.reason, plan.stage, plan.facts, plan.node, plan.image,
-                 plan.image.boot if plan.image else None, plan.disk,
-                 plan.disk.boot if plan.disk else None))
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
-
-
-@dataclass(frozen=True)
-class CheckBase:
-    """The last check that found nothing: what it checked, and each machine's plan key.
-
-    A later check with the same ``generation`` (templates, settings, secrets, code), the
-    same ``images_epoch`` (no store change since) and the same profiles plans and renders
-    only the nodes whose entry differs from this inventory's: nothing else a node's
-    templates see can have changed."""
-
-    generation: bytes
-    images_epoch: Any
-    inventory: Inventory
-    keys: dict[str, bytes]  #: MAC (and the default machine) -> plan key
-
-
-class CheckCache:
-    """Per-node results of ``Renderer.check``, kept across reloads (and, through
-    ``save``/``load``, across restarts): plan key -> problems found (none, mostly).
-
-    Only results of one generation are kept: a template, setting or secret edit
-    starts it afresh. Thread-safe enough for one reload at a time plus readers.
-    """
-
-    #: File format marker; a file without it is ignored.
-    MAGIC = b"netbootd-check-1\n"
-
-    def __init__(self) -> None:
-        self.generation: bytes | None = None
-        self.results: dict[bytes, tuple[_Found, ...]] = {}
-        self._lock = threading.Lock()
-        self._base: CheckBase | None = None
-        self._watched: Any = None  #: weak reference to the image store counted
-        self._store_changes = 0
-
-    def images_epoch(self, images: Any) -> Any:
-        """A value that stays the same while ``images`` does not change: the store's
-        change count (its ``on_change`` listeners), or None for a resolver that cannot
-        say (then every check plans every node)."""
-        from .planner import NoImages
-
-        if type(images) is NoImages:
-            return "no images"
-        hooks = getattr(images, "on_change", None)
-        if not isinstance(hooks, list):
-            return None
-        with self._lock:
-            watched = self._watched() if self._watched is not None else None
-            if watched is not images:
-                try:
-                    self._watched = weakref.ref(images)
-                except TypeError:
-                    return None
-                hooks.append(self._store_changed)
-                self._store_changes += 1
-            return (id(images), self._store_changes)
-
-    def _store_changed(self) -> None:
-        with self._lock:
-            self._store_changes += 1
-
-    def base_for(self, generation: bytes, epoch: Any, inventory: Inventory
-                 ) -> CheckBase | None:
-        """The last clean check, if a check of ``inventory`` may start from it."""
-        with self._lock:
-            base = self._base
-        if (base is None or epoch is None or base.generation != generation
-                or base.images_epoch != epoch
-                or base.inventory.profiles != inventory.profiles):
-            return None
-        return base
-
-    def set_base(self, base: CheckBase) -> None:
-        with self._lock:
-            self._base = base
-
-    def results_for(self, generation: bytes) -> dict[bytes, tuple[_Found, ...]]:
-        with self._lock:
-            return self.results if generation == self.generation else {}
-
-    def update(self, generation: bytes, results: dict[bytes, tuple[_Found, ...]]) -> None:
-        """Keep ``results`` (one check's nodes) as what is known for ``generation``."""
-        with self._lock:
-            self.generation, self.results = generation, results
-
-    def save(self, path: Path) -> None:
-        """Write the clean results (keys of nodes that rendered without a problem) to
-        ``path`` atomically; a failure to write costs only the next start-up's time."""
-        with self._lock:
-            generation = self.generation
-            clean = [k for k, v in self.results.items() if not v]
-        if generation is None:
-            return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_bytes(self.MAGIC + generation + b"".join(clean))
-            os.replace(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-    def load(self, path: Path) -> None:
-        """Take the clean results ``save`` wrote (nothing, if absent or malformed)."""
-        try:
-            data = path.read_bytes()
-        except OSError:
-            return
-        head = len(self.MAGIC)
-        if not data.startswith(self.MAGIC) or (len(data) - head) % 16:
-            return
-        generation = data[head:head + 16]
-        keys = [data[i:i + 16] for i in range(head + 16, len(data), 16)]
-        with self._lock:
-            if self.generation is None:
-                self.generation, self.results = generation, dict.fromkeys(keys, ())
-
-
-#: What ``check`` renders a node with before any image exists.
-_PLACEHOLDER_IMAGE = ImageRef(name="check", version="0", root=Path("/nonexistent"),
-                              boot={"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "",
-                                    "rootfs": "rootfs", "boot_tree": "boot"})
+    def render_checked(self, artefact: str, name: str, context: dict[str, Any]) -> None:
+        """Render template ``name`` as ``artefact`` over ``context`` (which already holds
+        the environment's globals) for the check; raises ``RenderError`` as ``render``."""
+        self._render_in(artefact, name, lambda: context, fast=True)
 
 
 def _template_line(exc: BaseException, name: str) -> int:

@@ -7,7 +7,8 @@ import pytest
 from netbootd.inventory import load_inventory
 from netbootd.model import ClientFacts, ClientKind, ImageRef
 from netbootd.planner import decide
-from netbootd.render import ARTEFACTS, CheckCache, Renderer, RenderError, ServerInfo
+from netbootd.render import ARTEFACTS, Renderer, RenderError, ServerInfo
+from netbootd.rendercheck import CheckCache
 from netbootd.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,7 +120,7 @@ def test_a_one_node_edit_renders_only_that_node(tmp_path, shipped):
     sources["cloud-init/meta-data.j2"] += "# edited\n"
     new_templates = Renderer(settings, sources, check_cache=cache)
     assert new_templates.check(_edited(tmp_path, edited), OneImage(), cache=cache) == []
-    assert new_templates.check_renders == 4 * per_node
+    assert new_templates.check_renders == 4  # meta-data only, for each machine
 
 
 def test_a_missing_var_is_reported_with_its_node_also_from_the_cache(tmp_path, shipped):
@@ -236,3 +237,19 @@ def test_a_broken_node_is_found_after_clean_checks(tmp_path, shipped):
     fixed = Renderer(settings, sources, check_cache=cache)
     assert fixed.check(_edited(tmp_path, FLEET), store, cache=cache) == []
     assert fixed.check_planned == 0
+
+
+def test_an_edit_of_an_included_template_renders_what_includes_it(tmp_path, shipped):
+    """A template's outcome is kept by the stamp of its source and of those it includes:
+    editing an included template renders its includers again, nothing else."""
+    settings, _inv, _ = shipped
+    sources = dict(Renderer(settings).sources)
+    sources["cloud-init/meta-data.j2"] = "{% include 'cloud-init/part.j2' %}\n"
+    sources["cloud-init/part.j2"] = "instance-id: {{ instance_id }}\n"
+    cache, inv = CheckCache(), _edited(tmp_path, FLEET)
+    assert Renderer(settings, sources, check_cache=cache).check(inv, OneImage(), cache=cache) == []
+    sources["cloud-init/part.j2"] = "instance-id: {{ nope }}\n"
+    edited = Renderer(settings, sources, check_cache=cache)
+    problems = edited.check(inv, OneImage(), cache=cache)
+    assert edited.check_renders == 4  # meta-data for the three nodes and the default
+    assert problems and "nope" in problems[0].message
