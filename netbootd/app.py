@@ -42,6 +42,10 @@ class Service(Protocol):
     def health(self) -> dict[str, Any]:
         """A small dict for /readyz and the status page, e.g. {"ok": True, "bound": [...]}."""
 
+    # Optional: ``warm_up(self) -> None``, work a service wants done soon after it starts
+    # but that nothing before the daemon answers needs (imports for a slow path). The
+    # daemon runs it in a thread once every service started.
+
 
 @dataclass
 class App:

@@ -104,6 +104,15 @@ async def follow_operator_verbs(app: App) -> None:
         log.exception("lifecycle watch stopped")
 
 
+def _logged(fn: Any, name: str) -> Any:
+    def run() -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("warm-up of service %s failed", name)
+    return run
+
+
 class Daemon:
     """Runs the enabled services of one App until stopped."""
 
@@ -129,6 +138,11 @@ class Daemon:
                 continue
             self.app.services[name] = service
             log.info("service %s started", name)
+        for name, service in list(self.app.services.items()):
+            warm_up = getattr(service, "warm_up", None)
+            if callable(warm_up):  # a daemon thread: a stop never waits for it
+                threading.Thread(target=_logged(warm_up, name), name=f"{name}-warm-up",
+                                 daemon=True).start()
         self._tasks.append(asyncio.create_task(watch_config(self.app, self._stop),
                                                name="config-watch"))
         self._tasks.append(asyncio.create_task(follow_operator_verbs(self.app),
