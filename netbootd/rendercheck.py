@@ -118,6 +118,7 @@ def _check(renderer: Renderer, inventory: Inventory, images: Any,
                        image=plan.image or _PLACEHOLDER_IMAGE)
         key = _plan_key(plan)
         entry = _entry_for(renderer, plan, server, found.get(key) or known.get(key), stamps)
+        entry = stamps.shared(entry)
         found[key] = entry
         keys[facts.mac] = key
         for _stamp, failures in entry:
@@ -190,6 +191,7 @@ class _Stamps:
         self._renderer = renderer
         self._memo: dict[str, bytes] = renderer.stamps
         self._clean: dict[bytes, _Outcome] = {}
+        self._entries: dict[_Entry, _Entry] = {}
 
     def __call__(self, name: str) -> bytes:
         stamp = self._memo.get(name)
@@ -200,6 +202,11 @@ class _Stamps:
     def clean(self, stamp: bytes) -> _Outcome:
         """The one shared outcome "rendered cleanly from ``stamp``"."""
         return self._clean.setdefault(stamp, (stamp, ()))
+
+    def shared(self, entry: _Entry) -> _Entry:
+        """One object for equal entries (most nodes: every artefact clean from the same
+        templates), so a fleet's outcomes cost a pointer a node."""
+        return self._entries.setdefault(entry, entry)
 
     def _compute(self, name: str) -> bytes:
         sources = self._renderer.sources
