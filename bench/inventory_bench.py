@@ -110,6 +110,9 @@ def make_config(tmp: Path, n: int) -> Path:
         "reload: {settle_seconds: 0, max_node_loss: 1.0}\n"
         "secrets: {k3s_token: secrets/k3s-token, kubeadm_token: secrets/kubeadm-token}\n")
     (cfg / "ports").write_text(repr(ports))
+    # the image store exists from the start, as shipped: `check` asks it, whichever tree
+    # runs first
+    (tmp / f"images-{n}").mkdir(exist_ok=True)
     return cfg
 
 
@@ -160,11 +163,14 @@ def rss_mb(pid: int) -> float:
 class Daemon:
     def __init__(self, tree: Path, cfg: Path) -> None:
         self.tree, self.cfg = tree, cfg
+        # beside the config directory, never in it: the daemon watches that directory, and
+        # each line it logged there would start another reload
+        self.log = cfg.parent / f"{cfg.name}.daemon.log"
         self.ports = ports_of(cfg)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> float:
-        log = open(self.cfg / "daemon.log", "a")  # noqa: SIM115 - closed with the process
+        log = open(self.log, "a")  # noqa: SIM115 - closed with the process
         self.t0 = t0 = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "netbootd", "--config", str(self.cfg / "netbootd.yaml"),
@@ -173,7 +179,7 @@ class Daemon:
         url = f"http://127.0.0.1:{self.ports['http']}/healthz"
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited: {(self.cfg / 'daemon.log').read_text()[-3000:]}")
+                raise RuntimeError(f"daemon exited: {self.log.read_text()[-3000:]}")
             if get(url, timeout=0.5) is not None:
                 return time.perf_counter() - t0
             time.sleep(0.01)
@@ -183,7 +189,7 @@ class Daemon:
         url = f"http://127.0.0.1:{self.ports['http']}/readyz"
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited: {(self.cfg / 'daemon.log').read_text()[-3000:]}")
+                raise RuntimeError(f"daemon exited: {self.log.read_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(url, timeout=2.0) as r:
                     if r.status == 200:
