@@ -67,6 +67,8 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None,
     planner.token_for = token_hook(lambda: app.settings)
     app.reload = lambda: reload_now(app)
     if inventory is None and check_later:
+        # the first load starts from the snapshot the last start saved (inventorycache.py)
+        app.inventory_loader.snapshot = settings.paths.state / app.inventory_loader.SNAPSHOT_NAME
         app.inventory, app.render = load_config(app)
         app.config_pending = "templates not yet checked for every node"
     elif inventory is None:

@@ -235,11 +235,12 @@ def load_inventory(path: Path, text: str | None = None) -> Inventory:
     """Parse and validate ``nodes.yaml`` (or ``text``, its content as already read);
     every problem names file, line and field."""
     with paused_gc():
-        return _load_inventory(path, text)
+        return inventory_from_data(path, load_yaml(path, text))
 
 
-def _load_inventory(path: Path, text: str | None) -> Inventory:
-    data = load_yaml(path, text)
+def inventory_from_data(path: Path, data: Any) -> Inventory:
+    """Validate nodes.yaml's content as parsed (``load_yaml``: lines known, so problems
+    name them; plain data: problems name line 1)."""
     if not isinstance(data, dict):
         raise ConfigError.single(path, 1, "", "top level must be a mapping with nodes/profiles")
     problems: list[Problem] = []

@@ -12,6 +12,13 @@ decided by indentation: a line at the node indentation always starts the next ke
 whole-file parse as well, and a piece that cuts through anything that spans lines
 (a quoted or flow scalar, a flow collection) cannot parse on its own.
 
+A daemon's first load (start-up) has nothing to reuse yet. It reads a snapshot instead:
+the parsed content of the nodes.yaml it last started with, as JSON in its state
+directory (``snapshot``), used only for the very same text and code. JSON is parsed in
+C and validated by the same pydantic model as ever, so what costs most of a start-up
+(YAML parsed in Python, 0.3 s at 10,000 nodes) is skipped and nothing is trusted
+unvalidated. Content JSON cannot carry exactly (dates, non-string keys) is never saved.
+
 Only success takes this path. Anything it cannot vouch for (a layout it does not cut,
 a piece that does not parse on its own, an alias or merge key, a duplicate, a
 validation or cross-node problem, too many changed pieces to gain anything) goes to
@@ -21,11 +28,17 @@ its file, line and field exactly as before.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import pydantic
 from pydantic import ValidationError
 
 from .inventory import (
@@ -35,10 +48,11 @@ from .inventory import (
     Node,
     Profile,
     ambiguous_profiles,
+    inventory_from_data,
     load_inventory,
 )
 from .model import normalise_mac
-from .yamlfile import LineDict, parse_yaml_text, paused_gc
+from .yamlfile import LineDict, load_yaml, parse_yaml_text, paused_gc
 
 #: Above this share of changed entries a whole-file load is as cheap: take it.
 REPARSE_SHARE = 0.2
@@ -109,27 +123,76 @@ class InventoryLoader:
     so the next load of a similar file validates only the new entries. One per daemon;
     ``reused``/``parsed`` say what the last load did (tests, logs)."""
 
-    def __init__(self) -> None:
+    #: The snapshot's name in the daemon's state directory (a dot-file: no reload trigger).
+    SNAPSHOT_NAME = ".inventory-snapshot.json"
+
+    def __init__(self, snapshot: Path | None = None) -> None:
         self._entries: dict[str, _Entry] = {}
         self._head: tuple[str, dict[str, Profile], bool] | None = None
         self._lock = threading.Lock()
+        #: Where the first load looks for, and ``save_snapshot`` writes, the parsed content.
+        self.snapshot = snapshot
+        self._unsaved: tuple[str, Any] | None = None
         self.reused = 0
         self.parsed = 0
+        self.from_snapshot = False  #: the last load validated the snapshot's content
 
     def load(self, path: Path, text: str) -> Inventory:
         """The inventory of ``text`` (nodes.yaml's content); raises ``ConfigError`` as
         ``load_inventory`` does."""
         with self._lock, paused_gc():
             pieces = cut(text)
+            self.from_snapshot = False
             if pieces is not None and self._entries:
                 try:
                     return self._incremental(path, pieces)
                 except _Vouch:
                     pass
-            inventory = load_inventory(path, text)
+            inventory = self._first_load(path, text) if not self._entries else None
+            if inventory is None:
+                inventory = load_inventory(path, text)
             self._remember(text, pieces, inventory)
             self.reused, self.parsed = 0, len(inventory.nodes)
             return inventory
+
+    def _first_load(self, path: Path, text: str) -> Inventory | None:
+        """The inventory from the snapshot of this very text, or (none, or a stale one)
+        from the text, its parsed content kept for ``save_snapshot``."""
+        digest = _text_digest(text)
+        data = _read_snapshot(self.snapshot, digest) if self.snapshot is not None else None
+        if data is not None:
+            with contextlib.suppress(Exception):  # a snapshot never decides an error
+                inventory = inventory_from_data(path, data)
+                self.from_snapshot = True
+                return inventory
+        data = load_yaml(path, text)
+        inventory = inventory_from_data(path, data)
+        if self.snapshot is not None:
+            self._unsaved = (digest, data)
+        return inventory
+
+    def save_snapshot(self) -> None:
+        """Write the content the first load parsed as the snapshot for the next start
+        (in the caller's thread: off the start-up path), if JSON carries it exactly."""
+        with self._lock:
+            unsaved, self._unsaved = self._unsaved, None
+        if unsaved is None or self.snapshot is None:
+            return
+        digest, data = unsaved
+        try:
+            body = json.dumps(data, separators=(",", ":"), allow_nan=False)
+            if json.loads(body) != data:
+                return
+        except (TypeError, ValueError):
+            return  # dates, binary, non-string keys: the YAML stays the only source
+        head = json.dumps({"format": _SNAPSHOT_FORMAT, "code": _CODE_STAMP, "text": digest})
+        tmp = self.snapshot.with_name(f".{self.snapshot.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(head + "\n" + body, encoding="utf-8")
+            os.replace(tmp, self.snapshot)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def _incremental(self, path: Path, pieces: Pieces) -> Inventory:
         entries = self._entries
@@ -222,6 +285,30 @@ def _entry_of(piece: str) -> _Entry:
     except (ValueError, ValidationError) as exc:
         raise _Vouch("piece") from exc
     return _Entry(mac, node)
+
+
+_SNAPSHOT_FORMAT = "netbootd-inventory-1"
+#: The code that validates what a snapshot holds: a snapshot from other code is not used.
+_CODE_STAMP = hashlib.blake2b(
+    b"".join(Path(__file__).with_name(n).read_bytes()
+             for n in ("inventory.py", "model.py", "yamlfile.py", "inventorycache.py"))
+    + pydantic.VERSION.encode(), digest_size=16).hexdigest()
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def _read_snapshot(path: Path, digest: str) -> Any:
+    """The content saved for the text with ``digest`` by this code, else None."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            head = json.loads(f.readline())
+            if head != {"format": _SNAPSHOT_FORMAT, "code": _CODE_STAMP, "text": digest}:
+                return None
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def _mac_of_key_line(piece: str) -> str | None:

@@ -168,6 +168,7 @@ def check_started_config(app: App) -> str | None:
     finally:
         app.config_pending = None
     log.info("config checked: every template renders for %d nodes", len(inventory.nodes))
+    app.inventory_loader.save_snapshot()  # for the next start, now that nothing waits
     return None
 
 

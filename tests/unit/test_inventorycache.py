@@ -125,3 +125,34 @@ def test_cut_keeps_every_byte_of_the_nodes_block():
     block = text[text.index("nodes:\n") + len("nodes:\n"):]
     assert "".join(pieces.entries) == block[block.index("  52:"):]
     assert pieces.head.startswith("# fleet\nprofiles:") and "nodes:" not in pieces.head
+
+
+def test_a_start_reads_the_snapshot_of_the_same_text_only(tmp_path):
+    """The first load of a daemon validates the content its last start saved, for the
+    very same text; anything else (another text, a broken or foreign file, content JSON
+    cannot carry) is loaded from the YAML, with the same outcome."""
+    path, snap = tmp_path / "nodes.yaml", tmp_path / "state.json"
+    text = fleet(30)
+    first = InventoryLoader(snap)
+    same_as_full(first, path, text)
+    assert not first.from_snapshot and not snap.exists()
+    first.save_snapshot()
+    assert snap.exists()
+    again = InventoryLoader(snap)
+    same_as_full(again, path, text)
+    assert again.from_snapshot
+    same_as_full(again, path, fleet(30, edit=3))  # and reloads reuse entries as ever
+    assert again.parsed == 1
+    other = InventoryLoader(snap)
+    same_as_full(other, path, fleet(30, edit=4))
+    assert not other.from_snapshot
+    head, _ = snap.read_text().split("\n", 1)
+    for body in ("{not json", '{"nodes": {"52:54:00:00:00:01": {"bogus": 1}}}'):
+        snap.write_text(head + "\n" + body)
+        broken = InventoryLoader(snap)
+        same_as_full(broken, path, text)
+        assert not broken.from_snapshot
+    dated = InventoryLoader(tmp_path / "dated.json")
+    same_as_full(dated, path, text.replace("{join: kubeadm}", "{since: 2026-01-01}", 1))
+    dated.save_snapshot()
+    assert not (tmp_path / "dated.json").exists()
