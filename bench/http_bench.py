@@ -41,6 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from nginxsite import start_nginx  # bench/ is on sys.path: the script's directory
+
 MAC = "52-54-00-00-00-0a"
 
 
@@ -76,7 +78,7 @@ def serve(root: Path, port: int, big_mib: int) -> None:
     """Child process: the HTTP service of a test fleet plus one big artefact."""
     import asyncio
 
-    from netbootd.http.app import HttpService
+    from netbootd.http.app import create as create_http
     from netbootd.http.testkit import make_app, write_version
 
     app = make_app(root, http={"port": port}, kernel_size=4096)
@@ -89,7 +91,7 @@ def serve(root: Path, port: int, big_mib: int) -> None:
     manifest.write_text(manifest.read_text().replace('"size": 0', f'"size": {big_mib << 20}'))
 
     async def main() -> None:
-        svc = HttpService(app)
+        svc = create_http(app)
         await svc.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -99,33 +101,6 @@ def serve(root: Path, port: int, big_mib: int) -> None:
         await svc.stop()
 
     asyncio.run(main())
-
-
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-{user}
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  sendfile on;
-  tcp_nopush on;
-  keepalive_requests 1000000;
-  default_type application/octet-stream;
-  client_body_temp_path {dir}/nginx-tmp;
-  proxy_temp_path {dir}/nginx-tmp;
-  fastcgi_temp_path {dir}/nginx-tmp;
-  uwsgi_temp_path {dir}/nginx-tmp;
-  scgi_temp_path {dir}/nginx-tmp;
-  server {{
-    listen 127.0.0.1:{port};
-    location /files/ {{ alias {store}/; }}
-    location /static/ {{ alias {dir}/static/; }}
-  }}
-}}
-"""
 
 
 # ------------------------------------------------------------------------ measurements
@@ -194,14 +169,11 @@ def main() -> int:
                                 check=True).stdout
         (tmp / "static").mkdir()
         (tmp / "static/script.ipxe").write_bytes(script)
-        (tmp / "nginx-tmp").mkdir()
-        conf = tmp / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=tmp, port=nx_port, store=store,
-                                          user="user root;" if os.geteuid() == 0 else ""))
         progress(f"starting nginx on :{nx_port}")
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        nx = subprocess.Popen([*pin(0), nginx, "-p", str(tmp), "-c", str(conf)],
-                              stderr=subprocess.DEVNULL)
+        nx = start_nginx(tmp, nx_port, f"location /files/ {{ alias {store}/; }}\n"
+                         f"    location /static/ {{ alias {tmp}/static/; }}",
+                         connections=1024, http_extra="keepalive_requests 1000000;",
+                         prefix=pin(0))
         procs.append(nx)
         wait_port(nx_port)
         nx_base = f"http://127.0.0.1:{nx_port}"

@@ -47,35 +47,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from nginxsite import start_nginx, stop_nginx  # bench/ is on sys.path: the script's directory
+
 REPO = Path(__file__).resolve().parent.parent
 LIB = REPO / "images" / "installer" / "install-lib.sh"
 LOCK = "/tmp/netbootd-bench.lock"
-
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-{user}
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 256; }}
-http {{
-  access_log off;
-  sendfile on;
-  tcp_nopush on;
-  default_type application/octet-stream;
-  client_body_temp_path {dir}/nginx-tmp;
-  proxy_temp_path {dir}/nginx-tmp;
-  fastcgi_temp_path {dir}/nginx-tmp;
-  uwsgi_temp_path {dir}/nginx-tmp;
-  scgi_temp_path {dir}/nginx-tmp;
-  server {{
-    listen 127.0.0.1:{port};
-    location /full/ {{ alias {dir}/www/; }}
-    location /link/ {{ alias {dir}/www/; limit_rate {rate}; }}
-  }}
-}}
-"""
-
 
 def progress(msg: str) -> None:
     print(f"[install-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -144,7 +120,6 @@ def main() -> int:
     shm = None
     try:
         (tmp / "www").mkdir()
-        (tmp / "nginx-tmp").mkdir()
         raw = tmp / "disk.img"
         progress(f"writing a {args.mib} MiB image")
         make_image(raw, args.mib)
@@ -158,10 +133,8 @@ def main() -> int:
         progress(f"image {usize >> 20} MiB -> {size / 1e6:.0f} MB zst")
         port = free_port()
         rate = args.rate_mbit * 1000 * 1000 // 8
-        (tmp / "nginx.conf").write_text(NGINX_CONF.format(
-            dir=tmp, port=port, rate=rate, user="user root;" if os.geteuid() == 0 else ""))
-        nginx = subprocess.Popen([shutil.which("nginx") or "/usr/sbin/nginx", "-p", str(tmp),
-                                  "-c", str(tmp / "nginx.conf")], stderr=subprocess.DEVNULL)
+        nginx = start_nginx(tmp, port, f"location /full/ {{ alias {tmp}/www/; }}\n"
+                            f"    location /link/ {{ alias {tmp}/www/; limit_rate {rate}; }}")
         wait_port(port)
         out = tmp / "written.img"
         # chunks live in RAM in the installer (its initrd is a tmpfs): here too
@@ -213,12 +186,7 @@ def main() -> int:
                       f"| {cpu:.2f} s | {c / i:.2f}x | {n:.2f} s | {c / n:.2f}x |")
     finally:
         if nginx is not None:
-            nginx.terminate()
-            try:
-                nginx.wait(5)
-            except subprocess.TimeoutExpired:
-                nginx.kill()
-                nginx.wait()
+            stop_nginx(nginx)
         shutil.rmtree(tmp, ignore_errors=True)
         if shm is not None:
             shutil.rmtree(shm, ignore_errors=True)

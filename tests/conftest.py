@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,20 @@ hypothesis_settings.register_profile("dev", deadline=None, print_blob=True)
 hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(pred: Callable[[], object], timeout: float, what: str) -> object:
+    """Poll ``pred`` until it returns something true, and return that. Tests wait for
+    conditions, never for fixed times: ``timeout`` is only the bound after which the
+    condition is taken to be broken (generous: the suite runs on loaded 2-core machines)."""
+    end = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() >= end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

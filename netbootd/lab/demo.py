@@ -40,6 +40,9 @@ from .tools import (
 
 ANSI = re.compile(r"\x1b\[[0-9;?=]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
 DEMO_CACHE = REPO / "images" / "cache" / "lab-demo"
+#: What U-Boot prints when the extlinux append does not fit its bootargs buffer: it then
+#: boots nothing, so the demo stops at once instead of waiting out --timeout.
+OVERFLOW = "bootarg overflow"
 
 
 def add_parser(sub: Any) -> None:
@@ -112,8 +115,9 @@ def run_lab(args: argparse.Namespace) -> int:
     if problem:
         print(f"netbootd lab: {problem}", file=sys.stderr)
         return 2
-    # The arm64 image's NFS root is built but not exercised by the tests: initrd only.
-    use_nfs = not args.no_nfs and args.arch == "amd64" and lab_problem(NFS_TOOLS) is None
+    # NFS root whenever ganesha is there: both architectures' images carry a rootfs, and
+    # U-Boot's extlinux append and GRUB's linux line name it as iPXE's script does.
+    use_nfs = not args.no_nfs and lab_problem(NFS_TOOLS) is None
     tools = GUEST_TOOLS if args.arch == "amd64" else (
         ARM64_GUEST_TOOLS if args.firmware == "uboot" else ARM64_UEFI_TOOLS)
     problem = lab_problem(LAB_TOOLS + tools)
@@ -203,8 +207,14 @@ def _run(args: argparse.Namespace, lab: Topology, out: Path, build: Path,
     done = "NETBOOTD-TEST: reported provisioned" if use_nfs else "NETBOOTD-TEST: reported booted"
     try:
         guest.start()
-        ok = _stream(guest, done, args.timeout)
+        ok = _stream(guest, f"{done}|{OVERFLOW}", args.timeout)
         state = nbd.node(mac) or {}
+        if OVERFLOW in guest.text():
+            print(flush=True)  # the console stopped mid-line
+            _say("U-Boot refused the kernel command line (512 bytes at most, docs/tftp.md); "
+                 f"the NFS root path under {out} is part of it: try a shorter --out, or "
+                 "--no-nfs")
+            return 1
         if not ok:
             _say(f"the guest did not boot within {args.timeout:.0f}s; see {guest.console}")
             return 1

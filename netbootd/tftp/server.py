@@ -328,7 +328,8 @@ class TftpService:
                 return
             text = _to_netascii(bytes(src.data))
             src.close()
-            src = FileSource(text, len(text), src.name, src.mac, src.image, src.version)
+            src = FileSource(text, len(text), src.name, src.mac, src.image, src.version,
+                             note=src.note)
         params = negotiate(req.options, size=src.size,
                            blksize_max=min(t.blksize_max, self._mtu_blksize(ifindex)),
                            windowsize_max=t.windowsize_max,
@@ -484,7 +485,7 @@ class TftpService:
         if outcome == "ok":
             self._seconds.observe(seconds)
         self.events.record(
-            "tftp", src.mac, "" if outcome == "ok" else reason, file=src.name,
+            "tftp", src.mac, src.note if outcome == "ok" else reason, file=src.name,
             bytes=rep.bytes_acked, seconds=round(seconds, 3), outcome=outcome,
             image=src.image, version=src.version, ip=ip)
         if outcome == "error":

@@ -16,6 +16,8 @@ U-Boot's network boot, as read in its source (``net/bootp.c``, ``cmd/pxe.c``,
 * ``pxe boot`` fetches ``kernel``, ``initrd`` and ``fdt`` over TFTP, relative to the same
   directory: netbootd names them ``netbootd/<mac>/<image>/<version>/<artefact>``
   (:func:`version_file`), so the version is in the name, like ``/files/`` URLs over HTTP.
+  It copies the label's ``append`` into a ``CONFIG_SYS_CBSIZE`` buffer and refuses a longer
+  one ("bootarg overflow"): :func:`long_appends` finds them before a board does.
 
 netbootd's GRUB image for arm64 UEFI (images/build_grub.py) asks for
 ``grub/grub.cfg-<mac>`` (:func:`is_grub_cfg`) and then the same version files.
@@ -71,6 +73,23 @@ def pxelinux_mac(name: str) -> str | None:
     return normalise_mac(m.group(1)) if m else None
 
 
+#: ``CONFIG_SYS_CBSIZE`` of Debian's U-Boot 2023.01 for qemu_arm64, measured: "bootarg
+#: overflow 1163+0+0+1 > 512". pxe_utils needs ``len(append) + 1 <= CBSIZE`` (no ipappend),
+#: so an append of 512 bytes or more never boots. Other builds may allow more (1024, 2048);
+#: netbootd warns at this size because it is the smallest seen.
+UBOOT_BOOTARGS_SIZE = 512
+
+_APPEND = re.compile(r"^[ \t]*append[ \t]+(.*)$", re.MULTILINE | re.IGNORECASE)
+
+
+def long_appends(config: str, size: int = UBOOT_BOOTARGS_SIZE) -> list[int]:
+    """Lengths (bytes) of the ``append`` lines of an extlinux config that do not fit a
+    ``size``-byte bootargs buffer: U-Boot prints "bootarg overflow" and boots nothing.
+    Why it matters: the append carries the version's NFS root path, the seed URL and the
+    boot's token, so a deep store path alone can push it over."""
+    return [n for m in _APPEND.finditer(config) if (n := len(m.group(1).encode())) + 1 > size]
+
+
 GRUB_DIR = "grub"
 _GRUB_CFG = "grub.cfg"
 
@@ -121,5 +140,6 @@ def version_file(parts: list[str]) -> tuple[str, str, str, str] | None:
     return mac, parts[2], parts[3], "/".join(parts[4:])
 
 
-__all__ = ["GRUB_SERVER_SLOT", "fill_server_slot", "grub_cfg_mac", "is_grub_cfg", "is_pxelinux", "pxelinux_mac", "script_image",
+__all__ = ["GRUB_SERVER_SLOT", "UBOOT_BOOTARGS_SIZE", "fill_server_slot", "grub_cfg_mac",
+           "is_grub_cfg", "is_pxelinux", "long_appends", "pxelinux_mac", "script_image",
            "version_file"]

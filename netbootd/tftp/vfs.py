@@ -83,6 +83,9 @@ class FileSource:
     #: Descriptor of the file ``data`` maps (large files only): the worker pool hands it
     #: to a worker process instead of copying the bytes. Owned by this source.
     fd: int | None = field(default=None, repr=False)
+    #: A warning about these bytes for the operator (the transfer's event message), e.g.
+    #: a U-Boot config whose append the board may refuse.
+    note: str = ""
 
     def drop_fd(self) -> None:
         """Close the descriptor now (a transfer served from this process needs only
@@ -245,7 +248,15 @@ class VirtualTree:
             if grub:
                 data = self.rendered("grub.cfg", plan, local_ip).encode()
             elif uboot.is_pxelinux(parts):
-                data = self.rendered("extlinux.conf", plan, local_ip).encode()
+                text = self.rendered("extlinux.conf", plan, local_ip)
+                note = "; ".join(
+                    f"append is {n} bytes: U-Boot builds with a {uboot.UBOOT_BOOTARGS_SIZE}"
+                    "-byte bootargs buffer refuse it (bootarg overflow)"
+                    for n in uboot.long_appends(text))
+                if note:  # served anyway: the board's U-Boot may have a larger buffer
+                    log.warning("pxelinux.cfg for %s: %s", mac, note)
+                return FileSource(text.encode(), len(text.encode()), name, origin="rendered",
+                                  note=note, **meta)
             else:
                 data = uboot.script_image(self.rendered("boot.scr", plan, local_ip))
             return FileSource(data, len(data), name, origin="rendered", **meta)

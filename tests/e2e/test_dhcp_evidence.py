@@ -11,18 +11,13 @@ that namespace's real kernel neighbour table. Everything is removed in ``finally
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from pyroute2 import netns as pynetns
@@ -33,11 +28,12 @@ from scapy.packet import Raw
 from netbootd.dhcp import clients as c
 from netbootd.dhcp import packet as pk
 from netbootd.inventory import load_inventory
-from netbootd.lab.netns import remove_namespaces
 from netbootd.neighbours import ClientAddresses
 from netbootd.nfs.service import NfsService
 from netbootd.settings import load_settings
 from netbootd.views import InventoryNodes, hooks
+from tests.conftest import wait_for
+from tests.e2e.dhcplan import DhcpLan, Port, dhcp_lan, sh
 
 pytestmark = [
     pytest.mark.slow,
@@ -49,57 +45,6 @@ pytestmark = [
 
 NODE_MAC = "02:00:00:e1:00:01"
 EVIL_MAC = "02:00:00:e1:00:66"
-ROLES = ("sw", "dhcp", "srv", "node", "evil")
-
-
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=check)
-
-
-def until(pred: Callable[[], object], timeout: float, what: str) -> object:
-    end = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-@dataclass
-class Lab:
-    tag: str
-    net: str
-    tmp: Path
-    procs: list[subprocess.Popen]
-
-    def ns(self, role: str) -> str:
-        return f"nbev-{self.tag}-{role}"
-
-    @property
-    def server(self) -> str:
-        return f"{self.net}.1"
-
-    @property
-    def evil_ip(self) -> str:
-        return f"{self.net}.66"
-
-    def events(self) -> list[dict]:
-        path = self.tmp / "state" / "events.jsonl"
-        if not path.exists():
-            return []
-        out = []
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a line being written
-        return out
-
-    def learnt(self, mac: str) -> list[str]:
-        """Addresses netbootd recorded as learnt for ``mac``, oldest first."""
-        return [e["fields"]["ip"] for e in self.events()
-                if e.get("kind") == "address" and e.get("mac") == mac]
 
 
 @contextmanager
@@ -113,63 +58,18 @@ def in_ns(name: str) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("evidence")
-    lab = Lab(tag=secrets.token_hex(3), net=f"10.231.{secrets.randbelow(50) + 200}",
-              tmp=tmp, procs=[])
-    try:
-        for role in ROLES:
-            sh("ip", "netns", "add", lab.ns(role))
-            sh("ip", "-n", lab.ns(role), "link", "set", "lo", "up")
-        sw = lab.ns("sw")
-        sh("ip", "-n", sw, "link", "add", "br0", "type", "bridge", "stp_state", "0",
-           "forward_delay", "0")
-        sh("ip", "-n", sw, "link", "set", "br0", "up")
-        for role, host, mac in (("dhcp", 2, None), ("srv", 1, None), ("node", None, NODE_MAC),
-                                ("evil", 66, EVIL_MAC)):
-            sh("ip", "-n", sw, "link", "add", f"p-{role}", "type", "veth", "peer", "name",
-               "eth0", "netns", lab.ns(role))
-            sh("ip", "-n", sw, "link", "set", f"p-{role}", "master", "br0", "up")
-            if mac:
-                sh("ip", "-n", lab.ns(role), "link", "set", "eth0", "address", mac)
-            if host:
-                sh("ip", "-n", lab.ns(role), "addr", "add", f"{lab.net}.{host}/24", "dev",
-                   "eth0")
-            sh("ip", "-n", lab.ns(role), "link", "set", "eth0", "up")
-        dnsmasq = subprocess.Popen(
-            ["ip", "netns", "exec", lab.ns("dhcp"), "dnsmasq", "-d", "--conf-file=/dev/null",
-             "--port=0", "--no-ping", "--user=root", "--bind-interfaces", "--interface=eth0",
-             f"--dhcp-range={lab.net}.100,{lab.net}.199,255.255.255.0,1h",
-             f"--dhcp-leasefile={tmp / 'leases'}", f"--pid-file={tmp / 'dnsmasq.pid'}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        lab.procs.append(dnsmasq)
-        (tmp / "nodes.yaml").write_text(
-            f"profiles:\n  default: {{action: netboot}}\nnodes:\n"
-            f"  {NODE_MAC}: {{hostname: node-01}}\n")
-        (tmp / "netbootd.yaml").write_text(
-            "policy: {unknown: default}\n"
-            f"paths: {{state: {tmp / 'state'}, inventory: {tmp / 'nodes.yaml'}}}\n")
-        with open(tmp / "srv.log", "w") as log:
-            srv = subprocess.Popen(
-                ["ip", "netns", "exec", lab.ns("srv"), sys.executable, "-m", "netbootd.dhcp",
-                 "--config", str(tmp / "netbootd.yaml"), "--log-level", "INFO"],
-                stdout=subprocess.PIPE, stderr=log, text=True)
-        lab.procs.append(srv)
-        assert srv.stdout.readline().strip() == "ready", (tmp / "srv.log").read_text()
-        yield lab
-    finally:
-        for p in lab.procs:
-            if p.poll() is None:
-                p.terminate()
-        remove_namespaces([lab.ns(role) for role in ROLES])
-        for p in lab.procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
+    with dhcp_lan(tmp_path_factory.mktemp("evidence"), "nbev",
+                  [Port("node", mac=NODE_MAC), Port("evil", 66, EVIL_MAC)],
+                  f"profiles:\n  default: {{action: netboot}}\nnodes:\n"
+                  f"  {NODE_MAC}: {{hostname: node-01}}\n", subnets=range(200, 250)) as lan:
+        yield lan
 
 
-def udhcpc(lab: Lab) -> str:
+def evil_ip(lab: DhcpLan) -> str:
+    return f"{lab.net}.66"
+
+
+def udhcpc(lab: DhcpLan) -> str:
     """The real node asks the site server for an address (broadcast flag set, so the
     ACK reaches every port of the bridge); returns the address it was given."""
     r = subprocess.run(["ip", "netns", "exec", lab.ns("node"), "busybox", "udhcpc", "-i",
@@ -182,7 +82,7 @@ def udhcpc(lab: Lab) -> str:
     raise AssertionError(f"udhcpc got no address: {out}")
 
 
-def evil_sends(lab: Lab, payload: bytes, src_ip: str) -> None:
+def evil_sends(lab: DhcpLan, payload: bytes, src_ip: str) -> None:
     """A broadcast DHCP packet from the evil namespace: its own Ethernet address, the
     node's MAC only inside the DHCP payload (chaddr), as any LAN host can do."""
     with in_ns(lab.ns("evil")):
@@ -198,25 +98,25 @@ def evil_sends(lab: Lab, payload: bytes, src_ip: str) -> None:
 def test_forged_request_and_inform_do_not_move_the_node(lab):
     # 1. The real node gets its address from the site server; netbootd sees the ACK.
     node_ip = udhcpc(lab)
-    until(lambda: node_ip in lab.learnt(NODE_MAC), 10, "the site server's ACK to be learnt")
+    wait_for(lambda: node_ip in lab.learnt(NODE_MAC), 10, "the site server's ACK to be learnt")
     sh("ip", "-n", lab.ns("node"), "addr", "add", f"{node_ip}/24", "dev", "eth0")
 
     # 2. A neighbour forges a REQUEST (option 50 = its address) and an INFORM (ciaddr =
     #    its address) with the node's MAC as chaddr, as iPXE would (netbootd answers).
     before = len(lab.events())
     evil_sends(lab, c.request(NODE_MAC, 0xE1, [
-        (53, bytes([pk.REQUEST])), (50, socket.inet_aton(lab.evil_ip)), (93, b"\x00\x07"),
+        (53, bytes([pk.REQUEST])), (50, socket.inet_aton(evil_ip(lab))), (93, b"\x00\x07"),
         (60, c.OVMF_PXE_VENDOR), (77, b"iPXE")]), "0.0.0.0")
     evil_sends(lab, c.request(NODE_MAC, 0xE2, [
         (53, bytes([pk.INFORM])), (93, b"\x00\x07"), (60, c.OVMF_PXE_VENDOR),
         (77, b"iPXE")],
-        ciaddr=lab.evil_ip), lab.evil_ip)
+        ciaddr=evil_ip(lab)), evil_ip(lab))
     # netbootd handled both (its ACKs are recorded): only then is "nothing learnt" news.
-    until(lambda: sum(1 for e in lab.events()[before:] if e.get("kind") == "dhcp"
+    wait_for(lambda: sum(1 for e in lab.events()[before:] if e.get("kind") == "dhcp"
                       and e.get("mac") == NODE_MAC
                       and e["fields"].get("decision") == "ack") >= 2,
           10, "netbootd to answer the forged packets")
-    assert lab.evil_ip not in lab.learnt(NODE_MAC)
+    assert evil_ip(lab) not in lab.learnt(NODE_MAC)
     assert lab.learnt(NODE_MAC)[-1] == node_ip
 
     # 3. Ownership in srv's real kernel neighbour table: both hosts talk to the server.
@@ -227,25 +127,25 @@ def test_forged_request_and_inform_do_not_move_the_node(lab):
         addresses = ClientAddresses()
         addresses.learn(node_ip, NODE_MAC)  # what the daemon learnt (events above)
         assert addresses.owner_of(node_ip) == NODE_MAC
-        assert addresses.owner_of(lab.evil_ip) != NODE_MAC  # the kernel names evil there
+        assert addresses.owner_of(evil_ip(lab)) != NODE_MAC  # the kernel names evil there
         # Even if a forged ACK had been believed, the kernel names the evil MAC there:
         forged = ClientAddresses()
-        forged.learn(lab.evil_ip, NODE_MAC)
-        assert forged.owner_of(lab.evil_ip) is None
+        forged.learn(evil_ip(lab), NODE_MAC)
+        assert forged.owner_of(evil_ip(lab)) is None
         inv = load_inventory(lab.tmp / "nodes.yaml")
         settings = load_settings(lab.tmp / "netbootd.yaml")
         nodes = InventoryNodes(lambda: inv, forged, lambda: settings)
-        assert not nodes.owns(NODE_MAC, lab.evil_ip)
+        assert not nodes.owns(NODE_MAC, evil_ip(lab))
         nodes = InventoryNodes(lambda: inv, addresses, lambda: settings)
         assert nodes.owns(NODE_MAC, node_ip)
-        assert not nodes.owns(NODE_MAC, lab.evil_ip)
+        assert not nodes.owns(NODE_MAC, evil_ip(lab))
 
         async def from_the_event_loop() -> tuple[bool, bool]:
             # where the HTTP handlers ask (netlink must still answer on a loop's thread)
             fresh = ClientAddresses()
             fresh.learn(node_ip, NODE_MAC)
             on_loop = InventoryNodes(lambda: inv, fresh, lambda: settings)
-            return on_loop.owns(NODE_MAC, node_ip), on_loop.owns(NODE_MAC, lab.evil_ip)
+            return on_loop.owns(NODE_MAC, node_ip), on_loop.owns(NODE_MAC, evil_ip(lab))
 
         assert asyncio.run(from_the_event_loop()) == (True, False)
 
@@ -287,7 +187,7 @@ def test_state_export_follows_only_a_confirmed_settled_address(lab, tmp_path):
         addresses.learn(ip1, NODE_MAC)
         t0 = time.monotonic()
         assert state_to() is None, "exported on the first sighting"
-        until(lambda: state_to() == ip1, 10, "the confirmed address to settle")
+        wait_for(lambda: state_to() == ip1, 10, "the confirmed address to settle")
         assert time.monotonic() - t0 >= settle
 
         # A forged ACK moves the learnt address; the kernel says another MAC is there.
@@ -295,13 +195,13 @@ def test_state_export_follows_only_a_confirmed_settled_address(lab, tmp_path):
            "nud", "permanent")
         addresses.learn(ip2, NODE_MAC)
         t1 = time.monotonic()
-        until(lambda: time.monotonic() - t1 > settle * 1.5, 10, "the settle time to pass")
+        wait_for(lambda: time.monotonic() - t1 > settle * 1.5, 10, "the settle time to pass")
         assert state_to() == ip1, "a forged address re-pointed the read-write export"
 
         # The node really moved: the kernel confirms, and after settling it follows.
         sh("ip", "-n", ns, "neigh", "replace", ip2, "lladdr", NODE_MAC, "dev", "eth0",
            "nud", "permanent")
-        until(lambda: state_to() == ip2, 10, "the genuine move to settle")
+        wait_for(lambda: state_to() == ip2, 10, "the genuine move to settle")
     finally:
         for ip in (ip1, ip2):
             sh("ip", "-n", ns, "neigh", "del", ip, "dev", "eth0", check=False)

@@ -16,11 +16,8 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from pyroute2 import netns as pynetns
@@ -32,7 +29,7 @@ from scapy.utils import rdpcap
 
 from netbootd.dhcp import clients as c
 from netbootd.dhcp import packet as pk
-from netbootd.lab.netns import remove_namespaces
+from tests.e2e.dhcplan import DhcpLan, Port, dhcp_lan, sh, wait_line
 
 pytestmark = [
     pytest.mark.slow,
@@ -49,117 +46,23 @@ INV_PI_SERIAL = 0x0BADCAFE
 ETH_P_ALL = 0x0003
 
 
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=check)
-
-
-@dataclass
-class Lab:
-    tag: str
-    net: str  # "10.231.X"
-    tmp: Path
-    procs: list[subprocess.Popen]
-
-    def ns(self, role: str) -> str:
-        return f"nbdh-{self.tag}-{role}"
-
-    @property
-    def server(self) -> str:
-        return f"{self.net}.1"
-
-    @property
-    def site(self) -> str:
-        return f"{self.net}.2"
-
-    def spawn(self, role: str, *cmd: str, **kw) -> subprocess.Popen:
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns(role), *cmd], **kw)
-        self.procs.append(p)
-        return p
-
-
-def _teardown(lab: Lab) -> None:
-    for p in lab.procs:
-        if p.poll() is None:
-            p.terminate()
-    remove_namespaces([lab.ns(role) for role in ("cli", "srv", "dhcp", "sw")])
-    for p in lab.procs:
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def _wait_line(proc: subprocess.Popen, stream, needle: str, timeout: float) -> str:
-    """Read ``stream`` until a line contains ``needle``; fail with what was read."""
-    seen = []
-    end = time.monotonic() + timeout
-    os.set_blocking(stream.fileno(), False)
-    while time.monotonic() < end:
-        line = stream.readline()
-        if line:
-            seen.append(line)
-            if needle in line:
-                return line
-        elif proc.poll() is not None:
-            break
-        else:
-            time.sleep(0.02)
-    raise AssertionError(f"no {needle!r} within {timeout}s: {''.join(seen)[-2000:]}")
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dhcp-lab")
-    x = secrets.randbelow(100) + 100
-    lab = Lab(tag=secrets.token_hex(3), net=f"10.231.{x}", tmp=tmp, procs=[])
-    try:
-        for role in ("sw", "dhcp", "srv", "cli"):
-            sh("ip", "netns", "add", lab.ns(role))
-            sh("ip", "-n", lab.ns(role), "link", "set", "lo", "up")
-        sw = lab.ns("sw")
-        sh("ip", "-n", sw, "link", "add", "br0", "type", "bridge", "stp_state", "0",
-           "forward_delay", "0")
-        sh("ip", "-n", sw, "link", "set", "br0", "up")
-        for role, host in (("dhcp", 2), ("srv", 1), ("cli", 50)):
-            sh("ip", "-n", sw, "link", "add", f"p-{role}", "type", "veth", "peer", "name",
-               "eth0", "netns", lab.ns(role))
-            sh("ip", "-n", sw, "link", "set", f"p-{role}", "master", "br0", "up")
-            sh("ip", "-n", lab.ns(role), "addr", "add", f"{lab.net}.{host}/24", "dev", "eth0")
-            sh("ip", "-n", lab.ns(role), "link", "set", "eth0", "up")
-
-        dnsmasq = lab.spawn(
-            "dhcp", "dnsmasq", "-d", "--conf-file=/dev/null", "--port=0", "--no-ping",
-            "--user=root", "--bind-interfaces", "--interface=eth0",
-            f"--dhcp-range={lab.net}.100,{lab.net}.199,255.255.255.0,1h",
-            f"--dhcp-leasefile={tmp / 'leases'}", f"--pid-file={tmp / 'dnsmasq.pid'}",
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        _wait_line(dnsmasq, dnsmasq.stderr, "DHCP, IP range", 10)
-
-        (tmp / "nodes.yaml").write_text(
-            "profiles:\n  default: {action: netboot}\nnodes:\n"
-            f"  {LOCAL_MAC}: {{action: local}}\n  {IGNORE_MAC}: {{action: ignore}}\n"
-            f"  {INV_PI_MAC}: {{serial: {INV_PI_SERIAL:08x}}}\n")
-        (tmp / "netbootd.yaml").write_text(
-            "policy: {unknown: default}\n"
-            f"paths: {{state: {tmp / 'state'}, inventory: {tmp / 'nodes.yaml'}}}\n")
-        with open(tmp / "srv.log", "w") as srv_log:  # the child keeps its own copy of the fd
-            srv = lab.spawn("srv", sys.executable, "-m", "netbootd.dhcp", "--config",
-                            str(tmp / "netbootd.yaml"), "--log-level", "INFO",
-                            stdout=subprocess.PIPE, stderr=srv_log, text=True)
-        _wait_line(srv, srv.stdout, "ready", 20)
-        yield lab
-    finally:
-        _teardown(lab)
+    with dhcp_lan(tmp_path_factory.mktemp("dhcp-lab"), "nbdh", [Port("cli", 50)],
+                  "profiles:\n  default: {action: netboot}\nnodes:\n"
+                  f"  {LOCAL_MAC}: {{action: local}}\n  {IGNORE_MAC}: {{action: ignore}}\n"
+                  f"  {INV_PI_MAC}: {{serial: {INV_PI_SERIAL:08x}}}\n") as lan:
+        yield lan
 
 
 @contextmanager
-def capture(lab: Lab, name: str):
+def capture(lab: DhcpLan, name: str):
     """tcpdump on the client's link for the duration; yields the pcap path."""
     path = lab.tmp / f"{name}.pcap"
     p = lab.spawn("cli", "tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode", "-w", str(path),
                   "udp port 67 or udp port 68 or udp port 4011",
                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_line(p, p.stderr, "listening on", 10)
+    wait_line(p, p.stderr, "listening on", 10)
     try:
         yield path
     finally:
@@ -169,7 +72,7 @@ def capture(lab: Lab, name: str):
 
 
 @contextmanager
-def raw_link(lab: Lab):
+def raw_link(lab: DhcpLan):
     """An AF_PACKET socket on the client namespace's eth0 (created inside that netns)."""
     pynetns.pushns(lab.ns("cli"))
     try:
@@ -211,7 +114,7 @@ def raw_opt(bootp: BOOTP, code: int) -> bytes | None:
     return pk.parse(b"\x01" + raw[1:]).options.get(code)
 
 
-def from_server(lab: Lab, pkts) -> list:
+def from_server(lab: DhcpLan, pkts) -> list:
     return [p for p in pkts if IP in p and p[IP].src == lab.server and UDP in p
             and p[UDP].sport in (67, 4011)]
 

@@ -24,19 +24,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 
 WORKERS = 2
 BIG = 8 * 1024 * 1024  # 16,384 blocks of 512: far from done when the stop comes
 
-
-def wait_for(pred, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def children(pid: int) -> list[int]:

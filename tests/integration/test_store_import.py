@@ -15,7 +15,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import pytest
 from netbootd.store.build import sample_build
 from netbootd.store.importer import fit_cmdline, fit_fstab, name_version
 from netbootd.tftp.piclient import PI5_FILES, pi5_boot
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 from tests.piimage import BOOT_FILES, CONFIG, make_pi_image
 
 PI_MAC = "d8:3a:dd:77:88:99"
@@ -36,14 +35,6 @@ def cli(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedP
     return subprocess.run([sys.executable, "-m", "netbootd", *args, "--config", str(config)],
                           capture_output=True, text=True, timeout=timeout, check=False)
 
-
-def wait_for(pred, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture

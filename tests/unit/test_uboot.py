@@ -112,10 +112,12 @@ class Arm64Images:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.version = "1"
+        self.cmdline = "console=ttyAMA0"
 
     def resolve(self, image, channel, pin, *, mac=None):
-        return dataclasses.replace(_ref(("arm64",), self.root / self.version),
-                                   version=self.version,
+        ref = _ref(("arm64",), self.root / self.version)
+        return dataclasses.replace(ref, version=self.version,
+                                   boot={**ref.boot, "cmdline": self.cmdline},
                                    artefacts=listing(self.root / self.version))
 
 
@@ -162,6 +164,35 @@ def test_pxelinux_config_names_the_planned_version_over_tftp(arm64):
     app.planner.end(MAC)
     text2 = bytes(tree.open(f"pxelinux.cfg/01-{DASHED}", "10.231.0.5", "10.231.0.2").data)
     assert b"/demo/2/boot/vmlinuz" in text2
+
+
+def test_long_appends_are_the_ones_u_boot_refuses():
+    """U-Boot's pxe refuses ``len(append) + 1 > CONFIG_SYS_CBSIZE`` (512 measured on
+    Debian's qemu_arm64 build); the line is counted as U-Boot reads it, to its end."""
+    fits = "x" * (uboot.UBOOT_BOOTARGS_SIZE - 1)
+    config = f"label a\n  kernel k\n  append {fits}\nlabel b\n  APPEND {fits}y\n"
+    assert uboot.long_appends(config) == [uboot.UBOOT_BOOTARGS_SIZE]
+    assert uboot.long_appends(f"  append {fits} \n") == [uboot.UBOOT_BOOTARGS_SIZE]
+    assert uboot.long_appends(config, size=2048) == []
+    assert uboot.long_appends("label a\n  kernel k\n") == []
+
+
+def test_a_too_long_append_is_served_with_a_warning(arm64, caplog):
+    app, images = arm64
+    images.cmdline = "console=ttyAMA0 " + "x" * 600
+    tree = virtual_tree(app)
+    with caplog.at_level("WARNING", logger="netbootd.tftp.vfs"):
+        src = tree.open(f"pxelinux.cfg/01-{DASHED}", "10.231.0.5", "10.231.0.2")
+    assert b"x" * 600 in bytes(src.data)
+    assert "bootarg overflow" in src.note  # the transfer's event message
+    assert any(MAC in r.getMessage() and "bootarg overflow" in r.getMessage()
+               for r in caplog.records), caplog.text
+    caplog.clear()
+    images.cmdline = "console=ttyAMA0"
+    app.planner.end(MAC)
+    with caplog.at_level("WARNING", logger="netbootd.tftp.vfs"):
+        src = tree.open(f"pxelinux.cfg/01-{DASHED}", "10.231.0.5", "10.231.0.2")
+    assert "bootarg overflow" not in caplog.text and src.note == ""
 
 
 def test_boot_script_is_rendered_and_wrapped(arm64):
