@@ -158,6 +158,8 @@ def check_started_config(app: App) -> str | None:
     inventory, renderer = app.inventory, app.render
     try:
         check_config(app, inventory, renderer)
+        # for the next start; before /readyz says ready, so a stop right then keeps it
+        app.inventory_loader.save_snapshot()
     except ConfigError as exc:
         if app.inventory is not inventory:
             return None  # a reload replaced it meanwhile, checked in full
@@ -168,7 +170,6 @@ def check_started_config(app: App) -> str | None:
     finally:
         app.config_pending = None
     log.info("config checked: every template renders for %d nodes", len(inventory.nodes))
-    app.inventory_loader.save_snapshot()  # for the next start, now that nothing waits
     return None
 
 
