@@ -10,6 +10,7 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .inventory import load_inventory
     from .planner import NoImages, fit_warnings
     from .render import Renderer
-    from .rendercheck import CheckCache, StoreAnswers
+    from .rendercheck import CheckCache, StoreAnswers, check_forked
 
     settings = _settings(args)
     inventory = load_inventory(settings.paths.inventory)
@@ -98,7 +99,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     # rendered again. Read only: a check never writes the daemon's state.
     cache = CheckCache()
     cache.load(settings.paths.state / CheckCache.FILE_NAME)
-    problems = Renderer(settings, check_cache=cache).check(inventory, images, cache=cache)
+    problems = check_forked(Renderer(settings, check_cache=cache), inventory, images, cache,
+                            processes=len(os.sched_getaffinity(0)))
     problems += [Problem(str(settings.config_file or "-"), 0, f"secrets.{k}",
                          f"file not found: {p}")
                  for k, p in settings.secrets.items() if not p.exists()]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
 import struct
 import threading
 import weakref
@@ -65,17 +66,90 @@ _CODE_STAMP = hashlib.blake2b(
 
 
 def check(renderer: Renderer, inventory: Inventory, images: Any,
-          cache: CheckCache | None) -> list[Problem]:
-    """Every artefact for every node and the default profile; the problems found.
+          cache: CheckCache | None, *, with_default: bool = True) -> list[Problem]:
+    """Every artefact for every node and (``with_default``) the default profile; the
+    problems found.
 
     ``cache`` (updated in place): what earlier checks found; see the module docstring.
     ``renderer.check_renders`` / ``check_planned`` count the renders and plans done."""
     with paused_gc():  # yamlfile.paused_gc says why
-        return _check(renderer, inventory, images, cache)
+        return _check(renderer, inventory, images, cache, with_default)
+
+
+def check_forked(renderer: Renderer, inventory: Inventory, images: Any,
+                 cache: CheckCache | None, *, processes: int, min_nodes: int = 2000
+                 ) -> list[Problem]:
+    """``check`` with the fleet split over ``processes`` forked copies of this process
+    (each renders its share; rendering is CPU-bound and the GIL allows one thread at a
+    time), for ``netbootd check``: a one-shot, single-threaded process. The problems are
+    the same as ``check``'s, in the same order; ``cache`` is only read. Fewer nodes than
+    ``min_nodes``, or one process, is a plain ``check``."""
+    macs = list(inventory.nodes)
+    if processes < 2 or len(macs) < min_nodes:
+        return check(renderer, inventory, images, cache)
+    size = -(-len(macs) // processes)
+    shares = [macs[i:i + size] for i in range(0, len(macs), size)]
+    last = len(shares) - 1  # checks the default profile too: it comes after every node
+    readers = []
+    for i, share in enumerate(shares[1:], start=1):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: check its share, send the problems, leave at once
+            os.close(r)
+            try:
+                found = check(renderer, _part(inventory, share), images, _read_only(cache),
+                              with_default=i == last)
+                data = pickle.dumps(found)
+            except BaseException as exc:  # noqa: BLE001 - the parent checks this share
+                data = pickle.dumps(exc.__class__.__name__)
+            with os.fdopen(w, "wb") as out:
+                out.write(data)
+            os._exit(0)
+        os.close(w)
+        readers.append((pid, r, share, i == last))
+    problems = check(renderer, _part(inventory, shares[0]), images, _read_only(cache),
+                     with_default=last == 0)
+    for pid, r, share, with_default in readers:
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+        try:
+            found = pickle.loads(data)
+        except Exception:  # noqa: BLE001 - a child that died: check its share here
+            found = None
+        if not isinstance(found, list):
+            found = check(renderer, _part(inventory, share), images, _read_only(cache),
+                          with_default=with_default)
+        problems.extend(found)
+    # each share reports a template problem once; the whole fleet, once too
+    seen: set[tuple[str, int, str, str]] = set()
+    out = []
+    for p in problems:
+        key = (p.file, p.line, p.field.split(" for ", 1)[0], p.message)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def _part(inventory: Inventory, macs: list[str]) -> Inventory:
+    nodes = {m: inventory.nodes[m] for m in macs}
+    return Inventory(nodes=nodes, profiles=inventory.profiles,
+                     by_serial={s: m for s, m in inventory.by_serial.items() if m in nodes},
+                     source=inventory.source, allow_shrink=inventory.allow_shrink)
+
+
+def _read_only(cache: CheckCache | None) -> CheckCache | None:
+    """A copy of what ``cache`` knows, for a check whose findings are not kept."""
+    if cache is None:
+        return None
+    copy = CheckCache()
+    copy.generation, copy.results = cache.generation, dict(cache.results)
+    return copy
 
 
 def _check(renderer: Renderer, inventory: Inventory, images: Any,
-           cache: CheckCache | None) -> list[Problem]:
+           cache: CheckCache | None, with_default: bool = True) -> list[Problem]:
     from .planner import NoImages, decide
 
     settings = renderer.settings
@@ -93,9 +167,9 @@ def _check(renderer: Renderer, inventory: Inventory, images: Any,
         old, old_keys = base.inventory.nodes, base.keys
         todo = [(m, n) for m, n in inventory.nodes.items()
                 if ((o := old.get(m)) is not n and o != n) or old_keys.get(m) not in known]
-        with_default = old_keys.get(_DEFAULT_MACHINE) not in known
+        with_default = with_default and old_keys.get(_DEFAULT_MACHINE) not in known
     else:
-        todo, with_default = list(inventory.nodes.items()), True
+        todo = list(inventory.nodes.items())
     machines = [ClientFacts(mac=m, serial=n.serial,
                             kind=ClientKind.RPI if n.serial else ClientKind.IPXE)
                 for m, n in todo]

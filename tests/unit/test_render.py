@@ -253,3 +253,24 @@ def test_an_edit_of_an_included_template_renders_what_includes_it(tmp_path, ship
     problems = edited.check(inv, OneImage(), cache=cache)
     assert edited.check_renders == 4  # meta-data for the three nodes and the default
     assert problems and "nope" in problems[0].message
+
+
+def test_a_forked_check_finds_what_one_process_finds(tmp_path, shipped):
+    """`netbootd check` splits the fleet over forked processes: the same problems, in
+    the same order, each named once and after the first node that shows it."""
+    from netbootd.rendercheck import check_forked
+
+    settings, _inv, _ = shipped
+    sources = dict(Renderer(settings).sources)
+    sources["cloud-init/meta-data.j2"] = (
+        "instance-id: x\n{% if node.hostname in ('h3', 'h9') %}{{ vars.nope }}{% endif %}\n"
+        "{% if not node.known or node.hostname == 'h7' %}{{ vars.unknown_too }}{% endif %}\n")
+    text = "nodes:\n" + "".join(f"  aa:bb:cc:dd:ee:{i:02x}: {{hostname: h{i}}}\n"
+                                for i in range(12))
+    inv = _edited(tmp_path, text)
+    one = Renderer(settings, sources).check(inv, OneImage())
+    assert [p.field for p in one] == ["meta-data for h3", "meta-data for h7"]
+    for processes in (2, 3, 5):
+        forked = check_forked(Renderer(settings, sources), inv, OneImage(), CheckCache(),
+                              processes=processes, min_nodes=1)
+        assert forked == one
