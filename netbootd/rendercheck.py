@@ -469,15 +469,21 @@ class CheckCache:
         if generation is None:
             return
         index: dict[bytes, int] = {}
+        encoded: dict[int, bytes | None] = {}  # per distinct entry (most nodes share one)
         rows = []
         for key, entry in results.items():
-            if len(entry) != len(ARTEFACTS) or any(failures for _, failures in entry):
-                continue
-            for stamp, _ in entry:
-                index.setdefault(stamp, len(index))
-            if len(index) > 255:
-                return
-            rows.append(key + bytes(index[stamp] for stamp, _ in entry))
+            row = encoded.get(id(entry), b"")
+            if row == b"":
+                row = None
+                if len(entry) == len(ARTEFACTS) and not any(f for _, f in entry):
+                    for stamp, _ in entry:
+                        index.setdefault(stamp, len(index))
+                    if len(index) > 255:
+                        return
+                    row = bytes(index[stamp] for stamp, _ in entry)
+                encoded[id(entry)] = row
+            if row is not None:
+                rows.append(key + row)
         head = self.MAGIC + generation + struct.pack("<H", len(index)) + b"".join(index)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
