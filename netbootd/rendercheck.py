@@ -95,24 +95,30 @@ def check_forked(renderer: Renderer, inventory: Inventory, images: Any,
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: check its share, send the problems, leave at once
-            os.close(r)
             try:
-                found = check(renderer, _part(inventory, share), images, _read_only(cache),
-                              with_default=i == last)
-                data = pickle.dumps(found)
-            except BaseException as exc:  # noqa: BLE001 - the parent checks this share
-                data = pickle.dumps(exc.__class__.__name__)
-            with os.fdopen(w, "wb") as out:
-                out.write(data)
-            os._exit(0)
+                os.close(r)
+                try:
+                    found = check(renderer, _part(inventory, share), images,
+                                  _read_only(cache), with_default=i == last)
+                    data = pickle.dumps(found)
+                except BaseException as exc:  # noqa: BLE001 - the parent checks this share
+                    data = pickle.dumps(exc.__class__.__name__)
+                with os.fdopen(w, "wb") as out:
+                    out.write(data)
+            finally:
+                os._exit(0)  # never back into the parent's code, whatever happened
         os.close(w)
         readers.append((pid, r, share, i == last))
-    problems = check(renderer, _part(inventory, shares[0]), images, _read_only(cache),
-                     with_default=last == 0)
-    for pid, r, share, with_default in readers:
-        with os.fdopen(r, "rb") as f:
-            data = f.read()
-        os.waitpid(pid, 0)
+    answers: list[bytes] = []
+    try:
+        problems = check(renderer, _part(inventory, shares[0]), images, _read_only(cache),
+                         with_default=last == 0)
+    finally:  # every child is read and reaped, also when this process's share failed
+        for pid, r, _share, _default in readers:
+            with os.fdopen(r, "rb") as f:
+                answers.append(f.read())
+            os.waitpid(pid, 0)
+    for (_pid, _r, share, with_default), data in zip(readers, answers, strict=True):
         try:
             found = pickle.loads(data)
         except Exception:  # noqa: BLE001 - a child that died: check its share here
