@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .events import EventLog
 from .inventory import Inventory
+from .inventorycache import InventoryLoader
 from .metrics import Metrics
 from .neighbours import ClientAddresses
 from .planner import Planner
@@ -41,6 +42,10 @@ class Service(Protocol):
     def health(self) -> dict[str, Any]:
         """A small dict for /readyz and the status page, e.g. {"ok": True, "bound": [...]}."""
 
+    # Optional: ``warm_up(self) -> None``, work a service wants done soon after it starts
+    # but that nothing before the daemon answers needs (imports for a slow path). The
+    # daemon runs it in a thread once every service started.
+
 
 @dataclass
 class App:
@@ -60,8 +65,13 @@ class App:
     cluster: Any = None
     services: dict[str, Service] = field(default_factory=dict)
     config_error: str | None = None  #: last rejected reload, shown on the status page
+    #: Why the config in force is not yet fully checked (``netbootd serve`` renders every
+    #: node's templates once its services answer), or None; /readyz waits for it.
+    config_pending: str | None = None
     #: Called after a successful reload (services that cache config-derived state).
     on_reload: list[Callable[[], None]] = field(default_factory=list)
+    #: Loads nodes.yaml for reloads, reusing the entries whose text did not change.
+    inventory_loader: InventoryLoader = field(default_factory=InventoryLoader)
     #: Reload config now (API, SIGHUP); returns None or the error text (old config kept).
     reload: Callable[[], str | None] = lambda: None
 
@@ -87,6 +97,9 @@ class AppStatus:
     def inventory_loaded(self) -> bool:
         inv = self._app.inventory
         return inv.source is not None or bool(inv.nodes)
+
+    def config_pending(self) -> str | None:
+        return self._app.config_pending
 
     def reload(self) -> str | None:
         return self._app.reload()

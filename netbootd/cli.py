@@ -10,6 +10,7 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,26 +83,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not settings.http.access_log and log.getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("netbootd.http.access").setLevel(logging.WARNING)
-    app = build_app(settings)
+    app = build_app(settings, check_later=True)
     return asyncio.run(serve(app))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate settings, inventory and every template for every node."""
     from .inventory import load_inventory
-    from .planner import fit_warnings
+    from .planner import NoImages, fit_warnings
     from .render import Renderer
+    from .rendercheck import CheckCache, StoreAnswers, check_forked
 
     settings = _settings(args)
     inventory = load_inventory(settings.paths.inventory)
     images = _resolver(settings)
-    problems = Renderer(settings).check(inventory, images)
+    # What the daemon's checks found per node (it saves them in its state directory):
+    # a node it rendered cleanly under the same templates, settings and code is not
+    # rendered again. Read only: a check never writes the daemon's state.
+    cache = CheckCache()
+    cache.load(settings.paths.state / CheckCache.FILE_NAME)
+    problems = check_forked(Renderer(settings, check_cache=cache), inventory, images, cache,
+                            processes=len(os.sched_getaffinity(0)))
     problems += [Problem(str(settings.config_file or "-"), 0, f"secrets.{k}",
                          f"file not found: {p}")
                  for k, p in settings.secrets.items() if not p.exists()]
     if problems:
         raise ConfigError(problems)
-    for warning in fit_warnings(inventory, settings, images):
+    # without a store no image can be unfit for a node: nothing to plan again
+    warnings = ([] if isinstance(images, NoImages)
+                else fit_warnings(inventory, settings, StoreAnswers(images)))
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {settings.config_file or 'defaults'}; {len(inventory.nodes)} nodes, "
           f"{len(inventory.profiles)} profiles, templates in {settings.paths.templates}")

@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import signal
+import threading
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ from .metrics import Metrics
 from .neighbours import ClientAddresses
 from .nodestate import LocalNodeState
 from .planner import NoImages, Planner
-from .reload import reload_now, validate_config, watch_config
+from .reload import check_started_config, load_config, reload_now, validate_config, watch_config
 from .render import Renderer
 from .rpi.bootimg import token_hook
 from .settings import Settings
@@ -33,8 +34,13 @@ log = logging.getLogger("netbootd.daemon")
 STOP_BUDGET = 1.5  # seconds for all services together; the contract is 2 s
 
 
-def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
-    """The App for these settings; raises ``ConfigError`` if inventory/templates are bad."""
+def build_app(settings: Settings, *, inventory: Inventory | None = None,
+              check_later: bool = False) -> App:
+    """The App for these settings; raises ``ConfigError`` if inventory/templates are bad.
+
+    ``check_later`` (``netbootd serve``): nodes.yaml is parsed and validated now, but the
+    render check of every node's templates is left to ``serve``, which runs it once the
+    services answer (``app.config_pending`` until then)."""
     holder: dict[str, Any] = {}
     cluster = open_cluster(settings)  # None on cluster.backend: local
     state = cluster.node_state if cluster is not None else \
@@ -66,7 +72,12 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None) -> App:
     # can be built before it asks (netbootd/rpi/bootimg.py).
     planner.token_for = token_hook(lambda: app.settings)
     app.reload = lambda: reload_now(app)
-    if inventory is None:
+    if inventory is None and check_later:
+        # the first load starts from the snapshot the last start saved (inventorycache.py)
+        app.inventory_loader.snapshot = settings.paths.state / app.inventory_loader.SNAPSHOT_NAME
+        app.inventory, app.render = load_config(app)
+        app.config_pending = "templates not yet checked for every node"
+    elif inventory is None:
         app.inventory, app.render = validate_config(app)
     app.events.subscribe(_count_phase(app))
     return app
@@ -101,6 +112,15 @@ async def follow_operator_verbs(app: App) -> None:
         log.exception("lifecycle watch stopped")
 
 
+def _logged(fn: Any, name: str) -> Any:
+    def run() -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("warm-up of service %s failed", name)
+    return run
+
+
 class Daemon:
     """Runs the enabled services of one App until stopped."""
 
@@ -126,6 +146,11 @@ class Daemon:
                 continue
             self.app.services[name] = service
             log.info("service %s started", name)
+        for name, service in list(self.app.services.items()):
+            warm_up = getattr(service, "warm_up", None)
+            if callable(warm_up):  # a daemon thread: a stop never waits for it
+                threading.Thread(target=_logged(warm_up, name), name=f"{name}-warm-up",
+                                 daemon=True).start()
         self._tasks.append(asyncio.create_task(watch_config(self.app, self._stop),
                                                name="config-watch"))
         self._tasks.append(asyncio.create_task(follow_operator_verbs(self.app),
@@ -240,7 +265,19 @@ async def serve(app: App) -> int:
         return 1
     settle_heap()
     log.info("netbootd serving: %s", ", ".join(app.services))
+    rejected: list[str] = []
+    if app.config_pending:
+        # every node's templates rendered once, in a thread, while the services answer
+        # (a daemon thread: a stop never waits for it); a config that fails stops the
+        # daemon, as it would have refused to start
+        def check() -> None:
+            problems = check_started_config(app)
+            if problems:
+                rejected.append(problems)
+                loop.call_soon_threadsafe(daemon.request_stop)
+
+        threading.Thread(target=check, name="config-check", daemon=True).start()
     await daemon.wait()
     log.info("stopping")
     await daemon.stop()
-    return 0
+    return 1 if rejected else 0

@@ -235,11 +235,12 @@ def load_inventory(path: Path, text: str | None = None) -> Inventory:
     """Parse and validate ``nodes.yaml`` (or ``text``, its content as already read);
     every problem names file, line and field."""
     with paused_gc():
-        return _load_inventory(path, text)
+        return inventory_from_data(path, load_yaml(path, text))
 
 
-def _load_inventory(path: Path, text: str | None) -> Inventory:
-    data = load_yaml(path, text)
+def inventory_from_data(path: Path, data: Any) -> Inventory:
+    """Validate nodes.yaml's content as parsed (``load_yaml``: lines known, so problems
+    name them; plain data: problems name line 1)."""
     if not isinstance(data, dict):
         raise ConfigError.single(path, 1, "", "top level must be a mapping with nodes/profiles")
     problems: list[Problem] = []
@@ -290,7 +291,7 @@ def _load_inventory(path: Path, text: str | None) -> Inventory:
                                         f"nodes.{seen[mac]}.serial",
                                         f"serial {node.serial} also used by {by_serial[node.serial]}"))
             by_serial[node.serial] = mac
-    problems.extend(_ambiguous_profiles(path, data, profiles))
+    problems.extend(ambiguous_profiles(path, data, profiles))
     if problems:
         raise ConfigError(problems)
     return Inventory(nodes=dict(parsed.nodes), profiles=profiles, by_serial=by_serial,
@@ -307,7 +308,7 @@ def _relined(data: Any, nodes_in: LineDict) -> Any:
     return out
 
 
-def _ambiguous_profiles(path: Path, data: Any, profiles: dict[str, Profile]) -> list[Problem]:
+def ambiguous_profiles(path: Path, data: Any, profiles: dict[str, Profile]) -> list[Problem]:
     """Two profiles with equally many selectors that one machine could satisfy both of."""
     problems = []
     names = [n for n in profiles if n != DEFAULT_PROFILE and profiles[n].selectors.pairs()]

@@ -39,6 +39,7 @@ class Action(StrEnum):
 
 
 _MAC_DIGITS = re.compile(r"[0-9a-fA-F]{12}")
+_CANONICAL_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 
 
 def normalise_mac(text: str) -> str:
@@ -50,6 +51,8 @@ def normalise_mac(text: str) -> str:
     """
     if not isinstance(text, str):
         raise TypeError(f"MAC address must be a string, got {type(text).__name__}")
+    if _CANONICAL_MAC.fullmatch(text):
+        return text  # already in this form (a fleet's MACs, mostly): nothing to do
     digits = re.sub(r"[:\-.\s]", "", text.strip())
     if not _MAC_DIGITS.fullmatch(digits):
         raise ValueError(f"not a MAC address: {text!r}")

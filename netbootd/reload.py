@@ -30,8 +30,9 @@ from pathlib import Path
 import watchfiles
 
 from .app import App
-from .inventory import Inventory, load_inventory
+from .inventory import Inventory
 from .render import Renderer, is_source_name, scrub, template_sources
+from .rendercheck import CheckCache
 from .yamlfile import ConfigError, Problem
 
 log = logging.getLogger("netbootd.reload")
@@ -112,33 +113,70 @@ def validate_config(app: App, sources: Sources | None = None) -> tuple[Inventory
     """Load the inventory and check every template against it; raise ``ConfigError``.
 
     ``sources``: what to validate (a settled snapshot); default: read the files now."""
+    inventory, renderer = load_config(app, sources)
+    check_config(app, inventory, renderer)
+    return inventory, renderer
+
+
+def load_config(app: App, sources: Sources | None = None) -> tuple[Inventory, Renderer]:
+    """The inventory (parsed and validated; ``ConfigError`` names file, line and field)
+    and a renderer of the template sources, not yet checked against each other."""
     if sources is None:
         sources = read_sources(app)
     path = app.settings.paths.inventory
     if sources.inventory is None:
         raise ConfigError.single(path, 0, "", "cannot read: No such file or directory")
-    inventory = load_inventory(path, sources.inventory)
-    # What earlier checks found per node carries over: a node whose content, templates
-    # and settings are unchanged is not rendered again (docs/configuration.md). A fresh
-    # daemon starts from what the last one saved.
-    cache = app.render.check_cache
+    inventory = app.inventory_loader.load(path, sources.inventory)
+    renderer = Renderer(app.settings, sources.templates, check_cache=app.render.check_cache,
+                        previous=app.render)
+    return inventory, renderer
+
+
+def check_config(app: App, inventory: Inventory, renderer: Renderer) -> None:
+    """Render every template for every node of ``inventory``; raise ``ConfigError``.
+
+    What earlier checks found per node carries over: a node whose content, templates
+    and settings are unchanged is not rendered again (docs/configuration.md). A fresh
+    daemon starts from what the last one saved."""
+    cache = renderer.check_cache
     saved = check_cache_file(app)
     if cache.generation is None:
         cache.load(saved)
     before = cache.generation, len(cache.results)
-    renderer = Renderer(app.settings, sources.templates, check_cache=cache)
     problems = renderer.check(inventory, app.planner.images, cache=cache)
     if problems:
         raise ConfigError(problems)
     if (cache.generation, len(cache.results)) != before or renderer.check_renders:
         cache.save(saved)
-    return inventory, renderer
+
+
+def check_started_config(app: App) -> str | None:
+    """The check ``netbootd serve`` leaves until its services answer (start-up then
+    costs the parse and validation of nodes.yaml only). Returns None, or the problems
+    (also in ``config_error`` and the log) when the config the daemon started with is
+    still in force and fails: the daemon then stops, as it would have refused to start."""
+    inventory, renderer = app.inventory, app.render
+    try:
+        check_config(app, inventory, renderer)
+        # for the next start; before /readyz says ready, so a stop right then keeps it
+        app.inventory_loader.save_snapshot()
+    except ConfigError as exc:
+        if app.inventory is not inventory:
+            return None  # a reload replaced it meanwhile, checked in full
+        text = scrub(str(exc), app.settings)
+        app.config_error = text
+        log.error("config rejected, stopping:\n%s", text)
+        return text
+    finally:
+        app.config_pending = None
+    log.info("config checked: every template renders for %d nodes", len(inventory.nodes))
+    return None
 
 
 def check_cache_file(app: App) -> Path:
     """Where the daemon keeps the keys of nodes whose templates rendered cleanly (a
     dot-file: a state directory inside the watched config tree never triggers a reload)."""
-    return app.settings.paths.state / ".render-check.cache"
+    return app.settings.paths.state / CheckCache.FILE_NAME
 
 
 def shrink_problem(app: App, old: Inventory, new: Inventory) -> Problem | None:

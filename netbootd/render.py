@@ -19,22 +19,22 @@ event files publish.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import functools
 import os
 import shlex
-import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 
-from . import __version__
 from .inventory import Inventory
-from .model import Action, BootPlan, ClientFacts, ClientKind, ImageRef, mac_dashes
+from .model import Action, BootPlan, mac_dashes
 from .settings import Settings
-from .yamlfile import Problem, paused_gc
+from .yamlfile import Problem
+
+if TYPE_CHECKING:
+    from .rendercheck import CheckCache
 
 #: artefact -> default template file (relative to paths.templates); a profile or node
 #: overrides one with ``templates: {artefact: file}``.
@@ -161,6 +161,11 @@ class _Secrets:
         return name in self._files
 
 
+def placeholder_secrets(settings: Settings) -> _Secrets:
+    """The ``secrets`` a check renders with: ``<secret:NAME>`` for each readable file."""
+    return _Secrets(settings.secrets, placeholders=True)
+
+
 def is_source_name(name: str) -> bool:
     """Files in the template directory that are templates (not editor droppings)."""
     return not (name.startswith(".") or name.endswith(("~", ".swp", ".tmp")))
@@ -214,13 +219,33 @@ class Renderer:
     """
 
     def __init__(self, settings: Settings, sources: dict[str, str] | None = None, *,
-                 check_cache: CheckCache | None = None) -> None:
+                 check_cache: CheckCache | None = None, previous: Renderer | None = None
+                 ) -> None:
         self.settings = settings
+        self._node_state_dir = str(settings.node_state_dir)
+        if check_cache is None:
+            from .rendercheck import CheckCache
+
+            check_cache = CheckCache()
         #: What ``check`` found per node; a reload hands it from renderer to renderer.
-        self.check_cache = check_cache if check_cache is not None else CheckCache()
+        self.check_cache = check_cache
         if sources is None:
             sources = template_sources(settings.paths.templates)
         self.sources: dict[str, str] = dict(sources)
+        #: Artefacts rendered by ``check`` (a node found in its cache costs none).
+        self.check_renders = 0
+        #: Machines ``check`` planned (an unchanged node of a clean check costs none).
+        self.check_planned = 0
+        #: Templates ``check`` found (the environment's lookup, once per name).
+        self._compiled: dict[str, jinja2.Template] = {}
+        if (previous is not None and previous.sources == self.sources
+                and previous.settings.paths.templates == settings.paths.templates):
+            # the same sources: the templates ``previous`` compiled are these (a reload
+            # of nodes.yaml alone compiles nothing)
+            self.env, self.stamps = previous.env, previous.stamps
+            return
+        #: Template name -> digest of its source and the templates it uses (rendercheck).
+        self.stamps: dict[str, bytes] = {}
         self.env = jinja2.Environment(
             loader=_SnapshotLoader(settings.paths.templates, self.sources),
             undefined=jinja2.StrictUndefined,
@@ -230,8 +255,6 @@ class Renderer:
         )
         self.env.filters["shquote"] = shlex.quote
         self.env.filters["mac_dashes"] = mac_dashes
-        #: Artefacts rendered by ``check`` (a node found in its cache costs none).
-        self.check_renders = 0
 
     def template_name(self, artefact: str, plan: BootPlan) -> str:
         if artefact not in DEFAULT_TEMPLATES:
@@ -251,7 +274,7 @@ class Renderer:
         dashed = mac_dashes(node.mac)
         files = f"{base}/files/{image.name}/{image.version}" if image else ""
         nfs_server = str(s.nfs.server) if s.nfs.server else server.ip
-        rootfs = str(image.root / image.boot["rootfs"]) if image and image.boot.get("rootfs") else ""
+        rootfs = _joined(image.root, image.boot["rootfs"]) if image and image.boot.get("rootfs") else ""
         nfs_opts = "vers=3,tcp,nolock" if s.nfs.vers == "3" else f"vers={s.nfs.vers},proto=tcp"
         cloud_init = f"{base}/cloud-init/{dashed}/"
         kernel_args = image.boot.get("cmdline", "") if image else ""
@@ -291,7 +314,8 @@ class Renderer:
                 "server": nfs_server,
                 "root": rootfs,
                 "root_spec": f"{nfs_server}:{rootfs},{nfs_opts}" if rootfs else "",
-                "state": str(s.node_state_dir / node.hostname),
+                # a hostname is DNS labels: joined as pathlib would, without its cost
+                "state": os.path.join(self._node_state_dir, node.hostname),
                 "vers": s.nfs.vers,
             },
             "kernel_args": kernel_args,
@@ -327,7 +351,9 @@ class Renderer:
         ``fast`` (``check``): the context already holds the environment's globals and
         is used as it is (jinja never writes to it) instead of a copy per render."""
         try:
-            template = self.env.get_template(name)
+            template = self._compiled.get(name) if fast else None
+            if template is None:
+                template = self._compiled[name] = self.env.get_template(name)
             if fast and not template.globals.maps[0]:  # no globals of its own
                 text = self._render_shared(template, make_context())
             else:
@@ -373,192 +399,27 @@ class Renderer:
             return True
         return bool(tracker.read)
 
-    def generation(self) -> bytes:
-        """Digest of everything besides the plan that decides what a check finds: the
-        template sources, the settings, which secret files are readable, and the code
-        that builds the context. Two checks with the same generation and the same plan
-        find the same problems."""
-        h = hashlib.blake2b(digest_size=16)
-        for part in (__version__, jinja2.__version__, _CODE_STAMP):
-            h.update(part.encode() + b"\0")
-        try:
-            h.update(self.settings.model_dump_json().encode())
-        except Exception:  # noqa: BLE001 - an unserialisable value: fall back to its repr
-            h.update(repr(self.settings).encode())
-        for name in sorted(self.sources):
-            h.update(b"\0" + name.encode() + b"\0" + self.sources[name].encode())
-        for name, path in sorted(self.settings.secrets.items()):
-            ok = os.access(path, os.R_OK) and path.is_file()
-            h.update(f"\0{name}={path}:{ok}".encode())
-        return h.digest()
-
     def check(self, inventory: Inventory, images: Any = None, *,
               cache: CheckCache | None = None) -> list[Problem]:
-        """Render every artefact for every node and the default profile; collect problems.
+        """Render every artefact for every node and the default profile; collect problems
+        (``rendercheck.check``; ``cache``: what earlier checks found, updated in place).
 
-        Secrets are checked for presence of the file, not rendered into anything kept.
+        Secrets are checked for presence of the file, not rendered into anything kept."""
+        from .rendercheck import check
 
-        ``cache``: what earlier checks found, per node, keyed by the renderer's
-        ``generation`` and the node's plan (everything it renders from, bar the boot's
-        random session and token). A node whose key is there is not rendered again, so
-        a reload after a one-node edit renders that node only; the cache is updated in
-        place with this check's nodes. ``check_renders`` counts the renders done.
-        """
-        with paused_gc():  # yamlfile.paused_gc says why
-            return self._check(inventory, images, cache)
+        return check(self, inventory, images, cache)
 
-    def _check(self, inventory: Inventory, images: Any,
-               cache: CheckCache | None) -> list[Problem]:
-        from .planner import NoImages, decide
-
-        resolver = images or NoImages()
-        server = ServerInfo(ip="192.0.2.1", http_port=self.settings.http.port)
-        machines = [ClientFacts(mac=m, serial=n.serial,
-                                kind=ClientKind.RPI if n.serial else ClientKind.IPXE)
-                    for m, n in inventory.nodes.items()]
-        machines.append(ClientFacts(mac="02:00:00:00:00:01", kind=ClientKind.IPXE))
-        # the default profile is checked too, as if unknown machines were booted
-        as_default = self.settings.model_copy(
-            update={"policy": self.settings.policy.model_copy(update={"unknown": "default"})})
-        generation = self.generation()
-        known = cache.results_for(generation) if cache is not None else {}
-        found: dict[bytes, tuple[_Found, ...]] = {}
-        problems: list[Problem] = []
-        seen: set[tuple[str, str]] = set()
-        for facts in machines:
-            plan = decide(facts, inventory, as_default, resolver)
-            # check templates even before any image exists; the session and token are
-            # random per boot: fixed here, so the key (and the text rendered) is the
-            # node's content only
-            plan = replace(plan, session=_CHECK_SESSION, token=_CHECK_TOKEN, created=0.0,
-                           image=plan.image or _PLACEHOLDER_IMAGE)
-            if cache is None:
-                errors = self._check_plan(plan, server)
-            else:
-                key = _plan_key(plan)
-                errors = known.get(key)
-                if errors is None:
-                    errors = found.get(key)
-                if errors is None:
-                    errors = self._check_plan(plan, server)
-                found[key] = errors
-            for artefact, template, text, line, message in errors:
-                dedup = (template, text)
-                if dedup in seen:
-                    continue
-                seen.add(dedup)
-                problems.append(Problem(
-                    str(self.settings.paths.templates / template), line,
-                    f"{artefact} for {plan.node.hostname}", message))
-        if cache is not None:
-            cache.update(generation, found)
-        return problems
-
-    def _check_plan(self, plan: BootPlan, server: ServerInfo) -> tuple[_Found, ...]:
-        """Every artefact of one plan rendered once, as ``check`` reports failures.
-
-        Cheaper than ``render`` per artefact, with the same outcome: one context per
-        node (user-data gets the secrets, as placeholders), and each template rendered
-        over that context plus the environment's globals without jinja copying both
-        into a new dict per render."""
-        # what jinja's render reads: the environment's globals under the context
-        context = {**self.env.globals, **self.context(plan, server, placeholders=True)}
-        out: list[_Found] = []
-        for artefact in ARTEFACTS:
-            self.check_renders += 1
-            name = self.template_name(artefact, plan)
-            if artefact == "user-data":
-                ctx = dict(context)
-                ctx["secrets"] = _Secrets(self.settings.secrets, placeholders=True)
-            else:
-                ctx = context
-            try:
-                self._render_in(artefact, name, lambda c=ctx: c, fast=True)
-            except RenderError as exc:
-                out.append((artefact, exc.template, str(exc), exc.line,
-                            str(exc).split(": ", 2)[-1]))
-        return tuple(out)
+    def render_checked(self, artefact: str, name: str, context: dict[str, Any]) -> None:
+        """Render template ``name`` as ``artefact`` over ``context`` (which already holds
+        the environment's globals) for the check; raises ``RenderError`` as ``render``."""
+        self._render_in(artefact, name, lambda: context, fast=True)
 
 
-#: What ``check`` found for one plan: (artefact, template, error text, line, message) each.
-_Found = tuple[str, str, str, int, str]
-_CHECK_SESSION = "c" * 12
-_CHECK_TOKEN = "c" * 24
-#: Changes whenever this module's code does: a persisted check result from older code
-#: (a context built differently) is not trusted.
-_CODE_STAMP = hashlib.blake2b(Path(__file__).read_bytes(), digest_size=8).hexdigest()
-
-
-def _plan_key(plan: BootPlan) -> bytes:
-    """Digest of what a plan renders from: the node's effective content and the plan's
-    decision (``repr`` covers every field, the image's ``boot`` section included)."""
-    text = repr((plan.action, plan.reason, plan.stage, plan.facts, plan.node, plan.image,
-                 plan.image.boot if plan.image else None, plan.disk,
-                 plan.disk.boot if plan.disk else None))
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
-
-
-class CheckCache:
-    """Per-node results of ``Renderer.check``, kept across reloads (and, through
-    ``save``/``load``, across restarts): plan key -> problems found (none, mostly).
-
-    Only results of one generation are kept: a template, setting or secret edit
-    starts it afresh. Thread-safe enough for one reload at a time plus readers.
-    """
-
-    #: File format marker; a file without it is ignored.
-    MAGIC = b"netbootd-check-1\n"
-
-    def __init__(self) -> None:
-        self.generation: bytes | None = None
-        self.results: dict[bytes, tuple[_Found, ...]] = {}
-        self._lock = threading.Lock()
-
-    def results_for(self, generation: bytes) -> dict[bytes, tuple[_Found, ...]]:
-        with self._lock:
-            return self.results if generation == self.generation else {}
-
-    def update(self, generation: bytes, results: dict[bytes, tuple[_Found, ...]]) -> None:
-        """Keep ``results`` (one check's nodes) as what is known for ``generation``."""
-        with self._lock:
-            self.generation, self.results = generation, results
-
-    def save(self, path: Path) -> None:
-        """Write the clean results (keys of nodes that rendered without a problem) to
-        ``path`` atomically; a failure to write costs only the next start-up's time."""
-        with self._lock:
-            generation = self.generation
-            clean = [k for k, v in self.results.items() if not v]
-        if generation is None:
-            return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_bytes(self.MAGIC + generation + b"".join(clean))
-            os.replace(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-    def load(self, path: Path) -> None:
-        """Take the clean results ``save`` wrote (nothing, if absent or malformed)."""
-        try:
-            data = path.read_bytes()
-        except OSError:
-            return
-        head = len(self.MAGIC)
-        if not data.startswith(self.MAGIC) or (len(data) - head) % 16:
-            return
-        generation = data[head:head + 16]
-        keys = [data[i:i + 16] for i in range(head + 16, len(data), 16)]
-        with self._lock:
-            if self.generation is None:
-                self.generation, self.results = generation, dict.fromkeys(keys, ())
-
-
-#: What ``check`` renders a node with before any image exists.
-_PLACEHOLDER_IMAGE = ImageRef(name="check", version="0", root=Path("/nonexistent"),
-                              boot={"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": "",
-                                    "rootfs": "rootfs", "boot_tree": "boot"})
+@functools.lru_cache(maxsize=4096)
+def _joined(directory: Path, name: str) -> str:
+    """``str(directory / name)``, remembered: a check builds 10,000 contexts from a few
+    image roots."""
+    return str(directory / name)
 
 
 def _template_line(exc: BaseException, name: str) -> int:

@@ -89,9 +89,14 @@ class DhcpService:
         self.warnings: list[str] = []
 
     # -- lifecycle --------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Import scapy (0.15-0.5 s) once the daemon answers, in the daemon's warm-up
+        thread: neither start-up nor the first client's reply on the loop waits for all
+        of it (a reply built meanwhile waits only for the rest of the import)."""
+        preload()
+
     async def start(self) -> None:
         s = self.all_settings
-        preload()  # scapy (0.15-0.5 s) now, not on the loop at the first client's reply
         available = available_boot_files(s)
         missing = sorted({s.dhcp.bios_bootfile, s.dhcp.uefi_x64_bootfile} - available)
         if s.dhcp.uefi_arm64_bootfile not in available and \

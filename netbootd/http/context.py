@@ -35,6 +35,10 @@ class DaemonStatus(Protocol):
     def inventory_loaded(self) -> bool:
         ...
 
+    def config_pending(self) -> str | None:
+        """Why the config in force is not fully checked yet (start-up), or None."""
+        ...
+
     def reload(self) -> str | None:
         """Reload config now; None or the error text (the old config is kept)."""
         ...

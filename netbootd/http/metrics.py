@@ -31,7 +31,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def readiness(ctx: HttpContext) -> tuple[bool, dict[str, Any]]:
-    """Ready = inventory loaded and every running service reports ok.
+    """Ready = inventory loaded, checked, and every running service reports ok.
 
     A rejected reload does not make the daemon unready: the previous config still
     serves. It is reported (``config_error``) so the operator sees it.
@@ -40,6 +40,9 @@ def readiness(ctx: HttpContext) -> tuple[bool, dict[str, Any]]:
     services: dict[str, Any] = {}
     if not ctx.daemon.inventory_loaded():
         reasons.append("no inventory loaded")
+    pending = ctx.daemon.config_pending()
+    if pending:
+        reasons.append(pending)
     for name, h in ctx.daemon.health().items():
         services[name] = h
         if not h.get("ok"):

@@ -119,6 +119,49 @@ def test_check_finds_undefined_template_variable(config_dir):
     assert "node.ipxe.j2:2:" in r.stderr and "oops" in r.stderr
 
 
+def test_serve_answers_before_its_render_check_and_stops_when_it_fails(config_dir, tmp_path):
+    """``serve`` answers once nodes.yaml is parsed and validated; the render check of
+    every node follows, and a config that fails it stops the daemon with status 1 and
+    the template's file, line and node, as a refusal to start did."""
+    (config_dir / "templates" / "ipxe" / "node.ipxe.j2").write_text("#!ipxe\necho {{ oops }}\n")
+    http_port = free_port()
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "netbootd", "--config", str(config_dir / "netbootd.yaml"),
+             "serve", "--no-dhcp", "--no-tftp", "--bind", "127.0.0.1", "--http-port",
+             str(http_port)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log_path.read_text()
+    assert proc.returncode == 1, text
+    assert "netbootd serving" in text
+    assert "config rejected, stopping" in text and "node.ipxe.j2:2: ipxe for " in text, text
+
+
+def test_readyz_waits_for_the_render_check(daemon):
+    """Once the check of the started config passed, /readyz says so (it said "templates
+    not yet checked" until then)."""
+    import urllib.request
+
+    port = daemon[3]
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    wait_for(ready, 60, "/readyz 200")
+    log = (daemon[2].parent / "daemon.log").read_text()
+    assert "config checked: every template renders" in log
+
+
 @pytest.fixture
 def demo_in_store(config_dir: Path) -> str:
     """Version 2026.11.23-1 of the demo image ingested and active on prod, as after

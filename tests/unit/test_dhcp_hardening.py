@@ -150,9 +150,10 @@ def test_learnt_but_not_confirmed_is_not_ownership():
 
 
 
-def test_scapy_is_imported_at_service_start_not_at_the_first_reply(tmp_path):
-    """In a fresh interpreter: scapy is absent before start, present after, and the
-    first reply imports nothing new."""
+def test_scapy_is_imported_by_the_warm_up_not_before_the_service_answers(tmp_path):
+    """In a fresh interpreter: scapy is absent before and after start (start-up does not
+    wait for it), the warm-up the daemon runs once services answer imports it, and the
+    first reply then imports nothing new."""
     import subprocess
     import sys
     code = f"""
@@ -176,6 +177,8 @@ async def main():
     assert "scapy" not in sys.modules, "scapy imported before the service started"
     svc = create(app)
     await svc.start()
+    assert "scapy" not in sys.modules, "scapy imported before the service answered"
+    await asyncio.to_thread(svc.warm_up)
     assert "scapy.layers.dhcp" in sys.modules
     before = set(sys.modules)
     loop = asyncio.get_running_loop()

@@ -7,7 +7,8 @@ import pytest
 from netbootd.inventory import load_inventory
 from netbootd.model import ClientFacts, ClientKind, ImageRef
 from netbootd.planner import decide
-from netbootd.render import ARTEFACTS, CheckCache, Renderer, RenderError, ServerInfo
+from netbootd.render import ARTEFACTS, Renderer, RenderError, ServerInfo
+from netbootd.rendercheck import CheckCache
 from netbootd.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,7 +120,7 @@ def test_a_one_node_edit_renders_only_that_node(tmp_path, shipped):
     sources["cloud-init/meta-data.j2"] += "# edited\n"
     new_templates = Renderer(settings, sources, check_cache=cache)
     assert new_templates.check(_edited(tmp_path, edited), OneImage(), cache=cache) == []
-    assert new_templates.check_renders == 4 * per_node
+    assert new_templates.check_renders == 4  # meta-data only, for each machine
 
 
 def test_a_missing_var_is_reported_with_its_node_also_from_the_cache(tmp_path, shipped):
@@ -189,3 +190,87 @@ def test_k3s_user_data_of_a_node_running_its_installed_disk(shipped):
     assert f"node-name: {plan.node.hostname}" in text
     assert f"instance-id: {plan.node.hostname}-gold-2026.12.05-1" in r.render("meta-data", plan,
                                                                                 server)
+
+
+class StoreLike(OneImage):
+    """A resolver that says when it changes, as the image store does (``on_change``)."""
+
+    def __init__(self) -> None:
+        self.on_change: list = []
+
+    def changed(self) -> None:
+        for fn in self.on_change:
+            fn()
+
+
+def test_a_store_change_plans_every_node_again(tmp_path, shipped):
+    """Unchanged nodes are skipped only while the store is unchanged: an activation may
+    change what a node's templates see."""
+    settings, _inv, _ = shipped
+    cache, store = CheckCache(), StoreLike()
+    inv = _edited(tmp_path, FLEET)
+    assert Renderer(settings, check_cache=cache).check(inv, store, cache=cache) == []
+    same = Renderer(settings, check_cache=cache)
+    assert same.check(_edited(tmp_path, FLEET), store, cache=cache) == []
+    assert (same.check_planned, same.check_renders) == (0, 0)
+    store.changed()
+    after = Renderer(settings, check_cache=cache)
+    assert after.check(inv, store, cache=cache) == []
+    assert after.check_planned == 4 and after.check_renders == 0  # same plans: cached
+    other = Renderer(settings, check_cache=cache)
+    assert other.check(inv, OneImage(), cache=cache) == [] and other.check_planned == 4
+
+
+def test_a_broken_node_is_found_after_clean_checks(tmp_path, shipped):
+    """Skipping unchanged nodes never hides a new problem in a changed one."""
+    settings, _inv, _ = shipped
+    sources = dict(Renderer(settings).sources)
+    sources["cloud-init/meta-data.j2"] = ("instance-id: x\n"
+                                          "{% if node.hostname == 'bad' %}{{ vars.nope }}{% endif %}\n")
+    cache, store = CheckCache(), StoreLike()
+    assert Renderer(settings, sources, check_cache=cache).check(
+        _edited(tmp_path, FLEET), store, cache=cache) == []
+    broken = Renderer(settings, sources, check_cache=cache)
+    (p,) = broken.check(_edited(tmp_path, FLEET.replace("n3,", "bad,")), store, cache=cache)
+    assert p.field == "meta-data for bad" and broken.check_planned == 1
+    # the rejected check is no base: the next one starts from the last clean check
+    fixed = Renderer(settings, sources, check_cache=cache)
+    assert fixed.check(_edited(tmp_path, FLEET), store, cache=cache) == []
+    assert fixed.check_planned == 0
+
+
+def test_an_edit_of_an_included_template_renders_what_includes_it(tmp_path, shipped):
+    """A template's outcome is kept by the stamp of its source and of those it includes:
+    editing an included template renders its includers again, nothing else."""
+    settings, _inv, _ = shipped
+    sources = dict(Renderer(settings).sources)
+    sources["cloud-init/meta-data.j2"] = "{% include 'cloud-init/part.j2' %}\n"
+    sources["cloud-init/part.j2"] = "instance-id: {{ instance_id }}\n"
+    cache, inv = CheckCache(), _edited(tmp_path, FLEET)
+    assert Renderer(settings, sources, check_cache=cache).check(inv, OneImage(), cache=cache) == []
+    sources["cloud-init/part.j2"] = "instance-id: {{ nope }}\n"
+    edited = Renderer(settings, sources, check_cache=cache)
+    problems = edited.check(inv, OneImage(), cache=cache)
+    assert edited.check_renders == 4  # meta-data for the three nodes and the default
+    assert problems and "nope" in problems[0].message
+
+
+def test_a_forked_check_finds_what_one_process_finds(tmp_path, shipped):
+    """`netbootd check` splits the fleet over forked processes: the same problems, in
+    the same order, each named once and after the first node that shows it."""
+    from netbootd.rendercheck import check_forked
+
+    settings, _inv, _ = shipped
+    sources = dict(Renderer(settings).sources)
+    sources["cloud-init/meta-data.j2"] = (
+        "instance-id: x\n{% if node.hostname in ('h3', 'h9') %}{{ vars.nope }}{% endif %}\n"
+        "{% if not node.known or node.hostname == 'h7' %}{{ vars.unknown_too }}{% endif %}\n")
+    text = "nodes:\n" + "".join(f"  aa:bb:cc:dd:ee:{i:02x}: {{hostname: h{i}}}\n"
+                                for i in range(12))
+    inv = _edited(tmp_path, text)
+    one = Renderer(settings, sources).check(inv, OneImage())
+    assert [p.field for p in one] == ["meta-data for h3", "meta-data for h7"]
+    for processes in (2, 3, 5):
+        forked = check_forked(Renderer(settings, sources), inv, OneImage(), CheckCache(),
+                              processes=processes, min_nodes=1)
+        assert forked == one
