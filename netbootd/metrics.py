@@ -21,7 +21,7 @@ class Tally:
 
     Why not ``Counter.labels(...).inc()`` per packet: prometheus_client takes a lock and
     walks two Python calls per increment, ~0.35 µs measured here, and the proxy-DHCP
-    path does two increments per reply in a budget of ~8 µs (issue 7: dnsmasq's cost per
+    path does two increments per reply in a budget of ~8 µs (dnsmasq's cost per
     reply). A dict increment is ~0.05 µs. Only the owning thread writes ``counts``; the
     fold reads them from the scraping thread and remembers what it already added, so no
     increment is lost or counted twice without any lock on the hot path.

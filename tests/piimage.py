@@ -40,7 +40,7 @@ CONFIG = "# Raspberry Pi OS config.txt\narm_64bit=1\ndtoverlay=vc4-kms-v3d-pi5\n
 
 
 def need_tools() -> None:
-    """Fail (never skip) when a tool is missing: the lead's CI installs them."""
+    """Fail (never skip) when a tool is missing: setup.sh installs them for CI."""
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         pytest.fail(f"missing tools {missing}: apt-get install mtools dosfstools e2fsprogs "

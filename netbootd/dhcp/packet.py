@@ -1,7 +1,7 @@
 """DHCP/BOOTP codec: a strict struct pre-parser for the hot path, scapy for the rest.
 
 Why two codecs: scapy decodes and builds anything, but costs ~205 µs a packet here,
-which caps a Python responder at ~4k packets/s (issue 7 measurements). A proxy-DHCP
+which caps a Python responder at ~4k packets/s (bench/dhcp_bench.py measurements). A proxy-DHCP
 server needs only a handful of fields from each request, so the per-packet path reads
 the fixed 236-byte header with one ``struct.unpack_from`` and walks the option TLVs
 once (a few µs). Scapy keeps the jobs where it earns its place: building each

@@ -1,6 +1,6 @@
 """The proxy-DHCP service: UDP listeners on :67 and :4011 beside the site's DHCP server.
 
-I/O design (issue 7 measurements): the stock asyncio datagram transport calls
+I/O design (bench/dhcp_bench.py measurements): the stock asyncio datagram transport calls
 ``recvfrom(256 KiB)`` per datagram, which capped a struct-codec responder at ~33k
 packets/s; ``loop.add_reader`` plus a non-blocking receive loop that drains the socket
 on each wake-up exceeded 117k/s. So each socket gets a reader callback that drains

@@ -1,4 +1,4 @@
-"""Issue 6 scenario 4: hot swap under a boot in flight, then rollback.
+"""Hot swap under a boot in flight, then rollback.
 
 Guest A starts on v1; v2 is dropped into incoming/ as soon as A's boot is planned (A is
 still in its firmware/iPXE, before its kernel is loaded). A must finish on v1 (a boot that

@@ -1,4 +1,4 @@
-"""Issue 6 scenario 3: a guest boots into the active rootfs version over NFS, through
+"""A guest boots into the active rootfs version over NFS, through
 netbootd's cmdline (nfsroot= of the planned version) and netbootd's ganesha exports."""
 
 from __future__ import annotations

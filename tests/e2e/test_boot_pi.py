@@ -1,4 +1,4 @@
-"""Issue 6 scenario 6: a Raspberry Pi 5 protocol client (DHCP + TFTP as the bootloader does
+"""A Raspberry Pi 5 protocol client (DHCP + TFTP as the bootloader does
 it, docs/rpi-netboot.md) boots from netbootd beside a real site DHCP server: proxy offer with
 option 43 "Raspberry Pi Boot", the whole Pi 5 file set for its serial, and a rendered
 cmdline.txt naming the planned NFS root and cloud-init URL."""

@@ -1,4 +1,4 @@
-"""Issue 6 scenarios 1, 2, 5, 7: QEMU BIOS and UEFI guests netboot from netbootd through a
+"""QEMU BIOS and UEFI guests netboot from netbootd through a
 real site DHCP server and real iPXE; an ignored MAC gets nothing; the API shows the timeline.
 """
 

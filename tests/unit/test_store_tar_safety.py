@@ -66,7 +66,7 @@ def snapshot(d: Path) -> list[tuple[str, int, bytes]]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(member, min_size=1, max_size=6))
-# found by hypothesis (session 3): the empty symlink target made tarfile fall back to
+# found by hypothesis: the empty symlink target made tarfile fall back to
 # extracting the unfiltered "." symlink in its place
 @example([("file", "a", "a"), ("sym", "a", ""), ("sym", ".", "../../canary/a")])
 def test_nothing_escapes_staging(members: list[tuple[str, str, str]]) -> None:
