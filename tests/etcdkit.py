@@ -16,7 +16,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.conftest import (
+    free_port,
+    wait_for,  # noqa: F401  (the cluster tests take it from here)
+)
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -98,13 +101,3 @@ class EtcdCluster:
     def close(self) -> None:
         for i in range(len(self.procs)):
             self.stop(i)
-
-
-def wait_for(cond, bound: float = 30.0, what: str = "condition") -> None:
-    """Poll ``cond`` until true, within a generous bound (loaded machines)."""
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not reached within {bound} s")

@@ -12,6 +12,7 @@ from netbootd.dhcp.proxy import create
 from netbootd.inventory import Inventory
 from netbootd.settings import load_settings
 from tests.conftest import free_port
+from tests.etcdkit import EtcdCluster
 
 
 @pytest.fixture
@@ -31,3 +32,13 @@ async def dhcp_service(tmp_path: Path):
         yield app, svc, ports
     finally:
         await svc.stop()
+
+
+@pytest.fixture(scope="module")
+def etcd_one(tmp_path_factory):
+    """A one-member etcd on loopback for a test module (tests/etcdkit.py)."""
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"), members=1)
+    try:
+        yield cluster
+    finally:
+        cluster.close()

@@ -12,18 +12,11 @@ from netbootd.cluster.etcd import Etcd
 from netbootd.cluster.nodestate import EtcdNodeState
 from netbootd.errors import Conflict
 from netbootd.nodestate import NodeRecord, Stage
-from tests.etcdkit import EtcdCluster, wait_for
+from tests.etcdkit import wait_for
 
 MAC = "dc:a6:32:00:00:01"
 
 
-@pytest.fixture(scope="module")
-def etcd_one(tmp_path_factory):
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"), members=1)
-    try:
-        yield cluster
-    finally:
-        cluster.close()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from netbootd.model import Action, ClientFacts, ClientKind, ImageRef
 from netbootd.planner import Planner
 from netbootd.settings import load_settings
 from tests.conftest import free_port
-from tests.etcdkit import EtcdCluster, wait_for
+from tests.etcdkit import wait_for
 
 MAC = "dc:a6:32:00:00:11"
 PI = ClientFacts(mac=MAC, serial="1234abcd", kind=ClientKind.RPI)
@@ -38,13 +38,6 @@ class ReplicaStore:
                         channel=channel or None, pinned=bool(pin))
 
 
-@pytest.fixture(scope="module")
-def etcd_one(tmp_path_factory):
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"), members=1)
-    try:
-        yield cluster
-    finally:
-        cluster.close()
 
 
 @pytest.fixture

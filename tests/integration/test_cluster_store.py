@@ -16,18 +16,11 @@ from netbootd.store.build import sample_build
 from netbootd.store.errors import Conflict, StoreLocked
 from netbootd.store.store import ImageStore
 from tests.conftest import free_port
-from tests.etcdkit import EtcdCluster, wait_for
+from tests.etcdkit import wait_for
 
 MAC = "dc:a6:32:00:00:21"
 
 
-@pytest.fixture(scope="module")
-def etcd_one(tmp_path_factory):
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"), members=1)
-    try:
-        yield cluster
-    finally:
-        cluster.close()
 
 
 @pytest.fixture
