@@ -360,7 +360,12 @@ class ClusterSettings(_Section):
     replicate: bool = Field(
         True, description="Copy every build another replica holds and this one lacks "
         "(over HTTP, verified against the manifest). Activation through the API waits "
-        "until every live replica holds the version.")
+        "until enough live replicas hold the version (activation_quorum).")
+    activation_quorum: Literal["all"] | int = Field(
+        "all", description="How many live replicas must hold a version before an operator "
+        "may activate it: 'all' (every live replica) or a number N >= 1 (at least N, this "
+        "one included). Replicas that lack an active version stay silent for it until "
+        "their copy lands.")
     etcd: EtcdSettings = Field(default_factory=EtcdSettings)
 
     @field_validator("peer_url")
@@ -369,6 +374,15 @@ class ClusterSettings(_Section):
         if v and not v.startswith(("http://", "https://")):
             raise ValueError(f"peer_url {v!r} must be an http:// or https:// URL")
         return v.rstrip("/")
+
+    @field_validator("activation_quorum", mode="before")
+    @classmethod
+    def _quorum(cls, v: object) -> object:
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v.strip())  # from the environment
+        if isinstance(v, bool) or (isinstance(v, int) and v < 1):
+            raise ValueError(f"activation_quorum {v!r}: 'all' or a number of replicas >= 1")
+        return v
 
     @field_validator("name")
     @classmethod

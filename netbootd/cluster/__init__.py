@@ -29,6 +29,11 @@ class Cluster:
     prefix: str
     node_state: Any  #: cluster.nodestate.EtcdNodeState
     sessions: Any = None  #: cluster.sessions.SharedSessions (set by the daemon)
+    #: cluster.leader.Leadership (set by the cluster service): jobs that run once per
+    #: cluster ask it whether this replica leads.
+    leadership: Any = None
+    #: cluster.retire.SharedGc (set by the cluster service): the store's GC decision.
+    gc: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def share_sessions(self, planner: Any, session_ttl: Any) -> None:

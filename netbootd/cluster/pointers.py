@@ -50,9 +50,10 @@ class StoreMirror:
         #: Called (client thread) with ("channel", image, channel) / ("pin", mac) when
         #: another writer changed something: the store's listeners must hear it.
         self.listeners: list[Any] = []
-        #: (image, version) -> live replicas that lack it; set by the cluster service.
-        #: An activation by an operator is refused while any does (auto-activation at
-        #: ingest is not: the other replicas stay silent for it until their copy lands).
+        #: (image, version) -> why an operator's activation is refused now (too few live
+        #: replicas hold it: cluster/quorum.py), or None; set by the cluster service.
+        #: Auto-activation at ingest is not held back: the replicas that lack the
+        #: version stay silent for it until their copy lands.
         self.gate: Any = None
         #: False until the first full read: a replica started while etcd is unreachable
         #: knows no pointer (boots nothing rather than a guess) and refuses every change.
@@ -178,11 +179,9 @@ class EtcdChannels(Channels):
         self.versions.need(image, version)
         self.mirror.need_loaded(f"activating {image} {version} on {channel}")
         gate = self.mirror.gate
-        lacking = gate(image, version) if gate is not None and by != "auto" else []
-        if lacking:
-            raise Conflict(f"{image} {version} is not on every live replica yet: "
-                           f"{', '.join(lacking)} lack it (being copied); activate again when "
-                           "the status page lists it on every replica")
+        why_not = gate(image, version) if gate is not None and by != "auto" else None
+        if why_not:
+            raise Conflict(why_not)
         key = self._key(image, channel)
         with self._lock:
             with self.mirror.lock:
@@ -323,8 +322,8 @@ class SharedStoreState:
         self._mirror.gate = self._gate
         return self._mirror
 
-    def _gate(self, image: str, version: str) -> list[str]:
-        return self.gate(image, version) if self.gate is not None else []
+    def _gate(self, image: str, version: str) -> str | None:
+        return self.gate(image, version) if self.gate is not None else None
 
     def channels(self, layout: Layout, versions: Versions, signals: Signals,
                  lock: threading.RLock) -> Channels:

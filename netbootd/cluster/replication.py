@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import aiohttp
@@ -42,8 +42,10 @@ class Replicator:
         self.failed: dict[str, tuple[float, str]] = {}
         self.copying: str | None = None
 
-    def wanted(self, replicas: dict[str, dict]) -> list[tuple[str, str, str, str]]:
-        """(image, version, manifest hash, holder URL) this replica lacks, oldest first."""
+    def wanted(self, replicas: dict[str, dict], skip: Collection[tuple[str, str]] = ()
+               ) -> list[tuple[str, str, str, str]]:
+        """(image, version, manifest hash, holder URL) this replica lacks, oldest first;
+        none in ``skip`` (versions the cluster retired: a copy would undo its GC)."""
         store = self._store_of()
         if store is None:
             return []
@@ -58,12 +60,15 @@ class Replicator:
                 if key in mine or key in out or (failed and now - failed[0] < self.RETRY):
                     continue
                 image, _, version = key.partition(" ")
+                if (image, version) in skip:
+                    continue
                 out[key] = (image, version, digest, d["url"])
         return list(out.values())
 
-    async def step(self, replicas: dict[str, dict]) -> None:
-        """Copy the first build this replica lacks, if any."""
-        todo = self.wanted(replicas)
+    async def step(self, replicas: dict[str, dict],
+                   skip: Collection[tuple[str, str]] = ()) -> None:
+        """Copy the first build this replica lacks (and the cluster did not retire)."""
+        todo = self.wanted(replicas, skip)
         if not todo:
             return
         image, version, digest, url = todo[0]

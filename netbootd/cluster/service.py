@@ -20,13 +20,18 @@ import socket
 import time
 from typing import Any
 
+from . import quorum
 from .etcd import Unreachable, put_op
+from .leader import Leadership
 from .replication import Replicator, manifest_hash
+from .retire import SharedGc
 
 log = logging.getLogger("netbootd.cluster.service")
 
 #: Seconds between presence writes; the lease is three of them.
 BEAT = 3.0
+#: The leader's lease: a dead leader is replaced at most this long after it stopped.
+LEADER_TTL = 9.0
 
 
 class ClusterService:
@@ -43,6 +48,15 @@ class ClusterService:
         self._hashes: dict[tuple[str, str], str] = {}
         self.replicator = Replicator(lambda: app.store, self.cluster.name)
         self._copier: asyncio.Task | None = None
+        self._leader: asyncio.Task | None = None
+        #: Who leads the jobs that run once per cluster (cluster/leader.py).
+        self.leadership = Leadership(self.cluster.etcd, self.cluster.prefix, self.cluster.name,
+                                     LEADER_TTL)
+        self.cluster.leadership = self.leadership
+        #: The cluster's GC decision (the leader retires, each replica deletes its copy).
+        self.gc = SharedGc(self.cluster.etcd, self.cluster.prefix, self.leadership,
+                           lambda: self.replicas)
+        self.cluster.gc = self.gc
         s = app.settings
         self.url = s.cluster.peer_url or \
             f"http://{s.network.advertise or socket.gethostname()}:{s.http.port}"
@@ -51,30 +65,47 @@ class ClusterService:
         self._task = asyncio.create_task(self._beat(), name="cluster-presence")
         if self.app.settings.cluster.replicate:
             self._copier = asyncio.create_task(self._copy_loop(), name="cluster-replication")
-        # an activation through the API waits until every live replica holds the version
-        self.cluster.store_state().gate = self.lacking
+        self._leader = asyncio.create_task(self._lead(), name="cluster-leader")
+        # an activation through the API waits until enough live replicas hold the version
+        self.cluster.store_state().gate = self.refusal
 
-    def lacking(self, image: str, version: str) -> list[str]:
-        """Live replicas (as of the last presence read) that do not hold this version."""
-        key = f"{image} {version}"
-        return sorted(n for n, d in self.replicas.items()
-                      if n != self.cluster.name and key not in d.get("versions", []))
+    def refusal(self, image: str, version: str) -> str | None:
+        """Why an operator's activation is refused (too few live replicas hold the
+        version, as of the last presence read), or None."""
+        return quorum.refusal(image, version, self.replicas, self.cluster.name,
+                              self.app.settings.cluster.activation_quorum)
+
+    async def _lead(self) -> None:
+        """Campaign, then renew, every third of the lease; at once when the key goes."""
+        lead = self.leadership
+        while True:
+            lead.wake.clear()
+            try:
+                await asyncio.to_thread(lead.step)
+            except Unreachable:
+                pass  # not leading until etcd answers (is_leader lapses on its own)
+            except Exception as exc:  # noqa: BLE001 - a lost lease etc.: try again
+                log.warning("cluster leader election: %s", exc)
+            await asyncio.to_thread(lead.wake.wait, lead.ttl / 3)
 
     async def _copy_loop(self) -> None:
         while True:
             await asyncio.sleep(BEAT)
             try:
-                await self.replicator.step(self.replicas)
+                await self.replicator.step(self.replicas, skip=self.gc.retired)
             except Exception:
                 log.exception("replication step failed")
 
     async def stop(self) -> None:
-        for task in (self._task, self._copier):
+        self.leadership.wake.set()  # the leader loop's wait ends now
+        for task in (self._task, self._copier, self._leader):
             if task is None:
                 continue
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        with contextlib.suppress(Exception):  # the others campaign now, not after the lease
+            await asyncio.wait_for(asyncio.to_thread(self.leadership.resign), 0.5)
         if self._lease:  # leave the list at once rather than after the lease
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.to_thread(
@@ -105,8 +136,10 @@ class ClusterService:
         if not self._lease:
             self._lease = etcd.grant(3 * BEAT)
         held = self._held()
+        store = self.app.store
+        keep = sorted(f"{i} {v}" for i, v in store.kept_for_use()) if store is not None else []
         me = {"name": self.cluster.name, "since": self.since, "seen": time.time(),
-              "url": self.url, "versions": sorted(held), "hashes": held}
+              "url": self.url, "versions": sorted(held), "hashes": held, "keep": keep}
         etcd.txn([], [put_op(prefix + self.cluster.name, json.dumps(me),
                               self._lease)])
         kvs, _ = etcd.range_prefix(prefix)
@@ -116,6 +149,7 @@ class ClusterService:
                 d = json.loads(kv.value)
                 replicas[d.get("name", kv.key[len(prefix):])] = d
         self.replicas = replicas
+        self.gc.read()  # the replicator never copies a retired version back
         self.members = sorted(m.get("name", "?") for m in etcd.members())
 
     async def _beat(self) -> None:
@@ -135,7 +169,12 @@ class ClusterService:
                          for n, d in sorted(self.replicas.items())}
         h["etcd_members"] = self.members
         h["replication"] = self.replicator.health()
+        h["leader"] = self.leadership.leader or None
+        h["is_leader"] = self.leadership.is_leader
+        h["activation_quorum"] = self.app.settings.cluster.activation_quorum
+        h["gc"] = self.gc.health()
         h["bound"] = [f"replica {self.cluster.name}",
+                      f"leader {self.leadership.leader or '(none yet)'}",
                       f"{len(self.replicas)} replicas live",
                       f"etcd members {', '.join(self.members) or '?'}"]
         return h

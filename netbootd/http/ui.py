@@ -236,7 +236,8 @@ def _cluster(health: dict[str, dict[str, Any]], images: list[dict], now: float
     return {"ok": bool(h.get("ok")), "error": h.get("error", ""), "replica": h.get("replica"),
             "members": h.get("etcd_members") or [], "endpoints": h.get("endpoints") or [],
             "rows": rows, "copying": rep.get("copying"), "failed": rep.get("failed") or {},
-            "sessions": h.get("sessions") or {}}
+            "sessions": h.get("sessions") or {}, "leader": h.get("leader") or "",
+            "quorum": h.get("activation_quorum", "all")}
 
 
 async def index(request: web.Request) -> web.Response:

@@ -70,9 +70,25 @@ class Retention:
             write_json_atomic(self.layout.booted_file, self._used)
             self.dirty = False
 
-    def plan(self, in_use: set[tuple[str, str]] = frozenset()) -> list[tuple[str, str]]:
+    def recently_used(self) -> set[tuple[str, str]]:
+        """Versions this store saw used within ``keep_booted_hours`` (booted.json and the
+        marks not flushed yet): what another replica's GC decision must also keep."""
+        window = self.settings.keep_booted_hours * 3600
+        now = time.time()
+        with self._lock:
+            used = {**_read_used(self.layout), **self._used}
+        out = set()
+        for key, last in used.items():
+            image, _, version = key.partition("/")
+            if now - last < window:
+                out.add((image, version))
+        return out
+
+    def plan(self, in_use: set[tuple[str, str]] = frozenset(),
+             only: set[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
         """Versions GC would delete: not among the newest ``keep``, not active, not
-        pinned, not in ``in_use``, not used within ``keep_booted_hours``. No side effects."""
+        pinned, not in ``in_use``, not used within ``keep_booted_hours``, and (when
+        ``only`` is given: the cluster's shared decision) in ``only``. No side effects."""
         window = self.settings.keep_booted_hours * 3600
         now = time.time()
         with self._lock:
@@ -86,14 +102,16 @@ class Retention:
             for v in versions:
                 if v in newest or v in active or v in pinned or (image, v) in in_use:
                     continue
+                if only is not None and (image, v) not in only:
+                    continue
                 last = used.get(_key(image, v))
                 if last is not None and now - last < window:
                     continue
                 victims.append((image, v))
         return victims
 
-    def gc(self, *, dry_run: bool = False, in_use: set[tuple[str, str]] = frozenset()
-           ) -> list[tuple[str, str]]:
+    def gc(self, *, dry_run: bool = False, in_use: set[tuple[str, str]] = frozenset(),
+           only: set[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
         """Delete versions not kept (see :meth:`plan`); ``dry_run`` only lists them.
 
         Needs the writer lock (a daemon's GC and a CLI's must not rename the same version
@@ -103,10 +121,10 @@ class Retention:
         links (a crash in between leaves them to recovery's sweep).
         """
         if dry_run:
-            return self.plan(in_use)
+            return self.plan(in_use, only)
         with self.writer.held("gc"):
             with self._lock:
-                victims = self.plan(in_use)
+                victims = self.plan(in_use, only)
                 if not victims:
                     return victims
                 trash: list[Path] = []

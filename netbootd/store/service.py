@@ -140,13 +140,24 @@ class StoreService:
                     self.store.layout.ensure()
 
     async def run_gc(self, *, dry_run: bool = False) -> list[tuple[str, str]]:
+        """One GC pass. With replicas the cluster's leader decides what is retired and
+        prunes the shared history; every replica deletes its own copies and prunes its
+        own rejected builds (docs/replicas.md)."""
         assert self.store is not None
-        in_use = self.in_use()
-        victims = await asyncio.to_thread(self.store.gc, dry_run=dry_run, in_use=in_use)
+        cluster = self.app.cluster
+        if cluster is None:
+            victims = await asyncio.to_thread(self.store.gc, dry_run=dry_run,
+                                              in_use=self.in_use())
+        elif cluster.gc is None:  # the cluster service has not started (yet)
+            victims = []
+        else:
+            victims = await asyncio.to_thread(cluster.gc.run, self.store, dry_run=dry_run)
         await asyncio.to_thread(self.store.prune_rejected,
                                 self.app.settings.store.keep_rejected, dry_run=dry_run)
-        await asyncio.to_thread(self.store.prune_history,
-                                self.app.settings.store.keep_history, dry_run=dry_run)
+        if cluster is None or (cluster.leadership is not None
+                               and cluster.leadership.is_leader):
+            await asyncio.to_thread(self.store.prune_history,
+                                    self.app.settings.store.keep_history, dry_run=dry_run)
         await asyncio.to_thread(self.store.flush_booted)
         self._last_gc = {"when": time.time(), "deleted": [list(v) for v in victims],
                          "dry_run": dry_run}

@@ -197,13 +197,25 @@ class ImageStore:
     def gc_plan(self, in_use: set[tuple[str, str]] = frozenset()) -> list[tuple[str, str]]:
         return self.retention.plan(in_use)
 
-    def gc(self, *, dry_run: bool = False, in_use: set[tuple[str, str]] = frozenset()
-           ) -> list[tuple[str, str]]:
-        """Delete versions retention does not keep (``in_use`` plus the daemon's hook)."""
+    def gc(self, *, dry_run: bool = False, in_use: set[tuple[str, str]] = frozenset(),
+           only: set[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+        """Delete versions retention does not keep (``in_use`` plus the daemon's hook);
+        with ``only`` (the versions a cluster's leader retired), none outside it."""
+        return self.retention.gc(dry_run=dry_run, in_use=self.kept_in_use(in_use), only=only)
+
+    def kept_in_use(self, in_use: set[tuple[str, str]] = frozenset()
+                    ) -> set[tuple[str, str]]:
+        """``in_use`` plus what the daemon's hook says is in use (sessions, pins)."""
         keep = set(in_use)
         if self.in_use_hook is not None:
             keep |= set(self.in_use_hook())
-        return self.retention.gc(dry_run=dry_run, in_use=keep)
+        return keep
+
+    def kept_for_use(self) -> set[tuple[str, str]]:
+        """Versions this replica keeps because they are used (open sessions, inventory
+        pins, booted within the window): published so the cluster's GC decision keeps
+        them too."""
+        return self.kept_in_use() | self.retention.recently_used()
 
     def prune_rejected(self, keep: int, *, dry_run: bool = False) -> list[str]:
         return self.rejects.prune(keep, dry_run=dry_run)
