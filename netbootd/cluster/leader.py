@@ -21,6 +21,7 @@ replicas never both act as leader for longer than one network round trip.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -63,6 +64,20 @@ class Leadership:
             self._mine = self._mine and self.is_leader
             raise
         return self.is_leader
+
+    async def run(self) -> None:
+        """Campaign, then renew, every third of the lease; at once when the key goes
+        (the watch sets :attr:`wake`). Runs until cancelled; etcd being away only
+        means nobody here leads until it answers."""
+        while not self.etcd.closed:
+            self.wake.clear()
+            try:
+                await asyncio.to_thread(self.step)
+            except Unreachable:
+                pass  # is_leader lapses on its own ttl after the last renewal
+            except Exception as exc:  # noqa: BLE001 - a lost lease etc.: try again
+                log.warning("cluster leader election: %s", exc)
+            await asyncio.to_thread(self.wake.wait, self.ttl / 3)
 
     def _step(self) -> None:
         if not self._watching:

@@ -65,7 +65,7 @@ class ClusterService:
         self._task = asyncio.create_task(self._beat(), name="cluster-presence")
         if self.app.settings.cluster.replicate:
             self._copier = asyncio.create_task(self._copy_loop(), name="cluster-replication")
-        self._leader = asyncio.create_task(self._lead(), name="cluster-leader")
+        self._leader = asyncio.create_task(self.leadership.run(), name="cluster-leader")
         # an activation through the API waits until enough live replicas hold the version
         self.cluster.store_state().gate = self.refusal
 
@@ -74,19 +74,6 @@ class ClusterService:
         version, as of the last presence read), or None."""
         return quorum.refusal(image, version, self.replicas, self.cluster.name,
                               self.app.settings.cluster.activation_quorum)
-
-    async def _lead(self) -> None:
-        """Campaign, then renew, every third of the lease; at once when the key goes."""
-        lead = self.leadership
-        while True:
-            lead.wake.clear()
-            try:
-                await asyncio.to_thread(lead.step)
-            except Unreachable:
-                pass  # not leading until etcd answers (is_leader lapses on its own)
-            except Exception as exc:  # noqa: BLE001 - a lost lease etc.: try again
-                log.warning("cluster leader election: %s", exc)
-            await asyncio.to_thread(lead.wake.wait, lead.ttl / 3)
 
     async def _copy_loop(self) -> None:
         while True:
