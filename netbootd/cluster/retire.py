@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .etcd import Etcd, delete_op, put_op
+from .etcd import Etcd, Unreachable, delete_op, put_op
 from .leader import Leadership
 
 log = logging.getLogger("netbootd.cluster.retire")
@@ -59,9 +59,15 @@ class SharedGc:
         then delete this replica's copies of retired versions. Returns what it deleted
         (or would, with ``dry_run``)."""
         decided: set[Version] = set()
-        if self.leadership.is_leader:
-            decided = self._decide(store, dry_run=dry_run)
-        retired = self.read() | decided
+        try:
+            if self.leadership.is_leader:
+                decided = self._decide(store, dry_run=dry_run)
+            retired = self.read() | decided
+        except Unreachable as exc:
+            # decisions are final: the ones already read still apply; none is taken now
+            log.warning("gc: etcd unreachable, applying the retired versions read "
+                        "before (%s)", exc)
+            retired = self.retired | decided
         return store.gc(dry_run=dry_run, only=retired)
 
     def _decide(self, store: Any, *, dry_run: bool) -> set[Version]:

@@ -27,7 +27,8 @@ TOKEN = "replica-test-token"
 
 class Replica:
     def __init__(self, base: Path, name: str, endpoints: list[str], prefix: str,
-                 versions: tuple[str, ...] = ("1", "2"), replicate: bool = True) -> None:
+                 versions: tuple[str, ...] = ("1", "2"), replicate: bool = True,
+                 quorum: int | str = "all") -> None:
         self.name = name
         self.dir = base / name
         self.port = free_port()
@@ -46,6 +47,7 @@ class Replica:
             "store": {"settle_seconds": 0.1, "auto_activate": {}},
             "nfs": {"backend": "none"},
             "cluster": {"backend": "etcd", "name": name, "replicate": replicate,
+                        "activation_quorum": quorum,
                         "peer_url": f"http://127.0.0.1:{self.port}",
                         "etcd": {"endpoints": endpoints, "key_prefix": prefix,
                                  "timeout": 1.0}},
@@ -71,13 +73,13 @@ class Replica:
         except (OSError, ValueError):
             return 0, {}
 
-    def prod(self) -> str | None:
+    def prod(self, channel: str = "prod") -> str | None:
         status, body = self.call("GET", "/api/v1/images")
         if status != 200:
             return None
         for img in body.get("images", []):
             if img.get("name") == "demo":
-                return (img.get("channels") or {}).get("prod")
+                return (img.get("channels") or {}).get(channel)
         return None
 
     def versions(self) -> list[str]:
@@ -186,7 +188,8 @@ def test_a_build_dropped_on_one_replica_is_copied_and_activation_waits_for_all(t
     replicas: list[Replica] = []
     try:
         prefix = f"/copy-{os.getpid()}/"
-        replicas = [Replica(tmp_path, "r1", etcd.endpoints, prefix, versions=("1",)),
+        replicas = [Replica(tmp_path, "r1", etcd.endpoints, prefix, versions=("1",),
+                            quorum=2),
                     Replica(tmp_path, "r2", etcd.endpoints, prefix, versions=("1",)),
                     Replica(tmp_path, "r3", etcd.endpoints, prefix, versions=("1",),
                             replicate=False)]
@@ -195,6 +198,16 @@ def test_a_build_dropped_on_one_replica_is_copied_and_activation_waits_for_all(t
             wait_for(lambda r=r: r.ready()[0] == 200 and len(
                 r.ready()[1]["services"]["cluster"]["replicas"]) == 3, 120,
                 f"{r.name} ready with three replicas\n{r.tail()}")
+        # one leader, the same for every replica, shown on /readyz and the status page
+        def leaders() -> list[tuple]:
+            c = [r.ready()[1]["services"]["cluster"] for r in replicas]
+            return [(h.get("leader"), h.get("is_leader")) for h in c]
+        wait_for(lambda: len({lead for lead, _ in leaders()}) == 1 and leaders()[0][0]
+                 and [m for _, m in leaders()].count(True) == 1, 60, "one leader")
+        leader = leaders()[0][0]
+        assert [r.name for r, (_, m) in zip(replicas, leaders()) if m] == [leader]
+        with urllib.request.urlopen(f"http://127.0.0.1:{r1.port}/", timeout=30) as page:
+            assert f"leader <strong>{leader}</strong>" in page.read().decode()
         # a CI drop on r1 only ...
         build = tmp_path / "demo-3"
         sample_build(build, "demo", "3", kind="pi-boot+rootfs", payload=3 << 20)
@@ -214,6 +227,12 @@ def test_a_build_dropped_on_one_replica_is_copied_and_activation_waits_for_all(t
         status, body = r2.call("POST", "/api/v1/images/demo/activate",
                                {"version": "3", "channel": "prod"})
         assert status == 409 and "r3 lack it" in json.dumps(body), body
+        assert "2 of 3 live replicas hold it, 3 needed" in json.dumps(body), body
+        # r1 is configured with activation_quorum 2: two of three hold it, that is enough
+        status, body = r1.call("POST", "/api/v1/images/demo/activate",
+                               {"version": "3", "channel": "staging"})
+        assert status == 200, body
+        wait_for(lambda: r2.prod("staging") == "3", 30, "r2 follows r1's activation")
         # the build dropped on r3 too: now every live replica holds it, activation works
         shutil.copytree(build, tmp_path / "r3-copy", symlinks=True)
         os.rename(tmp_path / "r3-copy", r3.dir / "images" / "incoming" / "demo-3")
