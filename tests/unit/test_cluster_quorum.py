@@ -40,3 +40,12 @@ def test_the_setting_is_all_or_a_positive_number(monkeypatch):
             _cluster(bad)
     monkeypatch.setenv("NETBOOTD_CLUSTER__ACTIVATION_QUORUM", "2")
     assert load_settings(None, {}, use_default_path=False).cluster.activation_quorum == 2
+
+
+def test_the_local_backend_opens_no_cluster_and_no_leader():
+    from netbootd.app import enabled_services
+    from netbootd.cluster import open_cluster
+
+    s = load_settings(None, {}, use_default_path=False)
+    assert s.cluster.backend == "local" and s.cluster.activation_quorum == "all"
+    assert open_cluster(s) is None and "cluster" not in enabled_services(s)
