@@ -69,15 +69,18 @@ class Leadership:
         """Campaign, then renew, every third of the lease; at once when the key goes
         (the watch sets :attr:`wake`). Runs until cancelled; etcd being away only
         means nobody here leads until it answers."""
-        while not self.etcd.closed:
-            self.wake.clear()
-            try:
-                await asyncio.to_thread(self.step)
-            except Unreachable:
-                pass  # is_leader lapses on its own ttl after the last renewal
-            except Exception as exc:  # noqa: BLE001 - a lost lease etc.: try again
-                log.warning("cluster leader election: %s", exc)
-            await asyncio.to_thread(self.wake.wait, self.ttl / 3)
+        try:
+            while not self.etcd.closed:
+                self.wake.clear()
+                try:
+                    await asyncio.to_thread(self.step)
+                except Unreachable:
+                    pass  # is_leader lapses on its own ttl after the last renewal
+                except Exception as exc:  # noqa: BLE001 - a lost lease etc.: try again
+                    log.warning("cluster leader election: %s", exc)
+                await asyncio.to_thread(self.wake.wait, self.ttl / 3)
+        finally:
+            self.wake.set()  # cancelled: the waiting thread ends now, not a third of ttl later
 
     def _step(self) -> None:
         if not self._watching:
