@@ -83,9 +83,11 @@ class Leadership:
             self.wake.set()  # cancelled: the waiting thread ends now, not a third of ttl later
 
     def _step(self) -> None:
-        if not self._watching:
-            kv = self.etcd.get(self.key)
-            self.etcd.watch(self.key, self._revision(kv), self._on_events)
+        if not self._watching:  # from now on: a read's revision, not the key's history
+            kvs, revision = self.etcd.range_prefix(self.key)
+            self.leader = next((kv.value.decode(errors="replace") for kv in kvs
+                                if kv.key == self.key), "")
+            self.etcd.watch(self.key, revision, self._on_events)
             self._watching = True
         t0 = time.monotonic()
         if self._lease and not self.etcd.keepalive(self._lease):
@@ -122,10 +124,6 @@ class Leadership:
         self.leader = leader
         if mine:
             self._renewed = t0  # the lease runs from before the request left
-
-    @staticmethod
-    def _revision(kv: object) -> int:
-        return int(getattr(kv, "mod_revision", 0) or 0)
 
     def _on_events(self, events: list[Event], _revision: int) -> None:
         for ev in events:
