@@ -13,7 +13,7 @@ from netbootd.gilshare import BUSY_SWITCH_INTERVAL, sharing_gil
 def test_lowered_inside_restored_after() -> None:
     before = sys.getswitchinterval()
     with sharing_gil():
-        assert sys.getswitchinterval() == pytest.approx(min(before, BUSY_SWITCH_INTERVAL))
+        assert sys.getswitchinterval() == pytest.approx(min(before, BUSY_SWITCH_INTERVAL), rel=0.05)
     assert sys.getswitchinterval() == before
 
 
@@ -29,8 +29,8 @@ def test_never_raised() -> None:
     sys.setswitchinterval(0.0001)
     try:
         with sharing_gil():
-            assert sys.getswitchinterval() == pytest.approx(0.0001)
-        assert sys.getswitchinterval() == pytest.approx(0.0001)
+            assert sys.getswitchinterval() == pytest.approx(0.0001, rel=0.05)
+        assert sys.getswitchinterval() == pytest.approx(0.0001, rel=0.05)
     finally:
         sys.setswitchinterval(before)
 
@@ -51,7 +51,7 @@ def test_overlapping_jobs_restore_once_the_last_ends() -> None:
     assert inside.wait(10)
     with sharing_gil():
         pass
-    assert sys.getswitchinterval() == pytest.approx(min(before, BUSY_SWITCH_INTERVAL))
+    assert sys.getswitchinterval() == pytest.approx(min(before, BUSY_SWITCH_INTERVAL), rel=0.05)
     leave.set()
     t.join(10)
     assert sys.getswitchinterval() == before
