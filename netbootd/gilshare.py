@@ -6,11 +6,11 @@ without pause and holds the GIL. The loop gives the GIL up at every system call 
 answer (``epoll_wait``, ``recvmsg``, ``stat``, ``urandom``, ``sendmsg``) and then waits
 for it to come back; CPython makes the busy thread hand it over only after
 ``sys.getswitchinterval()``, 5 ms by default. So one proxy-DHCP answer, 0.4 ms on a
-quiet daemon, waited 5 ms per system call during a 10,000-node template reload: tens
-of milliseconds, and a p99 of 25-250 ms (docs/benchmarks.md). With 0.5 ms the loop
-waits a tenth as long per call, at no measurable cost to the worker (a pure-Python
-thread and a UDP echo loop on this machine: p99 20-37 ms -> 3.6-5.4 ms, the worker's
-time unchanged). Resting the worker now and then also helps but slowed it by 20-40 %.
+quiet daemon, waited 5 ms per system call during a 10,000-node template reload: a
+p99 of 25-250 ms. With 0.5 ms the loop waits a tenth as long per call: p99 7-12 ms
+against 47-50 ms in the same runs (docs/benchmarks.md), for 0.1-0.2 s more reload
+time in hand-overs. Resting the worker every 2 ms instead also helped but slowed it by
+20-40 %.
 
 The interval is process-wide: it is lowered while at least one such job runs and put
 back when the last one ends, so the packet paths run with CPython's default otherwise.
