@@ -168,13 +168,19 @@ def effective_action(node: NodeView, record: NodeRecord | None, *, retry_failed:
 
 def decide(facts: ClientFacts, inventory: Inventory, settings: Settings,
            images: ImageResolver, *, now: float | None = None,
-           record: NodeRecord | None = None) -> BootPlan:
+           record: NodeRecord | None = None, session: str | None = None,
+           token: str | None = None) -> BootPlan:
     """The pure decision for one machine, without the cache. ``record`` is the node's
-    lifecycle record (nodestate.py), read by the caller."""
+    lifecycle record (nodestate.py), read by the caller. ``session`` and ``token``: the
+    boot's identity and proof, random unless given (the render check fixes them: it
+    decides every node of the fleet, and two ``os.urandom`` calls a node were a
+    tenth of its time)."""
     now = time.time() if now is None else now
     node = inventory.view(facts)
-    session = uuid.uuid4().hex[:12]
-    token = secrets.token_hex(12)
+    if session is None:
+        session = uuid.uuid4().hex[:12]
+    if token is None:
+        token = secrets.token_hex(12)
     stage = record.stage.value if record is not None else ""
 
     def plan(action: Action, reason: str, image: ImageRef | None = None,

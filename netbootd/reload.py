@@ -30,6 +30,7 @@ from pathlib import Path
 import watchfiles
 
 from .app import App
+from .gilshare import sharing_gil
 from .inventory import Inventory
 from .render import Renderer, is_source_name, scrub, template_sources
 from .rendercheck import CheckCache
@@ -157,7 +158,8 @@ def check_started_config(app: App) -> str | None:
     still in force and fails: the daemon then stops, as it would have refused to start."""
     inventory, renderer = app.inventory, app.render
     try:
-        check_config(app, inventory, renderer)
+        with sharing_gil():  # a thread beside the event loop (gilshare.py says why)
+            check_config(app, inventory, renderer)
         # for the next start; before /readyz says ready, so a stop right then keeps it
         app.inventory_loader.save_snapshot()
     except ConfigError as exc:
@@ -201,7 +203,9 @@ def shrink_problem(app: App, old: Inventory, new: Inventory) -> Problem | None:
 def reload_now(app: App, *, probe: SettleProbe | None = None) -> str | None:
     """Reload once. Returns None on success, else the error text (old config kept)."""
     try:
-        inventory, renderer = validate_config(app, settled_sources(app, probe=probe))
+        sources = settled_sources(app, probe=probe)
+        with sharing_gil():  # in a thread beside the event loop (gilshare.py says why)
+            inventory, renderer = validate_config(app, sources)
         shrink = shrink_problem(app, app.inventory, inventory)
         if shrink is not None:
             raise ConfigError([shrink])

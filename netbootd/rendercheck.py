@@ -191,11 +191,13 @@ def _check(renderer: Renderer, inventory: Inventory, images: Any,
     problems: list[Problem] = []
     seen: set[tuple[str, str]] = set()
     for facts in machines:
-        plan = decide(facts, inventory, as_default, resolver)
-        # check templates even before any image exists; the session and token are random
-        # per boot: fixed here, so the key (and the text rendered) is the node's content
-        plan = replace(plan, session=_CHECK_SESSION, token=_CHECK_TOKEN, created=0.0,
-                       image=plan.image or _PLACEHOLDER_IMAGE)
+        # the session and token are random per boot: fixed here, so the key (and the
+        # text rendered) is the node's content; templates are checked even before any
+        # image exists
+        plan = decide(facts, inventory, as_default, resolver, now=0.0,
+                      session=_CHECK_SESSION, token=_CHECK_TOKEN)
+        if plan.image is None:
+            plan = replace(plan, image=_PLACEHOLDER_IMAGE)
         key = _plan_key(plan)
         entry = _entry_for(renderer, plan, server, found.get(key) or known.get(key), stamps)
         entry = stamps.shared(entry)

@@ -57,6 +57,18 @@ def test_actions(tmp_path):
     assert pinned.image.version == "0.9" and "pinned" in pinned.reason
 
 
+def test_session_and_token_are_random_unless_given(tmp_path):
+    """The render check passes fixed ones (a plan key must be the node's content); a
+    boot gets fresh ones each time."""
+    settings, inv = setup(tmp_path)
+    facts, store = ClientFacts(mac="aa:bb:cc:dd:ee:01"), SwitchableStore()
+    a, b = decide(facts, inv, settings, store), decide(facts, inv, settings, store)
+    assert a.session != b.session and a.token != b.token
+    fixed = decide(facts, inv, settings, store, now=0.0, session="s" * 12, token="t" * 24)
+    assert (fixed.session, fixed.token, fixed.created) == ("s" * 12, "t" * 24, 0.0)
+    assert (fixed.action, fixed.image, fixed.reason) == (a.action, a.image, a.reason)
+
+
 def test_unknown_machine_policy(tmp_path):
     settings, inv = setup(tmp_path, unknown="ignore")
     stranger = ClientFacts(mac="02:00:00:00:00:99", kind=ClientKind.RPI)
