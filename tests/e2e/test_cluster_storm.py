@@ -73,7 +73,10 @@ def test_pi_storm_across_replicas_survives_a_replica_and_etcd_failures(lab_out: 
             _, body = r.request("GET", "/readyz")
             seen = body.get("services", {}).get("cluster", {}).get("replicas", {}) \
                 if isinstance(body, dict) else {}
-            return len(seen) == 3 and all("pi 2" in d["versions"] for d in seen.values())
+            # both versions: a replica announces each copy when it lands, and activating v1
+            # while one replica's announcement of it is still on its way is refused (409)
+            return len(seen) == 3 and all("pi 1" in d["versions"] and "pi 2" in d["versions"]
+                                          for d in seen.values())
 
         wait(lambda: all(all_hold(r) for r in replicas), 60,
              "every replica sees every replica holding both versions")
