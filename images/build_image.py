@@ -21,7 +21,7 @@ Two kinds of build:
   (~33 MB by default) and pseudo-random content that differs per version, plus a tiny rootfs.
   For Pi protocol tests and TFTP benchmarks, not for a real Pi.
 
-Output: a build directory with ``manifest.json`` (see /work/notes/common.md), assembled under
+Output: a build directory with ``manifest.json`` (docs/store.md), assembled under
 a dot-prefixed temporary name inside the destination directory and renamed into place in one
 step (the store's drop protocol: half-written builds are never visible under their final
 name). Destination: ``--incoming DIR`` (default ``images/incoming`` next to this script) or
