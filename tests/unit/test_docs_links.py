@@ -1,6 +1,6 @@
-"""README.md, docs/ and tests/ stay self-contained: no links out of the repository
+"""README.md, docs/, tests/ and the code stay self-contained: no links out of the repository
 (research notes in a sibling directory, absolute paths of one machine), and every file
-they name exists."""
+the docs and tests name exists."""
 
 from __future__ import annotations
 
@@ -24,9 +24,20 @@ def texts() -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
+def code() -> list[Path]:
+    """The product's, the image builders' and the benchmarks' sources (their docstrings and
+    comments are documentation too)."""
+    # images/ holds the store of a checkout that serves (large trees): only its builders
+    found = [*(REPO / "images").glob("*.py"), *(REPO / "images" / "installer").rglob("*")]
+    for d in ("netbootd", "bench", "systemd", "config", ".ci"):
+        found += (REPO / d).rglob("*")
+    return sorted(p for p in found if p.is_file() and "__pycache__" not in p.parts
+                  and p.suffix in (".py", ".sh", ".c", ".yaml", ".j2", ".service", ""))
+
+
 def test_no_links_leave_the_repository() -> None:
     bad = []
-    for f in texts():
+    for f in texts() + code():
         for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
             if OUTSIDE.search(line):
                 bad.append(f"{f.relative_to(REPO)}:{n}: {line.strip()[:120]}")
