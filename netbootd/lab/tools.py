@@ -46,12 +46,14 @@ def lab_problem(tools: list[str]) -> str | None:
 
 
 def require(tools: list[str]) -> None:
-    """pytest: skip the calling test with the reason when the lab cannot run."""
+    """pytest: fail (never skip) the calling test with the reason when the lab cannot run.
+    ``./setup.sh test`` installs every tool and runs as root, so a missing one is a broken
+    machine, and a skip would turn a test that did not run green."""
     import pytest
 
     reason = lab_problem(tools)
     if reason:
-        pytest.skip(reason)
+        pytest.fail(f"the lab cannot run here: {reason}", pytrace=False)
 
 
 def load_builder() -> ModuleType:

@@ -6,26 +6,18 @@ flood costs are figures for docs/security.md, measured by the full run, not asse
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from netbootd.lab.tools import require
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in ("ip", "tftp", "curl")),
-                       reason="needs iproute2, tftp-hpa and curl"),
-    pytest.mark.skipif(not Path("/usr/lib/ipxe/ipxe.efi").exists(),
-                       reason="needs Debian's ipxe package (the file the honest client fetches)"),
-]
-
 
 def test_short_attack_run_is_defended_and_stops_clean(tmp_path: Path):
+    # tftp-hpa is the honest client; it fetches Debian's ipxe.efi during the slot hog
+    require(["ip", "tftp", "curl", "/usr/lib/ipxe/ipxe.efi"])
     out = tmp_path / "run.json"
     p = subprocess.run([sys.executable, str(REPO / "bench" / "attack" / "run.py"),
                         "--flood-seconds", "5", "--rate", "1000", "--hog-seconds", "10",

@@ -11,8 +11,6 @@ that namespace's real kernel neighbour table. Everything is removed in ``finally
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -28,6 +26,7 @@ from scapy.packet import Raw
 from netbootd.dhcp import clients as c
 from netbootd.dhcp import packet as pk
 from netbootd.inventory import load_inventory
+from netbootd.lab.tools import require
 from netbootd.neighbours import ClientAddresses
 from netbootd.nfs.service import NfsService
 from netbootd.settings import load_settings
@@ -38,9 +37,6 @@ from tests.e2e.dhcplan import DhcpLan, Port, dhcp_lan, sh
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
-    pytest.mark.skipif(not all(shutil.which(t) for t in ("ip", "dnsmasq", "busybox")),
-                       reason="needs iproute2, dnsmasq and busybox"),
 ]
 
 NODE_MAC = "02:00:00:e1:00:01"
@@ -58,6 +54,7 @@ def in_ns(name: str) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
+    require(["ip", "dnsmasq", "busybox"])  # root and the tools: fails, never skips
     with dhcp_lan(tmp_path_factory.mktemp("evidence"), "nbev",
                   [Port("node", mac=NODE_MAC), Port("evil", 66, EVIL_MAC)],
                   f"profiles:\n  default: {{action: netboot}}\nnodes:\n"

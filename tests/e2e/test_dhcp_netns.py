@@ -10,9 +10,7 @@ and tcpdump writing a pcap that proves who got *no* packet. Everything is torn d
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,14 +27,12 @@ from scapy.utils import rdpcap
 
 from netbootd.dhcp import clients as c
 from netbootd.dhcp import packet as pk
+from netbootd.lab.tools import require
 from tests.e2e.dhcplan import DhcpLan, Port, dhcp_lan, sh, wait_line
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
-    pytest.mark.skipif(not all(shutil.which(t) for t in ("ip", "dnsmasq", "busybox", "tcpdump")),
-                       reason="needs iproute2, dnsmasq, busybox and tcpdump"),
 ]
 
 LOCAL_MAC = "52:54:00:00:0a:01"
@@ -48,6 +44,7 @@ ETH_P_ALL = 0x0003
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
+    require(["ip", "dnsmasq", "busybox", "tcpdump"])  # root and the tools: fails, never skips
     with dhcp_lan(tmp_path_factory.mktemp("dhcp-lab"), "nbdh", [Port("cli", 50)],
                   "profiles:\n  default: {action: netboot}\nnodes:\n"
                   f"  {LOCAL_MAC}: {{action: local}}\n  {IGNORE_MAC}: {{action: ignore}}\n"

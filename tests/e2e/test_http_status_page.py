@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("netbootd.store.store")
-
 from netbootd.http.testkit import (
     NODE_A,
     NODE_B,

@@ -14,8 +14,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-pytest.importorskip("netbootd.store.store")
-
 from netbootd.http.testkit import (
     NODE_A,
     NODE_C,

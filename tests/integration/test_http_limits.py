@@ -153,7 +153,6 @@ def fs_size(path: Path) -> int:
 
 @pytest.fixture
 def reserve_server(tmp_path: Path):
-    pytest.importorskip("netbootd.store.store")
     app = make_app(tmp_path / "d", real_store=True)
     # a reserve of the whole file system, above the free space whatever other processes on
     # the machine write or delete meanwhile: any upload would eat into it (no disk is filled)

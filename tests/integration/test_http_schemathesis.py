@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("netbootd.store.store")
-
 from netbootd.http.testkit import TOKEN, ServerThread, make_app, populate
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
