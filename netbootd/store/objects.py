@@ -181,18 +181,7 @@ class Pool:
 
     def objects(self) -> Iterator[tuple[Path, os.stat_result]]:
         """Every object and its stat (temp names excluded)."""
-        try:
-            subdirs = list(os.scandir(self.root))
-        except FileNotFoundError:
-            return
-        for d in subdirs:
-            if not d.is_dir(follow_symlinks=False):
-                continue
-            for e in os.scandir(d.path):
-                if e.name.startswith("."):
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    yield Path(e.path), e.stat(follow_symlinks=False)
+        return ((p, st) for p, st in self._all_with_temps() if not p.name.startswith("."))
 
     def sweep(self, candidates: Iterable[Path] | None = None) -> tuple[int, int]:
         """Delete objects no version references (link count 1) and temp leftovers of a
@@ -214,6 +203,7 @@ class Pool:
         return count, freed
 
     def _all_with_temps(self) -> Iterator[tuple[Path, os.stat_result]]:
+        """Every file in the pool's fan-out directories, temp names of a crash included."""
         try:
             subdirs = list(os.scandir(self.root))
         except FileNotFoundError:
