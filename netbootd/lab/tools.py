@@ -76,15 +76,3 @@ def drop_build(build: Path, incoming: Path) -> Path:
     final = incoming / build.name
     tmp.rename(final)
     return final
-
-
-def insist(tools: list[str]) -> None:
-    """pytest: like :func:`require`, but under CI (``CI`` set) a missing tool or missing
-    root fails the test: there it is a broken setup, not a reason to pass quietly."""
-    import pytest
-
-    reason = lab_problem(tools)
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)

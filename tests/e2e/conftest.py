@@ -1,6 +1,6 @@
 """Fixtures for the netboot lab (namespaces, site DHCP, NFS, QEMU guests, netbootd).
 
-Fixtures (all skip with a reason when not root or a tool is missing):
+Fixtures (all fail with the reason when not root or a tool is missing; never skip):
 
 * ``lab_out``      test-output/<test>/: serial logs, dnsmasq/ganesha/netbootd logs, pcaps.
                    Kept after the run; on failure its path and log tails are printed.
@@ -30,7 +30,6 @@ golden build, several guests):
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -51,8 +50,6 @@ from netbootd.lab.tools import (
     LAB_TOOLS,
     NFS_TOOLS,
     REPO,
-    insist,
-    lab_problem,
     load_builder,
     require,
 )
@@ -148,8 +145,7 @@ def site_dhcp(netlab: Topology, lab_out: Path) -> Iterator[SiteDhcp]:
 @pytest.fixture(scope="session")
 def make_image(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Build test images (kernel cached in images/cache). Same version twice = same dir."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
+    require([])  # root
     builder = load_builder()
     root = tmp_path_factory.mktemp("images")
     built: dict[tuple[str, str, bool, str], Path] = {}
@@ -159,16 +155,14 @@ def make_image(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         name = name or ("pi-e2e" if pi else "demo")
         key = (name, version, pi, arch)
         if key not in built:
-            reason = lab_problem(GUEST_TOOLS if not pi else [])
-            if reason:
-                pytest.skip(reason)
+            require(GUEST_TOOLS if not pi else [])
             try:
                 built[key] = builder.build(
                     name=name, version=version, marker=marker or f"{name}-{version}", pi=pi,
                     cache=REPO / "images" / "cache", out=root / f"{name}-{version}",
                     incoming=None, pi_scale=pi_scale, arch=arch)
             except builder.BuildError as exc:
-                pytest.skip(f"test image cannot be built: {exc}")
+                pytest.fail(f"test image cannot be built: {exc}")
         return built[key]
 
     return make
@@ -256,10 +250,7 @@ def boot_lab(netlab: Topology, site_dhcp: SiteDhcp, lab_out: Path,
 
 @pytest.fixture(scope="module")
 def module_out(request: pytest.FixtureRequest) -> Path:
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("needs root (network namespaces, taps, QEMU on a bridge)")
-        pytest.skip("needs root (network namespaces, taps, QEMU on a bridge)")
+    require([])  # root: fails, never skips
     out = OUTPUT / Path(str(request.node.path)).stem
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -268,7 +259,7 @@ def module_out(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="module")
 def module_lab(_stale_labs_removed: None, module_out: Path) -> Iterator[Topology]:
-    insist(LAB_TOOLS)
+    require(LAB_TOOLS)
     lab = Topology().up()
     try:
         yield lab
@@ -299,7 +290,7 @@ def make_golden(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
     """Golden disk builds (images/build_golden.py). The debootstrap tree is cached in
     images/cache/golden (made here when missing: minutes); a build from it takes seconds
     plus zstd. Same (name, version, seed_url) twice = same build."""
-    insist(["debootstrap", "mkfs.ext4", "mkfs.fat", "mcopy", "syslinux", "sfdisk", "zstd",
+    require(["debootstrap", "mkfs.ext4", "mkfs.fat", "mcopy", "syslinux", "sfdisk", "zstd",
             "dd"])
     bg = _load_images_module("build_golden")
     root = tmp_path_factory.mktemp("golden")
@@ -320,7 +311,7 @@ def make_golden(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
 @pytest.fixture(scope="session")
 def make_installer(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """The installer image (images/build_installer.py), named ``installer``."""
-    insist(["busybox", "zstd", "openssl", "apt-get", "dpkg-deb", "depmod"])
+    require(["busybox", "zstd", "openssl", "apt-get", "dpkg-deb", "depmod"])
     bi = _load_images_module("build_installer")
     root = tmp_path_factory.mktemp("installer")
     built: dict[str, Path] = {}

@@ -43,7 +43,7 @@ from netbootd.lab.guests import Guest, random_mac
 from netbootd.lab.netns import Topology
 from netbootd.lab.server import Netbootd, netbootd_argv
 from netbootd.lab.sitedhcp import SiteDhcp
-from netbootd.lab.tools import GUEST_TOOLS, REPO, drop_build, insist
+from netbootd.lab.tools import GUEST_TOOLS, REPO, drop_build, require
 
 pytestmark = pytest.mark.slow
 
@@ -204,7 +204,7 @@ def _srv_pcap_ok(cap: Capture) -> None:
 @pytest.fixture(scope="module")
 def prov(module_lab: Topology, module_out: Path, make_golden, make_installer
          ) -> Iterator[ProvLab]:
-    insist(GUEST_TOOLS + DISK_TOOLS + ["tcpdump", "dnsmasq", "curl"])
+    require(GUEST_TOOLS + DISK_TOOLS + ["tcpdump", "dnsmasq", "curl"])
     lab, out = module_lab, module_out
     srv = lab.ip("srv")
     macs = {"prov-a": random_mac(), "prov-b": random_mac(), "prov-c": random_mac()}
