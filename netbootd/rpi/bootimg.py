@@ -222,6 +222,9 @@ class BootImages:
         self._checked: dict[str, tuple[tuple[int, int, int, int], str]] = {}
         self._key_cache: tuple[tuple[int, int, int], Any] | None = None
         self._lock = threading.Lock()
+        #: one lock per cached image path: two checks of one file (a Pi's request and the
+        #: prebuilder) hash it once, and one never deletes what the other just rebuilt
+        self._check_locks: dict[str, threading.Lock] = {}
         self.built = 0  #: images built (metrics, tests)
         self.refused = 0  #: cached images whose bytes did not match their signature
         self.last_ready: dict[tuple[str, str], float] = {}  #: (image, version) -> first ready
@@ -288,6 +291,13 @@ class BootImages:
     def _cached(self, content: Content) -> Entry | None:
         """The cached entry if its bytes match its signature by the key in force;
         a mismatch is deleted (and rebuilt by the caller)."""
+        img, _ = self.paths(content)
+        with self._lock:
+            check_lock = self._check_locks.setdefault(str(img), threading.Lock())
+        with check_lock:
+            return self._check(content)
+
+    def _check(self, content: Content) -> Entry | None:
         img, sigp = self.paths(content)
         try:
             st = img.stat()
@@ -385,6 +395,9 @@ class BootImages:
             for path in list(self._checked):
                 if not Path(path).exists():
                     del self._checked[path]
+            for path in list(self._check_locks):
+                if not Path(path).exists() and not self._check_locks[path].locked():
+                    del self._check_locks[path]
         return gone
 
 

@@ -70,3 +70,43 @@ def test_openssl_verifies_boot_sig_with_the_generated_public_key(tmp_path: Path)
     out = subprocess.run(["openssl", "dgst", "-sha256", "-verify", str(pub), "-signature",
                           str(raw), str(img)], check=False, capture_output=True, text=True)
     assert out.returncode == 0 and "Verified OK" in out.stdout
+
+
+def test_a_tampered_image_checked_by_many_at_once_is_refused_once_and_rebuilt_once(
+        tmp_path: Path) -> None:
+    """A Pi's request and the prebuilder may check one cached image at the same moment:
+    the bad bytes are counted and deleted once, and no check deletes the rebuilt image."""
+    import threading
+    from types import SimpleNamespace
+
+    from netbootd.rpi.bootimg import BootImages
+
+    priv, _pub, _key = sign.write_key_pair(tmp_path / "keys")
+    settings = SimpleNamespace(rpi=SimpleNamespace(http_boot=SimpleNamespace(key_file=priv)),
+                               http_boot_dir=tmp_path / "cache")
+    images = BootImages(lambda: settings, parallel=2)
+    content = Content.make("pi", "1", tree(tmp_path / "src"),
+                           {"cmdline.txt": b"console=tty1\n", "config.txt": b"arm_64bit=1\n"})
+    first = images._build(content)
+    with open(first.image, "r+b") as f:  # one flipped byte in the middle
+        f.seek(first.size // 2)
+        byte = f.read(1)
+        f.seek(first.size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    start = threading.Barrier(8)
+    results: list[object] = []
+
+    def check() -> None:
+        start.wait()
+        hit = images._cached(content)
+        results.append(hit if hit is not None else images._build(content))
+
+    threads = [threading.Thread(target=check) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert images.refused == 1
+    assert all(r is not None for r in results)
+    final = images._cached(content)
+    assert final is not None and sign.file_sha256(final.image) == final.sha256
