@@ -71,17 +71,17 @@ venv_install() {
   # the C extension is built at install: a changed source means a new install
   sum="$(cat pyproject.toml setup.py netbootd/tftp/_pump.c | sha256sum | cut -d' ' -f1)"
   want="$sum$extras"
-  if [ -f "$stamp" ]; then
-    local have
-    have="$(cat "$stamp")"
-    # the same install, or one with the test extras when only the daemon is wanted
-    if [ "$have" = "$want" ] || { [ -z "$extras" ] && [ "${have%%\[*}" = "$sum" ]; }; then
-      return 0
-    fi
+  local have=""
+  [ -f "$stamp" ] && have="$(cat "$stamp")"
+  # the same install, or one with the test extras when only the daemon is wanted
+  if ! { [ "$have" = "$want" ] || { [ -z "$extras" ] && [ "${have%%\[*}" = "$sum" ]; }; }; then
+    log "pip install -e .$extras"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".$extras"
+    echo "$want" > "$stamp"
   fi
-  log "pip install -e .$extras"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".$extras"
-  echo "$want" > "$stamp"
+  # An editable install leaves the modules uncompiled: compile what changed now, so no
+  # start pays for it (it would every time where PYTHONDONTWRITEBYTECODE is set).
+  "$VENV/bin/python" -m compileall -q netbootd >/dev/null || true
 }
 
 demo_image() {

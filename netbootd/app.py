@@ -8,6 +8,7 @@ addresses, events, metrics), so a service cannot reach past the plan.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from collections.abc import Callable
@@ -130,6 +131,15 @@ def enabled_services(settings: Settings) -> list[str]:
         "dns": settings.dns.enabled,
     }
     return [name for name in SERVICE_FACTORIES if on.get(name)]
+
+
+def preload_services(settings: Settings) -> None:
+    """Import the modules of the services these settings enable (what ``load_factory``
+    would import as each starts), so they can load while something else runs beside."""
+    for name in enabled_services(settings):
+        # a module that fails here fails again as its service starts, reported there
+        with contextlib.suppress(Exception):
+            importlib.import_module(SERVICE_FACTORIES[name].partition(":")[0])
 
 
 def load_factory(name: str) -> Callable[[App], Service] | None:

@@ -78,11 +78,20 @@ def _resolver(settings: Settings) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .daemon import build_app, serve
+    from .inventorycache import InventoryLoader, parse_ahead
 
     settings = _settings(args)
     if not settings.http.access_log and log.getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("netbootd.http.access").setLevel(logging.WARNING)
+    # nodes.yaml parsed in a child while this process imports its services (a start
+    # without a snapshot of it: inventorycache.parse_ahead says why)
+    parsed = parse_ahead(settings.paths.inventory,
+                         settings.paths.state / InventoryLoader.SNAPSHOT_NAME)
+    from .app import preload_services
+    from .daemon import build_app, serve
+
+    preload_services(settings)
+    parsed()
     app = build_app(settings, check_later=True)
     return asyncio.run(serve(app))
 

@@ -156,3 +156,28 @@ def test_a_start_reads_the_snapshot_of_the_same_text_only(tmp_path):
     same_as_full(dated, path, text.replace("{join: kubeadm}", "{since: 2026-01-01}", 1))
     dated.save_snapshot()
     assert not (tmp_path / "dated.json").exists()
+
+
+def test_a_start_without_a_snapshot_parses_ahead_in_a_child_process(tmp_path):
+    """``netbootd serve`` has nodes.yaml parsed into the snapshot by a child while it
+    imports its services; its first load then only validates. A text the child cannot
+    save (broken YAML) leaves no snapshot, and the load reports it as ever."""
+    from netbootd.inventorycache import parse_ahead
+
+    path, snap = tmp_path / "nodes.yaml", tmp_path / "state" / "snapshot.json"
+    text = fleet(40)
+    path.write_text(text)
+    parse_ahead(path, snap)()
+    assert snap.exists()
+    loader = InventoryLoader(snap)
+    same_as_full(loader, path, text)
+    assert loader.from_snapshot
+    assert parse_ahead(path, snap) is parse_ahead(path, snap)  # up to date: no child
+    broken = text.replace("nodes:\n", "nodes:\n  - [\n", 1)
+    path.write_text(broken)
+    snap.unlink()
+    parse_ahead(path, snap)()
+    assert not snap.exists()
+    with pytest.raises(ConfigError) as err:
+        InventoryLoader(snap).load(path, broken)
+    assert "nodes.yaml" in str(err.value) and ":" in str(err.value)
