@@ -251,9 +251,19 @@ async def rollback(request: web.Request) -> web.Response:
 
 async def gc(request: web.Request) -> web.Response:
     body: GcIn = await _body(request, GcIn)
-    # Versions in open boot sessions are kept too: a boot in flight finishes on its version.
-    in_use = context(request).plans.versions_in_use()
-    victims = await _store(request, "gc", dry_run=body.dry_run, in_use=in_use)
+    ctx = context(request)
+    # The daemon's own pass when its store service runs: with replicas the leader's
+    # decision for the cluster, never this replica's rules alone (docs/replicas.md).
+    running = ctx.gc_pass(body.dry_run) if ctx.gc_pass is not None else None
+    if running is not None:
+        try:
+            victims = await running
+        except ValueError as exc:  # the store's typed errors, as _store maps them
+            raise _Refused(status_for(exc), str(exc)) from None
+    else:
+        # Versions in open boot sessions are kept too: a boot in flight finishes on them.
+        in_use = ctx.plans.versions_in_use()
+        victims = await _store(request, "gc", dry_run=body.dry_run, in_use=in_use)
     listed = [{"image": i, "version": v} for i, v in victims or []]
     return _json(Ok(message=f"{'would delete' if body.dry_run else 'deleted'} "
                     f"{len(listed)} version(s)", detail={"versions": listed}))

@@ -282,7 +282,9 @@ def context_for(app: App) -> HttpContext:
         addresses=app.clients, events=app.events, metrics=app.metrics,
         catalogue_of=lambda: app.store, daemon=AppStatus(app), lifecycle=lifecycle,
         node_state=app.node_state, boot_images=BootImages(settings),
-        versions=StoreVersions(lambda: app.store), on_reload=hooks(app.on_reload))
+        versions=StoreVersions(lambda: app.store), on_reload=hooks(app.on_reload),
+        gc_pass=lambda dry_run: (app.services["store"].run_gc(dry_run=dry_run)
+                                 if "store" in app.services else None))
 
 
 def create(app: App) -> HttpService:

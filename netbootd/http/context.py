@@ -8,7 +8,7 @@ daemon; the getters here see the new ones on the next request.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,6 +65,10 @@ class HttpContext:
     versions: Versions | None = None
     #: Register a callback for config reloads (interfaces.Subscribe).
     on_reload: Subscribe | None = None
+    #: One GC pass as the daemon's own runs it (with replicas: the leader's shared
+    #: decision), or None when the store service is not running (then the API asks the
+    #: store directly, by this daemon's rules alone).
+    gc_pass: Callable[[bool], Awaitable[list[tuple[str, str]]] | None] | None = None
 
     @property
     def settings(self) -> Settings:

@@ -340,6 +340,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             store.unpin(mac)
             print(f"{mac} unpinned")
         elif cmd == "gc":
+            if settings.cluster.backend == "etcd":
+                # what is retired is the cluster leader's decision (cluster/retire.py):
+                # this replica's rules alone could delete a version booting elsewhere
+                print("netbootd images gc: with cluster.backend etcd the cluster's leader "
+                      "decides what is deleted; run POST /api/v1/images/gc on any running "
+                      "replica (each also runs it every store.gc_interval)")
+                return 2
             victims = store.gc(dry_run=args.dry_run)
             verb = "would delete" if args.dry_run else "deleted"
             for image, version in victims:
