@@ -141,7 +141,7 @@ class SharedAddresses:
         self.clients.publish = self.offer
         try:
             self._load()
-        except Unreachable as exc:
+        except (Unreachable, EtcdError) as exc:  # never a reason to refuse the service
             log.warning("shared addresses: %s; retrying", exc)
             threading.Thread(target=self._retry_load, daemon=True,
                              name="etcd-addresses-load").start()
