@@ -95,7 +95,7 @@ class Shared:
             return None
 
 
-def _slot(expires: float, now: float) -> int:
+def lease_slot(expires: float, now: float) -> int:
     """The wall-clock second at which the lease for a binding ending at ``expires`` ends:
     bindings that end close together share one lease (a lease per write would double
     the round trips and leave thousands of leases alive). The slot is a tenth of the
@@ -292,7 +292,7 @@ class SharedAddresses:
         now = time.time()
         for slot in [s for s in self._leases if s <= now + 1]:
             del self._leases[slot]  # over, or too close to it to carry a new key
-        slot = _slot(expires, now)
+        slot = lease_slot(expires, now)
         lease = self._leases.get(slot)
         if lease is None:
             data = await self.etcd.post("/v3/lease/grant",
