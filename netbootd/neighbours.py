@@ -92,43 +92,76 @@ class ClientAddresses:
         self._kernel_seen: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._subscribers: list[Callable[[], None]] = []
         self.evictions = 0
+        #: Where evidence learnt here is passed on, as (ip, mac, seconds it stays valid):
+        #: with replicas, the etcd publisher (``cluster/addresses.py``). Called from the
+        #: learning thread for every learn() that is new, moved or refreshed, so it must
+        #: not block. None (one daemon): nothing is passed on.
+        self.publish: Callable[[str, str, float], None] | None = None
 
     # -- evidence ---------------------------------------------------------------------------
-    def learn(self, ip: str, mac: str, *, lease: float | None = None) -> bool:
+    def learn(self, ip: str, mac: str, *, lease: float | None = None,
+              from_peer: bool = False) -> bool:
         """Record evidence that ``mac`` holds ``ip`` (the site server ACKed it), valid for
         ``lease`` seconds (capped at the table's ttl). A MAC's newest address is the one
         :meth:`ip_for` names (older ones stay attributable until they expire or are given
-        to another MAC). True when the binding is new or moved (subscribers are told)."""
+        to another MAC). True when the binding is new or moved (subscribers are told).
+
+        ``from_peer``: another replica saw the ACK (shared through etcd). The evidence
+        counts the same here, but is not handed to :attr:`publish`: passing it back would
+        echo every binding between the replicas forever."""
         if not ip or not usable_ipv4(ip) and not ip.startswith("127."):
             return False
         mac = normalise_mac(mac)
         now = time.monotonic()
-        expires = now + (min(lease, self._ttl) if lease else self._ttl)
-        evicted = 0
+        seconds = min(lease, self._ttl) if lease else self._ttl
+        expires = now + seconds
+        publish = None if from_peer else self.publish
         with self._lock:
             old = self._by_ip.get(ip)
             if old is not None and old.mac == mac:
                 old.expires = expires
                 self._by_ip.move_to_end(ip)
-                return False
-            if old is not None and self._by_mac.get(old.mac) == ip:
-                del self._by_mac[old.mac]
-            self._by_ip[ip] = _Binding(mac, now, expires)
-            self._by_ip.move_to_end(ip)
-            self._by_mac[mac] = ip
-            while len(self._by_ip) > self.max_entries:
-                gone_ip, gone = self._by_ip.popitem(last=False)
-                if self._by_mac.get(gone.mac) == gone_ip:
-                    del self._by_mac[gone.mac]
-                evicted += 1
-            subscribers = list(self._subscribers)
-        self._count_evictions(evicted)
-        for notify in subscribers:
+                subscribers = None  # a refresh: nothing moved, nobody to tell
+            else:
+                subscribers = self._bind(ip, mac, now, expires, old)
+        if subscribers is None:
+            self._pass_on(publish, ip, mac, seconds)
+            return False
+        self._count_evictions(subscribers[1])
+        self._pass_on(publish, ip, mac, seconds)
+        for notify in subscribers[0]:
             try:
                 notify()
             except Exception:
                 log.exception("address subscriber failed")
         return True
+
+    def _bind(self, ip: str, mac: str, now: float, expires: float, old: _Binding | None
+              ) -> tuple[list[Callable[[], None]], int]:
+        """A new or moved binding (under the lock): (subscribers to tell, evictions)."""
+        evicted = 0
+        if old is not None and self._by_mac.get(old.mac) == ip:
+            del self._by_mac[old.mac]
+        self._by_ip[ip] = _Binding(mac, now, expires)
+        self._by_ip.move_to_end(ip)
+        self._by_mac[mac] = ip
+        while len(self._by_ip) > self.max_entries:
+            gone_ip, gone = self._by_ip.popitem(last=False)
+            if self._by_mac.get(gone.mac) == gone_ip:
+                del self._by_mac[gone.mac]
+            evicted += 1
+        return list(self._subscribers), evicted
+
+    @staticmethod
+    def _pass_on(publish: Callable[[str, str, float], None] | None, ip: str, mac: str,
+                 seconds: float) -> None:
+        """Hand a learnt binding to the publisher; its failure never fails a learn."""
+        if publish is None:
+            return
+        try:
+            publish(ip, mac, seconds)
+        except Exception:
+            log.exception("address publisher failed")
 
     def _count_evictions(self, n: int) -> None:
         for _ in range(n):

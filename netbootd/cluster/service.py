@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from . import quorum
+from .addresses import SharedAddresses
 from .etcd import Unreachable, put_op
 from .leader import Leadership
 from .replication import Replicator, manifest_hash
@@ -60,8 +61,13 @@ class ClusterService:
         s = app.settings
         self.url = s.cluster.peer_url or \
             f"http://{s.network.advertise or socket.gethostname()}:{s.http.port}"
+        #: Learnt client addresses, published to and learnt from the other replicas.
+        self.addresses = SharedAddresses(self.cluster.etcd, self.cluster.prefix,
+                                         self.cluster.name, app.clients,
+                                         max_entries=s.network.max_addresses)
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.addresses.start)
         self._task = asyncio.create_task(self._beat(), name="cluster-presence")
         if self.app.settings.cluster.replicate:
             self._copier = asyncio.create_task(self._copy_loop(), name="cluster-replication")
@@ -85,6 +91,7 @@ class ClusterService:
 
     async def stop(self) -> None:
         self.leadership.wake.set()  # the leader loop's wait ends now
+        self.addresses.stop()
         for task in (self._task, self._copier, self._leader):
             if task is None:
                 continue
@@ -160,6 +167,7 @@ class ClusterService:
         h["is_leader"] = self.leadership.is_leader
         h["activation_quorum"] = self.app.settings.cluster.activation_quorum
         h["gc"] = self.gc.health()
+        h["addresses"] = self.addresses.health()
         h["bound"] = [f"replica {self.cluster.name}",
                       f"leader {self.leadership.leader or '(none yet)'}",
                       f"{len(self.replicas)} replicas live",
