@@ -191,7 +191,8 @@ async def get_node(request: web.Request) -> web.Response:
     mac = _mac_param(request)
     if not ctx.nodes.known(mac) and mac not in ctx.events.nodes:
         raise _Refused(404, f"no node {mac} (not in the inventory, never seen)")
-    timeline = [EventOut(ts=e.ts, kind=e.kind, message=e.message, fields=_jsonable(e.fields))
+    timeline = [EventOut(ts=e.ts, kind=e.kind, message=e.message, fields=_jsonable(e.fields),
+                         replica=e.replica or None)
                 for e in ctx.events.timeline(mac)]
     return _json(node_out(ctx, mac, NodeDetail, timeline=timeline))
 
