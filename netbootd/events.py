@@ -170,7 +170,8 @@ class EventLog:
     def record(self, kind: str, mac: str | None = None, message: str = "", **fields: Any) -> Event:
         """Record one event. Never raises: a full disk must not stop a boot."""
         clean = {k: v for k, v in fields.items() if k not in _REDACT and v is not None}
-        ev = Event(ts=time.time(), kind=kind, mac=mac, message=message, fields=clean)
+        ev = Event(ts=time.time(), kind=kind, mac=mac, message=message, fields=clean,
+                   replica=self.replica)
         line = ev.to_json() + "\n" if self._fh is not None else ""
         with self._lock:
             self._remember(ev)
@@ -198,6 +199,7 @@ class EventLog:
         except Exception:
             log.exception("other replicas' events of %s", mac)
             theirs = []
+        # events replayed from the files at start were recorded before the name was set
         mine = [e if e.replica else replace(e, replica=self.replica) for e in own]
         return sorted(mine + theirs, key=lambda e: e.ts)
 

@@ -16,7 +16,7 @@ replica that stops cleanly does not revoke it (what it saw stays true for a rest
 Never on the hot path. ``record()`` runs on the DHCP loop and the TFTP engine; the
 listener here only appends to a bounded queue (full: the event is dropped and counted,
 ``netbootd_cluster_events_dropped``). A task on the etcd client's own loop writes what
-queued every :data:`INTERVAL` seconds in one transaction (at most :data:`BATCH` keys).
+queued every :data:`INTERVAL` seconds, one transaction per :data:`BATCH` keys.
 While etcd is away the queue keeps the oldest events and drops new ones.
 
 Not published: DHCP "no reply" events whose decision is ``rate-limited`` or
@@ -94,7 +94,8 @@ class SharedEvents:
         self.dropped = 0
         self.failed = 0
         self.evicted = 0
-        self._task: Any = None
+        #: One writer at a time (the loop's and close()'s): a batch leaves the queue once.
+        self._writing = asyncio.Lock()
 
     # -- wiring -------------------------------------------------------------------------------
     def attach(self, events: EventLog) -> None:
@@ -102,11 +103,12 @@ class SharedEvents:
         events.replica = self.replica
         events.others = self.others
         events.subscribe(self.publish)
-        self._task = self.etcd.submit(self._run())
+        self.etcd.submit(self._run())
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Write what is still queued (bounded wait); the lease is left to run out."""
-        if self.etcd.closed:
+    def close(self, timeout: float = 1.0) -> None:
+        """Write what is still queued (bounded wait; not at all when etcd just failed to
+        answer); the lease is left to run out."""
+        if self.etcd.closed or not self.pending() or self.etcd.recently_down(5.0):
             return
         with contextlib.suppress(Exception):
             self.etcd.submit(self._flush()).result(timeout)
@@ -160,12 +162,19 @@ class SharedEvents:
                         self._on_changes)
 
     async def _flush(self) -> None:
+        """Write the queue, BATCH events per transaction, until it is empty or etcd
+        does not take a batch."""
+        async with self._writing:
+            while await self._write_batch():
+                pass
+
+    async def _write_batch(self) -> bool:
         """Write up to BATCH queued events in one transaction; they leave the queue only
-        once etcd took them."""
+        once etcd took them (or refused them for good). True if there may be more."""
         with self._lock:
             batch = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
         if not batch:
-            return
+            return False
         if not self.lease:
             await self._grant()
         ops: dict[str, dict[str, Any]] = {}  # one op per key: etcd refuses duplicates
@@ -178,13 +187,14 @@ class SharedEvents:
             self.failed += 1
             if "lease" in str(exc):  # expired or revoked: a new one, the batch again
                 self.lease = 0
-                return
+                return False
             log.warning("cluster events: etcd refused %d events: %s", len(batch), exc)
         else:
             self.published += len(batch)
         with self._lock:
             for _ in batch:
                 self._queue.popleft()
+        return len(batch) == BATCH
 
     def _key(self, mac: str) -> str:
         """The key of this node's next event: the next slot of this replica's ring."""
@@ -266,7 +276,8 @@ class SharedEvents:
         with self._lock:
             nodes, queued = len(self._table), len(self._queue)
         return {"nodes_seen_elsewhere": nodes, "queued": queued, "published": self.published,
-                "dropped": self.dropped, "failed_batches": self.failed}
+                "dropped": self.dropped, "failed_batches": self.failed,
+                "nodes_evicted": self.evicted}
 
 
 def encode(ev: Event, replica: str) -> str:

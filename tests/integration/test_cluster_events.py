@@ -99,6 +99,16 @@ def test_the_ring_keeps_n_keys_per_node_and_replica(replicas, reader, prefix):
     got = wait_for(lambda: [e.message for e in log_b.timeline(MAC)] == newest
                    and log_b.timeline(MAC), 30, "the newest ring events on the other replica")
     assert all(e.replica == "rep-a" for e in got)
+    # a burst larger than one transaction: written in several, every node bounded
+    many = [f"02:00:00:00:{i // 256:02x}:{i % 256:02x}" for i in range(130)]
+    for mac in many:
+        for step in ("dhcp", "tftp", "http"):
+            log_a.record(step, mac, f"{step} ok", outcome="ok")
+    wait_for(lambda: not shared_a.pending(), 30, "the burst written")
+    assert shared_a.failed == 0
+    assert len(keys(reader, f"{prefix}events/02:00:00:00:")) == len(many) * 3
+    wait_for(lambda: all(len(log_b.timeline(m)) == 3 for m in many), 30,
+             "the burst on the other replica")
 
 
 def test_a_revoked_lease_takes_the_replicas_events_away(replicas, reader, prefix):
