@@ -195,14 +195,18 @@ def test_the_api_and_status_page_show_the_other_replicas_events(etcd_one, tmp_pa
     try:
         with ServerThread(app) as srv:
             log_a.record("dhcp", MAC, "proxy offer sent", outcome="ok")
+            log_a.record("dhcp", OTHER, "proxy offer sent", outcome="ok")
             app.events.record("tftp", MAC, "served start4.elf", outcome="ok")
-            wait_for(lambda: len(app.events.timeline(MAC)) == 2, 30,
-                     "rep-a's event on rep-b")
+            wait_for(lambda: len(app.events.timeline(MAC)) == 2
+                     and app.events.timeline(OTHER), 30, "rep-a's events on rep-b")
             status, body = get(srv.url + f"/api/v1/nodes/{MAC}")
             assert status == 200, body
             timeline = json.loads(body)["timeline"]
             assert [(t["kind"], t["replica"]) for t in timeline] == [
                 ("dhcp", "rep-a"), ("tftp", "rep-b")]
+            status, body = get(srv.url + f"/api/v1/nodes/{OTHER}")  # only rep-a saw it
+            assert status == 200, body
+            assert [t["replica"] for t in json.loads(body)["timeline"]] == ["rep-a"]
             status, page = get(srv.url + f"/?node={MAC}")
             assert status == 200 and "proxy offer sent" in page and "rep-a" in page
             metrics = get(srv.url + "/metrics")[1]
