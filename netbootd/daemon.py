@@ -68,6 +68,10 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None,
     app.cluster = cluster
     if cluster is not None:
         cluster.share_sessions(planner, lambda: app.settings.boot.session_ttl)
+        from .cluster.events import SharedEventsCollector
+
+        app.metrics.registry.register(
+            SharedEventsCollector(cluster.share_events(app.events, settings)))
     # A Pi on HTTP boot gets a boot token stable per version, so its signed boot.img
     # can be built before it asks (netbootd/rpi/bootimg.py).
     planner.token_for = token_hook(lambda: app.settings)

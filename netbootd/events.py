@@ -35,7 +35,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,8 @@ class Event:
     mac: str | None = None
     message: str = ""
     fields: dict[str, Any] = field(default_factory=dict)
+    #: The replica that saw it, in a cluster (``cluster/events.py``); "" with one daemon.
+    replica: str = ""
 
     def to_json(self) -> str:
         # A plain dict, not dataclasses.asdict: asdict deep-copies fields on every event,
@@ -137,6 +139,10 @@ class EventLog:
         #: not known (while replaying at start), every machine gets a row, bounded.
         self.fleet: Callable[[str], bool] | None = None
         self._listeners: list[Callable[[Event], None]] = []
+        #: With ``cluster.backend: etcd``: this replica's name and the node events other
+        #: replicas saw (``cluster/events.py``), merged into :meth:`timeline`.
+        self.replica = ""
+        self.others: Callable[[str], list[Event]] | None = None
         self._fh = None
         #: JSON lines recorded but not yet written, and counts of both (for ``flush``).
         self._pending: list[str] = []
@@ -164,7 +170,8 @@ class EventLog:
     def record(self, kind: str, mac: str | None = None, message: str = "", **fields: Any) -> Event:
         """Record one event. Never raises: a full disk must not stop a boot."""
         clean = {k: v for k, v in fields.items() if k not in _REDACT and v is not None}
-        ev = Event(ts=time.time(), kind=kind, mac=mac, message=message, fields=clean)
+        ev = Event(ts=time.time(), kind=kind, mac=mac, message=message, fields=clean,
+                   replica=self.replica)
         line = ev.to_json() + "\n" if self._fh is not None else ""
         with self._lock:
             self._remember(ev)
@@ -181,8 +188,20 @@ class EventLog:
         return ev
 
     def timeline(self, mac: str) -> list[Event]:
+        """The node's events, oldest first: this daemon's, and in a cluster the other
+        replicas' too (each event names its replica), by wall-clock time."""
         with self._lock:
-            return list(self._by_node.get(mac, ()))
+            own = list(self._by_node.get(mac, ()))
+        if self.others is None:
+            return own
+        try:
+            theirs = self.others(mac)
+        except Exception:
+            log.exception("other replicas' events of %s", mac)
+            theirs = []
+        # events replayed from the files at start were recorded before the name was set
+        mine = [e if e.replica else replace(e, replica=self.replica) for e in own]
+        return sorted(mine + theirs, key=lambda e: e.ts)
 
     def recent(self, limit: int = 100) -> list[Event]:
         with self._lock:

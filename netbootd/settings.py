@@ -366,6 +366,17 @@ class ClusterSettings(_Section):
         "may activate it: 'all' (every live replica) or a number N >= 1 (at least N, this "
         "one included). Replicas that lack an active version stay silent for it until "
         "their copy lands.")
+    event_ring: int = Field(
+        64, ge=1, le=1024, description="Node events each replica keeps in etcd per node "
+        "(a ring of keys, the oldest overwritten), so every replica's timeline of a node "
+        "shows what the others saw.")
+    event_ttl: float = Field(
+        3600.0, ge=60, description="Seconds a replica's events stay in etcd after it "
+        "stops renewing their lease (a dead replica's events vanish after this).")
+    event_queue: int = Field(
+        4096, ge=1, description="Node events waiting to be written to etcd at most; "
+        "beyond it (etcd slow or away) new ones are dropped and counted "
+        "(netbootd_cluster_events_dropped).")
     etcd: EtcdSettings = Field(default_factory=EtcdSettings)
 
     @field_validator("peer_url")

@@ -34,6 +34,8 @@ class Cluster:
     leadership: Any = None
     #: cluster.retire.SharedGc (set by the cluster service): the store's GC decision.
     gc: Any = None
+    #: cluster.events.SharedEvents (set by the daemon): node events every replica sees.
+    events: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def share_sessions(self, planner: Any, session_ttl: Any) -> None:
@@ -44,6 +46,18 @@ class Cluster:
         self.sessions = SharedSessions(self.etcd, self.prefix, self.name, session_ttl)
         self.sessions.on_ended = planner.ended_elsewhere
         planner.shared = self.sessions
+
+    def share_events(self, log: Any, settings: Settings) -> Any:
+        """Write the node events ``log`` records to etcd and merge the other replicas'
+        into its timelines (cluster/events.py); returns the SharedEvents."""
+        from .events import SharedEvents
+
+        c = settings.cluster
+        self.events = SharedEvents(self.etcd, self.prefix, self.name, ring=c.event_ring,
+                                   ttl=c.event_ttl, queue=c.event_queue,
+                                   max_nodes=settings.events.max_nodes)
+        self.events.attach(log)
+        return self.events
 
     def store_state(self) -> Any:
         """What the image store takes to keep channel pointers, pins and the activation
@@ -61,12 +75,16 @@ class Cluster:
                                "replica": self.name, "endpoints": e.endpoints}
         if self.sessions is not None:
             out["sessions"] = self.sessions.health()
+        if self.events is not None:
+            out["events"] = self.events.health()
         if not e.reachable:
             out["error"] = ("etcd unreachable: open boots and known nodes are served from "
                             f"memory, activations are refused ({e.last_error})")
         return out
 
     def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
         self.etcd.close()
 
 

@@ -190,10 +190,12 @@ async def list_nodes(request: web.Request) -> web.Response:
 async def get_node(request: web.Request) -> web.Response:
     ctx = context(request)
     mac = _mac_param(request)
-    if not ctx.nodes.known(mac) and mac not in ctx.events.nodes:
+    events = ctx.events.timeline(mac)  # in a cluster also what other replicas saw
+    if not ctx.nodes.known(mac) and mac not in ctx.events.nodes and not events:
         raise _Refused(404, f"no node {mac} (not in the inventory, never seen)")
-    timeline = [EventOut(ts=e.ts, kind=e.kind, message=e.message, fields=_jsonable(e.fields))
-                for e in ctx.events.timeline(mac)]
+    timeline = [EventOut(ts=e.ts, kind=e.kind, message=e.message, fields=_jsonable(e.fields),
+                         replica=e.replica or None)
+                for e in events]
     return _json(node_out(ctx, mac, NodeDetail, timeline=timeline))
 
 

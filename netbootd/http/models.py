@@ -83,6 +83,9 @@ class EventOut(BaseModel):
     kind: str
     message: str = ""
     fields: dict[str, Any] = Field(default_factory=dict)
+    replica: str | None = Field(
+        None, description="The replica that saw it (cluster.backend etcd: the timeline "
+        "merges every replica's events); null with a single daemon.")
 
 
 class NodeOut(BaseModel):

@@ -161,7 +161,7 @@ def _events(ctx: HttpContext, node: str | None, now: float) -> list[dict[str, An
     out = []
     for ev in sorted(evs, key=lambda e: e.ts, reverse=True)[:EVENTS_SHOWN]:
         out.append({"ts": ev.ts, "ago": relative(ev.ts, now), "kind": ev.kind,
-                    "mac": ev.mac, "message": ev.message,
+                    "mac": ev.mac, "message": ev.message, "replica": ev.replica,
                     "when": time.strftime("%H:%M:%S", time.localtime(ev.ts)),
                     "outcome": str(ev.fields.get("outcome", ""))})
     return out
