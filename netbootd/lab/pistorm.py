@@ -6,7 +6,8 @@ runs inside the lab's ``pi`` namespace. Every Pi loads the Pi 5 file set for its
 first server; when a server stops answering, the Pi's retry goes to the next one, as a
 real Pi's next DHCP would land on a replica that is still up. ``--progress FILE`` gets
 the number of files loaded so far (the test kills a replica at about a third).
-The result: per Pi, every file's sha256, which server served it, and cmdline.txt.
+The result: per Pi, every file's sha256, which server served it, cmdline.txt, and the
+seconds its boot took (every Pi starts at once: the largest is the storm's duration).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ async def one_pi(serial: str, servers: list[str], state: dict[str, Any], bind: s
     files: dict[str, Any] = {}
     text: dict[str, str] = {}
     at = 0
+    t0 = time.monotonic()
     for name in PI5_FILES:
         for _attempt in range(3 * len(servers)):
             server = (servers[at % len(servers)], 69)
@@ -49,7 +52,8 @@ async def one_pi(serial: str, servers: list[str], state: dict[str, Any], bind: s
         else:
             files[name] = {"error": "no replica answered"}
         state["done"] += 1
-    return {"serial": serial, "files": files, "text": text}
+    return {"serial": serial, "files": files, "text": text,
+            "seconds": round(time.monotonic() - t0, 4)}
 
 
 async def storm(servers: list[str], serials: list[str], progress: Path | None,
