@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .model import BootPlan, ClientFacts, ImageRef, NodeView
 from .render import ServerInfo
+
+if TYPE_CHECKING:
+    from .planner import NewBoot
 
 
 class Plans(Protocol):
@@ -30,6 +33,15 @@ class Plans(Protocol):
 
     def plan(self, facts: ClientFacts) -> BootPlan:
         """The plan of this boot: the open firmware session's, or a new one."""
+        ...
+
+    def begin(self, facts: ClientFacts) -> BootPlan | NewBoot:
+        """:meth:`plan` without waiting: the plan, or a new boot the replicas must still
+        agree on (then :meth:`finish` it where a round trip to etcd may wait)."""
+        ...
+
+    def finish(self, new: NewBoot) -> BootPlan:
+        """The agreed plan of a new boot (one etcd round trip)."""
         ...
 
     def current(self, mac: str) -> BootPlan | None:

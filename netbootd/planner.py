@@ -277,6 +277,18 @@ class _Session:
         self.holds = 0
 
 
+class NewBoot:
+    """A boot this replica decided but has not yet agreed with the other replicas
+    (:meth:`Planner.begin`); :meth:`Planner.finish` agrees it."""
+
+    __slots__ = ("mac", "now", "plan")
+
+    def __init__(self, mac: str, plan: BootPlan, now: float) -> None:
+        self.mac = mac  #: as asked (the session table's key)
+        self.plan = plan
+        self.now = now
+
+
 class Planner:
     """``decide`` plus the boot-session table. Thread-safe (TFTP/HTTP threads ask too).
 
@@ -328,6 +340,14 @@ class Planner:
     # -- firmware requests -------------------------------------------------------------------
     def plan(self, facts: ClientFacts) -> BootPlan:
         """The plan for this boot session; created on first ask, then fixed until it ends."""
+        first = self.begin(facts)
+        return self.finish(first) if isinstance(first, NewBoot) else first
+
+    def begin(self, facts: ClientFacts) -> BootPlan | NewBoot:
+        """:meth:`plan` without waiting for anyone: the plan when it is known here (an
+        open session, a recent plan that boots nothing) or needs no other replica; else
+        the :class:`NewBoot` still to be agreed with the other replicas, which
+        :meth:`finish` does (one etcd round trip: call it where waiting is harmless)."""
         now = self._clock()
         boot = self._settings().boot
         with self._lock:
@@ -344,22 +364,33 @@ class Planner:
                 return brief[0]
         fresh = self._decide(facts, now)
         if self.shared is not None and fresh.answers and fresh.image is not None:
-            # One round trip: the first replica to plan this boot wins, the others adopt.
-            fresh = self.shared.agree(fresh, self.images)
+            return NewBoot(facts.mac, fresh, now)
+        return self._settle(facts.mac, fresh, now)
+
+    def finish(self, new: NewBoot) -> BootPlan:
+        """The plan of a new boot once the replicas agree on it (the first replica to
+        plan it wins, the others adopt its plan): one round trip."""
+        assert self.shared is not None
+        # One round trip: the first replica to plan this boot wins, the others adopt.
+        return self._settle(new.mac, self.shared.agree(new.plan, self.images), new.now)
+
+    def _settle(self, mac: str, fresh: BootPlan, now: float) -> BootPlan:
+        """Keep a new plan: as the MAC's session when it boots an image, else briefly."""
+        boot = self._settings().boot
         if not fresh.answers or fresh.image is None:
             # Never sticky: no session is held, and this answer is reused only briefly.
             with self._lock:
-                self._brief[facts.mac] = (fresh, now)
-                self._brief.move_to_end(facts.mac)
+                self._brief[mac] = (fresh, now)
+                self._brief.move_to_end(mac)
                 while len(self._brief) > boot.max_sessions:
                     self._brief.popitem(last=False)
             return fresh
         with self._lock:
-            hit = self._sessions.get(facts.mac)
+            hit = self._sessions.get(mac)
             if hit is not None and (hit.holds or now - hit.last < boot.session_ttl):
                 return hit.plan  # another thread planned first: theirs stands
-            self._sessions[facts.mac] = _Session(fresh, now)
-            self._sessions.move_to_end(facts.mac)
+            self._sessions[mac] = _Session(fresh, now)
+            self._sessions.move_to_end(mac)
             self._expire(self._sessions, now, boot.session_ttl, boot.max_sessions)
         self._mark_used(fresh)
         return fresh

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import acks
 from .netif import Interfaces
+from .newboots import NewBootQueue, Packet
 from .reply import preload
 from .responder import Responder, available_boot_files
 
@@ -87,6 +88,8 @@ class DhcpService:
         self._pktinfo_seen: dict[bytes, tuple[int, str | None]] = {}
         self._sent = metrics.tally(metrics.bytes_sent)
         self.warnings: list[str] = []
+        #: New boots agreed with the other replicas off the loop (replicas only).
+        self.new_boots: NewBootQueue | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -122,6 +125,9 @@ class DhcpService:
                                    recorder=self.recorder, metrics=self.metrics,
                                    available=available)
         self._loop = asyncio.get_running_loop()
+        if s.cluster.backend == "etcd":
+            self.new_boots = NewBootQueue(self._loop, self.plans.finish, self._answer_agreed)
+            self.responder.defer = self.new_boots.take
         try:
             for port, pxe in ((s.dhcp.port, False), (s.dhcp.pxe_port, True)):
                 sock = self._open(s.dhcp.bind, port)
@@ -156,6 +162,9 @@ class DhcpService:
             self._ack_sock.close()
             self._ack_sock = None
         self.bound = []
+        if self.new_boots is not None:
+            self.new_boots.close()
+            self.new_boots = None
         if self._unsubscribe_reload is not None:
             self._unsubscribe_reload()
             self._unsubscribe_reload = None
@@ -176,6 +185,7 @@ class DhcpService:
             "acks_seen": self.acks_seen,
             "addresses_learnt": self.addresses_learnt,
             "tables": r.sizes() if r else {},
+            "new_boots": self.new_boots.sizes() if self.new_boots else None,
             "warnings": list(self.warnings),
         }
 
@@ -294,6 +304,23 @@ class DhcpService:
             self._anc.clear()
         self._anc[(ifindex, source)] = anc
         return anc
+
+    def _answer_agreed(self, packet: Packet) -> None:
+        """Answer a packet whose new boot the replicas agreed on meanwhile (newboots.py);
+        on the loop. Not the hot path: the per-packet send stays inlined in _drain."""
+        responder = self.responder
+        sock = next((s for s, pxe in self._sockets if pxe == packet[4]), None)
+        if responder is None or sock is None:
+            return  # stopped meanwhile
+        out = responder.handle(*packet, again=True)
+        if out is None:
+            return
+        payload, dest, out_if, source = out
+        try:
+            sock.sendmsg((payload,), self._ancillary(out_if, source), 0, dest)
+            self._sent.counts[_DHCP] += len(payload)
+        except OSError as exc:
+            self._send_failed(dest, exc)
 
     def _send_failed(self, dest: tuple[str, int], exc: OSError) -> None:
         self.send_errors += 1

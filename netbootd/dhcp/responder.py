@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..model import Action, ClientFacts
+from ..planner import NewBoot
 from ..render import ServerInfo
 from . import packet as pk
 from .classify import Classifier, ClientInfo
@@ -170,7 +171,11 @@ class Responder:
         self.interfaces = interfaces
         self.available = available
         self.nodes = nodes
-        self._plan = plans.plan
+        self._begin = plans.begin
+        self._finish = plans.finish
+        #: Where a new boot's agreement with the other replicas may wait off the loop
+        #: (``newboots.NewBootQueue.take``; None: agreed here, as without replicas).
+        self.defer: Callable[[NewBoot, tuple], bool] | None = None
         self._record = recorder.record
         self._generation = nodes.generation
         self.classifier = Classifier(settings.rpi.ouis, nodes.says_pi)
@@ -278,8 +283,11 @@ class Responder:
         return client
 
     def handle(self, data: bytes, ifindex: int, local_ip: str | None,
-               peer: tuple[str, int], pxe_port: bool) -> Outgoing | None:
+               peer: tuple[str, int], pxe_port: bool, again: bool = False
+               ) -> Outgoing | None:
         """Decide about one datagram. Never raises (errors are counted and logged).
+        ``again``: a packet that waited while its new boot was agreed (already counted
+        by the rate limit; its plan is now in the planner's memory).
 
         One function, not a guard calling a worker: this runs per packet, and the
         ``try`` costs nothing in CPython 3.11 while a call costs ~0.1 µs."""
@@ -297,7 +305,8 @@ class Responder:
             if out_type is None:
                 self._unanswerable(client.info)
                 return None
-            return self._answer(client, out_type, data, ifindex, local_ip, peer, pxe_port)
+            return self._answer(client, out_type, data, ifindex, local_ip, peer, pxe_port,
+                                again)
         except Exception:  # noqa: BLE001 - _failed() logs it with the traceback
             self._failed(data, peer)
             return None
@@ -313,15 +322,21 @@ class Responder:
 
     def _answer(self, client: _Client, out_type: int, data: bytes, ifindex: int,
                 local_ip: str | None, peer: tuple[str, int],
-                pxe_port: bool) -> Outgoing | None:
+                pxe_port: bool, again: bool = False) -> Outgoing | None:
         """The plan for a boot client, and the reply it says to send (if any)."""
         info = client.info
         now = time.monotonic()
-        if not self.limiter.allow(info.mac, now):
+        if not again and not self.limiter.allow(info.mac, now):
             self._ignored(info, "rate-limited", "more than dhcp.rate_limit_per_mac requests/s",
                           throttle=True)
             return None
-        plan = self._plan(client.facts)
+        plan = self._begin(client.facts)
+        if plan.__class__ is NewBoot:  # the replicas must agree on it first
+            defer = self.defer
+            if not again and defer is not None and \
+                    defer(plan, (data, ifindex, local_ip, peer, pxe_port)):
+                return None  # answered when agreed (newboots.py)
+            plan = self._finish(plan)
         if not plan.answers:
             decision = "ignore" if plan.action is Action.IGNORE else plan.action.value
             self._ignored(info, decision, plan.reason, throttle=True)
