@@ -43,7 +43,9 @@ class SharedBoots(Protocol):
     """Boot sessions shared with other replicas (``cluster/sessions.py`` over etcd).
 
     The planner asks it only when a *new* firmware session starts (one round trip);
-    a session already open here is answered from memory, as on a single daemon.
+    a session already open here is answered from memory, as on a single daemon. The
+    plans booted OSes run with are shared too, in memory on every replica
+    (:meth:`booted`), so a booted node's requests may reach any replica.
     """
 
     def agree(self, plan: BootPlan, images: ImageResolver) -> BootPlan:
@@ -60,6 +62,13 @@ class SharedBoots(Protocol):
 
     def forget(self, mac: str) -> None:
         """Drop this MAC's boot everywhere (its lifecycle changed: re-plan at once)."""
+        ...
+
+    def booted(self, mac: str, images: ImageResolver,
+               base: Callable[[ClientFacts], BootPlan]) -> BootPlan | None:
+        """The plan the OS on ``mac`` booted with, as the replica that saw its hand-over
+        recorded it, rebuilt on ``base(facts)`` through ``images``; None when unknown or
+        when this replica lacks its version. Memory only: never a round trip."""
         ...
 
 
@@ -419,20 +428,43 @@ class Planner:
     # -- requests of a boot already planned ----------------------------------------------------
     def current(self, mac: str) -> BootPlan | None:
         """The plan of the boot this MAC is in: its firmware session, else the plan its
-        OS booted with. Refreshes it. None when the MAC is in no boot."""
+        OS booted with (here, or as another replica recorded it). Refreshes it. None
+        when the MAC is in no boot."""
         now = self._clock()
         boot = self._settings().boot
         with self._lock:
-            for table, ttl in ((self._sessions, boot.session_ttl),
-                               (self._booted, boot.os_plan_ttl)):
-                hit = table.get(mac)
-                if hit is not None and (hit.holds or now - hit.last < ttl):
-                    hit.last = now
-                    table.move_to_end(mac)
-                    if self.shared is not None and table is self._sessions:
-                        self.shared.touch(mac)
-                    return hit.plan
+            hit = self._current_locked(mac, now, boot)
+        if hit is not None or self.shared is None:
+            return hit
+        return self._adopt_booted(self.shared, mac, now, boot)
+
+    def _current_locked(self, mac: str, now: float, boot: Any) -> BootPlan | None:
+        """This replica's own session or booted plan of ``mac``, refreshed (lock held)."""
+        for table, ttl in ((self._sessions, boot.session_ttl),
+                           (self._booted, boot.os_plan_ttl)):
+            hit = table.get(mac)
+            if hit is not None and (hit.holds or now - hit.last < ttl):
+                hit.last = now
+                table.move_to_end(mac)
+                if self.shared is not None and table is self._sessions:
+                    self.shared.touch(mac)
+                return hit.plan
         return None
+
+    def _adopt_booted(self, shared: SharedBoots, mac: str, now: float, boot: Any
+                      ) -> BootPlan | None:
+        """A booted OS asks a replica that saw nothing of its boot: take the plan it
+        booted with from the shared records (memory), and keep it here like a plan this
+        replica handed over itself (later requests are plain hits; GC keeps its version)."""
+        plan = shared.booted(mac, self.images, lambda facts: self._decide(facts, now))
+        if plan is None:
+            return None
+        with self._lock:
+            hit = self._current_locked(mac, now, boot)
+            if hit is not None:
+                return hit  # a boot of it was planned here meanwhile: that one stands
+            self._booted_locked(mac, _Session(plan, now), now, boot)
+        return plan
 
     def hold(self, mac: str) -> None:
         """A transfer for this node started: the session stays open until release."""
