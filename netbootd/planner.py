@@ -71,6 +71,10 @@ class SharedBoots(Protocol):
         when this replica lacks its version. Memory only: never a round trip."""
         ...
 
+    def touch_booted(self, mac: str) -> None:
+        """The OS on ``mac`` asked here (keeps its shared record alive; memory only)."""
+        ...
+
 
 class NoImages:
     """A resolver with an empty store (the daemon before the store is up, unit tests)."""
@@ -446,8 +450,11 @@ class Planner:
             if hit is not None and (hit.holds or now - hit.last < ttl):
                 hit.last = now
                 table.move_to_end(mac)
-                if self.shared is not None and table is self._sessions:
-                    self.shared.touch(mac)
+                if self.shared is not None:
+                    if table is self._sessions:
+                        self.shared.touch(mac)
+                    else:
+                        self.shared.touch_booted(mac)
                 return hit.plan
         return None
 
@@ -508,6 +515,15 @@ class Planner:
                 return  # a transfer of it runs here: this replica finishes that boot
             del self._sessions[mac]
             self._booted_locked(mac, hit, now, boot)
+
+    def booted_gone(self, mac: str, session: str) -> None:
+        """The shared record of the plan this MAC's OS booted with was deleted (the node
+        boots again, its lifecycle changed, or no replica heard of it for
+        ``os_plan_ttl``): this replica's copy goes too, as on the replica that saw it."""
+        with self._lock:
+            hit = self._booted.get(mac)
+            if hit is not None and hit.plan.session == session and not hit.holds:
+                del self._booted[mac]
 
     def _booted_locked(self, mac: str, hit: _Session, now: float, boot: Any) -> None:
         """Keep an ended firmware session's plan for the OS it booted (lock held)."""

@@ -49,6 +49,7 @@ class Cluster:
             self.etcd, self.prefix, self.name, lambda: boot().session_ttl,
             os_plan_ttl=lambda: boot().os_plan_ttl, max_booted=lambda: boot().max_sessions)
         self.sessions.on_ended = planner.ended_elsewhere
+        self.sessions.on_booted_gone = planner.booted_gone
         planner.shared = self.sessions
 
     def share_events(self, log: Any, settings: Settings) -> Any:

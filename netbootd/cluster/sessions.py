@@ -24,13 +24,17 @@ plan the running OS booted with (``boot.os_plan_ttl``). Booted records have thei
 prefix, so they never count as an open firmware session: the claim's compare-and-set
 looks at ``sessions/`` only, and a won claim deletes the MAC's booted record in the
 same transaction (the node is booting again). They live on a second shared lease of
-the replica, of ``os_plan_ttl`` plus a rotation step, granted afresh at a hand-over
-once the current one is older than that step: a record outlives ``os_plan_ttl``
-without a lease per node. Every replica loads the booted records at start (the newest
-``boot.max_sessions``) and follows them through a watch, so a replica that saw nothing
-of a boot answers the booted OS from memory with the version it runs
-(:meth:`SharedSessions.booted`). The other replicas see the claim's delete through
-their watch and end their copy of the session the same way.
+the replica, of ``os_plan_ttl`` plus three rotation steps, granted afresh at a write
+once the current one is older than a step; a record the OS keeps asking about (on any
+replica) is written again once a step old. So a record ends no sooner than
+``os_plan_ttl`` after the OS's last request, at most three steps later, without a
+lease per node
+(:meth:`SharedSessions._booted_lease_now`). Every replica loads the booted records at
+start (the newest ``boot.max_sessions``) and follows them through a watch, so a
+replica that saw nothing of a boot answers the booted OS from memory with the version
+it runs (:meth:`SharedSessions.booted`); when a record is deleted every replica drops
+its copy of that plan. The other replicas see the claim's delete through their watch
+and end their copy of the session the same way.
 
 When etcd is unreachable a claim is not possible: the replica keeps serving the
 sessions it holds and plans new boots locally (counted in :attr:`unshared`), which is
@@ -167,6 +171,9 @@ class SharedSessions:
         #: mac -> the plan its OS booted with, as some replica recorded at the hand-over;
         #: oldest write first, bounded by ``max_booted``; fed by the load and the watch.
         self._booted: OrderedDict[str, Claim] = OrderedDict()
+        #: mac -> when this replica heard of (or wrote) its booted record, monotonic; 0 =
+        #: unknown (loaded at start): the OS's next request here writes it again.
+        self._booted_heard: dict[str, float] = {}
         self._booted_loaded = False
         #: The current lease of booted records, when it was granted; its own lock, so a
         #: grant (a round trip) never holds up the claims' lock.
@@ -189,6 +196,9 @@ class SharedSessions:
         #: Called (on the client's thread) with (mac, session) when another replica ended a
         #: boot (hand-over) or its claim expired: the planner ends its copy.
         self.on_ended: Callable[[str, str], None] | None = None
+        #: Called (on the client's thread) with (mac, session) when the booted record of
+        #: that plan was deleted: the planner drops its copy of the OS plan.
+        self.on_booted_gone: Callable[[str, str], None] | None = None
         self._start()
 
     def _start(self) -> None:
@@ -214,20 +224,27 @@ class SharedSessions:
             for kv in kvs[-max(1, self._max_booted()):]:
                 c = Claim.decode(kv.value, kv.mod_revision)
                 if c is not None:
-                    self._remember_booted(kv.key[len(self.booted_prefix):], c)
+                    self._remember_booted(kv.key[len(self.booted_prefix):], c, 0.0)
             self._booted_loaded = True
         return revision
 
-    def _remember_booted(self, mac: str, c: Claim) -> None:
+    def _remember_booted(self, mac: str, c: Claim, heard: float) -> None:
         """Keep a booted record unless a newer one is known (lock held); the oldest go
         beyond ``max_booted``."""
         had = self._booted.get(mac)
         if had is not None and had.rev > c.rev:
             return
         self._booted[mac] = c
+        self._booted_heard[mac] = heard
         self._booted.move_to_end(mac)
         while len(self._booted) > max(1, self._max_booted()):
-            self._booted.popitem(last=False)
+            gone, _ = self._booted.popitem(last=False)
+            self._booted_heard.pop(gone, None)
+
+    def _drop_booted(self, mac: str) -> Claim | None:
+        """Forget this MAC's booted record here (lock held); returns what was known."""
+        self._booted_heard.pop(mac, None)
+        return self._booted.pop(mac, None)
 
     # -- lease --------------------------------------------------------------------------------
     def _renew_lease(self) -> None:
@@ -255,18 +272,23 @@ class SharedSessions:
                 continue
 
     def _booted_step(self) -> float:
-        """How long one booted lease takes new records: a tenth of ``os_plan_ttl``,
-        1 s to 1 h (a day's ttl: a lease an hour, 25 h long)."""
+        """How long one booted lease takes new records, and how often a record in use
+        is written again: a tenth of ``os_plan_ttl``, 1 s to 1 h."""
         return min(3600.0, max(1.0, self._os_ttl() / 10))
 
     def _booted_lease_now(self) -> int:
-        """The lease a booted record is written on now: granted afresh (one round trip,
-        off the hot path) once the current one took records for a step, so every record
-        lives at least ``os_plan_ttl`` and a replica holds about ``ttl / step`` leases."""
+        """The lease a booted record is written on now, ``os_plan_ttl + 3 x step`` long
+        (a day's ttl: 27 h): granted afresh (one round trip, off the hot path) once the
+        current one took records for a step. A record then outlives its write by
+        ``os_plan_ttl + 2 x step``, and one in use is written again once a step old
+        (:meth:`touch_booted`), with a step to spare for that write: it ends no sooner
+        than ``os_plan_ttl`` after the OS's last request on any replica (as the
+        planner's own table), at most three steps later. About ``ttl / step`` leases
+        per replica, never one per node."""
         with self._booted_lease_lock:
             step = self._booted_step()
             if not self._booted_lease or time.monotonic() - self._booted_lease_at > step:
-                self._booted_lease = self.etcd.grant(self._os_ttl() + step)
+                self._booted_lease = self.etcd.grant(self._os_ttl() + 3 * step)
                 self._booted_lease_at = time.monotonic()
             return self._booted_lease
 
@@ -363,6 +385,31 @@ class SharedSessions:
         with self._lock:
             return self._booted.get(mac)
 
+    def touch_booted(self, mac: str) -> None:
+        """The OS on ``mac`` asked here: once its record is a step old, write it again
+        on the current booted lease (in the background), so the plan stays known
+        everywhere while the OS keeps asking anywhere. Memory only on the request path."""
+        now = time.monotonic()
+        with self._lock:
+            c = self._booted.get(mac)
+            if c is None or now - self._booted_heard.get(mac, now) <= self._booted_step():
+                return
+            self._booted_heard[mac] = now
+        self.etcd.submit(self._rewrite_booted(mac, c))
+
+    async def _rewrite_booted(self, mac: str, c: Claim) -> None:
+        import asyncio
+
+        key = self._booted_key(mac)
+
+        def write() -> None:
+            # only if nobody changed it meanwhile (a new boot, forget, another rewrite)
+            self.etcd.txn([mod_is(key, c.rev)],
+                          [put_op(key, c.encode(), self._booted_lease_now())])
+
+        with contextlib.suppress(Unreachable):
+            await asyncio.to_thread(write)
+
     def lookup(self, mac: str) -> Claim | None:
         """The standing claim for this MAC as this replica last heard (memory only)."""
         with self._lock:
@@ -437,7 +484,7 @@ class SharedSessions:
         with self._lock:
             self._claims.pop(mac, None)
             self._written.pop(mac, None)
-            self._booted.pop(mac, None)
+            self._drop_booted(mac)
         ops = [delete_op(self._key(mac)), delete_op(self._booted_key(mac))]
 
         def drop() -> None:
@@ -473,19 +520,30 @@ class SharedSessions:
                     log.exception("ending session %s of %s", session, mac)
 
     def _on_booted_events(self, events: list[Event], _revision: int) -> None:
-        """Follow the booted records: a write is remembered, a delete (hand-over
-        superseded, forget, lease expiry) forgotten unless a newer write is known."""
+        """Follow the booted records: a write is remembered; a delete (the node boots
+        again, an operator's verb or an install report, nobody asked for
+        ``os_plan_ttl``) is forgotten unless a newer write is known, and the planner
+        drops its own copy of that plan (:attr:`on_booted_gone`)."""
+        gone = []
+        now = time.monotonic()
         with self._lock:
             for ev in events:
                 mac = ev.kv.key[len(self.booted_prefix):]
                 if ev.deleted:
                     had = self._booted.get(mac)
                     if had is not None and had.rev <= ev.kv.mod_revision:
-                        del self._booted[mac]
+                        self._drop_booted(mac)
+                        gone.append((mac, had.session))
                     continue
                 c = Claim.decode(ev.kv.value, ev.kv.mod_revision)
                 if c is not None:
-                    self._remember_booted(mac, c)
+                    self._remember_booted(mac, c, now)
+        if self.on_booted_gone is not None:
+            for mac, session in gone:
+                try:
+                    self.on_booted_gone(mac, session)
+                except Exception:
+                    log.exception("dropping the OS plan %s of %s", session, mac)
 
     def health(self) -> dict[str, int]:
         with self._lock:

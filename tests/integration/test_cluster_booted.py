@@ -45,6 +45,7 @@ def replicas(etcd_one, tmp_path):
             os_plan_ttl=lambda: settings.boot.os_plan_ttl,
             max_booted=max_booted or (lambda: settings.boot.max_sessions))
         shared.on_ended = planner.ended_elsewhere
+        shared.on_booted_gone = planner.booted_gone
         planner.shared = shared
         return planner, shared
 
@@ -88,6 +89,8 @@ def test_a_replica_that_saw_nothing_answers_the_booted_os_with_its_version(repli
     assert second.session != first.session and second.image.version == "2"
     assert sb.won == 1 and sb.adopted == 0
     wait_for(lambda: sa.booted_record(MAC) is None, 30, "the new boot ends the OS plan")
+    wait_for(lambda: MAC not in a._booted, 30, "on a too, which saw the hand-over")
+    assert a.current(MAC) is None
     c, _ = replicas("c", ReplicaStore("2", {"1", "2"}))
     assert c.current(MAC) is None
     assert c.plan(PI).session == second.session
@@ -135,19 +138,44 @@ def test_booted_records_expire_after_os_plan_ttl(replicas):
     assert c.current(MAC) is None
 
 
-def test_an_operator_verb_removes_the_booted_record(replicas):
+def test_forget_removes_the_booted_record_everywhere(replicas):
     a, sa = replicas("a", ReplicaStore("1", {"1"}))
     b, sb = replicas("b", ReplicaStore("1", {"1"}))
     c, sc = replicas("c", ReplicaStore("1", {"1"}))
     a.plan(PI)
     handed_over_on(a, sa, [sb, sc])
-    assert b.current(MAC) is not None
-    # `netbootd nodes reinstall` on a; the lifecycle watch forgets on every replica
+    assert b.current(MAC) is not None and MAC in b._booted
+    # an operator's verb or the node's `installed` report reaches a: its planner forgets
+    # (the installed OS must not be answered with the installer's plan on any replica)
     a.forget(MAC)
-    b.forget(MAC)
     wait_for(lambda: sa.etcd.get(sa.booted_prefix + MAC) is None, 30, "record deleted")
-    wait_for(lambda: sc.booted_record(MAC) is None, 30, "c hears of the delete")
+    wait_for(lambda: sc.booted_record(MAC) is None and MAC not in b._booted, 30,
+             "every replica drops the record and its copy of the plan")
     assert a.current(MAC) is None and b.current(MAC) is None and c.current(MAC) is None
+
+
+def test_a_booted_record_in_use_lives_on_and_ends_os_plan_ttl_after_the_last_ask(
+        replicas):
+    ttl = 5.0
+    a, sa = replicas("a", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    b, sb = replicas("b", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    _, sc = replicas("c", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    first = a.plan(PI)
+    handed_over_on(a, sa, [sb, sc])
+    written = sc.booted_record(MAC).rev
+    t0 = time.monotonic()
+    # the OS keeps asking replica b (its events, a cloud-init re-run) for twice the ttl:
+    # c, which it never asks, keeps knowing the plan because b writes it again
+    while time.monotonic() - t0 < 2 * ttl:
+        assert b.current(MAC).session == first.session
+        assert sc.booted_record(MAC) is not None, "record kept while the OS asks"
+        time.sleep(0.2)  # the OS's pace, not a wait for a condition
+    assert sc.booted_record(MAC).rev > written, "written again while in use"
+    last_ask = time.monotonic()
+    wait_for(lambda: sc.booted_record(MAC) is None, 60, "expiry after the last ask")
+    assert time.monotonic() - last_ask >= ttl - 0.5
+    wait_for(lambda: MAC not in b._booted and MAC not in a._booted, 30,
+             "the replicas' copies end with the record")
 
 
 def test_a_replica_loads_at_most_max_sessions_records_the_newest(replicas):
