@@ -305,7 +305,9 @@ class Planner:
       session ends (:meth:`handed_over`, :meth:`end`): the next firmware request, e.g.
       after a power cycle, plans afresh and gets a hot-swapped version. The plan the OS
       booted with is kept (``boot.os_plan_ttl``), so its cloud-init and events see the
-      version it runs.
+      version it runs. With replicas (:attr:`shared`) that plan is shared: a replica
+      that saw nothing of the boot answers the OS from the record the replica that saw
+      the hand-over left (:meth:`current`, from memory), never from a fresh plan.
     - Plans that boot nothing (no image, ``local``, ``ignore``) are never held: the
       node's next request decides again, so a Pi that asked before its image was active
       boots as soon as it is.
