@@ -307,7 +307,7 @@ class Planner:
       booted with is kept (``boot.os_plan_ttl``), so its cloud-init and events see the
       version it runs. With replicas (:attr:`shared`) that plan is shared: a replica
       that saw nothing of the boot answers the OS from the record the replica that saw
-      the hand-over left (:meth:`current`, from memory), never from a fresh plan.
+      the hand-over left (:meth:`current`, from memory), unless it lacks that version.
     - Plans that boot nothing (no image, ``local``, ``ignore``) are never held: the
       node's next request decides again, so a Pi that asked before its image was active
       boots as soon as it is.
