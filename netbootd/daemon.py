@@ -67,7 +67,7 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None,
     app.node_state = state
     app.cluster = cluster
     if cluster is not None:
-        cluster.share_sessions(planner, lambda: app.settings.boot.session_ttl)
+        cluster.share_sessions(planner, lambda: app.settings.boot)
         from .cluster.events import SharedEventsCollector
 
         app.metrics.registry.register(

@@ -43,7 +43,9 @@ class SharedBoots(Protocol):
     """Boot sessions shared with other replicas (``cluster/sessions.py`` over etcd).
 
     The planner asks it only when a *new* firmware session starts (one round trip);
-    a session already open here is answered from memory, as on a single daemon.
+    a session already open here is answered from memory, as on a single daemon. The
+    plans booted OSes run with are shared too, in memory on every replica
+    (:meth:`booted`), so a booted node's requests may reach any replica.
     """
 
     def agree(self, plan: BootPlan, images: ImageResolver) -> BootPlan:
@@ -60,6 +62,17 @@ class SharedBoots(Protocol):
 
     def forget(self, mac: str) -> None:
         """Drop this MAC's boot everywhere (its lifecycle changed: re-plan at once)."""
+        ...
+
+    def booted(self, mac: str, images: ImageResolver,
+               base: Callable[[ClientFacts], BootPlan]) -> BootPlan | None:
+        """The plan the OS on ``mac`` booted with, as the replica that saw its hand-over
+        recorded it, rebuilt on ``base(facts)`` through ``images``; None when unknown or
+        when this replica lacks its version. Memory only: never a round trip."""
+        ...
+
+    def touch_booted(self, mac: str) -> None:
+        """The OS on ``mac`` asked here (keeps its shared record alive; memory only)."""
         ...
 
 
@@ -304,7 +317,9 @@ class Planner:
       session ends (:meth:`handed_over`, :meth:`end`): the next firmware request, e.g.
       after a power cycle, plans afresh and gets a hot-swapped version. The plan the OS
       booted with is kept (``boot.os_plan_ttl``), so its cloud-init and events see the
-      version it runs.
+      version it runs. With replicas (:attr:`shared`) that plan is shared: a replica
+      that saw nothing of the boot answers the OS from the record the replica that saw
+      the hand-over left (:meth:`current`, from memory), unless it lacks that version.
     - Plans that boot nothing (no image, ``local``, ``ignore``) are never held: the
       node's next request decides again, so a Pi that asked before its image was active
       boots as soon as it is.
@@ -450,20 +465,46 @@ class Planner:
     # -- requests of a boot already planned ----------------------------------------------------
     def current(self, mac: str) -> BootPlan | None:
         """The plan of the boot this MAC is in: its firmware session, else the plan its
-        OS booted with. Refreshes it. None when the MAC is in no boot."""
+        OS booted with (here, or as another replica recorded it). Refreshes it. None
+        when the MAC is in no boot."""
         now = self._clock()
         boot = self._settings().boot
         with self._lock:
-            for table, ttl in ((self._sessions, boot.session_ttl),
-                               (self._booted, boot.os_plan_ttl)):
-                hit = table.get(mac)
-                if hit is not None and (hit.holds or now - hit.last < ttl):
-                    hit.last = now
-                    table.move_to_end(mac)
-                    if self.shared is not None and table is self._sessions:
+            hit = self._current_locked(mac, now, boot)
+        if hit is not None or self.shared is None:
+            return hit
+        return self._adopt_booted(self.shared, mac, now, boot)
+
+    def _current_locked(self, mac: str, now: float, boot: Any) -> BootPlan | None:
+        """This replica's own session or booted plan of ``mac``, refreshed (lock held)."""
+        for table, ttl in ((self._sessions, boot.session_ttl),
+                           (self._booted, boot.os_plan_ttl)):
+            hit = table.get(mac)
+            if hit is not None and (hit.holds or now - hit.last < ttl):
+                hit.last = now
+                table.move_to_end(mac)
+                if self.shared is not None:
+                    if table is self._sessions:
                         self.shared.touch(mac)
-                    return hit.plan
+                    else:
+                        self.shared.touch_booted(mac)
+                return hit.plan
         return None
+
+    def _adopt_booted(self, shared: SharedBoots, mac: str, now: float, boot: Any
+                      ) -> BootPlan | None:
+        """A booted OS asks a replica that saw nothing of its boot: take the plan it
+        booted with from the shared records (memory), and keep it here like a plan this
+        replica handed over itself (later requests are plain hits; GC keeps its version)."""
+        plan = shared.booted(mac, self.images, lambda facts: self._decide(facts, now))
+        if plan is None:
+            return None
+        with self._lock:
+            hit = self._current_locked(mac, now, boot)
+            if hit is not None:
+                return hit  # a boot of it was planned here meanwhile: that one stands
+            self._booted_locked(mac, _Session(plan, now), now, boot)
+        return plan
 
     def hold(self, mac: str) -> None:
         """A transfer for this node started: the session stays open until release."""
@@ -507,6 +548,15 @@ class Planner:
                 return  # a transfer of it runs here: this replica finishes that boot
             del self._sessions[mac]
             self._booted_locked(mac, hit, now, boot)
+
+    def booted_gone(self, mac: str, session: str) -> None:
+        """The shared record of the plan this MAC's OS booted with was deleted (the node
+        boots again, its lifecycle changed, or no replica heard of it for
+        ``os_plan_ttl``): this replica's copy goes too, as on the replica that saw it."""
+        with self._lock:
+            hit = self._booted.get(mac)
+            if hit is not None and hit.plan.session == session and not hit.holds:
+                del self._booted[mac]
 
     def _booted_locked(self, mac: str, hit: _Session, now: float, boot: Any) -> None:
         """Keep an ended firmware session's plan for the OS it booted (lock held)."""

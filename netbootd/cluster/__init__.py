@@ -11,11 +11,12 @@ docs/replicas.md is the user's side of this.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..nodestate import LocalNodeState, NodeState
-from ..settings import Settings
+from ..settings import BootSettings, Settings
 
 log = logging.getLogger("netbootd.cluster")
 
@@ -38,13 +39,17 @@ class Cluster:
     events: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def share_sessions(self, planner: Any, session_ttl: Any) -> None:
-        """Make ``planner``'s new boots claimed in etcd (first replica wins), and end its
-        copies of boots that ended on other replicas."""
+    def share_sessions(self, planner: Any, boot: Callable[[], BootSettings]) -> None:
+        """Make ``planner``'s new boots claimed in etcd (first replica wins), end its
+        copies of boots that ended on other replicas, and let it answer booted OSes with
+        the plans other replicas handed over. ``boot`` reads the settings in force."""
         from .sessions import SharedSessions
 
-        self.sessions = SharedSessions(self.etcd, self.prefix, self.name, session_ttl)
+        self.sessions = SharedSessions(
+            self.etcd, self.prefix, self.name, lambda: boot().session_ttl,
+            os_plan_ttl=lambda: boot().os_plan_ttl, max_booted=lambda: boot().max_sessions)
         self.sessions.on_ended = planner.ended_elsewhere
+        self.sessions.on_booted_gone = planner.booted_gone
         planner.shared = self.sessions
 
     def share_events(self, log: Any, settings: Settings) -> Any:

@@ -27,6 +27,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,9 @@ class Etcd:
         except FutureTimeout as exc:
             fut.cancel()
             raise Unreachable(f"etcd: no answer to {path}") from exc
+        except FutureCancelled as exc:
+            # close() cancelled it mid-flight: to a background writer this is etcd gone
+            raise Unreachable("etcd client closed (the daemon is stopping)") from exc
 
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST to the endpoints in turn, from the one that answered last."""

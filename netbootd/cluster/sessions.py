@@ -15,10 +15,26 @@ on this replica never asks etcd (the DHCP memo hit stays in memory).
 A claim lives on a lease. Leases are shared: the replica keeps one current lease of
 ``2 x boot.session_ttl`` and grants a new one every ``session_ttl / 2`` off the hot
 path, so a claim made now outlives ``1.5 x session_ttl``; a session still in use here
-is written again on the current lease before that (:meth:`refresh_due`). When the
-firmware hands over to the kernel the claim is deleted (in the background), so the
-next power cycle plans afresh on any replica; the other replicas see the delete
-through their watch and end their copy of the session the same way.
+is written again on the current lease before that (:meth:`SharedSessions.touch`).
+
+When the firmware hands over to the kernel the claim is *moved*, in one transaction in
+the background: ``<prefix>sessions/<mac>`` is deleted, so the next power cycle plans
+afresh on any replica, and the same plan is written as ``<prefix>booted/<mac>``: the
+plan the running OS booted with (``boot.os_plan_ttl``). Booted records have their own
+prefix, so they never count as an open firmware session: the claim's compare-and-set
+looks at ``sessions/`` only, and a won claim deletes the MAC's booted record in the
+same transaction (the node is booting again). They live on a second shared lease of
+the replica, of ``os_plan_ttl`` plus three rotation steps, granted afresh at a write
+once the current one is older than a step; a record the OS keeps asking about (on any
+replica) is written again once a step old. So a record ends no sooner than
+``os_plan_ttl`` after the OS's last request, at most three steps later, without a
+lease per node
+(:meth:`SharedSessions._booted_lease_now`). Every replica loads the booted records at
+start (the newest ``boot.max_sessions``) and follows them through a watch, so a
+replica that saw nothing of a boot answers the booted OS from memory with the version
+it runs (:meth:`SharedSessions.booted`); when a record is deleted every replica drops
+its copy of that plan. The other replicas see the claim's delete through their watch
+and end their copy of the session the same way.
 
 When etcd is unreachable a claim is not possible: the replica keeps serving the
 sessions it holds and plans new boots locally (counted in :attr:`unshared`), which is
@@ -36,10 +52,11 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from ..model import Action, BootPlan, normalise_mac
+from ..model import Action, BootPlan, ClientFacts, ClientKind, ImageRef, normalise_mac
 from ..planner import ImageResolver
 from .etcd import Etcd, Event, Unreachable, absent, delete_op, mod_is, put_op, range_op
 
@@ -59,6 +76,11 @@ class Claim:
     created: float
     replica: str
     rev: int = 0  #: etcd mod revision of the claim (0 = not written)
+    #: What the firmware said it is (kind, arch, serial): a replica that rebuilds the plan
+    #: of a booted OS it never saw finds the same inventory node and profile with them.
+    kind: str = ""
+    arch: int | None = None
+    serial: str | None = None
 
     def encode(self) -> str:
         d = asdict(self)
@@ -73,9 +95,56 @@ class Claim:
                        image=tuple(d["image"]) if d.get("image") else None,
                        disk=tuple(d["disk"]) if d.get("disk") else None,
                        pinned=bool(d.get("pinned")), created=float(d.get("created", 0)),
-                       replica=d.get("replica", ""), rev=rev)
+                       replica=d.get("replica", ""), rev=rev, kind=d.get("kind") or "",
+                       arch=int(d["arch"]) if d.get("arch") is not None else None,
+                       serial=d.get("serial") or None)
         except (ValueError, KeyError, TypeError):
             return None
+
+    def facts(self, mac: str) -> ClientFacts:
+        """The client as the firmware described it when this boot was planned."""
+        try:
+            kind = ClientKind(self.kind) if self.kind else ClientKind.OTHER
+        except ValueError:
+            kind = ClientKind.OTHER
+        return ClientFacts(mac=mac, kind=kind, arch=self.arch, serial=self.serial)
+
+    @classmethod
+    def of(cls, plan: BootPlan, replica: str) -> Claim:
+        """The claim of a plan made here (not yet written)."""
+        facts = plan.facts
+        return cls(session=plan.session, token=plan.token, action=plan.action.value,
+                   image=(plan.image.name, plan.image.version) if plan.image else None,
+                   disk=(plan.disk.name, plan.disk.version) if plan.disk else None,
+                   pinned=bool(plan.image and plan.image.pinned), created=plan.created,
+                   replica=replica, kind=str(facts.kind) if facts else "",
+                   arch=facts.arch if facts else None, serial=facts.serial if facts else None)
+
+
+def resolve_claim(c: Claim, images: ImageResolver
+                  ) -> tuple[ImageRef | None, ImageRef | None] | str:
+    """(image, disk) of a claim through this replica's own store, or why not: the
+    version (name and version) this replica does not hold. A replica never plans or
+    answers for a version it lacks."""
+    refs: list[ImageRef | None] = []
+    for want in (c.image, c.disk):
+        ref = images.resolve(want[0], "", want[1], mac=None) if want else None
+        if want and ref is None:
+            return f"{want[0]} {want[1]}"
+        refs.append(ref)
+    image, disk = refs
+    if image is not None and c.pinned != image.pinned:
+        image = dataclasses.replace(image, pinned=c.pinned)
+    return image, disk
+
+
+def rebuild(plan: BootPlan, c: Claim, image: ImageRef | None, disk: ImageRef | None,
+            reason: str) -> BootPlan:
+    """``plan`` (this replica's view of the node) carrying another replica's decision:
+    its action, versions, session, token and creation time."""
+    return dataclasses.replace(plan, action=Action(c.action), image=image, disk=disk,
+                               session=c.session, token=c.token, created=c.created,
+                               reason=reason)
 
 
 class SharedSessions:
@@ -85,14 +154,32 @@ class SharedSessions:
     DOWN = 5.0
 
     def __init__(self, etcd: Etcd, prefix: str, replica: str,
-                 session_ttl: Callable[[], float]) -> None:
+                 session_ttl: Callable[[], float], *,
+                 os_plan_ttl: Callable[[], float] = lambda: 86400.0,
+                 max_booted: Callable[[], int] = lambda: 65536) -> None:
         self.etcd = etcd
         self.prefix = prefix + "sessions/"
+        #: Where the plans booted OSes run with are kept (never an open session).
+        self.booted_prefix = prefix + "booted/"
         self.replica = replica
         self._ttl = session_ttl
+        self._os_ttl = os_plan_ttl
+        self._max_booted = max_booted
         self._lock = threading.Lock()
         #: mac -> the claim as last seen (ours or another replica's), fed by the watch.
         self._claims: dict[str, Claim] = {}
+        #: mac -> the plan its OS booted with, as some replica recorded at the hand-over;
+        #: oldest write first, bounded by ``max_booted``; fed by the load and the watch.
+        self._booted: OrderedDict[str, Claim] = OrderedDict()
+        #: mac -> when this replica heard of (or wrote) its booted record, monotonic; 0 =
+        #: unknown (loaded at start): the OS's next request here writes it again.
+        self._booted_heard: dict[str, float] = {}
+        self._booted_loaded = False
+        #: The current lease of booted records, when it was granted; its own lock, so a
+        #: grant (a round trip) never holds up the claims' lock.
+        self._booted_lease = 0
+        self._booted_lease_at = 0.0
+        self._booted_lease_lock = threading.Lock()
         #: mac -> when we last wrote its claim (for the refresh of sessions in use).
         self._written: dict[str, float] = {}
         self._lease = 0
@@ -102,9 +189,16 @@ class SharedSessions:
         #: Claims won and adopted here (status page, tests).
         self.won = 0
         self.adopted = 0
+        #: Booted records written here at hand-overs, and OS plans answered from another
+        #: replica's record (status page, tests).
+        self.booted_written = 0
+        self.booted_adopted = 0
         #: Called (on the client's thread) with (mac, session) when another replica ended a
         #: boot (hand-over) or its claim expired: the planner ends its copy.
         self.on_ended: Callable[[str, str], None] | None = None
+        #: Called (on the client's thread) with (mac, session) when the booted record of
+        #: that plan was deleted: the planner drops its copy of the OS plan.
+        self.on_booted_gone: Callable[[str, str], None] | None = None
         self._start()
 
     def _start(self) -> None:
@@ -115,7 +209,42 @@ class SharedSessions:
             log.warning("boot sessions: %s; planning locally until it answers", exc)
             revision = 0
         self.etcd.watch(self.prefix, revision, self._on_events)
+        booted_revision = 0
+        with contextlib.suppress(Unreachable):  # else loaded once etcd answers
+            booted_revision = self._load_booted()
+        self.etcd.watch(self.booted_prefix, booted_revision, self._on_booted_events)
         self.etcd.submit(self._maintain())
+
+    def _load_booted(self) -> int:
+        """Read the booted records into memory (the newest ``max_booted``, merged with
+        what the watch brought meanwhile); returns the revision they were read at."""
+        kvs, revision = self.etcd.range_prefix(self.booted_prefix)
+        kvs.sort(key=lambda kv: kv.mod_revision)
+        with self._lock:
+            for kv in kvs[-max(1, self._max_booted()):]:
+                c = Claim.decode(kv.value, kv.mod_revision)
+                if c is not None:
+                    self._remember_booted(kv.key[len(self.booted_prefix):], c, 0.0)
+            self._booted_loaded = True
+        return revision
+
+    def _remember_booted(self, mac: str, c: Claim, heard: float) -> None:
+        """Keep a booted record unless a newer one is known (lock held); the oldest go
+        beyond ``max_booted``."""
+        had = self._booted.get(mac)
+        if had is not None and had.rev > c.rev:
+            return
+        self._booted[mac] = c
+        self._booted_heard[mac] = heard
+        self._booted.move_to_end(mac)
+        while len(self._booted) > max(1, self._max_booted()):
+            gone, _ = self._booted.popitem(last=False)
+            self._booted_heard.pop(gone, None)
+
+    def _drop_booted(self, mac: str) -> Claim | None:
+        """Forget this MAC's booted record here (lock held); returns what was known."""
+        self._booted_heard.pop(mac, None)
+        return self._booted.pop(mac, None)
 
     # -- lease --------------------------------------------------------------------------------
     def _renew_lease(self) -> None:
@@ -137,12 +266,38 @@ class SharedSessions:
                 if time.monotonic() - self._lease_at > ttl / 2 or not self._lease \
                         or not self.etcd.reachable:
                     await asyncio.to_thread(self._renew_lease)
+                if not self._booted_loaded:
+                    await asyncio.to_thread(self._load_booted)
             except Unreachable:
                 continue
+
+    def _booted_step(self) -> float:
+        """How long one booted lease takes new records, and how often a record in use
+        is written again: a tenth of ``os_plan_ttl``, 1 s to 1 h."""
+        return min(3600.0, max(1.0, self._os_ttl() / 10))
+
+    def _booted_lease_now(self) -> int:
+        """The lease a booted record is written on now, ``os_plan_ttl + 3 x step`` long
+        (a day's ttl: 27 h): granted afresh (one round trip, off the hot path) once the
+        current one took records for a step. A record then outlives its write by
+        ``os_plan_ttl + 2 x step``, and one in use is written again once a step old
+        (:meth:`touch_booted`), with a step to spare for that write: it ends no sooner
+        than ``os_plan_ttl`` after the OS's last request on any replica (as the
+        planner's own table), at most three steps later. About ``ttl / step`` leases
+        per replica, never one per node."""
+        with self._booted_lease_lock:
+            step = self._booted_step()
+            if not self._booted_lease or time.monotonic() - self._booted_lease_at > step:
+                self._booted_lease = self.etcd.grant(self._os_ttl() + 3 * step)
+                self._booted_lease_at = time.monotonic()
+            return self._booted_lease
 
     # -- claims -------------------------------------------------------------------------------
     def _key(self, mac: str) -> str:
         return self.prefix + normalise_mac(mac)
+
+    def _booted_key(self, mac: str) -> str:
+        return self.booted_prefix + normalise_mac(mac)
 
     def claim(self, mac: str, mine: Claim) -> Claim | None:
         """Claim this boot (one round trip): returns ``mine`` if it won, the standing claim
@@ -156,8 +311,11 @@ class SharedSessions:
         try:
             if not self._lease:
                 self._renew_lease()
+            # the node boots again: whatever OS plan it had is over (same round trip)
             ok, revision, responses = self.etcd.txn(
-                [absent(key)], [put_op(key, mine.encode(), self._lease)], [range_op(key)])
+                [absent(key)],
+                [put_op(key, mine.encode(), self._lease), delete_op(self._booted_key(mac))],
+                [range_op(key)])
         except Unreachable:
             self.unshared += 1
             return None
@@ -185,31 +343,72 @@ class SharedSessions:
         session and token. A replica never plans a version it does not hold: it stays
         silent instead (the client's retry reaches a replica that holds it, or this one
         once the version is copied here)."""
-        mine = Claim(session=plan.session, token=plan.token, action=plan.action.value,
-                     image=(plan.image.name, plan.image.version) if plan.image else None,
-                     disk=(plan.disk.name, plan.disk.version) if plan.disk else None,
-                     pinned=bool(plan.image and plan.image.pinned), created=plan.created,
-                     replica=self.replica)
-        c = self.claim(plan.mac, mine)
+        c = self.claim(plan.mac, Claim.of(plan, self.replica))
         if c is None or c.session == plan.session:
             return plan
-        refs = []
-        for want in (c.image, c.disk):
-            ref = images.resolve(want[0], "", want[1], mac=None) if want else None
-            if want and ref is None:
-                return dataclasses.replace(
-                    plan, action=Action.IGNORE, image=None, disk=None,
-                    reason=f"not answered: replica {c.replica} planned this boot on "
-                    f"{want[0]} {want[1]}, which this replica does not hold")
-            refs.append(ref)
+        refs = resolve_claim(c, images)
+        if isinstance(refs, str):
+            return dataclasses.replace(
+                plan, action=Action.IGNORE, image=None, disk=None,
+                reason=f"not answered: replica {c.replica} planned this boot on "
+                f"{refs}, which this replica does not hold")
         image, disk = refs
-        if image is not None and c.pinned != image.pinned:
-            image = dataclasses.replace(image, pinned=c.pinned)
-        return dataclasses.replace(
-            plan, action=Action(c.action), image=image, disk=disk, session=c.session,
-            token=c.token, created=c.created,
-            reason=f"{plan.reason}; boot planned by replica {c.replica}: "
-            f"{image.name + ' ' + image.version if image else 'no image'}")
+        return rebuild(plan, c, image, disk,
+                       f"{plan.reason}; boot planned by replica {c.replica}: "
+                       f"{image.name + ' ' + image.version if image else 'no image'}")
+
+    def booted(self, mac: str, images: ImageResolver,
+               base: Callable[[ClientFacts], BootPlan]) -> BootPlan | None:
+        """The plan the OS running on ``mac`` booted with, from the record the replica
+        that saw its hand-over left (memory only: never a round trip), rebuilt on
+        ``base(facts)`` (this replica's view of the node) with that record's versions,
+        session and token. None when no record is known, or when this replica lacks the
+        version: it then answers as if it knew nothing (a fresh plan), as before."""
+        with self._lock:
+            c = self._booted.get(mac)
+        if c is None:
+            return None
+        refs = resolve_claim(c, images)
+        if isinstance(refs, str):
+            log.debug("%s booted %s (replica %s) and this replica does not hold it: "
+                      "answering its OS from a fresh plan", mac, refs, c.replica)
+            return None
+        image, disk = refs
+        self.booted_adopted += 1
+        what = f"{image.name} {image.version}" if image else "no image"
+        return rebuild(base(c.facts(mac)), c, image, disk,
+                       f"{c.action} {what}: the plan this node's OS booted with "
+                       f"(boot planned by replica {c.replica})")
+
+    def booted_record(self, mac: str) -> Claim | None:
+        """The booted record of this MAC as this replica last heard (memory only)."""
+        with self._lock:
+            return self._booted.get(mac)
+
+    def touch_booted(self, mac: str) -> None:
+        """The OS on ``mac`` asked here: once its record is a step old, write it again
+        on the current booted lease (in the background), so the plan stays known
+        everywhere while the OS keeps asking anywhere. Memory only on the request path."""
+        now = time.monotonic()
+        with self._lock:
+            c = self._booted.get(mac)
+            if c is None or now - self._booted_heard.get(mac, now) <= self._booted_step():
+                return
+            self._booted_heard[mac] = now
+        self.etcd.submit(self._rewrite_booted(mac, c))
+
+    async def _rewrite_booted(self, mac: str, c: Claim) -> None:
+        import asyncio
+
+        key = self._booted_key(mac)
+
+        def write() -> None:
+            # only if nobody changed it meanwhile (a new boot, forget, another rewrite)
+            self.etcd.txn([mod_is(key, c.rev)],
+                          [put_op(key, c.encode(), self._booted_lease_now())])
+
+        with contextlib.suppress(Unreachable):
+            await asyncio.to_thread(write)
 
     def lookup(self, mac: str) -> Claim | None:
         """The standing claim for this MAC as this replica last heard (memory only)."""
@@ -237,33 +436,60 @@ class SharedSessions:
                 self.etcd.txn, [mod_is(key, c.rev)], [put_op(key, c.encode(), self._lease)])
 
     def ended(self, mac: str, session: str) -> None:
-        """The firmware handed over (or the boot ended) here: delete the claim, so the
-        next boot plans afresh on any replica. Background; etcd being away only delays it."""
+        """The firmware handed over (or the boot ended) here: the claim becomes the MAC's
+        booted record, so the next boot plans afresh on any replica while every replica
+        answers the OS with the plan it booted. Background; etcd being away only delays
+        the delete (else the lease ends the claim) and loses the record."""
         with self._lock:
             c = self._claims.get(mac)
             if c is None or c.session != session:
                 return
             self._claims.pop(mac, None)
             self._written.pop(mac, None)
-        key = self._key(mac)
 
-        def drop() -> None:
-            with contextlib.suppress(Unreachable):  # else the lease ends it
-                self.etcd.txn([mod_is(key, c.rev)], [delete_op(key)])
+        def move() -> None:
+            try:
+                self._move_to_booted(mac, c)
+            except Unreachable as exc:
+                log.info("boot of %s handed over; etcd: %s (its claim ends with its lease; "
+                         "only the replicas that saw the boot keep its OS plan)", mac, exc)
 
-        threading.Thread(target=drop, name="etcd-session-end", daemon=True).start()
+        threading.Thread(target=move, name="etcd-session-end", daemon=True).start()
+
+    def _move_to_booted(self, mac: str, c: Claim) -> None:
+        """Delete the claim and write the booted record in one transaction. If the claim
+        was written again meanwhile (same session, another lease) it is moved at its new
+        revision; if another boot of the MAC claimed it, this OS is gone: nothing is kept."""
+        key, booted = self._key(mac), self._booted_key(mac)
+        rev = c.rev
+        for _ in range(3):
+            record = put_op(booted, c.encode(), self._booted_lease_now())
+            compare = mod_is(key, rev) if rev else absent(key)
+            ops = [delete_op(key), record] if rev else [record]
+            ok, _revision, responses = self.etcd.txn([compare], ops, [range_op(key)])
+            if ok:
+                self.booted_written += 1
+                return
+            kvs = (responses[0].get("response_range", {}).get("kvs") or []) if responses \
+                else []
+            standing = Claim.decode(*_value_rev(kvs[0])) if kvs else None
+            if kvs and (standing is None or standing.session != c.session):
+                return  # the node is booting again
+            rev = standing.rev if standing is not None else 0
 
     def forget(self, mac: str) -> None:
-        """An operator changed this node's lifecycle: whatever boot was claimed for it
-        ends everywhere, so the next request on any replica plans afresh. Background."""
+        """An operator changed this node's lifecycle: whatever boot was claimed for it, and
+        the plan its OS booted with, end everywhere, so the next request on any replica
+        plans afresh. Background, one transaction."""
         with self._lock:
             self._claims.pop(mac, None)
             self._written.pop(mac, None)
-        key = self._key(mac)
+            self._drop_booted(mac)
+        ops = [delete_op(self._key(mac)), delete_op(self._booted_key(mac))]
 
         def drop() -> None:
             with contextlib.suppress(Unreachable):
-                self.etcd.delete(key)
+                self.etcd.txn([], ops)
 
         threading.Thread(target=drop, name="etcd-session-forget", daemon=True).start()
 
@@ -293,11 +519,38 @@ class SharedSessions:
                 except Exception:
                     log.exception("ending session %s of %s", session, mac)
 
+    def _on_booted_events(self, events: list[Event], _revision: int) -> None:
+        """Follow the booted records: a write is remembered; a delete (the node boots
+        again, an operator's verb or an install report, nobody asked for
+        ``os_plan_ttl``) is forgotten unless a newer write is known, and the planner
+        drops its own copy of that plan (:attr:`on_booted_gone`)."""
+        gone = []
+        now = time.monotonic()
+        with self._lock:
+            for ev in events:
+                mac = ev.kv.key[len(self.booted_prefix):]
+                if ev.deleted:
+                    had = self._booted.get(mac)
+                    if had is not None and had.rev <= ev.kv.mod_revision:
+                        self._drop_booted(mac)
+                        gone.append((mac, had.session))
+                    continue
+                c = Claim.decode(ev.kv.value, ev.kv.mod_revision)
+                if c is not None:
+                    self._remember_booted(mac, c, now)
+        if self.on_booted_gone is not None:
+            for mac, session in gone:
+                try:
+                    self.on_booted_gone(mac, session)
+                except Exception:
+                    log.exception("dropping the OS plan %s of %s", session, mac)
+
     def health(self) -> dict[str, int]:
         with self._lock:
-            known = len(self._claims)
+            known, booted = len(self._claims), len(self._booted)
         return {"claims_known": known, "won": self.won, "adopted": self.adopted,
-                "planned_without_etcd": self.unshared}
+                "planned_without_etcd": self.unshared, "booted_known": booted,
+                "booted_written": self.booted_written, "booted_adopted": self.booted_adopted}
 
 
 def _value_rev(kv: dict) -> tuple[bytes, int]:

@@ -1,0 +1,188 @@
+"""The plan a booted OS runs with, shared through a real etcd: at hand-over the boot's
+claim becomes a booted record every replica follows, so the OS's later requests
+(cloud-init, lifecycle reports, events) reaching a replica that saw nothing of its boot
+are answered for the version it runs; the record is never an open firmware session,
+expires after ``boot.os_plan_ttl`` and goes with an operator's verb."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import pytest
+
+from netbootd.cluster.etcd import Etcd
+from netbootd.cluster.sessions import SharedSessions
+from netbootd.inventory import load_inventory
+from netbootd.planner import Planner
+from netbootd.settings import load_settings
+from tests.etcdkit import wait_for
+from tests.integration.test_cluster_sessions import MAC, OTHER, PI, ReplicaStore
+
+
+@pytest.fixture
+def replicas(etcd_one, tmp_path):
+    """make(name, store, os_plan_ttl=86400, max_booted=None) -> (planner, shared): replicas
+    of one fleet (one key prefix) on the module's etcd, closed at the end."""
+    (tmp_path / "nodes.yaml").write_text(
+        f"nodes:\n  {MAC}: {{hostname: pi1, serial: '{PI.serial}'}}\n"
+        f"  {OTHER.mac}: {{hostname: pi2, serial: '{OTHER.serial}'}}\n")
+    prefix = f"/t-{uuid.uuid4().hex[:8]}/"
+    made: list[Etcd] = []
+
+    def make(name, store, os_plan_ttl=86400.0, max_booted=None):
+        settings = load_settings(None, {"paths": {"inventory": str(tmp_path / "nodes.yaml")},
+                                        "boot": {"session_ttl": 60,
+                                                 "os_plan_ttl": os_plan_ttl}},
+                                 use_default_path=False)
+        inv = load_inventory(settings.paths.inventory)
+        client = Etcd(etcd_one.endpoints, timeout=2.0)
+        made.append(client)
+        planner = Planner(lambda: settings, lambda: inv, store)
+        shared = SharedSessions(
+            client, prefix, name, lambda: settings.boot.session_ttl,
+            os_plan_ttl=lambda: settings.boot.os_plan_ttl,
+            max_booted=max_booted or (lambda: settings.boot.max_sessions))
+        shared.on_ended = planner.ended_elsewhere
+        shared.on_booted_gone = planner.booted_gone
+        planner.shared = shared
+        return planner, shared
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def handed_over_on(planner, shared, others, mac=MAC):
+    """The firmware of ``mac`` hands over on ``planner``'s replica; returns its plan once
+    every replica in ``others`` has heard of the booted record."""
+    plan = planner.current(mac)
+    planner.handed_over(mac)
+    wait_for(lambda: all(s.booted_record(mac) is not None for s in others), 30,
+             "the booted record reaches every replica")
+    return plan
+
+
+def test_a_replica_that_saw_nothing_answers_the_booted_os_with_its_version(replicas):
+    a, sa = replicas("a", ReplicaStore("1", {"1", "2"}))
+    b, sb = replicas("b", ReplicaStore("1", {"1", "2"}))
+    first = a.plan(PI)
+    assert b.current(MAC) is None, "b saw nothing of the boot yet"
+    handed_over_on(a, sa, [sb])
+    assert sa.etcd.get(sa.prefix + MAC) is None, "the claim is gone: no open session"
+    a.images.active = b.images.active = "2"  # hot swap after the boot
+    before = sb.etcd.requests
+    os_plan = b.current(MAC)  # the OS's cloud-init / lifecycle report reaches b
+    assert sb.etcd.requests == before, "answered from memory, no etcd round trip"
+    assert (os_plan.session, os_plan.token, os_plan.image.version) == \
+        (first.session, first.token, "1")
+    assert os_plan.node.hostname == "pi1" and "replica a" in os_plan.reason
+    assert b.current(MAC) is os_plan and sb.booted_adopted == 1, "kept here from now on"
+    assert ("demo", "1") in b.versions_in_use(), "b's GC keeps the version the OS runs"
+    # a replica started after the hand-over loads the record at start
+    d, _ = replicas("d", ReplicaStore("2", {"1", "2"}))
+    assert d.current(MAC).session == first.session
+    # the booted record is not a session: the next firmware request (a power cycle)
+    # plans afresh and gets the hot-swapped version, and the old OS plan is over
+    second = b.plan(PI)
+    assert second.session != first.session and second.image.version == "2"
+    assert sb.won == 1 and sb.adopted == 0
+    wait_for(lambda: sa.booted_record(MAC) is None, 30, "the new boot ends the OS plan")
+    wait_for(lambda: MAC not in a._booted, 30, "on a too, which saw the hand-over")
+    assert a.current(MAC) is None
+    c, _ = replicas("c", ReplicaStore("2", {"1", "2"}))
+    assert c.current(MAC) is None
+    assert c.plan(PI).session == second.session
+
+
+def test_a_replica_that_lacks_the_version_answers_as_before(replicas, caplog):
+    a, sa = replicas("a", ReplicaStore("1", {"1"}))
+    b, sb = replicas("b", ReplicaStore("2", {"2"}))
+    a.plan(PI)
+    handed_over_on(a, sa, [sb])
+    with caplog.at_level(logging.DEBUG, logger="netbootd.cluster.sessions"):
+        assert b.current(MAC) is None
+    assert "does not hold it" in caplog.text and "demo 1" in caplog.text
+    b.images.held.add("1")  # copied here meanwhile
+    assert b.current(MAC).image.version == "1"
+
+
+def test_booted_records_share_the_replicas_lease(replicas):
+    a, sa = replicas("a", ReplicaStore("1", {"1"}))
+    a.plan(PI)
+    a.plan(OTHER)
+    handed_over_on(a, sa, [sa])
+    handed_over_on(a, sa, [sa], mac=OTHER.mac)
+    one = sa.etcd.get(sa.booted_prefix + MAC)
+    two = sa.etcd.get(sa.booted_prefix + OTHER.mac)
+    assert one.lease and one.lease == two.lease, "one lease for the replica's records"
+    assert one.lease != sa._lease, "not the sessions' lease"
+
+
+def test_booted_records_expire_after_os_plan_ttl(replicas):
+    ttl = 3.0
+    a, sa = replicas("a", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    _, sb = replicas("b", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    a.plan(PI)
+    a.plan(OTHER)
+    t0 = time.monotonic()
+    handed_over_on(a, sa, [sb])
+    handed_over_on(a, sa, [sb], mac=OTHER.mac)
+    # nobody asks: the lease ends the records everywhere, not before os_plan_ttl
+    wait_for(lambda: sb.booted_record(MAC) is None and sb.booted_record(OTHER.mac) is None,
+             60, "the booted records expire")
+    assert time.monotonic() - t0 >= ttl
+    assert sa.etcd.get(sa.booted_prefix + MAC) is None
+    c, _ = replicas("c", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    assert c.current(MAC) is None
+
+
+def test_forget_removes_the_booted_record_everywhere(replicas):
+    a, sa = replicas("a", ReplicaStore("1", {"1"}))
+    b, sb = replicas("b", ReplicaStore("1", {"1"}))
+    c, sc = replicas("c", ReplicaStore("1", {"1"}))
+    a.plan(PI)
+    handed_over_on(a, sa, [sb, sc])
+    assert b.current(MAC) is not None and MAC in b._booted
+    # an operator's verb or the node's `installed` report reaches a: its planner forgets
+    # (the installed OS must not be answered with the installer's plan on any replica)
+    a.forget(MAC)
+    wait_for(lambda: sa.etcd.get(sa.booted_prefix + MAC) is None, 30, "record deleted")
+    wait_for(lambda: sc.booted_record(MAC) is None and MAC not in b._booted, 30,
+             "every replica drops the record and its copy of the plan")
+    assert a.current(MAC) is None and b.current(MAC) is None and c.current(MAC) is None
+
+
+def test_a_booted_record_in_use_lives_on_and_ends_os_plan_ttl_after_the_last_ask(
+        replicas):
+    ttl = 5.0
+    a, sa = replicas("a", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    b, sb = replicas("b", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    _, sc = replicas("c", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    first = a.plan(PI)
+    handed_over_on(a, sa, [sb, sc])
+    written = sc.booted_record(MAC).rev
+    t0 = time.monotonic()
+    # the OS keeps asking replica b (its events, a cloud-init re-run) for twice the ttl:
+    # c, which it never asks, keeps knowing the plan because b writes it again
+    while time.monotonic() - t0 < 2 * ttl:
+        assert b.current(MAC).session == first.session
+        assert sc.booted_record(MAC) is not None, "record kept while the OS asks"
+        time.sleep(0.2)  # the OS's pace, not a wait for a condition
+    assert sc.booted_record(MAC).rev > written, "written again while in use"
+    last_ask = time.monotonic()
+    wait_for(lambda: sc.booted_record(MAC) is None, 60, "expiry after the last ask")
+    assert time.monotonic() - last_ask >= ttl - 0.5
+    wait_for(lambda: MAC not in b._booted and MAC not in a._booted, 30,
+             "the replicas' copies end with the record")
+
+
+def test_a_replica_loads_at_most_max_sessions_records_the_newest(replicas):
+    a, sa = replicas("a", ReplicaStore("1", {"1"}))
+    a.plan(PI)
+    a.plan(OTHER)
+    handed_over_on(a, sa, [sa])
+    handed_over_on(a, sa, [sa], mac=OTHER.mac)
+    _, se = replicas("e", ReplicaStore("1", {"1"}), max_booted=lambda: 1)
+    assert se.booted_record(OTHER.mac) is not None and se.booted_record(MAC) is None
