@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -33,6 +34,19 @@ def wait_for(pred: Callable[[], object], timeout: float, what: str) -> object:
         if time.monotonic() >= end:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+async def eventually(pred: Callable[[], object], timeout: float, what: str) -> object:
+    """:func:`wait_for` for a test on the event loop: polls without holding the loop, so
+    the services running on it go on working while the test waits."""
+    end = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() >= end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
