@@ -166,8 +166,10 @@ class SharedSessions:
         self._os_ttl = os_plan_ttl
         self._max_booted = max_booted
         self._lock = threading.Lock()
-        #: mac -> the claim as last seen (ours or another replica's), fed by the watch.
-        self._claims: dict[str, Claim] = {}
+        #: mac -> the claim as last seen (ours or another replica's), fed by the watch;
+        #: least recently written first, bounded by ``max_booted`` (boot.max_sessions): a
+        #: flood of new MACs on any replica grows no table here.
+        self._claims: OrderedDict[str, Claim] = OrderedDict()
         #: mac -> the plan its OS booted with, as some replica recorded at the hand-over;
         #: oldest write first, bounded by ``max_booted``; fed by the load and the watch.
         self._booted: OrderedDict[str, Claim] = OrderedDict()
@@ -322,7 +324,7 @@ class SharedSessions:
         if ok:
             won = Claim(**{**asdict(mine), "rev": revision})
             with self._lock:
-                self._claims[mac] = won
+                self._keep_claim(mac, won)
                 self._written[mac] = time.monotonic()
             self.won += 1
             return won
@@ -333,7 +335,7 @@ class SharedSessions:
         if theirs is None:
             return mine
         with self._lock:
-            self._claims[mac] = theirs
+            self._keep_claim(mac, theirs)
         self.adopted += 1
         return theirs
 
@@ -409,6 +411,16 @@ class SharedSessions:
 
         with contextlib.suppress(Unreachable):
             await asyncio.to_thread(write)
+
+    def _keep_claim(self, mac: str, claim: Claim) -> None:
+        """Remember a claim (lock held); the least recently written go beyond the bound
+        (only memory: etcd still holds them, and their leases end them there)."""
+        self._claims[mac] = claim
+        self._claims.move_to_end(mac)
+        limit = max(1, self._max_booted())
+        while len(self._claims) > limit:
+            gone, _ = self._claims.popitem(last=False)
+            self._written.pop(gone, None)
 
     def lookup(self, mac: str) -> Claim | None:
         """The standing claim for this MAC as this replica last heard (memory only)."""
@@ -511,7 +523,7 @@ class SharedSessions:
                 if had is not None and had.session != c.session:
                     ended.append((mac, had.session))
                 if had is None or had.rev <= c.rev:
-                    self._claims[mac] = c
+                    self._keep_claim(mac, c)
         if self.on_ended is not None:
             for mac, session in ended:
                 try:

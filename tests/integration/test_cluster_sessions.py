@@ -49,16 +49,19 @@ def replicas(etcd_one, tmp_path):
     prefix = f"/t-{uuid.uuid4().hex[:8]}/"
     made: list[Etcd] = []
 
-    def make(name, store, endpoints=None, session_ttl=60.0, timeout=2.0):
+    def make(name, store, endpoints=None, session_ttl=60.0, timeout=2.0, max_sessions=65536,
+             unknown="ignore"):
         settings = load_settings(None, {"paths": {"inventory": str(tmp_path / "nodes.yaml")},
-                                        "boot": {"session_ttl": 60}}, use_default_path=False)
+                                        "boot": {"session_ttl": 60},
+                                        "policy": {"unknown": unknown}}, use_default_path=False)
         settings = settings.model_copy(update={"boot": settings.boot.model_copy(
             update={"session_ttl": session_ttl})})
         inv = load_inventory(settings.paths.inventory)
         client = Etcd(endpoints or etcd_one.endpoints, timeout=timeout)
         made.append(client)
         planner = Planner(lambda: settings, lambda: inv, store)
-        shared = SharedSessions(client, prefix, name, lambda: settings.boot.session_ttl)
+        shared = SharedSessions(client, prefix, name, lambda: settings.boot.session_ttl,
+                                max_booted=lambda: max_sessions)
         shared.on_ended = planner.ended_elsewhere
         planner.shared = shared
         return planner, shared
@@ -150,3 +153,18 @@ def test_an_operator_verb_ends_the_claimed_boot_everywhere(replicas):
     b.forget(MAC)  # the daemon's lifecycle watch does this on every replica
     wait_for(lambda: sb.etcd.get(sb.prefix + MAC) is None, 30, "claim deleted in etcd")
     assert b.plan(PI).image.version == "2" and a.plan(PI).image.version == "2"
+
+
+def test_the_claims_a_replica_remembers_are_bounded(replicas):
+    """Claims seen through the watch (any replica's new boots) are kept in memory up to
+    boot.max_sessions, the least recently written forgotten first."""
+    a, sa = replicas("a", ReplicaStore("1", {"1"}), max_sessions=3, unknown="default")
+    _, sb = replicas("b", ReplicaStore("1", {"1"}), max_sessions=3, unknown="default")
+    macs = [f"dc:a6:32:00:01:{i:02x}" for i in range(6)]
+    for i, mac in enumerate(macs):
+        a.plan(ClientFacts(mac=mac, serial=f"5555{i:04x}", kind=ClientKind.RPI))
+    assert sa.won == 6
+    assert sa.health()["claims_known"] == 3
+    assert sa.lookup(macs[-1]) is not None and sa.lookup(macs[0]) is None
+    wait_for(lambda: sb.lookup(macs[-1]) is not None, 30, "b hearing a's newest claim")
+    assert sb.health()["claims_known"] <= 3
