@@ -26,27 +26,36 @@ def wait_for(pred: Callable[[], object], timeout: float, what: str) -> object:
     """Poll ``pred`` until it returns something true, and return that. Tests wait for
     conditions, never for fixed times: ``timeout`` is only the bound after which the
     condition is taken to be broken (generous: the suite runs on loaded 2-core machines)."""
-    end = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() >= end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    checks = _checks(pred, timeout, what)
+    while (got := next(checks)) is _NOT_YET:
         time.sleep(0.05)
+    return got
 
 
 async def eventually(pred: Callable[[], object], timeout: float, what: str) -> object:
     """:func:`wait_for` for a test on the event loop: polls without holding the loop, so
     the services running on it go on working while the test waits."""
+    checks = _checks(pred, timeout, what)
+    while (got := next(checks)) is _NOT_YET:
+        await asyncio.sleep(0.02)
+    return got
+
+
+_NOT_YET = object()
+
+
+def _checks(pred: Callable[[], object], timeout: float, what: str):
+    """Each step asks ``pred`` once: its true answer, or ``_NOT_YET``; raises once
+    ``timeout`` has passed (the waiting between steps is the caller's)."""
     end = time.monotonic() + timeout
     while True:
         got = pred()
         if got:
-            return got
+            yield got
+            return
         if time.monotonic() >= end:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+        yield _NOT_YET
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
