@@ -24,9 +24,12 @@ The code trees are byte-compiled first, as an installed daemon is.
   the watcher's notice: watchfiles yields a change after 50 ms without another one);
 * **reload, template edited**: ``meta-data.j2`` edited (every node renders that template
   again, and only that one);
-* **proxy-DHCP during the reload**: port-4011 boot-server requests for inventory MACs,
-  paced at ``--rate``/s from a thread of this script, each timed send to reply; p50 / p99
-  / max of the requests sent while the every-node reload ran, and of as many before it.
+* **DHCP, TFTP and HTTP during the reload**: from threads of this script, paced,
+  each request timed from send to answer: port-4011 boot-server requests for inventory
+  MACs (``--rate``/s), TFTP read requests for ``undionly.kpxe`` to the first data block
+  (a quarter of that rate) and ``GET /ipxe?mac=`` of inventory MACs on one kept-alive
+  connection (a quarter too); p50 / p99 / max of those sent while the every-node reload
+  ran, and of as many before it (quiet), and how many got no answer within 0.5 s.
 
 Progress goes to stderr; a markdown table to stdout; ``--svg`` writes a log-log plot of
 this tree's figures (SVG written by hand: no plotting library needed). Only loopback.
@@ -35,6 +38,7 @@ this tree's figures (SVG written by hand: no plotting library needed). Only loop
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -234,13 +238,13 @@ class Daemon:
 
 
 class Prober:
-    """Paced port-4011 boot-server requests from a thread; (send time, latency) each."""
+    """Paced requests of one protocol from a thread; (send time, latency) of each answered
+    one, and how many got no answer within 0.5 s."""
+
+    name = ""
 
     def __init__(self, port: int, macs: list[str], rate: float) -> None:
-        from netbootd.dhcp import clients
-
-        self.reqs = [clients.pxe_bootserver_request(m, 0, "127.0.0.1") for m in macs]
-        self.port, self.rate = port, rate
+        self.port, self.macs, self.rate = port, macs, rate
         self.samples: list[tuple[float, float]] = []
         self.lost = 0
         self._stop = threading.Event()
@@ -254,32 +258,96 @@ class Prober:
         self._stop.set()
         self._thread.join()
 
+    def ask(self, i: int) -> None:
+        """One request and its answer (raises TimeoutError/OSError when none came)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what :meth:`ask` kept open."""
+
     def _run(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.settimeout(0.5)
-        interval, nxt, xid = 1.0 / self.rate, time.perf_counter(), 0x5000
+        interval, nxt, i = 1.0 / self.rate, time.perf_counter(), 0
         while not self._stop.is_set():
             nxt += interval
-            xid += 1
-            p = self.reqs[xid % len(self.reqs)]
-            pkt = p[:4] + xid.to_bytes(4, "big") + p[8:]
+            i += 1
             t0 = time.perf_counter()
-            sock.sendto(pkt, ("127.0.0.1", self.port))
             try:
-                while True:
-                    data = sock.recv(4096)
-                    if int.from_bytes(data[4:8], "big") == xid:
-                        break
+                self.ask(i)
                 self.samples.append((t0, time.perf_counter() - t0))
-            except TimeoutError:
+            except OSError:  # TimeoutError included: no answer within 0.5 s
                 self.lost += 1
             delay = nxt - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
             else:
                 nxt = time.perf_counter()
-        sock.close()
+        self.close()
+
+
+class DhcpProber(Prober):
+    """Port-4011 boot-server requests for inventory MACs (the proxy-DHCP loop)."""
+
+    name = "DHCP"
+
+    def __init__(self, port: int, macs: list[str], rate: float) -> None:
+        from netbootd.dhcp import clients
+
+        super().__init__(port, macs, rate)
+        self.reqs = [clients.pxe_bootserver_request(m, 0, "127.0.0.1") for m in macs]
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.5)
+
+    def ask(self, i: int) -> None:
+        xid = 0x5000 + i
+        p = self.reqs[i % len(self.reqs)]
+        self.sock.sendto(p[:4] + xid.to_bytes(4, "big") + p[8:], ("127.0.0.1", self.port))
+        while int.from_bytes(self.sock.recv(4096)[4:8], "big") != xid:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class TftpProber(Prober):
+    """A read request for the BIOS iPXE loader, to its first data block, then an error
+    that ends the transfer (the TFTP engine and its file lookup)."""
+
+    name = "TFTP"
+
+    def ask(self, i: int) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            s.settimeout(0.5)
+            s.sendto(b"\x00\x01undionly.kpxe\x00octet\x00", ("127.0.0.1", self.port))
+            data, peer = s.recvfrom(1024)
+            if data[:2] not in (b"\x00\x03", b"\x00\x05"):  # DATA, or an ERROR answer
+                raise OSError(f"unexpected TFTP answer {data[:4]!r}")
+            if data[:2] == b"\x00\x03":
+                s.sendto(b"\x00\x05\x00\x00done\x00", peer)
+
+
+class HttpProber(Prober):
+    """The per-MAC iPXE script of inventory MACs, on one kept-alive connection (the HTTP
+    server, the planner and the renderer)."""
+
+    name = "HTTP"
+
+    def __init__(self, port: int, macs: list[str], rate: float) -> None:
+        import http.client
+
+        super().__init__(port, macs, rate)
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
+
+    def ask(self, i: int) -> None:
+        self.conn.request("GET", f"/ipxe?mac={self.macs[i % len(self.macs)]}")
+        r = self.conn.getresponse()
+        r.read()
+        if r.status != 200:
+            raise OSError(f"HTTP {r.status}")
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -331,22 +399,32 @@ def measure(tree: Path, cfg: Path, n: int, rate: float) -> dict:
 
         # x86 machines that netboot (a silent `local` node would only time out)
         macs = [mac_of(i) for i in range(1, n, 2) if i % 10 != 9][:256]
-        with Prober(ports_of(cfg)["pxe"], macs, rate) as probe:
+        ports = ports_of(cfg)
+        probers = [DhcpProber(ports["pxe"], macs, rate),
+                   TftpProber(ports["tftp"], macs, rate / 4),
+                   HttpProber(ports["http"], macs, rate / 4)]
+        with contextlib.ExitStack() as running:
+            for prober in probers:
+                running.enter_context(prober)
             time.sleep(2.0)
             t_start = time.perf_counter()
             out["reload_all"] = d.timed_reload(every_node)
             t_end = time.perf_counter()
             time.sleep(0.5)
-        during = [lat for t, lat in probe.samples if t_start + STEP <= t <= t_end]
-        quiet = [lat for t, lat in probe.samples if t < t_start][-max(len(during), 50):]
-        out.update(p50_quiet=pct(quiet, .5) * 1e6, p99_quiet=pct(quiet, .99) * 1e6,
-                   p50_reload=pct(during, .5) * 1e6, p99_reload=pct(during, .99) * 1e6,
-                   max_reload=max(during, default=float("nan")) * 1e6,
-                   n_reload=len(during), lost=probe.lost)
-        progress(f"  reload, every node: {out['reload_all']:.3f} s; DHCP p99 quiet "
-                 f"{out['p99_quiet']:.0f} µs, during reload {out['p99_reload']:.0f} µs "
-                 f"(max {out['max_reload']:.0f} µs, {len(during)} requests, lost "
-                 f"{probe.lost})")
+        for prober in probers:
+            key = prober.name.lower()
+            during = [lat for t, lat in prober.samples if t_start + STEP <= t <= t_end]
+            quiet = [lat for t, lat in prober.samples if t < t_start][-max(len(during), 50):]
+            out[key] = {"p50_quiet": pct(quiet, .5) * 1e6, "p99_quiet": pct(quiet, .99) * 1e6,
+                        "p50_reload": pct(during, .5) * 1e6,
+                        "p99_reload": pct(during, .99) * 1e6,
+                        "max_reload": max(during, default=float("nan")) * 1e6,
+                        "n_reload": len(during), "lost": prober.lost}
+            r = out[key]
+            progress(f"  {prober.name} p99 quiet {r['p99_quiet']:.0f} µs, during the reload "
+                     f"{r['p99_reload']:.0f} µs (max {r['max_reload']:.0f} µs, "
+                     f"{r['n_reload']} requests, lost {r['lost']})")
+        progress(f"  reload, every node: {out['reload_all']:.3f} s")
     finally:
         d.stop()
     return out
@@ -431,7 +509,7 @@ def main() -> int:
           f"{load[0]:.1f} before, {load_after[0]:.1f} after.\n")
     print("| nodes | code | check s | start-up cold s | start-up warm s | ready cold / warm s "
           "| RSS MB | reload one node s | reload, template edited s | DHCP p50 / p99 µs quiet "
-          "| DHCP p50 / p99 / max µs during reload (n) |")
+          "| DHCP / TFTP / HTTP p50 / p99 / max µs during reload (n, lost) |")
     print("|---:|---|---:|---:|---:|---|---:|---:|---:|---|---|")
     for n in sizes:
         for name, _ in trees:
@@ -441,9 +519,11 @@ def main() -> int:
             print(f"| {n:,} | {name} | {r['check']:.2f} | {r['start_cold']:.2f} | "
                   f"{r['start_warm']:.2f} | {r['ready_cold']:.2f} / {r['ready_warm']:.2f} | "
                   f"{r['rss']:.0f} | {r['reload_one']:.3f} | "
-                  f"{r['reload_all']:.3f} | {r['p50_quiet']:.0f} / {r['p99_quiet']:.0f} | "
-                  f"{r['p50_reload']:.0f} / {r['p99_reload']:.0f} / {r['max_reload']:.0f} "
-                  f"({r['n_reload']}) |")
+                  f"{r['reload_all']:.3f} | {r['dhcp']['p50_quiet']:.0f} / "
+                  f"{r['dhcp']['p99_quiet']:.0f} | " + "; ".join(
+                      f"{k.upper()} {r[k]['p50_reload']:.0f} / {r[k]['p99_reload']:.0f} / "
+                      f"{r[k]['max_reload']:.0f} ({r[k]['n_reload']}, {r[k]['lost']})"
+                      for k in ("dhcp", "tftp", "http")) + " |")
     if args.svg:
         svg(results["new"], args.svg)
         progress(f"plot written to {args.svg}")
