@@ -58,9 +58,10 @@ def test_bios_guest_netboots_and_timeline_is_in_the_api(boot_lab, boot_image) ->
     assert bl.dhcp.acked(mac), "the address came from the site DHCP server"
 
 
-@pytest.mark.skipif(ovmf_path() is None, reason="OVMF missing: apt-get install ovmf")
 @pytest.mark.parametrize("ipxe_rom", [False, True], ids=["ovmf-pxe", "ipxe-rom"])
 def test_uefi_guest_netboots(boot_lab, boot_image, ipxe_rom: bool) -> None:
+    if ovmf_path() is None:
+        pytest.fail("OVMF missing: apt-get install ovmf", pytrace=False)
     mac = random_mac()
     bl = boot_lab(nodes={mac: _node("uefi-1")})
     version = bl.publish(boot_image)

@@ -27,8 +27,13 @@ from netbootd.nodestate import NodeRecord, Stage
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _chromium_installed() -> None:
+    if CHROMIUM is None:
+        pytest.fail("chromium not installed: apt-get install chromium", pytrace=False)
 
 
 def chromium(url: str, *extra: str) -> subprocess.CompletedProcess:

@@ -47,7 +47,7 @@ async def test_ganesha_exports_follow_store_and_sessions(netlab, lab_nfs, lab_ou
                                                          tmp_path: Path, everyone: bool
                                                          ) -> None:
     if shutil.which("nfs-ls") is None:
-        pytest.skip("nfs-ls missing: apt-get install libnfs-utils")
+        pytest.fail("nfs-ls missing: apt-get install libnfs-utils", pytrace=False)
     netlab.add_address("pi", f"{netlab.ip('pi')}/24")  # the NFS client's address
     netlab.wait_ready("pi")
     include = lab_out / "netbootd-exports.conf"

@@ -243,7 +243,8 @@ def test_traversal_and_unlisted_paths_are_404(server, path):
 def test_ipxe_binaries_whitelisted(server):
     status, h, _ = curl("-I", f"{server.url}/ipxe/snponly.efi")
     if not Path("/usr/lib/ipxe/snponly.efi").exists():
-        pytest.skip("Debian ipxe package not installed")
+        pytest.fail("Debian's ipxe package is not installed: apt-get install ipxe",
+                    pytrace=False)
     assert status == 200 and int(h["content-length"]) > 1000
     assert curl(f"{server.url}/ipxe/82540em.rom")[0] == 404
     assert curl("--path-as-is", f"{server.url}/ipxe/../../etc/passwd")[0] == 404

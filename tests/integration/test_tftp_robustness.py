@@ -395,7 +395,7 @@ async def test_ten_percent_loss_atftp_windowsize(image: Path, tmp_path: Path):
     server gives up (main's code and this one alike, 3 of 5 runs each). Lost ACKs are
     covered with the emulated Pi above."""
     if shutil.which("atftp") is None:
-        pytest.skip("atftp not installed")
+        pytest.fail("atftp not installed: apt-get install atftp", pytrace=False)
     app = make_app(tmp_path / "w", image, tftp={"retransmit_timeout": 0.1, "retries": 12})
     app.clients.learn("127.0.0.1", MAC)
     want = (image / "boot" / "loss.bin").read_bytes()
