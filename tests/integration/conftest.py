@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,27 @@ def etcd_one(tmp_path_factory):
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def clients(etcd_one):
+    """clients(endpoints=None, timeout=2.0) -> an etcd client of the module's etcd (or of
+    ``endpoints``), closed when the test ends."""
+    from netbootd.cluster.etcd import Etcd
+
+    made: list[Etcd] = []
+
+    def make(endpoints: list[str] | None = None, timeout: float = 2.0) -> Etcd:
+        c = Etcd(endpoints or etcd_one.endpoints, timeout=timeout)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of the test's own in the module's shared etcd."""
+    return f"/t-{uuid.uuid4().hex[:8]}/"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import Callable
 
 import pytest
@@ -23,25 +22,6 @@ OTHER = "dc:a6:32:00:00:02"
 #: TEST-NET-2: an address no neighbour table on this host has an entry for.
 IP = "198.51.100.7"
 BOUND = 60.0  #: generous: a loaded 2-core machine
-
-
-@pytest.fixture
-def prefix():
-    return f"/addr-{uuid.uuid4().hex[:8]}/"
-
-
-@pytest.fixture
-def clients(etcd_one):
-    made: list[Etcd] = []
-
-    def make(endpoints: list[str] | None = None, timeout: float = 2.0) -> Etcd:
-        c = Etcd(endpoints or etcd_one.endpoints, timeout=timeout)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 Replica = tuple[ClientAddresses, SharedAddresses]

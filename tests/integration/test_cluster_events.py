@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from pathlib import Path
 
 import aiohttp
@@ -27,11 +26,6 @@ from tests.etcdkit import EtcdCluster, wait_for
 
 MAC = "dc:a6:32:00:00:01"
 OTHER = "dc:a6:32:00:00:02"
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"/t-{uuid.uuid4().hex[:8]}/"
 
 
 @pytest.fixture

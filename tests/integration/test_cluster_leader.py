@@ -6,11 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import uuid
 
-import pytest
-
-from netbootd.cluster.etcd import Etcd
 from netbootd.cluster.leader import Leadership
 from netbootd.cluster.pointers import SharedStoreState
 from netbootd.cluster.retire import SharedGc
@@ -20,25 +16,6 @@ from netbootd.store.store import ImageStore
 from tests.etcdkit import wait_for
 
 TTL = 3.0  #: etcd's shortest lease with the test cluster's election timing
-
-
-@pytest.fixture
-def prefix():
-    return f"/lead-{uuid.uuid4().hex[:8]}/"
-
-
-@pytest.fixture
-def clients(etcd_one):
-    made: list[Etcd] = []
-
-    def make() -> Etcd:
-        c = Etcd(etcd_one.endpoints, timeout=2.0)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 async def until(cond, bound: float, what: str) -> float:

@@ -4,11 +4,9 @@ shared between replicas, and served from memory while etcd is away."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 
-from netbootd.cluster.etcd import Etcd
 from netbootd.cluster.nodestate import EtcdNodeState
 from netbootd.errors import Conflict
 from netbootd.nodestate import NodeRecord, Stage
@@ -17,25 +15,6 @@ from tests.etcdkit import wait_for
 MAC = "dc:a6:32:00:00:01"
 
 
-
-
-@pytest.fixture
-def clients(etcd_one):
-    made: list[Etcd] = []
-
-    def make(endpoints=None, timeout=2.0) -> Etcd:
-        c = Etcd(endpoints or etcd_one.endpoints, timeout=timeout)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
-
-
-@pytest.fixture
-def prefix():
-    return f"/t-{uuid.uuid4().hex[:8]}/"
 
 
 def test_cas_get_put_and_delete_like_the_local_files(clients, prefix):
