@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from netbootd.cluster.sessions import SharedSessions
 from netbootd.daemon import build_app
 from netbootd.dhcp.proxy import create
-from netbootd.inventory import Inventory
+from netbootd.inventory import Inventory, load_inventory
+from netbootd.planner import Planner
 from netbootd.settings import load_settings
 from tests.conftest import free_port
 from tests.etcdkit import EtcdCluster
+from tests.integration.planners import MAC, OTHER, PI
 
 
 @pytest.fixture
@@ -67,3 +70,34 @@ def clients(etcd_one):
 def prefix() -> str:
     """A key prefix of the test's own in the module's shared etcd."""
     return f"/t-{uuid.uuid4().hex[:8]}/"
+
+
+@pytest.fixture
+def planners(clients, tmp_path):
+    """make(name, store, *, endpoints=None, session_ttl=60, timeout=2, os_plan_ttl=86400,
+    max_sessions=65536, unknown="ignore") -> (planner, shared): replicas of one fleet (one
+    key prefix) on the module's etcd, wired as the daemon wires them."""
+    (tmp_path / "nodes.yaml").write_text(
+        f"nodes:\n  {MAC}: {{hostname: pi1, serial: '{PI.serial}'}}\n"
+        f"  {OTHER.mac}: {{hostname: pi2, serial: '{OTHER.serial}'}}\n")
+    prefix = f"/t-{uuid.uuid4().hex[:8]}/"
+
+    def make(name, store, *, endpoints=None, session_ttl=60.0, timeout=2.0,
+             os_plan_ttl=86400.0, max_sessions=65536, unknown="ignore"):
+        settings = load_settings(None, {"paths": {"inventory": str(tmp_path / "nodes.yaml")},
+                                        "boot": {"session_ttl": 60, "os_plan_ttl": os_plan_ttl},
+                                        "policy": {"unknown": unknown}}, use_default_path=False)
+        settings = settings.model_copy(update={"boot": settings.boot.model_copy(
+            update={"session_ttl": session_ttl})})
+        inv = load_inventory(settings.paths.inventory)
+        planner = Planner(lambda: settings, lambda: inv, store)
+        shared = SharedSessions(clients(endpoints, timeout), prefix, name,
+                                lambda: settings.boot.session_ttl,
+                                os_plan_ttl=lambda: settings.boot.os_plan_ttl,
+                                max_booted=lambda: max_sessions)
+        shared.on_ended = planner.ended_elsewhere
+        shared.on_booted_gone = planner.booted_gone
+        planner.shared = shared
+        return planner, shared
+
+    return make

@@ -8,50 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
-import pytest
-
-from netbootd.cluster.etcd import Etcd
-from netbootd.cluster.sessions import SharedSessions
-from netbootd.inventory import load_inventory
-from netbootd.planner import Planner
-from netbootd.settings import load_settings
 from tests.etcdkit import wait_for
-from tests.integration.test_cluster_sessions import MAC, OTHER, PI, ReplicaStore
-
-
-@pytest.fixture
-def replicas(etcd_one, tmp_path):
-    """make(name, store, os_plan_ttl=86400, max_booted=None) -> (planner, shared): replicas
-    of one fleet (one key prefix) on the module's etcd, closed at the end."""
-    (tmp_path / "nodes.yaml").write_text(
-        f"nodes:\n  {MAC}: {{hostname: pi1, serial: '{PI.serial}'}}\n"
-        f"  {OTHER.mac}: {{hostname: pi2, serial: '{OTHER.serial}'}}\n")
-    prefix = f"/t-{uuid.uuid4().hex[:8]}/"
-    made: list[Etcd] = []
-
-    def make(name, store, os_plan_ttl=86400.0, max_booted=None):
-        settings = load_settings(None, {"paths": {"inventory": str(tmp_path / "nodes.yaml")},
-                                        "boot": {"session_ttl": 60,
-                                                 "os_plan_ttl": os_plan_ttl}},
-                                 use_default_path=False)
-        inv = load_inventory(settings.paths.inventory)
-        client = Etcd(etcd_one.endpoints, timeout=2.0)
-        made.append(client)
-        planner = Planner(lambda: settings, lambda: inv, store)
-        shared = SharedSessions(
-            client, prefix, name, lambda: settings.boot.session_ttl,
-            os_plan_ttl=lambda: settings.boot.os_plan_ttl,
-            max_booted=max_booted or (lambda: settings.boot.max_sessions))
-        shared.on_ended = planner.ended_elsewhere
-        shared.on_booted_gone = planner.booted_gone
-        planner.shared = shared
-        return planner, shared
-
-    yield make
-    for c in made:
-        c.close()
+from tests.integration.planners import MAC, OTHER, PI, ReplicaStore
 
 
 def handed_over_on(planner, shared, others, mac=MAC):
@@ -64,9 +23,9 @@ def handed_over_on(planner, shared, others, mac=MAC):
     return plan
 
 
-def test_a_replica_that_saw_nothing_answers_the_booted_os_with_its_version(replicas):
-    a, sa = replicas("a", ReplicaStore("1", {"1", "2"}))
-    b, sb = replicas("b", ReplicaStore("1", {"1", "2"}))
+def test_a_replica_that_saw_nothing_answers_the_booted_os_with_its_version(planners):
+    a, sa = planners("a", ReplicaStore("1", {"1", "2"}))
+    b, sb = planners("b", ReplicaStore("1", {"1", "2"}))
     first = a.plan(PI)
     assert b.current(MAC) is None, "b saw nothing of the boot yet"
     handed_over_on(a, sa, [sb])
@@ -81,7 +40,7 @@ def test_a_replica_that_saw_nothing_answers_the_booted_os_with_its_version(repli
     assert b.current(MAC) is os_plan and sb.booted_adopted == 1, "kept here from now on"
     assert ("demo", "1") in b.versions_in_use(), "b's GC keeps the version the OS runs"
     # a replica started after the hand-over loads the record at start
-    d, _ = replicas("d", ReplicaStore("2", {"1", "2"}))
+    d, _ = planners("d", ReplicaStore("2", {"1", "2"}))
     assert d.current(MAC).session == first.session
     # the booted record is not a session: the next firmware request (a power cycle)
     # plans afresh and gets the hot-swapped version, and the old OS plan is over
@@ -91,14 +50,14 @@ def test_a_replica_that_saw_nothing_answers_the_booted_os_with_its_version(repli
     wait_for(lambda: sa.booted_record(MAC) is None, 30, "the new boot ends the OS plan")
     wait_for(lambda: MAC not in a._booted, 30, "on a too, which saw the hand-over")
     assert a.current(MAC) is None
-    c, _ = replicas("c", ReplicaStore("2", {"1", "2"}))
+    c, _ = planners("c", ReplicaStore("2", {"1", "2"}))
     assert c.current(MAC) is None
     assert c.plan(PI).session == second.session
 
 
-def test_a_replica_that_lacks_the_version_answers_as_before(replicas, caplog):
-    a, sa = replicas("a", ReplicaStore("1", {"1"}))
-    b, sb = replicas("b", ReplicaStore("2", {"2"}))
+def test_a_replica_that_lacks_the_version_answers_as_before(planners, caplog):
+    a, sa = planners("a", ReplicaStore("1", {"1"}))
+    b, sb = planners("b", ReplicaStore("2", {"2"}))
     a.plan(PI)
     handed_over_on(a, sa, [sb])
     with caplog.at_level(logging.DEBUG, logger="netbootd.cluster.sessions"):
@@ -108,8 +67,8 @@ def test_a_replica_that_lacks_the_version_answers_as_before(replicas, caplog):
     assert b.current(MAC).image.version == "1"
 
 
-def test_booted_records_share_the_replicas_lease(replicas):
-    a, sa = replicas("a", ReplicaStore("1", {"1"}))
+def test_booted_records_share_the_replicas_lease(planners):
+    a, sa = planners("a", ReplicaStore("1", {"1"}))
     a.plan(PI)
     a.plan(OTHER)
     handed_over_on(a, sa, [sa])
@@ -120,10 +79,10 @@ def test_booted_records_share_the_replicas_lease(replicas):
     assert one.lease != sa._lease, "not the sessions' lease"
 
 
-def test_booted_records_expire_after_os_plan_ttl(replicas):
+def test_booted_records_expire_after_os_plan_ttl(planners):
     ttl = 3.0
-    a, sa = replicas("a", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
-    _, sb = replicas("b", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    a, sa = planners("a", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    _, sb = planners("b", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
     a.plan(PI)
     a.plan(OTHER)
     t0 = time.monotonic()
@@ -134,14 +93,14 @@ def test_booted_records_expire_after_os_plan_ttl(replicas):
              60, "the booted records expire")
     assert time.monotonic() - t0 >= ttl
     assert sa.etcd.get(sa.booted_prefix + MAC) is None
-    c, _ = replicas("c", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    c, _ = planners("c", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
     assert c.current(MAC) is None
 
 
-def test_forget_removes_the_booted_record_everywhere(replicas):
-    a, sa = replicas("a", ReplicaStore("1", {"1"}))
-    b, sb = replicas("b", ReplicaStore("1", {"1"}))
-    c, sc = replicas("c", ReplicaStore("1", {"1"}))
+def test_forget_removes_the_booted_record_everywhere(planners):
+    a, sa = planners("a", ReplicaStore("1", {"1"}))
+    b, sb = planners("b", ReplicaStore("1", {"1"}))
+    c, sc = planners("c", ReplicaStore("1", {"1"}))
     a.plan(PI)
     handed_over_on(a, sa, [sb, sc])
     assert b.current(MAC) is not None and MAC in b._booted
@@ -155,11 +114,11 @@ def test_forget_removes_the_booted_record_everywhere(replicas):
 
 
 def test_a_booted_record_in_use_lives_on_and_ends_os_plan_ttl_after_the_last_ask(
-        replicas):
+        planners):
     ttl = 5.0
-    a, sa = replicas("a", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
-    b, sb = replicas("b", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
-    _, sc = replicas("c", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    a, sa = planners("a", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    b, sb = planners("b", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
+    _, sc = planners("c", ReplicaStore("1", {"1"}), os_plan_ttl=ttl)
     first = a.plan(PI)
     handed_over_on(a, sa, [sb, sc])
     written = sc.booted_record(MAC).rev
@@ -178,11 +137,11 @@ def test_a_booted_record_in_use_lives_on_and_ends_os_plan_ttl_after_the_last_ask
              "the replicas' copies end with the record")
 
 
-def test_a_replica_loads_at_most_max_sessions_records_the_newest(replicas):
-    a, sa = replicas("a", ReplicaStore("1", {"1"}))
+def test_a_replica_loads_at_most_max_sessions_records_the_newest(planners):
+    a, sa = planners("a", ReplicaStore("1", {"1"}))
     a.plan(PI)
     a.plan(OTHER)
     handed_over_on(a, sa, [sa])
     handed_over_on(a, sa, [sa], mac=OTHER.mac)
-    _, se = replicas("e", ReplicaStore("1", {"1"}), max_booted=lambda: 1)
+    _, se = planners("e", ReplicaStore("1", {"1"}), max_sessions=1)
     assert se.booted_record(OTHER.mac) is not None and se.booted_record(MAC) is None

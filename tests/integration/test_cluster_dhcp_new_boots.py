@@ -20,7 +20,7 @@ from netbootd.inventory import Inventory
 from netbootd.settings import load_settings
 from tests.conftest import eventually, free_port
 from tests.etcdkit import EtcdCluster
-from tests.integration.test_cluster_sessions import ReplicaStore
+from tests.integration.planners import ReplicaStore
 
 KNOWN = "52:54:00:ab:00:01"
 NEW = "52:54:00:ab:00:02"

@@ -3,77 +3,15 @@ others adopt its plan; an open session never waits for etcd; etcd away = plan lo
 
 from __future__ import annotations
 
-import uuid
-from pathlib import Path
-
-import pytest
-
-from netbootd.cluster.etcd import Etcd
-from netbootd.cluster.sessions import SharedSessions
-from netbootd.inventory import load_inventory
-from netbootd.model import Action, ClientFacts, ClientKind, ImageRef
-from netbootd.planner import Planner
-from netbootd.settings import load_settings
+from netbootd.model import Action, ClientFacts, ClientKind
 from tests.conftest import free_port
 from tests.etcdkit import wait_for
-
-MAC = "dc:a6:32:00:00:11"
-PI = ClientFacts(mac=MAC, serial="1234abcd", kind=ClientKind.RPI)
-OTHER = ClientFacts(mac="dc:a6:32:00:00:12", serial="1234abce", kind=ClientKind.RPI)
+from tests.integration.planners import MAC, OTHER, PI, ReplicaStore
 
 
-class ReplicaStore:
-    """One replica's own store: the versions it holds and its active one (a policy
-    stand-in for the image store, which has its own tests; etcd is the real peer here)."""
-
-    def __init__(self, active: str, held: set[str]) -> None:
-        self.active = active
-        self.held = held
-
-    def resolve(self, image, channel, pin, *, mac=None):
-        version = pin or self.active
-        if version not in self.held:
-            return None
-        return ImageRef(name=image, version=version, root=Path("/store") / image / version,
-                        channel=channel or None, pinned=bool(pin))
-
-
-
-
-@pytest.fixture
-def replicas(etcd_one, tmp_path):
-    """make(name, store, endpoints=None, session_ttl=60) -> (planner, shared)."""
-    (tmp_path / "nodes.yaml").write_text(
-        f"nodes:\n  {MAC}: {{hostname: pi1, serial: '1234abcd'}}\n"
-        f"  {OTHER.mac}: {{hostname: pi2, serial: '{OTHER.serial}'}}\n")
-    prefix = f"/t-{uuid.uuid4().hex[:8]}/"
-    made: list[Etcd] = []
-
-    def make(name, store, endpoints=None, session_ttl=60.0, timeout=2.0, max_sessions=65536,
-             unknown="ignore"):
-        settings = load_settings(None, {"paths": {"inventory": str(tmp_path / "nodes.yaml")},
-                                        "boot": {"session_ttl": 60},
-                                        "policy": {"unknown": unknown}}, use_default_path=False)
-        settings = settings.model_copy(update={"boot": settings.boot.model_copy(
-            update={"session_ttl": session_ttl})})
-        inv = load_inventory(settings.paths.inventory)
-        client = Etcd(endpoints or etcd_one.endpoints, timeout=timeout)
-        made.append(client)
-        planner = Planner(lambda: settings, lambda: inv, store)
-        shared = SharedSessions(client, prefix, name, lambda: settings.boot.session_ttl,
-                                max_booted=lambda: max_sessions)
-        shared.on_ended = planner.ended_elsewhere
-        planner.shared = shared
-        return planner, shared
-
-    yield make
-    for c in made:
-        c.close()
-
-
-def test_first_replica_wins_the_other_adopts_with_one_round_trip(replicas):
-    a, sa = replicas("a", ReplicaStore("1", {"1", "2"}))
-    b, sb = replicas("b", ReplicaStore("2", {"1", "2"}))  # b already sees version 2 active
+def test_first_replica_wins_the_other_adopts_with_one_round_trip(planners):
+    a, sa = planners("a", ReplicaStore("1", {"1", "2"}))
+    b, sb = planners("b", ReplicaStore("2", {"1", "2"}))  # b already sees version 2 active
     before = sa.etcd.requests
     pa = a.plan(PI)
     assert sa.etcd.requests - before == 1, "a new session costs one etcd round trip"
@@ -92,9 +30,9 @@ def test_first_replica_wins_the_other_adopts_with_one_round_trip(replicas):
         assert shared.etcd.requests == n and shared.etcd.reachable
 
 
-def test_hand_over_ends_the_boot_on_every_replica(replicas):
-    a, sa = replicas("a", ReplicaStore("1", {"1", "2"}))
-    b, sb = replicas("b", ReplicaStore("1", {"1", "2"}))
+def test_hand_over_ends_the_boot_on_every_replica(planners):
+    a, sa = planners("a", ReplicaStore("1", {"1", "2"}))
+    b, sb = planners("b", ReplicaStore("1", {"1", "2"}))
     first = a.plan(PI)
     assert b.plan(PI).session == first.session
     a.handed_over(MAC)  # the kernel started (beacon / cloud-init reached replica a)
@@ -107,9 +45,9 @@ def test_hand_over_ends_the_boot_on_every_replica(replicas):
     assert a.plan(PI).session == second.session
 
 
-def test_a_replica_never_plans_a_version_it_lacks(replicas):
-    a, _ = replicas("a", ReplicaStore("7", {"7"}))
-    b, _ = replicas("b", ReplicaStore("6", {"6"}))
+def test_a_replica_never_plans_a_version_it_lacks(planners):
+    a, _ = planners("a", ReplicaStore("7", {"7"}))
+    b, _ = planners("b", ReplicaStore("6", {"6"}))
     assert a.plan(PI).image.version == "7"
     pb = b.plan(PI)
     assert pb.action is Action.IGNORE and not pb.answers and pb.image is None
@@ -119,9 +57,9 @@ def test_a_replica_never_plans_a_version_it_lacks(replicas):
     assert b.plan(PI).image.version == "7"
 
 
-def test_without_etcd_a_replica_plans_locally_and_keeps_open_boots(replicas):
+def test_without_etcd_a_replica_plans_locally_and_keeps_open_boots(planners):
     dead = [f"http://127.0.0.1:{free_port()}"]
-    c, sc = replicas("c", ReplicaStore("1", {"1"}), endpoints=dead, timeout=0.3)
+    c, sc = planners("c", ReplicaStore("1", {"1"}), endpoints=dead, timeout=0.3)
     p = c.plan(PI)
     assert p.answers and p.image.version == "1" and sc.unshared == 1
     assert c.plan(PI).session == p.session
@@ -132,9 +70,9 @@ def test_without_etcd_a_replica_plans_locally_and_keeps_open_boots(replicas):
     assert sc.etcd.attempts == tried and sc.unshared == 2
 
 
-def test_a_claim_nobody_uses_expires_with_its_lease(replicas):
-    a, sa = replicas("a", ReplicaStore("1", {"1"}), session_ttl=2.0)
-    b, sb = replicas("b", ReplicaStore("1", {"1"}), session_ttl=2.0)
+def test_a_claim_nobody_uses_expires_with_its_lease(planners):
+    a, sa = planners("a", ReplicaStore("1", {"1"}), session_ttl=2.0)
+    b, sb = planners("b", ReplicaStore("1", {"1"}), session_ttl=2.0)
     first = a.plan(PI)
     assert b.plan(PI).session == first.session
     # nobody asks any more: the lease (2 x session_ttl) ends the claim everywhere
@@ -142,9 +80,9 @@ def test_a_claim_nobody_uses_expires_with_its_lease(replicas):
     assert b.plan(PI).session != first.session
 
 
-def test_an_operator_verb_ends_the_claimed_boot_everywhere(replicas):
-    a, _ = replicas("a", ReplicaStore("1", {"1", "2"}))
-    b, sb = replicas("b", ReplicaStore("1", {"1", "2"}))
+def test_an_operator_verb_ends_the_claimed_boot_everywhere(planners):
+    a, _ = planners("a", ReplicaStore("1", {"1", "2"}))
+    b, sb = planners("b", ReplicaStore("1", {"1", "2"}))
     first = a.plan(PI)
     assert b.plan(PI).session == first.session
     a.images.active = b.images.active = "2"
@@ -155,11 +93,11 @@ def test_an_operator_verb_ends_the_claimed_boot_everywhere(replicas):
     assert b.plan(PI).image.version == "2" and a.plan(PI).image.version == "2"
 
 
-def test_the_claims_a_replica_remembers_are_bounded(replicas):
+def test_the_claims_a_replica_remembers_are_bounded(planners):
     """Claims seen through the watch (any replica's new boots) are kept in memory up to
     boot.max_sessions, the least recently written forgotten first."""
-    a, sa = replicas("a", ReplicaStore("1", {"1"}), max_sessions=3, unknown="default")
-    _, sb = replicas("b", ReplicaStore("1", {"1"}), max_sessions=3, unknown="default")
+    a, sa = planners("a", ReplicaStore("1", {"1"}), max_sessions=3, unknown="default")
+    _, sb = planners("b", ReplicaStore("1", {"1"}), max_sessions=3, unknown="default")
     macs = [f"dc:a6:32:00:01:{i:02x}" for i in range(6)]
     for i, mac in enumerate(macs):
         a.plan(ClientFacts(mac=mac, serial=f"5555{i:04x}", kind=ClientKind.RPI))
