@@ -524,12 +524,7 @@ class SharedSessions:
                     ended.append((mac, had.session))
                 if had is None or had.rev <= c.rev:
                     self._keep_claim(mac, c)
-        if self.on_ended is not None:
-            for mac, session in ended:
-                try:
-                    self.on_ended(mac, session)
-                except Exception:
-                    log.exception("ending session %s of %s", session, mac)
+        _tell(self.on_ended, ended, "ending session")
 
     def _on_booted_events(self, events: list[Event], _revision: int) -> None:
         """Follow the booted records: a write is remembered; a delete (the node boots
@@ -550,12 +545,7 @@ class SharedSessions:
                 c = Claim.decode(ev.kv.value, ev.kv.mod_revision)
                 if c is not None:
                     self._remember_booted(mac, c, now)
-        if self.on_booted_gone is not None:
-            for mac, session in gone:
-                try:
-                    self.on_booted_gone(mac, session)
-                except Exception:
-                    log.exception("dropping the OS plan %s of %s", session, mac)
+        _tell(self.on_booted_gone, gone, "dropping the OS plan")
 
     def health(self) -> dict[str, int]:
         with self._lock:
@@ -563,6 +553,19 @@ class SharedSessions:
         return {"claims_known": known, "won": self.won, "adopted": self.adopted,
                 "planned_without_etcd": self.unshared, "booted_known": booted,
                 "booted_written": self.booted_written, "booted_adopted": self.booted_adopted}
+
+
+def _tell(callback: Callable[[str, str], None] | None, items: list[tuple[str, str]],
+          what: str) -> None:
+    """Call ``callback(mac, session)`` for each item; one that fails is logged, the rest
+    are still told (called outside the lock, on the client's thread)."""
+    if callback is None:
+        return
+    for mac, session in items:
+        try:
+            callback(mac, session)
+        except Exception:
+            log.exception("%s %s of %s", what, session, mac)
 
 
 def _value_rev(kv: dict) -> tuple[bytes, int]:
