@@ -289,14 +289,19 @@ def _text_digest(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def _read_snapshot(path: Path, digest: str) -> Any:
-    """The content saved for the text with ``digest`` by this code, else None."""
+def _head(digest: str) -> dict[str, str]:
+    """A snapshot's first line: its format, the parser that made it, the text's digest."""
+    return {"format": _SNAPSHOT_FORMAT, "code": _CODE_STAMP, "text": digest}
+
+
+def _read_snapshot(path: Path, digest: str, *, content: bool = True) -> Any:
+    """The content saved for the text with ``digest`` by this parser, else None; with
+    ``content=False`` only whether there is one (True), without reading it."""
     try:
         with path.open(encoding="utf-8") as f:
-            head = json.loads(f.readline())
-            if head != {"format": _SNAPSHOT_FORMAT, "code": _CODE_STAMP, "text": digest}:
+            if json.loads(f.readline()) != _head(digest):
                 return None
-            return json.loads(f.read())
+            return json.loads(f.read()) if content else True
     except (OSError, ValueError):
         return None
 
@@ -310,7 +315,7 @@ def write_snapshot(path: Path, digest: str, data: Any) -> bool:
             return False
     except (TypeError, ValueError):
         return False  # dates, binary, non-string keys: the YAML stays the only source
-    head = json.dumps({"format": _SNAPSHOT_FORMAT, "code": _CODE_STAMP, "text": digest})
+    head = json.dumps(_head(digest))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(head + "\n" + body, encoding="utf-8")
@@ -340,7 +345,7 @@ def parse_ahead(inventory: Path, snapshot: Path) -> Callable[[], None]:
     except (OSError, UnicodeDecodeError):
         return _nothing
     digest = _text_digest(text)
-    if _read_snapshot_head(snapshot) == digest:
+    if _read_snapshot(snapshot, digest, content=False):
         return _nothing
     try:
         snapshot.parent.mkdir(parents=True, exist_ok=True)  # the state directory
@@ -363,19 +368,6 @@ def parse_ahead(inventory: Path, snapshot: Path) -> Callable[[], None]:
 
 def _nothing() -> None:
     return None
-
-
-def _read_snapshot_head(path: Path) -> str | None:
-    """The text digest of a snapshot this code can use, else None."""
-    try:
-        with path.open(encoding="utf-8") as f:
-            head = json.loads(f.readline())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(head, dict) or head.get("format") != _SNAPSHOT_FORMAT \
-            or head.get("code") != _CODE_STAMP:
-        return None
-    return head.get("text")
 
 
 def _mac_of_key_line(piece: str) -> str | None:
