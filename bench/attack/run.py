@@ -239,13 +239,16 @@ def _reason(path: Path) -> str | None:
 
 
 def _du(path: Path) -> int:
+    """Bytes on disk under `path` *while the daemon is changing it*: staging directories
+    come and go between listing and stat, so every vanished entry counts as nothing
+    (os.walk skips directories it cannot list; rglob raises on them)."""
     total = 0
-    for p in path.rglob("*"):
-        try:
-            if p.is_file():
-                total += p.stat().st_blocks * 512
-        except OSError:
-            continue
+    for cur, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(cur, name)).st_blocks * 512
+            except OSError:
+                continue
     return total
 
 

@@ -80,10 +80,6 @@ def rejection_done(store: ImageStore) -> bool:
     return bool(store.rejected()) and not list(store.layout.incoming.iterdir())
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file())
-
-
 class Watched:
     """A real ImageStore with its real IncomingWatcher running on this loop."""
 
