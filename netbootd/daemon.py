@@ -68,6 +68,7 @@ def build_app(settings: Settings, *, inventory: Inventory | None = None,
     app.cluster = cluster
     if cluster is not None:
         cluster.share_sessions(planner, lambda: app.settings.boot)
+        planner.count_deferred = metrics.unknown_boots_deferred.inc
         from .cluster.events import SharedEventsCollector
 
         app.metrics.registry.register(

@@ -137,6 +137,10 @@ class Metrics:
         self.table_evictions = Counter(
             "netbootd_table_evictions", "Entries forgotten because a bounded per-client "
             "table was full, by table", ["table"], registry=r)
+        self.unknown_boots_deferred = Counter(
+            "netbootd_unknown_boots_deferred", "New boots of machines not in the inventory "
+            "left unanswered until a retry: they came faster than cluster.unknown_boot_rate "
+            "(replicas only)", registry=r)
         self.transfer_seconds = Histogram(
             "netbootd_transfer_seconds", "Duration of completed file transfers",
             ["service"], registry=r,

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from .inventory import Inventory
 from .model import Action, BootPlan, ClientFacts, ClientKind, ImageRef, NodeView
 from .nodestate import NodeRecord, NodeState, Stage
+from .ratelimit import RateLimiter
 from .settings import Settings
 
 
@@ -290,6 +291,10 @@ class _Session:
         self.holds = 0
 
 
+def _nothing() -> None:
+    return None
+
+
 class NewBoot:
     """A boot this replica decided but has not yet agreed with the other replicas
     (:meth:`Planner.begin`); :meth:`Planner.finish` agrees it."""
@@ -346,6 +351,11 @@ class Planner:
         self._brief: OrderedDict[str, tuple[BootPlan, float]] = OrderedDict()
         #: Sessions dropped because the table was full (a metric; a flood of MACs).
         self.evicted = 0
+        #: New boots of unknown machines held back by ``cluster.unknown_boot_rate``, and
+        #: the metric told of each (replicas only: :meth:`_admit_unknown`).
+        self.unknown_deferred = 0
+        self.count_deferred: Callable[[], object] = _nothing
+        self._unknown_gate: RateLimiter | None = None
         #: Boots shared with other replicas (cluster.backend: etcd); None = this daemon alone.
         self.shared: SharedBoots | None = None
         #: A plan's boot token when it must not be random (a Pi on HTTP boot, whose
@@ -379,8 +389,32 @@ class Planner:
                 return brief[0]
         fresh = self._decide(facts, now)
         if self.shared is not None and fresh.answers and fresh.image is not None:
-            return NewBoot(facts.mac, fresh, now)
+            if fresh.node.known or self._admit_unknown(now):
+                return NewBoot(facts.mac, fresh, now)
+            # held back, never sticky: a plan that boots nothing, reused BRIEF seconds
+            fresh = dataclasses.replace(
+                fresh, action=Action.IGNORE, image=None, disk=None,
+                reason="not answered yet: new boots of machines not in the inventory "
+                "came faster than cluster.unknown_boot_rate; a later retry is answered")
         return self._settle(facts.mac, fresh, now)
+
+    def _admit_unknown(self, now: float) -> bool:
+        """May a machine not in the inventory start a boot shared through etcd now?
+
+        Every new boot is a claim written to etcd that lives a session; a flood of
+        random MACs (``policy.unknown: default``) would otherwise write them as fast as
+        etcd commits and fill its keyspace. One bucket for all unknown machines, at
+        ``cluster.unknown_boot_rate``: inventory nodes never pass through it."""
+        rate = self._settings().cluster.unknown_boot_rate
+        with self._lock:
+            gate = self._unknown_gate
+            if gate is None or gate.rate != rate:
+                gate = self._unknown_gate = RateLimiter(rate, max_clients=1)
+            if gate.allow("", now):
+                return True
+        self.unknown_deferred += 1
+        self.count_deferred()
+        return False
 
     def finish(self, new: NewBoot) -> BootPlan:
         """The plan of a new boot once the replicas agree on it (the first replica to

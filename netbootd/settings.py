@@ -377,6 +377,13 @@ class ClusterSettings(_Section):
         4096, ge=1, description="Node events waiting to be written to etcd at most; "
         "beyond it (etcd slow or away) new ones are dropped and counted "
         "(netbootd_cluster_events_dropped).")
+    unknown_boot_rate: float = Field(
+        100.0, gt=0, description="New boots of machines not in the inventory (policy.unknown: "
+        "default) this replica agrees with the others per second at most, in bursts of as "
+        "many; beyond it such a machine is not answered until a later retry "
+        "(netbootd_unknown_boots_deferred). Each new boot is an etcd write that lives a "
+        "session, so this bounds what a flood of random MACs costs etcd. Nodes in the "
+        "inventory are never held back.")
     etcd: EtcdSettings = Field(default_factory=EtcdSettings)
 
     @field_validator("peer_url")

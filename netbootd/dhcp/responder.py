@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from ..model import Action, ClientFacts
 from ..planner import NewBoot
+from ..ratelimit import RateLimiter
 from ..render import ServerInfo
 from . import packet as pk
 from .classify import Classifier, ClientInfo
@@ -103,48 +104,6 @@ class _Client:
         # never learnt as its address (docs/security.md). Addresses come from the site
         # server's ACKs (acks.py) or nodes.yaml.
         self.prepared: dict[tuple, _Prepared] = {}
-
-
-def _count_nothing() -> None:
-    return None
-
-
-class RateLimiter:
-    """Token bucket per MAC: ``rate`` replies/s, bursts of ``max(rate, 1)``.
-
-    At most ``max_clients`` buckets: a new MAC beyond that forgets the oldest bucket
-    (one dict deletion, counted through ``evicted``), so a flood of random MACs costs
-    constant memory and constant time per packet."""
-
-    def __init__(self, rate: float, *, max_clients: int = 65536,
-                 evicted: Callable[[], object] = _count_nothing) -> None:
-        self.rate = rate
-        self.burst = max(rate, 1.0)
-        self._max = max_clients
-        self._evicted = evicted
-        self._buckets: dict[str, list[float]] = {}
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def allow(self, key: str, now: float) -> bool:
-        b = self._buckets.get(key)
-        if b is None:
-            buckets = self._buckets
-            while len(buckets) >= self._max:
-                del buckets[next(iter(buckets))]
-                self._evicted()
-            buckets[key] = [self.burst - 1.0, now]
-            return True
-        tokens = b[0] + (now - b[1]) * self.rate
-        if tokens > self.burst:  # noqa: PLR1730 - a min() call per packet costs more
-            tokens = self.burst
-        b[1] = now
-        if tokens < 1.0:
-            b[0] = tokens
-            return False
-        b[0] = tokens - 1.0
-        return True
 
 
 def available_boot_files(settings) -> frozenset[str]:
@@ -425,4 +384,4 @@ class Responder:
                 "events": len(self._last_event)}
 
 
-__all__ = ["Outgoing", "RateLimiter", "Responder", "available_boot_files"]
+__all__ = ["Outgoing", "Responder", "available_boot_files"]

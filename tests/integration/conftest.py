@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -75,22 +76,25 @@ def prefix() -> str:
 @pytest.fixture
 def planners(clients, tmp_path):
     """make(name, store, *, endpoints=None, session_ttl=60, timeout=2, os_plan_ttl=86400,
-    max_sessions=65536, unknown="ignore") -> (planner, shared): replicas of one fleet (one
-    key prefix) on the module's etcd, wired as the daemon wires them."""
+    max_sessions=65536, unknown="ignore", cluster=None, clock=time.time) -> (planner,
+    shared): replicas of one fleet (one key prefix) on the module's etcd, wired as the
+    daemon wires them (``cluster``: settings of that section, e.g. unknown_boot_rate)."""
     (tmp_path / "nodes.yaml").write_text(
         f"nodes:\n  {MAC}: {{hostname: pi1, serial: '{PI.serial}'}}\n"
         f"  {OTHER.mac}: {{hostname: pi2, serial: '{OTHER.serial}'}}\n")
     prefix = f"/t-{uuid.uuid4().hex[:8]}/"
 
     def make(name, store, *, endpoints=None, session_ttl=60.0, timeout=2.0,
-             os_plan_ttl=86400.0, max_sessions=65536, unknown="ignore"):
+             os_plan_ttl=86400.0, max_sessions=65536, unknown="ignore", cluster=None,
+             clock=time.time):
         settings = load_settings(None, {"paths": {"inventory": str(tmp_path / "nodes.yaml")},
                                         "boot": {"session_ttl": 60, "os_plan_ttl": os_plan_ttl},
-                                        "policy": {"unknown": unknown}}, use_default_path=False)
+                                        "policy": {"unknown": unknown},
+                                        "cluster": cluster or {}}, use_default_path=False)
         settings = settings.model_copy(update={"boot": settings.boot.model_copy(
             update={"session_ttl": session_ttl})})
         inv = load_inventory(settings.paths.inventory)
-        planner = Planner(lambda: settings, lambda: inv, store)
+        planner = Planner(lambda: settings, lambda: inv, store, clock=clock)
         shared = SharedSessions(clients(endpoints, timeout), prefix, name,
                                 lambda: settings.boot.session_ttl,
                                 os_plan_ttl=lambda: settings.boot.os_plan_ttl,
