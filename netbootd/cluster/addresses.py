@@ -44,7 +44,7 @@ from typing import Any
 
 from ..model import normalise_mac
 from ..neighbours import ClientAddresses, usable_ipv4
-from .etcd import KV, Etcd, EtcdError, Event, Unreachable, b64, prefix_end, put_op
+from .etcd import KV, Etcd, EtcdError, Event, Unreachable, b64, prefix_end, put_op, unb64
 
 log = logging.getLogger("netbootd.cluster.addresses")
 
@@ -173,7 +173,8 @@ class SharedAddresses:
             self.loaded = True
             go = bool(self._pending) and not self._scheduled and not self._stopped
             self._scheduled = self._scheduled or go
-        self.etcd.watch(self.prefix, revision, self._on_events)
+        self.etcd.watch(self.prefix, revision, self._on_events,
+                        known=(unb64(kv.get("key")).decode() for kv in data.get("kvs", [])))
         if go:
             self._schedule()
 

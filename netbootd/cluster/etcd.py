@@ -26,7 +26,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -141,6 +141,8 @@ class Etcd:
         self.attempts = 0
         #: time.monotonic() of the last request no endpoint answered.
         self.failed_at = 0.0
+        #: Watches that resumed after a compaction by reading their prefix afresh.
+        self.caught_up = 0
         self._loop = asyncio.new_event_loop()
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
@@ -270,20 +272,30 @@ class Etcd:
 
     # -- watching ------------------------------------------------------------------------------
     def watch(self, prefix: str, start_revision: int,
-              on_events: Callable[[list[Event], int], None]) -> None:
+              on_events: Callable[[list[Event], int], None], *, known: Iterable[str]) -> None:
         """Call ``on_events(events, revision)`` (on the client's thread) for every change
         under ``prefix`` after ``start_revision``, for as long as the client lives;
-        reconnects (and resumes from the last revision seen) when a member goes away."""
-        self.submit(self._watch(prefix, start_revision, on_events))
+        reconnects (and resumes from the last revision seen) when a member goes away.
+
+        ``known``: the keys under ``prefix`` the caller loaded at ``start_revision``. A
+        watch that resumes after etcd compacted the history it needs (a replica cut off
+        while ``--auto-compaction`` ran) reads the prefix afresh and reports what changed
+        meanwhile as events, puts of what was written and deletes of what is gone
+        (:meth:`_catch_up`): a caller never misses a change, however long it was away."""
+        self.submit(self._watch(prefix, start_revision, on_events, set(known)))
 
     async def _watch(self, prefix: str, revision: int,
-                     on_events: Callable[[list[Event], int], None]) -> None:
+                     on_events: Callable[[list[Event], int], None], known: set[str]) -> None:
         body = {"create_request": {"key": b64(prefix), "range_end": prefix_end(prefix)}}
         n = 0
+        compacted = False
         while not self._closed:
             url = self.endpoints[(self._good + n) % len(self.endpoints)] + "/v3/watch"
-            body["create_request"]["start_revision"] = str(revision + 1)
             try:
+                if compacted:
+                    revision = await self._catch_up(prefix, revision, known, on_events)
+                    compacted = False
+                body["create_request"]["start_revision"] = str(revision + 1)
                 async with self._client().post(
                         url, json=body, timeout=aiohttp.ClientTimeout(
                             total=None, sock_connect=self.timeout)) as resp:
@@ -292,19 +304,17 @@ class Etcd:
                             continue
                         result = json.loads(line).get("result", {})
                         if result.get("compact_revision"):
-                            # Missed history: start over from now (callers re-read).
-                            revision = int(result["compact_revision"]) - 1
+                            compacted = True  # history gone: read the prefix afresh
                             break
                         events = [Event(deleted=e.get("type") == "DELETE",
                                         kv=KV.parse(e.get("kv", {})))
                                   for e in result.get("events", [])]
                         rev = int(result.get("header", {}).get("revision", revision))
                         if events:
+                            for e in events:
+                                (known.discard if e.deleted else known.add)(e.kv.key)
                             revision = max(revision, max(e.kv.mod_revision for e in events))
-                            try:
-                                on_events(events, rev)
-                            except Exception:
-                                log.exception("etcd watch handler failed")
+                            _deliver(on_events, events, rev)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reconnect to the next member
@@ -312,6 +322,35 @@ class Etcd:
             n += 1
             if not self._closed:
                 await asyncio.sleep(min(1.0, self.timeout))
+
+    async def _catch_up(self, prefix: str, revision: int, known: set[str],
+                        on_events: Callable[[list[Event], int], None]) -> int:
+        """What changed under ``prefix`` since ``revision``, read afresh because etcd
+        compacted that history: every key written after it (a put each) and every key of
+        ``known`` that is gone (a delete each, at the read's revision). Two reads at one
+        revision: the changed keys with their values, then the keys alone. Returns the
+        revision the watch resumes from."""
+        changed = await self.post("/v3/kv/range", {
+            "key": b64(prefix), "range_end": prefix_end(prefix),
+            "min_mod_revision": str(revision + 1)})
+        now = int(changed.get("header", {}).get("revision", 0))
+        keys = await self.post("/v3/kv/range", {
+            "key": b64(prefix), "range_end": prefix_end(prefix), "keys_only": True,
+            "revision": str(now)})
+        present = {unb64(kv.get("key")).decode() for kv in keys.get("kvs", [])}
+        events = [Event(deleted=False, kv=KV.parse(kv)) for kv in changed.get("kvs", [])]
+        events += [Event(deleted=True, kv=KV(key=key, value=b"", mod_revision=now,
+                                             create_revision=0))
+                   for key in sorted(known - present)]
+        known.clear()
+        known.update(present)
+        self.caught_up += 1
+        log.warning("etcd watch of %s resumed after a compaction: read afresh at revision "
+                    "%d (%d written, %d deleted meanwhile)", prefix, now,
+                    sum(not e.deleted for e in events), sum(e.deleted for e in events))
+        if events:
+            _deliver(on_events, events, now)
+        return now
 
     def close(self) -> None:
         """Stop the client's loop and thread (watches end)."""
@@ -332,6 +371,14 @@ class Etcd:
             log.debug("etcd client close: %s", exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(2)
+
+
+def _deliver(on_events: Callable[[list[Event], int], None], events: list[Event],
+             revision: int) -> None:
+    try:
+        on_events(events, revision)
+    except Exception:
+        log.exception("etcd watch handler failed")
 
 
 class EtcdError(Exception):

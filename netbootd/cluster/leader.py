@@ -87,7 +87,8 @@ class Leadership:
             kvs, revision = self.etcd.range_prefix(self.key)
             self.leader = next((kv.value.decode(errors="replace") for kv in kvs
                                 if kv.key == self.key), "")
-            self.etcd.watch(self.key, revision, self._on_events)
+            self.etcd.watch(self.key, revision, self._on_events,
+                            known=(kv.key for kv in kvs))
             self._watching = True
         t0 = time.monotonic()
         if self._lease and not self.etcd.keepalive(self._lease):

@@ -68,7 +68,7 @@ class EtcdNodeState:
                 if rec is not None:
                     self._records[rec.mac] = rec
         self.loaded = True
-        self.etcd.watch(self.prefix, revision, self._on_events)
+        self.etcd.watch(self.prefix, revision, self._on_events, known=(kv.key for kv in kvs))
 
     def _retry_load(self) -> None:
         while not self.loaded and not self.etcd.closed:

@@ -70,7 +70,7 @@ class StoreMirror:
             for kv in kvs:
                 self._apply(kv.key, kv.value, kv.mod_revision, deleted=False)
             self.loaded = True
-        self.etcd.watch(self.prefix, revision, self._on_events)
+        self.etcd.watch(self.prefix, revision, self._on_events, known=(kv.key for kv in kvs))
 
     def _retry(self) -> None:
         while not self.loaded and not self.etcd.closed:

@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass
 
 from ..model import Action, BootPlan, ClientFacts, ClientKind, ImageRef, normalise_mac
 from ..planner import ImageResolver
-from .etcd import Etcd, Event, Unreachable, absent, delete_op, mod_is, put_op, range_op
+from .etcd import KV, Etcd, Event, Unreachable, absent, delete_op, mod_is, put_op, range_op
 
 log = logging.getLogger("netbootd.cluster.sessions")
 
@@ -204,22 +204,25 @@ class SharedSessions:
         self._start()
 
     def _start(self) -> None:
+        kvs: list[KV] = []
         try:
-            _kvs, revision = self.etcd.range_prefix(self.prefix)
+            kvs, revision = self.etcd.range_prefix(self.prefix)
             self._renew_lease()
         except Unreachable as exc:
             log.warning("boot sessions: %s; planning locally until it answers", exc)
             revision = 0
-        self.etcd.watch(self.prefix, revision, self._on_events)
-        booted_revision = 0
+        self.etcd.watch(self.prefix, revision, self._on_events, known=(kv.key for kv in kvs))
+        booted_revision, booted = 0, []
         with contextlib.suppress(Unreachable):  # else loaded once etcd answers
-            booted_revision = self._load_booted()
-        self.etcd.watch(self.booted_prefix, booted_revision, self._on_booted_events)
+            booted_revision, booted = self._load_booted()
+        self.etcd.watch(self.booted_prefix, booted_revision, self._on_booted_events,
+                        known=booted)
         self.etcd.submit(self._maintain())
 
-    def _load_booted(self) -> int:
+    def _load_booted(self) -> tuple[int, list[str]]:
         """Read the booted records into memory (the newest ``max_booted``, merged with
-        what the watch brought meanwhile); returns the revision they were read at."""
+        what the watch brought meanwhile); returns the revision they were read at and
+        the keys read."""
         kvs, revision = self.etcd.range_prefix(self.booted_prefix)
         kvs.sort(key=lambda kv: kv.mod_revision)
         with self._lock:
@@ -228,7 +231,7 @@ class SharedSessions:
                 if c is not None:
                     self._remember_booted(kv.key[len(self.booted_prefix):], c, 0.0)
             self._booted_loaded = True
-        return revision
+        return revision, [kv.key for kv in kvs]
 
     def _remember_booted(self, mac: str, c: Claim, heard: float) -> None:
         """Keep a booted record unless a newer one is known (lock held); the oldest go
@@ -569,7 +572,5 @@ def _tell(callback: Callable[[str, str], None] | None, items: list[tuple[str, st
 
 
 def _value_rev(kv: dict) -> tuple[bytes, int]:
-    from .etcd import KV
-
     parsed = KV.parse(kv)
     return parsed.value, parsed.mod_revision
