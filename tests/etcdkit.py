@@ -19,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from netbootd.lab.forward import pump
 from tests.conftest import (
     free_port,
     wait_for,  # noqa: F401  (the cluster tests take it from here)
@@ -161,16 +162,4 @@ class Gate:
             with self._lock:
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()

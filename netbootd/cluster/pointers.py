@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from ..store.catalogue import Versions
-from ..store.errors import Conflict, NotFound, valid_mac, valid_name
+from ..store.errors import Conflict, valid_mac, valid_name
 from ..store.layout import Layout, now_iso
 from ..store.pins import Pins
 from ..store.pointers import Channels
@@ -142,6 +142,15 @@ class StoreMirror:
                         f"was changed ({exc})")
 
 
+def _follow(mirror: StoreMirror, signals: Signals, kind: str) -> None:
+    """Another writer's change of this ``kind`` ("channel", "pin") reaches the store's
+    listeners, as a change made here does."""
+    def remote(change: tuple) -> None:
+        if change[0] == kind:
+            signals.changed()
+    mirror.listeners.append(remote)
+
+
 class EtcdChannels(Channels):
     """``Channels`` with pointers and history in etcd (see the module docstring)."""
 
@@ -149,11 +158,7 @@ class EtcdChannels(Channels):
                  signals: Signals, lock: threading.RLock) -> None:
         super().__init__(layout, versions, signals, lock)
         self.mirror = mirror
-        mirror.listeners.append(self._remote)
-
-    def _remote(self, change: tuple) -> None:
-        if change[0] == "channel":
-            self.signals.changed()
+        _follow(mirror, signals, "channel")
 
     def _key(self, image: str, channel: str) -> str:
         return f"{self.mirror.prefix}channels/{image}/{channel}"
@@ -255,11 +260,7 @@ class EtcdPins(Pins):
                  signals: Signals, lock: threading.RLock) -> None:
         super().__init__(layout, versions, signals, lock)
         self.mirror = mirror
-        mirror.listeners.append(self._remote)
-
-    def _remote(self, change: tuple) -> None:
-        if change[0] == "pin":
-            self.signals.changed()
+        _follow(mirror, signals, "pin")
 
     def pins(self) -> dict[str, dict]:
         with self.mirror.lock:
@@ -268,17 +269,7 @@ class EtcdPins(Pins):
 
     def pin(self, mac: str, version: str, image: str | None = None, *, by: str = "cli") -> None:
         mac = valid_mac(mac)
-        if image is None:
-            having = [i for i in self.versions.images()
-                      if self.versions.manifest(i, version) is not None]
-            if not having:
-                raise NotFound(f"no image has a version {version!r}")
-            if len(having) > 1:
-                from ..store.errors import Invalid
-                raise Invalid(f"version {version!r} exists in {', '.join(having)}: "
-                              "name the image")
-            image = having[0]
-        self.versions.need(image, version)
+        image = self.image_of(version, image)
         self.mirror.need_loaded(f"pinning {mac}")
         value = {"version": version, "image": image, "by": by, "when": now_iso()}
         try:

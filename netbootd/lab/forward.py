@@ -87,10 +87,12 @@ class Forwarder:
                 continue
             upstream.settimeout(None)
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+def pump(src: socket.socket, dst: socket.socket) -> None:
+    """Copy ``src`` to ``dst`` until either end closes, then close both (one direction
+    of a forwarded connection: run one per direction)."""
     try:
         while data := src.recv(65536):
             dst.sendall(data)

@@ -52,10 +52,10 @@ class Pins:
         return {str(p["version"]) for p in self.pins().values()
                 if p.get("image") in (None, image)}
 
-    def pin(self, mac: str, version: str, image: str | None = None, *, by: str = "cli") -> None:
-        """Keep one machine on ``version``. Without ``image``, the one image that has that
-        version (:class:`Invalid` if several do, :class:`NotFound` if none)."""
-        mac = valid_mac(mac)
+    def image_of(self, version: str, image: str | None) -> str:
+        """The image a pin to ``version`` is for: ``image`` if named, else the one image
+        that has that version (:class:`Invalid` if several do, :class:`NotFound` if
+        none); either way the version must exist."""
         if image is None:
             having = [i for i in self.versions.images()
                       if self.versions.manifest(i, version) is not None]
@@ -63,9 +63,15 @@ class Pins:
                 raise NotFound(f"no image has a version {version!r}")
             if len(having) > 1:
                 raise Invalid(f"version {version!r} exists in {', '.join(having)}: "
-                               "name the image")
+                              "name the image")
             image = having[0]
         self.versions.need(image, version)
+        return image
+
+    def pin(self, mac: str, version: str, image: str | None = None, *, by: str = "cli") -> None:
+        """Keep one machine on ``version`` (of ``image``: :meth:`image_of`)."""
+        mac = valid_mac(mac)
+        image = self.image_of(version, image)
         with self._lock, flocked(self.layout.edits_lock):
             pins = self.pins()
             pins[mac] = {"version": version, "image": image, "by": by, "when": now_iso()}
