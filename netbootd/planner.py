@@ -76,6 +76,13 @@ class SharedBoots(Protocol):
         """The OS on ``mac`` asked here (keeps its shared record alive; memory only)."""
         ...
 
+    def open_boot(self, mac: str, images: ImageResolver,
+                  base: Callable[[ClientFacts], BootPlan]) -> BootPlan | None:
+        """The still open firmware session another replica planned for ``mac``, from its
+        claim, rebuilt like :meth:`booted`; None when unknown or its version is not
+        held here. Memory only."""
+        ...
+
 
 class NoImages:
     """A resolver with an empty store (the daemon before the store is up, unit tests)."""
@@ -507,7 +514,8 @@ class Planner:
             hit = self._current_locked(mac, now, boot)
         if hit is not None or self.shared is None:
             return hit
-        return self._adopt_booted(self.shared, mac, now, boot)
+        return self._adopt_booted(self.shared, mac, now, boot) or \
+            self._adopt_open(self.shared, mac, now, boot)
 
     def _current_locked(self, mac: str, now: float, boot: Any) -> BootPlan | None:
         """This replica's own session or booted plan of ``mac``, refreshed (lock held)."""
@@ -538,6 +546,25 @@ class Planner:
             if hit is not None:
                 return hit  # a boot of it was planned here meanwhile: that one stands
             self._booted_locked(mac, _Session(plan, now), now, boot)
+        return plan
+
+    def _adopt_open(self, shared: SharedBoots, mac: str, now: float, boot: Any
+                    ) -> BootPlan | None:
+        """A request of a boot another replica planned, whose firmware this replica never
+        answered, reaches it (a Pi's first cloud-init request, which is its hand-over):
+        that boot's session is taken from its claim (memory), as a firmware retry here
+        would adopt it, so the node gets the version it is booting and a hand-over
+        here ends the boot for every replica."""
+        plan = shared.open_boot(mac, self.images, lambda facts: self._decide(facts, now))
+        if plan is None:
+            return None
+        with self._lock:
+            hit = self._current_locked(mac, now, boot)
+            if hit is not None:
+                return hit  # planned or adopted here meanwhile: that one stands
+            self._sessions[mac] = _Session(plan, now)
+            self._expire(self._sessions, now, boot.session_ttl, boot.max_sessions)
+        self._mark_used(plan)
         return plan
 
     def hold(self, mac: str) -> None:

@@ -385,6 +385,27 @@ class SharedSessions:
                        f"{c.action} {what}: the plan this node's OS booted with "
                        f"(boot planned by replica {c.replica})")
 
+    def open_boot(self, mac: str, images: ImageResolver,
+                  base: Callable[[ClientFacts], BootPlan]) -> BootPlan | None:
+        """The firmware session another replica opened for ``mac`` and that is still
+        open, from its claim as this replica last heard it (memory only), rebuilt on
+        ``base(facts)``: a request of that boot reached a replica that answered none of
+        its firmware's (a Pi without a beacon whose first cloud-init request, its
+        hand-over, reaches another replica). None when no claim is known or this replica
+        lacks the claim's version."""
+        with self._lock:
+            c = self._claims.get(mac)
+        if c is None:
+            return None
+        refs = resolve_claim(c, images)
+        if isinstance(refs, str):
+            return None
+        image, disk = refs
+        self.adopted += 1
+        what = f"{image.name} {image.version}" if image else "no image"
+        return rebuild(base(c.facts(mac)), c, image, disk,
+                       f"{c.action} {what}: an open boot planned by replica {c.replica}")
+
     def booted_record(self, mac: str) -> Claim | None:
         """The booted record of this MAC as this replica last heard (memory only)."""
         with self._lock:

@@ -27,7 +27,6 @@ def test_a_replica_that_saw_nothing_answers_the_booted_os_with_its_version(plann
     a, sa = planners("a", ReplicaStore("1", {"1", "2"}))
     b, sb = planners("b", ReplicaStore("1", {"1", "2"}))
     first = a.plan(PI)
-    assert b.current(MAC) is None, "b saw nothing of the boot yet"
     handed_over_on(a, sa, [sb])
     assert sa.etcd.get(sa.prefix + MAC) is None, "the claim is gone: no open session"
     a.images.active = b.images.active = "2"  # hot swap after the boot
@@ -49,7 +48,9 @@ def test_a_replica_that_saw_nothing_answers_the_booted_os_with_its_version(plann
     assert sb.won == 1 and sb.adopted == 0
     wait_for(lambda: sa.booted_record(MAC) is None, 30, "the new boot ends the OS plan")
     wait_for(lambda: MAC not in a._booted, 30, "on a too, which saw the hand-over")
-    assert a.current(MAC) is None
+    # the node's requests reaching a now belong to the new boot b opened
+    wait_for(lambda: sa.lookup(MAC) is not None, 30, "a hearing b's claim")
+    assert a.current(MAC).session == second.session
     c, _ = planners("c", ReplicaStore("2", {"1", "2"}))
     assert c.current(MAC) is None
     assert c.plan(PI).session == second.session
@@ -145,3 +146,26 @@ def test_a_replica_loads_at_most_max_sessions_records_the_newest(planners):
     handed_over_on(a, sa, [sa], mac=OTHER.mac)
     _, se = planners("e", ReplicaStore("1", {"1"}), max_sessions=1)
     assert se.booted_record(OTHER.mac) is not None and se.booted_record(MAC) is None
+
+
+def test_a_request_of_an_open_boot_on_another_replica_gets_that_boot(planners):
+    """A Pi answered by replica a (no beacon: its first cloud-init request is its
+    hand-over) sends that request to replica b: b answers with a's open boot, from the
+    claim in memory, and the hand-over there ends the boot on every replica."""
+    a, sa = planners("a", ReplicaStore("1", {"1", "2"}))
+    b, sb = planners("b", ReplicaStore("2", {"1", "2"}))  # b already sees version 2
+    first = a.plan(PI)
+    wait_for(lambda: sb.lookup(MAC) is not None, 30, "b hearing a's claim")
+    before = sb.etcd.requests
+    got = b.current(MAC)
+    assert sb.etcd.requests == before, "answered from memory, no etcd round trip"
+    assert (got.session, got.token, got.image.version) == (first.session, first.token, "1")
+    assert "open boot planned by replica a" in got.reason and sb.adopted == 1
+    b.handed_over(MAC)  # the cloud-init request is the hand-over
+    wait_for(lambda: sa.booted_record(MAC) is not None and MAC not in a._sessions, 30,
+             "the boot ends on a too")
+    assert a.current(MAC).session == first.session, "the OS keeps its plan on a"
+    assert b.current(MAC).session == first.session
+    # no claim known: nothing to adopt, as before
+    c, _ = planners("c", ReplicaStore("1", {"1"}))
+    assert c.current(OTHER.mac) is None
