@@ -36,6 +36,12 @@ it runs (:meth:`SharedSessions.booted`); when a record is deleted every replica 
 its copy of that plan. The other replicas see the claim's delete through their watch
 and end their copy of the session the same way.
 
+The open claims are loaded at start too (the newest ``boot.max_sessions``) and followed
+by a watch: a request of a boot another replica opened, reaching a replica that
+answered none of its firmware's (a Pi's first cloud-init request), is answered with
+that boot from memory (:meth:`SharedSessions.open_boot`), and a hand-over there moves
+the claim as above.
+
 When etcd is unreachable a claim is not possible: the replica keeps serving the
 sessions it holds and plans new boots locally (counted in :attr:`unshared`), which is
 what a single daemon would do; it converges when etcd answers again. Only the first
@@ -207,6 +213,11 @@ class SharedSessions:
         kvs: list[KV] = []
         try:
             kvs, revision = self.etcd.range_prefix(self.prefix)
+            with self._lock:  # boots open now: a request of one may reach this replica
+                for kv in sorted(kvs, key=lambda kv: kv.mod_revision):
+                    c = Claim.decode(kv.value, kv.mod_revision)
+                    if c is not None:
+                        self._keep_claim(kv.key[len(self.prefix):], c)
             self._renew_lease()
         except Unreachable as exc:
             log.warning("boot sessions: %s; planning locally until it answers", exc)
