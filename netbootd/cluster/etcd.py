@@ -272,7 +272,8 @@ class Etcd:
 
     # -- watching ------------------------------------------------------------------------------
     def watch(self, prefix: str, start_revision: int,
-              on_events: Callable[[list[Event], int], None], *, known: Iterable[str]) -> None:
+              on_events: Callable[[list[Event], int], None], *,
+              known: Iterable[str] | None) -> None:
         """Call ``on_events(events, revision)`` (on the client's thread) for every change
         under ``prefix`` after ``start_revision``, for as long as the client lives;
         reconnects (and resumes from the last revision seen) when a member goes away.
@@ -281,11 +282,15 @@ class Etcd:
         watch that resumes after etcd compacted the history it needs (a replica cut off
         while ``--auto-compaction`` ran) reads the prefix afresh and reports what changed
         meanwhile as events, puts of what was written and deletes of what is gone
-        (:meth:`_catch_up`): a caller never misses a change, however long it was away."""
-        self.submit(self._watch(prefix, start_revision, on_events, set(known)))
+        (:meth:`_catch_up`): a caller never misses a change, however long it was away.
+        ``None`` for a prefix whose deletes the caller can miss (keys that are only
+        ever overwritten or expire, too many to track): the catch-up reports writes."""
+        self.submit(self._watch(prefix, start_revision, on_events,
+                                None if known is None else set(known)))
 
     async def _watch(self, prefix: str, revision: int,
-                     on_events: Callable[[list[Event], int], None], known: set[str]) -> None:
+                     on_events: Callable[[list[Event], int], None],
+                     known: set[str] | None) -> None:
         body = {"create_request": {"key": b64(prefix), "range_end": prefix_end(prefix)}}
         n = 0
         compacted = False
@@ -311,8 +316,9 @@ class Etcd:
                                   for e in result.get("events", [])]
                         rev = int(result.get("header", {}).get("revision", revision))
                         if events:
-                            for e in events:
-                                (known.discard if e.deleted else known.add)(e.kv.key)
+                            if known is not None:
+                                for e in events:
+                                    (known.discard if e.deleted else known.add)(e.kv.key)
                             revision = max(revision, max(e.kv.mod_revision for e in events))
                             _deliver(on_events, events, rev)
             except asyncio.CancelledError:
@@ -323,27 +329,28 @@ class Etcd:
             if not self._closed:
                 await asyncio.sleep(min(1.0, self.timeout))
 
-    async def _catch_up(self, prefix: str, revision: int, known: set[str],
+    async def _catch_up(self, prefix: str, revision: int, known: set[str] | None,
                         on_events: Callable[[list[Event], int], None]) -> int:
         """What changed under ``prefix`` since ``revision``, read afresh because etcd
         compacted that history: every key written after it (a put each) and every key of
         ``known`` that is gone (a delete each, at the read's revision). Two reads at one
-        revision: the changed keys with their values, then the keys alone. Returns the
-        revision the watch resumes from."""
+        revision: the changed keys with their values, then the keys alone (skipped when
+        no keys are tracked). Returns the revision the watch resumes from."""
         changed = await self.post("/v3/kv/range", {
             "key": b64(prefix), "range_end": prefix_end(prefix),
             "min_mod_revision": str(revision + 1)})
         now = int(changed.get("header", {}).get("revision", 0))
-        keys = await self.post("/v3/kv/range", {
-            "key": b64(prefix), "range_end": prefix_end(prefix), "keys_only": True,
-            "revision": str(now)})
-        present = {unb64(kv.get("key")).decode() for kv in keys.get("kvs", [])}
         events = [Event(deleted=False, kv=KV.parse(kv)) for kv in changed.get("kvs", [])]
-        events += [Event(deleted=True, kv=KV(key=key, value=b"", mod_revision=now,
-                                             create_revision=0))
-                   for key in sorted(known - present)]
-        known.clear()
-        known.update(present)
+        if known is not None:
+            keys = await self.post("/v3/kv/range", {
+                "key": b64(prefix), "range_end": prefix_end(prefix), "keys_only": True,
+                "revision": str(now)})
+            present = {unb64(kv.get("key")).decode() for kv in keys.get("kvs", [])}
+            events += [Event(deleted=True, kv=KV(key=key, value=b"", mod_revision=now,
+                                                 create_revision=0))
+                       for key in sorted(known - present)]
+            known.clear()
+            known.update(present)
         self.caught_up += 1
         log.warning("etcd watch of %s resumed after a compaction: read afresh at revision "
                     "%d (%d written, %d deleted meanwhile)", prefix, now,

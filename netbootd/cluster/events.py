@@ -159,7 +159,7 @@ class SharedEvents:
                 self._put(kv)
         self.loaded = True
         self.etcd.watch(self.prefix, int(data.get("header", {}).get("revision", 0)),
-                        self._on_changes, known=(kv.key for kv in kvs))
+                        self._on_changes, known=None)  # ring slots: overwritten, expire
 
     async def _flush(self) -> None:
         """Write the queue, BATCH events per transaction, until it is empty or etcd

@@ -83,3 +83,31 @@ def test_a_cut_off_replica_learns_the_activation_and_unpin_it_missed(etcd_one, c
         assert ("channel", "demo", "prod") in told and ("pin", "02:00:00:00:00:01") in told
     finally:
         gate.shut()
+
+
+def test_a_watch_that_tracks_no_keys_catches_up_the_writes(etcd_one, clients, prefix):
+    """``known=None`` (node event rings: slots are overwritten or expire, too many to
+    track): the catch-up reports what was written, with one read."""
+    direct = clients()
+    gate = Gate(etcd_one.endpoints[0])
+    try:
+        cut = clients([gate.endpoint])
+        direct.put(prefix + "slot0", "a")
+        _kvs, revision = cut.range_prefix(prefix)
+        seen: dict[str, bytes] = {}
+        cut.watch(prefix, revision,
+                  lambda events, _rev: seen.update((e.kv.key, e.kv.value) for e in events),
+                  known=None)
+        direct.put(prefix + "slot1", "b")
+        wait_for(lambda: prefix + "slot1" in seen, 30, "the watch through the gate")
+        gate.shut()
+        direct.put(prefix + "slot0", "c")
+        last = direct.put(prefix + "slot2", "d")
+        direct.call("/v3/kv/compaction", {"revision": str(last), "physical": True})
+        before = cut.requests
+        gate.open()
+        wait_for(lambda: seen.get(prefix + "slot0") == b"c" and prefix + "slot2" in seen, 60,
+                 "the writes made while cut off")
+        assert cut.caught_up == 1 and cut.requests - before == 1
+    finally:
+        gate.shut()
