@@ -54,14 +54,17 @@ class EtcdNodeState:
 
     def _load(self) -> None:
         """Read every record, then follow changes from that revision on. Without etcd
-        at start the memory is empty and the load is retried by the watch's first event."""
+        at start the memory is empty and a thread retries the read until it answers
+        (one warning, not one per try)."""
         try:
-            kvs, revision = self.etcd.range_prefix(self.prefix)
+            self._read()
         except Unreachable as exc:
             log.warning("node state: %s; starting without records, retrying", exc)
             threading.Thread(target=self._retry_load, daemon=True,
                              name="etcd-nodestate-load").start()
-            return
+
+    def _read(self) -> None:
+        kvs, revision = self.etcd.range_prefix(self.prefix)
         with self._lock:
             for kv in kvs:
                 rec = self._parse(kv.value, kv.mod_revision)
@@ -74,10 +77,11 @@ class EtcdNodeState:
         while not self.loaded and not self.etcd.closed:
             time.sleep(self.etcd.timeout)
             try:
-                self._load()
-                return
+                self._read()
             except Exception as exc:  # noqa: BLE001 - keep trying
                 log.debug("node state load: %s", exc)
+            else:
+                log.info("node state: %d records read from etcd", len(self._records))
 
     def _on_events(self, events: list[Event], _revision: int) -> None:
         changed = []

@@ -4,6 +4,7 @@ shared between replicas, and served from memory while etcd is away."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -92,6 +93,23 @@ def test_unreachable_etcd_keeps_reads_and_refuses_writes_clearly(clients, prefix
         a.put(NodeRecord(mac=MAC, stage=Stage.LOCAL))
     assert a.get(MAC).stage is Stage.INSTALLED
     wait_for(lambda: not a.etcd.reachable, 10, "unreachable flag")
+
+
+def test_a_replica_started_without_etcd_reads_the_records_once_it_answers(
+        clients, prefix, etcd_one, caplog):
+    """One warning at start, not one per retry; the records arrive when etcd does."""
+    from tests.conftest import free_port
+    EtcdNodeState(clients(), prefix).put(NodeRecord(mac=MAC, stage=Stage.INSTALLED))
+    late = clients([f"http://127.0.0.1:{free_port()}"], timeout=0.3)
+    with caplog.at_level(logging.INFO, logger="netbootd.cluster.nodestate"):
+        b = EtcdNodeState(late, prefix)
+        assert b.get(MAC) is None
+        wait_for(lambda: late.attempts >= 4, 30, "a few retries against nobody")
+        late.endpoints = etcd_one.endpoints  # etcd answers now
+        wait_for(lambda: b.get(MAC) is not None, 30, "the records read on a retry")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "retrying" in warnings[0].getMessage()
+    assert b.get(MAC).stage is Stage.INSTALLED
 
 
 def test_the_daemon_picks_the_backend_from_the_settings(etcd_one, prefix, tmp_path):
