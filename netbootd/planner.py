@@ -445,11 +445,15 @@ class Planner:
             hit = self._sessions.get(mac)
             if hit is not None and (hit.holds or now - hit.last < boot.session_ttl):
                 return hit.plan  # another thread planned first: theirs stands
-            self._sessions[mac] = _Session(fresh, now)
-            self._sessions.move_to_end(mac)
-            self._expire(self._sessions, now, boot.session_ttl, boot.max_sessions)
+            self._open_locked(mac, fresh, now, boot)
         self._mark_used(fresh)
         return fresh
+
+    def _open_locked(self, mac: str, plan: BootPlan, now: float, boot: Any) -> None:
+        """Keep ``plan`` as the MAC's firmware session (lock held)."""
+        self._sessions[mac] = _Session(plan, now)
+        self._sessions.move_to_end(mac)
+        self._expire(self._sessions, now, boot.session_ttl, boot.max_sessions)
 
     #: Seconds a plan that boots nothing is reused for the same question (at most: any
     #: change of images or inventory drops it at once, see :meth:`changed`).
@@ -514,8 +518,7 @@ class Planner:
             hit = self._current_locked(mac, now, boot)
         if hit is not None or self.shared is None:
             return hit
-        return self._adopt_booted(self.shared, mac, now, boot) or \
-            self._adopt_open(self.shared, mac, now, boot)
+        return self._adopt(self.shared, mac, now, boot)
 
     def _current_locked(self, mac: str, now: float, boot: Any) -> BootPlan | None:
         """This replica's own session or booted plan of ``mac``, refreshed (lock held)."""
@@ -533,38 +536,36 @@ class Planner:
                 return hit.plan
         return None
 
-    def _adopt_booted(self, shared: SharedBoots, mac: str, now: float, boot: Any
-                      ) -> BootPlan | None:
-        """A booted OS asks a replica that saw nothing of its boot: take the plan it
-        booted with from the shared records (memory), and keep it here like a plan this
-        replica handed over itself (later requests are plain hits; GC keeps its version)."""
-        plan = shared.booted(mac, self.images, lambda facts: self._decide(facts, now))
-        if plan is None:
-            return None
-        with self._lock:
-            hit = self._current_locked(mac, now, boot)
-            if hit is not None:
-                return hit  # a boot of it was planned here meanwhile: that one stands
-            self._booted_locked(mac, _Session(plan, now), now, boot)
-        return plan
+    def _adopt(self, shared: SharedBoots, mac: str, now: float, boot: Any
+               ) -> BootPlan | None:
+        """A request reaches a replica that has no plan of this MAC; take the one another
+        replica left in the shared records (memory, never a round trip):
 
-    def _adopt_open(self, shared: SharedBoots, mac: str, now: float, boot: Any
-                    ) -> BootPlan | None:
-        """A request of a boot another replica planned, whose firmware this replica never
-        answered, reaches it (a Pi's first cloud-init request, which is its hand-over):
-        that boot's session is taken from its claim (memory), as a firmware retry here
-        would adopt it, so the node gets the version it is booting and a hand-over
-        here ends the boot for every replica."""
-        plan = shared.open_boot(mac, self.images, lambda facts: self._decide(facts, now))
-        if plan is None:
-            return None
+        - the plan its OS booted with (a booted OS asking a replica that saw nothing of
+          its boot), kept here like a plan this replica handed over itself;
+        - else its still open boot (a Pi's first cloud-init request, its hand-over,
+          reaching a replica that answered none of its firmware's), kept as a session,
+          as a firmware retry here would adopt it, so a hand-over here ends the boot
+          for every replica.
+
+        Later requests are plain hits; GC keeps the version."""
+        base = lambda facts: self._decide(facts, now)
+        plan = shared.booted(mac, self.images, base)
+        still_open = plan is None
+        if still_open:
+            plan = shared.open_boot(mac, self.images, base)
+            if plan is None:
+                return None
         with self._lock:
             hit = self._current_locked(mac, now, boot)
             if hit is not None:
                 return hit  # planned or adopted here meanwhile: that one stands
-            self._sessions[mac] = _Session(plan, now)
-            self._expire(self._sessions, now, boot.session_ttl, boot.max_sessions)
-        self._mark_used(plan)
+            if still_open:
+                self._open_locked(mac, plan, now, boot)
+            else:
+                self._booted_locked(mac, _Session(plan, now), now, boot)
+        if still_open:
+            self._mark_used(plan)
         return plan
 
     def hold(self, mac: str) -> None:

@@ -382,19 +382,11 @@ class SharedSessions:
         version: it then answers as if it knew nothing (a fresh plan), as before."""
         with self._lock:
             c = self._booted.get(mac)
-        if c is None:
-            return None
-        refs = resolve_claim(c, images)
-        if isinstance(refs, str):
-            log.debug("%s booted %s (replica %s) and this replica does not hold it: "
-                      "answering its OS from a fresh plan", mac, refs, c.replica)
-            return None
-        image, disk = refs
-        self.booted_adopted += 1
-        what = f"{image.name} {image.version}" if image else "no image"
-        return rebuild(base(c.facts(mac)), c, image, disk,
-                       f"{c.action} {what}: the plan this node's OS booted with "
-                       f"(boot planned by replica {c.replica})")
+        plan = self._from_memory(c, mac, images, base, "booted", "the plan this node's "
+                                 "OS booted with (boot planned by replica {replica})")
+        if plan is not None:
+            self.booted_adopted += 1
+        return plan
 
     def open_boot(self, mac: str, images: ImageResolver,
                   base: Callable[[ClientFacts], BootPlan]) -> BootPlan | None:
@@ -406,16 +398,31 @@ class SharedSessions:
         lacks the claim's version."""
         with self._lock:
             c = self._claims.get(mac)
+        plan = self._from_memory(c, mac, images, base, "has an open boot on",
+                                 "an open boot planned by replica {replica}")
+        if plan is not None:
+            self.adopted += 1
+        return plan
+
+    @staticmethod
+    def _from_memory(c: Claim | None, mac: str, images: ImageResolver,
+                     base: Callable[[ClientFacts], BootPlan], state: str, why: str
+                     ) -> BootPlan | None:
+        """``c`` (a booted record or an open claim, as this replica last heard it)
+        rebuilt on ``base(facts)`` with its versions, session and token; None when there
+        is none or this replica lacks its version (the caller then answers as if it knew
+        nothing). ``why`` names it in the plan's reason (``{replica}``: who planned it)."""
         if c is None:
             return None
         refs = resolve_claim(c, images)
         if isinstance(refs, str):
+            log.debug("%s %s %s (replica %s) and this replica does not hold it: "
+                      "answering from a fresh plan", mac, state, refs, c.replica)
             return None
         image, disk = refs
-        self.adopted += 1
         what = f"{image.name} {image.version}" if image else "no image"
         return rebuild(base(c.facts(mac)), c, image, disk,
-                       f"{c.action} {what}: an open boot planned by replica {c.replica}")
+                       f"{c.action} {what}: {why.format(replica=c.replica)}")
 
     def booted_record(self, mac: str) -> Claim | None:
         """The booted record of this MAC as this replica last heard (memory only)."""
